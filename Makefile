@@ -1,0 +1,31 @@
+# Every target creates the virtualenv and installs the package by itself.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+
+.PHONY: demo test test-slow lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]' 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+	$(BIN)/python -c "import tskd_tune, torch, monai, ray, mlflow, optuna"
+	touch $@
+
+demo: $(STAMP)  ## the main job on the embedded default (phantom data)
+	$(BIN)/tskd-tune data inspect search_spaces/demo.yaml --out runs/demo
+
+test: $(STAMP)  ## the default test suite (slow tests excluded)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)  ## only the slow tests
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check tskd_tune tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,111 @@
+"""Content-addressed store for expensive, reusable work (preprocessed data, teachers, teacher outputs).
+
+An entry lives at ``<root>/<kind>/<key>/`` where ``key`` hashes exactly the config that determines
+it. Entries are built in a temporary folder and renamed into place, so a reader never sees half an
+entry; a ``MANIFEST.json`` holds each file's SHA-256, checked on every read, so a corrupt or
+truncated entry is rebuilt rather than used. A file lock per key makes concurrent builders of one
+key (trials starting together, on one machine or on a shared file system) compute it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from tskd_tune.errors import TskdError
+
+MANIFEST = "MANIFEST.json"
+
+
+def digest(obj: Any, length: int = 16) -> str:
+    """Stable hash of a JSON-able object (dict key order does not matter)."""
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A ready cache entry: its folder and whether it was found (True) or built just now (False)."""
+
+    path: Path
+    cached: bool
+
+
+class Store:
+    """A content-addressed store rooted at ``root``; ``enabled=False`` builds every entry afresh."""
+
+    def __init__(self, root: Path | str, enabled: bool = True):
+        self.root = Path(root)
+        self.enabled = enabled
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / kind / key
+
+    def get_or_build(self, kind: str, key_obj: Any, build: Callable[[Path], None]) -> Hit:
+        """Return the entry for ``key_obj``, calling ``build(tmp_dir)`` to fill it when absent or corrupt."""
+        key = digest(key_obj)
+        if not self.enabled:
+            tmp = Path(tempfile.mkdtemp(prefix=f"tskd-{kind}-"))
+            build(tmp)
+            return Hit(tmp, cached=False)
+        final = self.path(kind, key)
+        if verify(final):
+            return Hit(final, cached=True)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TskdError(f"cache.dir: cannot create {final.parent} ({exc.strerror})") from None
+        with FileLock(str(final) + ".lock"):
+            if verify(final):  # another process built it while we waited for the lock
+                return Hit(final, cached=True)
+            tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            try:
+                build(tmp)
+                write_manifest(tmp, key_obj)
+                if final.exists():
+                    shutil.rmtree(final)  # a corrupt entry: replaced, never reused
+                os.replace(tmp, final)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        return Hit(final, cached=False)
+
+
+def write_manifest(folder: Path, key_obj: Any) -> None:
+    files = {
+        str(p.relative_to(folder)): file_sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {"key": key_obj, "files": files}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def verify(folder: Path) -> bool:
+    """True when ``folder`` is a complete entry whose files all match their recorded checksums."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        return all(file_sha256(folder / name) == sha for name, sha in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

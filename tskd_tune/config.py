@@ -1,0 +1,405 @@
+"""The one typed config tree, loaded from a search-space YAML, with dotted-path overrides.
+
+Every problem is reported as ``yaml.path: message, got value`` so that a user can find it in the file.
+Validation runs in two phases: pydantic checks each field, then cross-field checks (dataset options,
+class names, search-space paths) that need the whole tree.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tskd_tune.errors import ConfigError
+from tskd_tune.space import Distribution
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, field docstrings are descriptions."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------------------------- data
+class AugmentConfig(Section):
+    enabled: bool = True
+    """Apply random augmentation to labelled training images."""
+    flip: bool = True
+    """Random horizontal flips."""
+    rotate_deg: float = Field(10.0, ge=0, le=180)
+    """Maximum random rotation in degrees."""
+    scale: float = Field(0.1, ge=0, lt=1)
+    """Maximum random zoom as a fraction (0.1 = 90%..110%)."""
+    intensity: float = Field(0.1, ge=0, le=1)
+    """Maximum random intensity shift and contrast change."""
+    noise_std: float = Field(0.0, ge=0)
+    """Standard deviation of additive Gaussian noise (0 disables)."""
+    prob: float = Field(0.5, ge=0, le=1)
+    """Probability of each random transform."""
+
+
+class DataConfig(Section):
+    dataset: str = "phantom"
+    """Dataset adapter: phantom, mni152, folder, kidneyus, chaos, busi, isic2018, kvasir."""
+    root: Path | None = None
+    """Dataset folder in the dataset's published layout (relative paths are from the working directory)."""
+    image_size: int = Field(64, ge=16, le=2048)
+    """Side length in pixels that every image and mask is resized to."""
+    channels: Literal[1, 3] = 1
+    """Image channels after preprocessing: 1 (grey) or 3 (RGB)."""
+    resize: Literal["pad", "stretch"] = "pad"
+    """`pad` keeps the aspect ratio by zero-padding to a square before resizing; `stretch` does not."""
+    labeled: int = Field(10, ge=1)
+    """Number of labelled training images; the other training images form the unlabelled pool."""
+    unlabeled: int | None = Field(None, ge=0)
+    """Cap on the unlabelled pool (None: every remaining training image)."""
+    classes: list[str] | None = None
+    """Class names, background first (default: the adapter's classes)."""
+    seed: int = 0
+    """Seed of the train/val/test split and of the labelled subset."""
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    """Fraction of images (by patient/volume where the dataset has them) held out for validation."""
+    test_fraction: float = Field(0.15, gt=0, lt=1)
+    """Fraction of images (by patient/volume) held out for the final test."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Adapter-specific options (see `tskd-tune validate`); checked against the adapter's own schema."""
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    """Training-time augmentation (MONAI transforms)."""
+
+
+# ------------------------------------------------------------------------------------------ models
+class LoraConfig(Section):
+    rank: int = Field(4, ge=1, le=256)
+    """LoRA rank r."""
+    alpha: float = Field(8.0, gt=0)
+    """LoRA scaling alpha (the update is scaled by alpha / rank)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA branch."""
+    target_modules: list[str] = Field(default_factory=lambda: ["qkv"], min_length=1)
+    """Names of the linear layers that get LoRA (default: the attention qkv projections)."""
+
+
+class TeacherConfig(Section):
+    model: str = "vit_small_patch16_224"
+    """Foundation model: a timm ViT name (vit_*, samvit_*, *dinov2*) or `litemedsam`."""
+    checkpoint: Path | None = None
+    """Local weights (safetensors, or .pth loaded with weights_only=True); never downloaded."""
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments for the model factory (e.g. depth, embed_dim for tiny test models)."""
+    decoder: Literal["progressive", "unetr"] = "progressive"
+    """Segmentation head on the encoder tokens."""
+    decoder_channels: int = Field(64, ge=4)
+    """Width of the decoder head."""
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    """Low-rank adaptation of the frozen encoder."""
+    lr: float = Field(1e-3, gt=0)
+    """Learning rate of LoRA and decoder parameters."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay."""
+    epochs: int = Field(20, ge=1)
+    """Fine-tuning epochs over the labelled images."""
+    batch_size: int = Field(8, ge=1)
+    """Fine-tuning batch size."""
+    ce_weight: float = Field(0.2, ge=0)
+    """Weight of cross-entropy in the supervised loss (SAMed: 0.2)."""
+    dice_weight: float = Field(0.8, ge=0)
+    """Weight of Dice in the supervised loss (SAMed: 0.8)."""
+
+
+class StudentConfig(Section):
+    model: str = "unet"
+    """Student architecture from the registry: unet, timm_unet, vit_tiny."""
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], min_length=2)
+    """Channels per resolution level (unet)."""
+    encoder: str = "resnet18"
+    """timm encoder of `timm_unet` (randomly initialised)."""
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments for the student factory."""
+    lr: float = Field(1e-3, gt=0)
+    """Student learning rate (AdamW)."""
+    weight_decay: float = Field(1e-4, ge=0)
+    """Student AdamW weight decay."""
+    epochs: int = Field(30, ge=1)
+    """Student training epochs (each one is reported to the search scheduler)."""
+    batch_size: int = Field(8, ge=1)
+    """Student batch size."""
+
+
+class SyntheticConfig(Section):
+    generator: Literal["none", "ddpm", "pretrained"] = "none"
+    """Source of synthetic transfer images: none, a small DDPM trained on the training images, or a local pipeline."""
+    ratio: float = Field(0.0, ge=0)
+    """Synthetic images per real image in the transfer set (0: none; 1: as many synthetic as real)."""
+    pool_size: int = Field(256, ge=0)
+    """Number of synthetic images generated once and cached."""
+    pretrained_path: Path | None = None
+    """Local diffusers pipeline directory for generator `pretrained`."""
+    train_steps: int = Field(2000, ge=1)
+    """Training steps of the `ddpm` generator."""
+    sample_steps: int = Field(25, ge=1)
+    """Sampling steps (DDIM) per synthetic batch."""
+
+
+class DistillConfig(Section):
+    method: Literal["ts_kd", "ta_kd", "scratch", "teacher"] = "ts_kd"
+    """ts_kd (task-specific KD), ta_kd (task-agnostic KD), scratch (labels only) or teacher (evaluate the teacher)."""
+    temperature: float = Field(4.0, gt=0)
+    """KD softmax temperature T (the KL term is scaled by T^2)."""
+    kd_weight: float = Field(1.0, ge=0)
+    """Weight of the KD term on the transfer set."""
+    sup_weight: float = Field(1.0, ge=0)
+    """Weight of the supervised Dice+CE term on labelled images."""
+    feature_weight: float = Field(0.0, ge=0)
+    """Weight of the feature-matching term (through a learned projection); 0 disables it."""
+
+
+# ------------------------------------------------------------------------------------ search & run
+class SearchConfig(Section):
+    metric: str = "val_dice"
+    """Metric the search optimises."""
+    mode: Literal["max", "min"] = "max"
+    """Whether the metric is maximised or minimised."""
+    num_samples: int = Field(16, ge=1)
+    """Number of trials."""
+    max_concurrent: int = Field(2, ge=1)
+    """Trials running at once."""
+    algorithm: Literal["tpe", "random", "cmaes", "gp"] = "tpe"
+    """Optuna sampler."""
+    scheduler: Literal["asha", "fifo"] = "asha"
+    """Trial scheduler: ASHA early stopping or FIFO (run every trial to the end)."""
+    grace_period: int = Field(2, ge=1)
+    """Epochs every trial runs before ASHA may stop it."""
+    reduction_factor: float = Field(3.0, gt=1)
+    """ASHA reduction factor."""
+    seed: int = 0
+    """Seed of the sampler."""
+    space: dict[str, Distribution] = Field(default_factory=dict)
+    """Search space: dotted config path -> distribution."""
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
+    """Known-good configs (dotted path -> value) tried first."""
+
+
+class TrackingConfig(Section):
+    uri: str = "sqlite:///runs/mlflow.db"
+    """MLflow tracking URI."""
+    experiment: str = "tskd-tune"
+    """MLflow experiment name."""
+
+
+class ResourcesConfig(Section):
+    cpu: float = Field(1.0, gt=0)
+    """CPUs per trial."""
+    gpu: float = Field(0.0, ge=0)
+    """GPUs per trial (fractions share a GPU)."""
+
+
+class CacheConfig(Section):
+    dir: Path = Path("runs/cache")
+    """Content-addressed cache of preprocessed data, teachers and teacher outputs."""
+    enabled: bool = True
+    """Reuse cached entries (False: recompute everything, as with --no-cache)."""
+
+
+class Config(Section):
+    """The whole configuration of a search (and of each of its trials)."""
+
+    name: str | None = None
+    """Search name (default: the YAML file's stem)."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+
+
+# ---------------------------------------------------------------------------------- error messages
+_RULES = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "too_short": "must have at least {min_length} item(s)",
+    "too_long": "must have at most {max_length} item(s)",
+}
+
+
+def _path(loc: tuple) -> str:
+    parts: list[str] = []
+    for item in loc:
+        # discriminated unions add the tag name (e.g. 'uniform') to the location; it is not a YAML key
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def _strip_tags(loc: tuple, value_tags: set[str]) -> tuple:
+    return tuple(x for x in loc if not (isinstance(x, str) and x in value_tags))
+
+
+def format_error(err: dict, prefix: str = "") -> str:
+    """One line for one pydantic error: ``path: message, got value``."""
+    from tskd_tune.space import DISTRIBUTION_TYPES
+
+    loc = _strip_tags(tuple(err["loc"]), set(DISTRIBUTION_TYPES))
+    path = prefix + _path(loc) if loc else prefix.rstrip(".") or "(top level)"
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key"
+    if kind == "missing":
+        return f"{path}: required"
+    if kind in _RULES:
+        msg = _RULES[kind].format(**ctx)
+    elif kind == "literal_error":
+        msg = f"must be one of {ctx.get('expected')}"
+    elif kind == "value_error":
+        msg = str(ctx.get("error", err["msg"]))
+        return f"{path}: {msg}"
+    else:
+        msg = err["msg"][0].lower() + err["msg"][1:]
+    return f"{path}: {msg}, got {err.get('input')!r}"
+
+
+# -------------------------------------------------------------------------------------- YAML & --set
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML loader that rejects duplicate keys instead of silently keeping the last one."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {mark.line + 1})", mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a YAML mapping safely; any problem becomes a one-line ConfigError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(["file not found"], str(path)) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"cannot read: {exc.__class__.__name__}"], str(path)) from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"invalid YAML: {where}{problem}"], str(path)) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"top level must be a mapping, got {type(raw).__name__}"], str(path))
+    return raw
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """Parse ``--set key.path=value`` items; values are YAML (so lists and numbers get their types)."""
+    out: dict[str, Any] = {}
+    problems = []
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. distill.temperature=2.0")
+            continue
+        try:
+            out[key] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            problems.append(f"--set {key}: value {value!r} is not valid YAML")
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def set_by_path(raw: dict, dotted: str, value: Any) -> None:
+    """Set ``raw[a][b][c] = value`` for ``a.b.c``, creating intermediate mappings."""
+    keys = dotted.split(".")
+    node = raw
+    for i, key in enumerate(keys[:-1]):
+        nxt = node.get(key)
+        if nxt is None:
+            nxt = node[key] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError([f"{'.'.join(keys[: i + 1])}: is a value, not a section; cannot set {dotted}"])
+        node = nxt
+    node[keys[-1]] = value
+
+
+# ------------------------------------------------------------------------------------------ loading
+def validate(raw: dict, source: str | None = None, *, check_search_space: bool = True) -> Config:
+    """Validate a raw mapping into a Config; raise ConfigError listing every problem with its path."""
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError([format_error(e) for e in exc.errors()], source) from None
+    problems = _cross_checks(cfg, check_search_space)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def _cross_checks(cfg: Config, check_search_space: bool) -> list[str]:
+    from tskd_tune.data.registry import check_data_config
+    from tskd_tune.space import check_space
+
+    problems = check_data_config(cfg.data)
+    d = cfg.distill
+    if d.method == "ts_kd" and d.kd_weight == 0 and d.sup_weight == 0:
+        problems.append("distill: kd_weight and sup_weight are both 0, so the student learns nothing")
+    if cfg.teacher.ce_weight == 0 and cfg.teacher.dice_weight == 0:
+        problems.append("teacher: ce_weight and dice_weight are both 0, so the teacher learns nothing")
+    if cfg.search.scheduler == "asha" and cfg.search.grace_period > cfg.student.epochs:
+        problems.append(
+            f"search.grace_period: must be <= student.epochs ({cfg.student.epochs}), "
+            f"got {cfg.search.grace_period}"
+        )
+    if check_search_space and not problems:
+        problems += check_space(cfg)
+    return problems
+
+
+def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a search-space YAML, apply ``--set`` overrides by dotted path and validate the result."""
+    path = Path(path)
+    raw = read_yaml(path)
+    for key, value in (overrides or {}).items():
+        set_by_path(raw, key, value)
+    cfg = validate(raw, str(path))
+    if cfg.name is None:
+        cfg = cfg.model_copy(update={"name": path.stem})
+    return cfg
+
+
+def apply_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """Return a copy of ``cfg`` with sampled values set by dotted path, re-validated."""
+    raw = copy.deepcopy(cfg.model_dump(mode="json", exclude_none=False))
+    for key, value in values.items():
+        set_by_path(raw, key, value)
+    # the space itself is unchanged by applying values from it, so it is not re-checked
+    return validate(raw, check_search_space=False)
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what a trial records so that it can be re-run)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=None)

@@ -1,0 +1,212 @@
+"""The search space as data: YAML distributions -> ``optuna.distributions``, checked against the config.
+
+A space maps dotted config paths to distributions::
+
+    search:
+      space:
+        teacher.lora.rank: {type: choice, values: [2, 4, 8, 16]}
+        distill.temperature: {type: uniform, low: 1.0, high: 8.0}
+        student.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}
+        teacher.lora.alpha: {type: int, low: 4, high: 32, step: 4}
+        synthetic.ratio: {type: quniform, low: 0.0, high: 2.0, q: 0.5}
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    import optuna
+
+    from tskd_tune.config import Config
+
+
+class _Dist(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    def boundary_values(self) -> list[Any]:
+        """Values that must all be valid for the config field (ends of ranges, every choice)."""
+        return [self.low, self.high]  # type: ignore[attr-defined]
+
+    def describe(self) -> str:
+        fields = self.model_dump(exclude={"type"}, exclude_defaults=True)
+        return f"{self.type}(" + ", ".join(f"{k}={v}" for k, v in fields.items()) + ")"  # type: ignore[attr-defined]
+
+
+def _check_range(low: float, high: float) -> None:
+    if not low < high:
+        raise ValueError(f"`low < high` must hold, but got (low={low}, high={high})")
+
+
+class Uniform(_Dist):
+    type: Literal["uniform"]
+    low: float
+    """Lower bound (inclusive)."""
+    high: float
+    """Upper bound."""
+
+    @model_validator(mode="after")
+    def _range(self):
+        _check_range(self.low, self.high)
+        return self
+
+    def to_optuna(self):
+        import optuna
+
+        return optuna.distributions.FloatDistribution(self.low, self.high)
+
+
+class LogUniform(_Dist):
+    type: Literal["loguniform"]
+    low: float = Field(gt=0)
+    """Lower bound (> 0)."""
+    high: float
+    """Upper bound."""
+
+    @model_validator(mode="after")
+    def _range(self):
+        _check_range(self.low, self.high)
+        return self
+
+    def to_optuna(self):
+        import optuna
+
+        return optuna.distributions.FloatDistribution(self.low, self.high, log=True)
+
+
+class QUniform(_Dist):
+    type: Literal["quniform"]
+    low: float
+    """Lower bound (a grid point)."""
+    high: float
+    """Upper bound (must lie on the grid low + k*q)."""
+    q: float = Field(gt=0)
+    """Grid step."""
+
+    @model_validator(mode="after")
+    def _range(self):
+        _check_range(self.low, self.high)
+        steps = (self.high - self.low) / self.q
+        if not math.isclose(steps, round(steps), abs_tol=1e-9):
+            raise ValueError(f"`high - low` must be a multiple of q, but got (low={self.low}, high={self.high}, q={self.q})")
+        return self
+
+    def to_optuna(self):
+        import optuna
+
+        return optuna.distributions.FloatDistribution(self.low, self.high, step=self.q)
+
+
+class IntRange(_Dist):
+    type: Literal["int"]
+    low: int
+    """Lower bound (inclusive)."""
+    high: int
+    """Upper bound (inclusive)."""
+    step: int = Field(1, ge=1)
+    """Spacing of allowed values."""
+    log: bool = False
+    """Sample on a log scale (step must be 1)."""
+
+    @model_validator(mode="after")
+    def _range(self):
+        _check_range(self.low, self.high)
+        if self.log and (self.low < 1 or self.step != 1):
+            raise ValueError(f"log int ranges need low >= 1 and step 1, but got (low={self.low}, step={self.step})")
+        if (self.high - self.low) % self.step:
+            raise ValueError(f"`high - low` must be a multiple of step, but got (low={self.low}, high={self.high}, step={self.step})")
+        return self
+
+    def to_optuna(self):
+        import optuna
+
+        return optuna.distributions.IntDistribution(self.low, self.high, log=self.log, step=self.step)
+
+
+class Choice(_Dist):
+    type: Literal["choice"]
+    values: list[None | bool | int | float | str] = Field(min_length=1)
+    """The candidate values (scalars: Optuna stores categorical choices as null/bool/int/float/str)."""
+
+    @model_validator(mode="after")
+    def _unique(self):
+        if len({repr(v) for v in self.values}) != len(self.values):
+            raise ValueError(f"values must be distinct, but got {self.values}")
+        return self
+
+    def boundary_values(self) -> list[Any]:
+        return list(self.values)
+
+    def to_optuna(self):
+        import optuna
+
+        return optuna.distributions.CategoricalDistribution(self.values)
+
+
+Distribution = Annotated[Uniform | LogUniform | QUniform | IntRange | Choice, Field(discriminator="type")]
+DISTRIBUTION_TYPES = ("uniform", "loguniform", "quniform", "int", "choice")
+
+
+def to_optuna(space: dict[str, Any]) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The search space as the ``{path: optuna distribution}`` mapping that OptunaSearch takes."""
+    return {path: dist.to_optuna() for path, dist in space.items()}
+
+
+def _field_exists(cfg: BaseModel, dotted: str) -> str | None:
+    """None when ``dotted`` names a config field (or a key inside a free-form mapping); else the problem."""
+    node: Any = cfg
+    keys = dotted.split(".")
+    for i, key in enumerate(keys):
+        if isinstance(node, BaseModel):
+            if key not in type(node).model_fields:
+                where = ".".join(keys[:i]) or "the config"
+                known = ", ".join(type(node).model_fields)
+                return f"no field {key!r} in {where} (fields: {known})"
+            node = getattr(node, key)
+        elif isinstance(node, dict):
+            return None  # free-form mappings (model_kwargs, data.options) accept any key
+        else:
+            return f"{'.'.join(keys[:i])} is a value, not a section"
+    if isinstance(node, BaseModel):
+        return f"{dotted} is a section; search a field inside it"
+    return None
+
+
+def check_space(cfg: Config) -> list[str]:
+    """Problems of ``cfg.search.space``: unknown paths, and range ends or choices the config rejects."""
+    from tskd_tune.config import apply_values
+    from tskd_tune.errors import ConfigError
+
+    problems = []
+    if "search" in {p.split(".")[0] for p in cfg.search.space}:
+        problems.append("search.space: the search section itself cannot be searched")
+        return problems
+    for path, dist in cfg.search.space.items():
+        missing = _field_exists(cfg, path)
+        if missing:
+            problems.append(f"search.space.{path}: {missing}")
+            continue
+        for value in dist.boundary_values():
+            try:
+                apply_values(cfg, {path: value})
+            except ConfigError as exc:
+                problems.append(f"search.space.{path}: {dist.describe()} allows {value!r}, but {exc.problems[0]}")
+                break
+    for i, point in enumerate(cfg.search.points_to_evaluate):
+        unknown = sorted(set(point) - set(cfg.search.space))
+        if unknown:
+            problems.append(f"search.points_to_evaluate[{i}]: {', '.join(unknown)} not in search.space")
+            continue
+        try:
+            apply_values(cfg, point)
+        except ConfigError as exc:
+            problems.append(f"search.points_to_evaluate[{i}]: {exc.problems[0]}")
+    return problems
+
+
+def describe_space(space: dict[str, Any]) -> list[tuple[str, str]]:
+    """(path, distribution) rows for printing."""
+    return [(path, dist.describe()) for path, dist in space.items()]
