@@ -246,6 +246,10 @@ def _strip_tags(loc: tuple, value_tags: set[str]) -> tuple:
     return tuple(x for x in loc if not (isinstance(x, str) and x in value_tags))
 
 
+def _num(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
 def format_error(err: dict, prefix: str = "") -> str:
     """One line for one pydantic error: ``path: message, got value``."""
     from tskd_tune.space import DISTRIBUTION_TYPES
@@ -258,7 +262,7 @@ def format_error(err: dict, prefix: str = "") -> str:
     if kind == "missing":
         return f"{path}: required"
     if kind in _RULES:
-        msg = _RULES[kind].format(**ctx)
+        msg = _RULES[kind].format(**{k: _num(v) for k, v in ctx.items()})
     elif kind == "literal_error":
         msg = f"must be one of {ctx.get('expected')}"
     elif kind == "value_error":
@@ -335,15 +339,21 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 def set_by_path(raw: dict, dotted: str, value: Any) -> None:
     """Set ``raw[a][b][c] = value`` for ``a.b.c``, creating intermediate mappings."""
     keys = dotted.split(".")
-    node = raw
-    for i, key in enumerate(keys[:-1]):
+    node, i = raw, 0
+    while True:
+        # search-space keys contain dots themselves ("search.space.student.lr.low"): prefer the longest
+        # existing key, so such a key is addressed as one step
+        j = next((j for j in range(len(keys), i, -1) if ".".join(keys[i:j]) in node), i + 1)
+        key = ".".join(keys[i:j])
+        if j == len(keys):
+            node[key] = value
+            return
         nxt = node.get(key)
         if nxt is None:
             nxt = node[key] = {}
         if not isinstance(nxt, dict):
-            raise ConfigError([f"{'.'.join(keys[: i + 1])}: is a value, not a section; cannot set {dotted}"])
-        node = nxt
-    node[keys[-1]] = value
+            raise ConfigError([f"{'.'.join(keys[:j])}: is a value, not a section; cannot set {dotted}"])
+        node, i = nxt, j
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -402,4 +412,4 @@ def apply_values(cfg: Config, values: dict[str, Any]) -> Config:
 
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML (what a trial records so that it can be re-run)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False, width=120)

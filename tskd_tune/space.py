@@ -128,11 +128,14 @@ class IntRange(_Dist):
 
 class Choice(_Dist):
     type: Literal["choice"]
-    values: list[None | bool | int | float | str] = Field(min_length=1)
+    values: list[Any] = Field(min_length=1)
     """The candidate values (scalars: Optuna stores categorical choices as null/bool/int/float/str)."""
 
     @model_validator(mode="after")
     def _unique(self):
+        odd = [v for v in self.values if v is not None and not isinstance(v, bool | int | float | str)]
+        if odd:
+            raise ValueError(f"choice values must be null, bool, int, float or str, but got {odd[0]!r}")
         if len({repr(v) for v in self.values}) != len(self.values):
             raise ValueError(f"values must be distinct, but got {self.values}")
         return self

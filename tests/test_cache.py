@@ -1,0 +1,86 @@
+import multiprocessing as mp
+import time
+
+from tskd_tune.cache import Store, digest, verify
+
+
+def _write(content: bytes):
+    def build(tmp):
+        (tmp / "blob.bin").write_bytes(content)
+
+    return build
+
+
+def test_digest_ignores_key_order_and_sees_values():
+    assert digest({"a": 1, "b": [1, 2]}) == digest({"b": [1, 2], "a": 1})
+    assert digest({"a": 1}) != digest({"a": 2})
+
+
+def test_build_once_then_hit(tmp_path):
+    store = Store(tmp_path)
+    calls = []
+
+    def build(tmp):
+        calls.append(1)
+        (tmp / "x.txt").write_text("hello")
+
+    first = store.get_or_build("k", {"a": 1}, build)
+    second = store.get_or_build("k", {"a": 1}, build)
+    assert (first.cached, second.cached) == (False, True)
+    assert first.path == second.path and (second.path / "x.txt").read_text() == "hello"
+    assert calls == [1]
+    assert not list((tmp_path / "k").glob(".tmp-*"))  # no leftovers
+
+
+def test_corrupt_or_truncated_entry_is_rebuilt(tmp_path):
+    store = Store(tmp_path)
+    hit = store.get_or_build("k", 1, _write(b"0123456789"))
+    (hit.path / "blob.bin").write_bytes(b"01234")  # truncated
+    assert not verify(hit.path)
+    again = store.get_or_build("k", 1, _write(b"0123456789"))
+    assert not again.cached and (again.path / "blob.bin").read_bytes() == b"0123456789"
+
+
+def test_failed_build_leaves_nothing_behind(tmp_path):
+    store = Store(tmp_path)
+
+    def broken(tmp):
+        (tmp / "half.bin").write_bytes(b"half")
+        raise RuntimeError("boom")
+
+    try:
+        store.get_or_build("k", 1, broken)
+    except RuntimeError:
+        pass
+    assert not verify(store.path("k", digest(1)))
+    assert [p.name for p in (tmp_path / "k").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_disabled_store_always_builds(tmp_path):
+    store = Store(tmp_path, enabled=False)
+    a = store.get_or_build("k", 1, _write(b"a"))
+    b = store.get_or_build("k", 1, _write(b"a"))
+    assert not a.cached and not b.cached and a.path != b.path
+    assert not (tmp_path / "k").exists()
+
+
+def _racer(root, log):
+    def build(tmp):
+        with open(log, "a") as f:
+            f.write("built\n")
+        time.sleep(0.5)
+        (tmp / "v").write_text("v")
+
+    Store(root).get_or_build("k", "same", build)
+
+
+def test_concurrent_builders_compute_once(tmp_path):
+    log = tmp_path / "log.txt"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_racer, args=(tmp_path / "store", log)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert log.read_text().count("built") == 1

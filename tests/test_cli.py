@@ -1,0 +1,85 @@
+"""The real `tskd-tune` CLI in a subprocess: exit codes, one-line errors, no tracebacks."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "search_spaces" / "demo.yaml"
+
+
+def cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "tskd_tune", *map(str, args)], capture_output=True, text=True, cwd=cwd or REPO,
+        timeout=300,
+    )
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_validate_prints_resolved_config_and_space():
+    proc = cli("validate", DEMO, "--set", "distill.temperature=2.5")
+    assert proc.returncode == 0, proc.stderr
+    assert "temperature: 2.5" in proc.stdout
+    assert "teacher.lora.rank" in proc.stdout and "choice(values=[2, 4, 8])" in proc.stdout
+    assert "classes: background, central_echo_complex, medulla, cortex" in proc.stdout
+
+
+def test_validate_lists_every_problem_one_per_line(write_yaml):
+    path = write_yaml("data: {labeled: 0}\ndistill: {temperature: -1}\n")
+    proc = cli("validate", path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {path}: data.labeled: must be >= 1, got 0",
+        f"error: {path}: distill.temperature: must be > 0, got -1",
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["validate", "/nonexistent.yaml"], ["/nonexistent.yaml: file not found"]),
+        (["validate", DEMO, "--bogus"], ["No such option: --bogus"]),
+        (["validate"], ["Missing argument"]),
+        (["frobnicate"], ["No such command"]),
+        (["validate", DEMO, "--set", "distill.temperature"], ["--set 'distill.temperature': expected KEY=VALUE"]),
+        (["validate", DEMO, "--set", "search.space.student.lr.low=0"], ["search.space.student.lr.low: must be > 0"]),
+    ],
+)
+def test_bad_invocations(args, fragments):
+    assert_one_line_error(cli(*args), *fragments)
+
+
+def test_data_inspect_demo_writes_preview_and_summary(tmp_path):
+    out = tmp_path / "inspect"
+    proc = cli("data", "inspect", DEMO, "--out", out, "--json", "--set", f"cache.dir={tmp_path / 'cache'}",
+               "--set", "data.options.num_images=60", "--set", "data.unlabeled=null")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["images"] == 60 and summary["splits"]["labeled"] == 10
+    assert sum(summary["splits"][k] for k in ("labeled", "unlabeled", "val", "test")) == 60
+    assert set(summary["class_frequency"]) == {"background", "central_echo_complex", "medulla", "cortex"}
+    assert 0.5 < summary["class_frequency"]["background"] < 0.99
+    png = out / "preview.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "summary.json").read_text())["images"] == 60
+    again = cli("data", "inspect", DEMO, "--out", out, "--set", f"cache.dir={tmp_path / 'cache'}",
+                "--set", "data.options.num_images=60", "--set", "data.unlabeled=null")
+    assert again.returncode == 0 and "(reused)" in again.stdout
+
+
+def test_data_inspect_missing_dataset_root_explains_layout(tmp_path):
+    proc = cli("data", "inspect", REPO / "search_spaces" / "kidneyus.yaml", "--set", f"data.root={tmp_path / 'nope'}",
+               "--set", f"cache.dir={tmp_path / 'cache'}")
+    assert_one_line_error(proc, str(tmp_path / "nope"), "kidneyus expects")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.npy"))

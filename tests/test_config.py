@@ -1,0 +1,139 @@
+from pathlib import Path
+
+import pytest
+
+from tskd_tune.config import Config, apply_values, load_config, parse_overrides, to_yaml, validate
+from tskd_tune.errors import ConfigError
+
+
+def problems(raw: dict) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        validate(raw)
+    return info.value.problems
+
+
+def test_defaults_validate_and_round_trip_through_yaml(tmp_path):
+    cfg = validate({})
+    assert cfg.data.dataset == "phantom" and cfg.distill.method == "ts_kd"
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(path).model_dump(exclude={"name"}) == cfg.model_dump(exclude={"name"})
+
+
+def test_error_names_yaml_path_and_value():
+    assert problems({"distill": {"temperature": -1}}) == ["distill.temperature: must be > 0, got -1"]
+
+
+def test_unknown_keys_are_errors_at_every_level():
+    got = problems({"data": {"colour": "red"}, "teacher": {"lora": {"rnak": 4}}, "extra": 1})
+    assert set(got) == {"data.colour: unknown key", "teacher.lora.rnak: unknown key", "extra: unknown key"}
+
+
+def test_every_problem_is_reported_once_per_line():
+    got = problems({"data": {"labeled": 0, "image_size": 8}, "distill": {"method": "magic"}})
+    assert len(got) == 3
+    assert "data.labeled: must be >= 1, got 0" in got
+    assert "data.image_size: must be >= 16, got 8" in got
+    assert any(p.startswith("distill.method: must be one of") and "'magic'" in p for p in got)
+    assert all("\n" not in p for p in got)
+
+
+def test_wrong_types_name_the_field():
+    (msg,) = problems({"student": {"epochs": "many"}})
+    assert msg.startswith("student.epochs:") and "'many'" in msg
+
+
+def test_adapter_options_are_checked_with_their_path():
+    (msg,) = problems({"data": {"options": {"target": "liver"}}})
+    assert msg.startswith("data.options.target: must be one of") and "'liver'" in msg
+    (msg,) = problems({"data": {"options": {"bogus": 1}}})
+    assert msg == "data.options.bogus: unknown key"
+
+
+def test_class_count_must_match_the_adapter():
+    (msg,) = problems({"data": {"classes": ["background", "kidney"]}})
+    assert msg.startswith("data.classes: phantom with these options has 4 classes")
+    cfg = validate({"data": {"classes": ["bg", "kidney"], "options": {"target": "capsule"}}})
+    assert cfg.data.classes == ["bg", "kidney"]
+
+
+def test_unknown_dataset_and_missing_root():
+    assert problems({"data": {"dataset": "nope"}})[0].startswith("data.dataset: unknown dataset 'nope'")
+
+
+def test_cross_field_rules():
+    (msg,) = problems({"distill": {"kd_weight": 0, "sup_weight": 0}})
+    assert "learns nothing" in msg
+    (msg,) = problems({"search": {"grace_period": 50}, "student": {"epochs": 10}})
+    assert msg == "search.grace_period: must be <= student.epochs (10), got 50"
+
+
+def test_overrides_are_typed_yaml_and_revalidated(write_yaml):
+    path = write_yaml("distill: {temperature: 4.0}\n")
+    cfg = load_config(path, parse_overrides(["distill.temperature=2.5", "data.classes=[bg,kidney]",
+                                             "data.options.target=capsule"]))
+    assert cfg.distill.temperature == 2.5
+    assert cfg.data.classes == ["bg", "kidney"]
+    assert cfg.name == "space"  # default name is the file stem
+    with pytest.raises(ConfigError) as info:
+        load_config(path, parse_overrides(["distill.temperature=-2"]))
+    assert info.value.lines() == [f"{path}: distill.temperature: must be > 0, got -2"]
+
+
+@pytest.mark.parametrize("item", ["novalue", "=3"])
+def test_malformed_override(item):
+    with pytest.raises(ConfigError) as info:
+        parse_overrides([item])
+    assert "expected KEY=VALUE" in info.value.problems[0]
+
+
+def test_override_into_a_value_is_refused(write_yaml):
+    with pytest.raises(ConfigError) as info:
+        load_config(write_yaml("distill: {temperature: 4}\n"), parse_overrides(["distill.temperature.x=1"]))
+    assert "distill.temperature: is a value, not a section" in info.value.problems[0]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("data: [1\n", "invalid YAML: line 2, column 1"),
+        ("data:\n  seed: 1\n  seed: 2\n", "duplicate key 'seed'"),
+        ("- a\n- b\n", "top level must be a mapping, got list"),
+        ("!!python/object:os.system {}\n", "invalid YAML"),  # safe loading: no object construction
+    ],
+)
+def test_bad_yaml_files(write_yaml, text, expected):
+    path = write_yaml(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    (line,) = info.value.lines()
+    assert line.startswith(f"{path}: ") and expected in line
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError) as info:
+        load_config(Path("/nonexistent/space.yaml"))
+    assert info.value.lines() == ["/nonexistent/space.yaml: file not found"]
+
+
+def test_apply_values_sets_by_path_and_revalidates():
+    cfg = Config()
+    new = apply_values(cfg, {"teacher.lora.rank": 16, "distill.temperature": 1.5})
+    assert (new.teacher.lora.rank, new.distill.temperature) == (16, 1.5)
+    assert cfg.teacher.lora.rank == 4  # the original is untouched
+    with pytest.raises(ConfigError):
+        apply_values(cfg, {"teacher.lora.rank": 0})
+
+
+def test_every_field_has_a_description():
+    from pydantic import BaseModel
+
+    def walk(model: type[BaseModel], prefix: str):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+            elif prefix:  # top-level sections are described by their own fields
+                assert field.description, f"{prefix}{name} has no docstring"
+
+    walk(Config, "")

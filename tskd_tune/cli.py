@@ -1,0 +1,137 @@
+"""The `tskd-tune` command line. Bad input exits 2 with one line per problem, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+# typer >= 0.22 vendors click; its exceptions live here, not in the `click` package
+from typer._click import exceptions as click_exc
+
+from tskd_tune.errors import TskdError
+
+app = typer.Typer(
+    help="Hyperparameter search for task-specific knowledge distillation (TS-KD) of segmentation models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+out = Console(highlight=False)
+
+SpaceArg = Annotated[Path, typer.Argument(help="Search-space YAML (config + search space).", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config field by dotted path, e.g. --set distill.temperature=2.0 (repeatable)."),
+]
+
+
+def _load(space: Path, overrides: list[str] | None):
+    from tskd_tune.config import load_config, parse_overrides
+
+    return load_config(space, parse_overrides(overrides))
+
+
+@app.command()
+def validate(space: SpaceArg, set_: SetOpt = None) -> None:
+    """Validate a search-space YAML; print the resolved config and the search space."""
+    from tskd_tune.config import to_yaml
+    from tskd_tune.data.registry import class_names
+    from tskd_tune.space import describe_space
+
+    cfg = _load(space, set_)
+    print(f"# resolved config ({space})")
+    print(to_yaml(cfg).rstrip())
+    print(f"# classes: {', '.join(class_names(cfg.data))}")
+    table = Table(title=f"search space ({len(cfg.search.space)} dimension(s))", title_justify="left")
+    table.add_column("path")
+    table.add_column("distribution")
+    for path, dist in describe_space(cfg.search.space):
+        table.add_row(path, dist)
+    out.print(table)
+    out.print(f"[green]ok[/green]: {space} is valid")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    space: SpaceArg,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for preview.png and summary.json.")] = None,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Preprocess (cached) and summarise a dataset: counts per split, class frequencies, a preview grid."""
+    from tskd_tune.data.inspect import preview_grid, preview_indices, summarize
+    from tskd_tune.data.prepare import load
+
+    cfg = _load(space, set_)
+    prepared, splits = load(cfg)
+    summary = summarize(prepared, splits)
+    summary["dataset"] = cfg.data.dataset
+    out_dir = out_dir or Path("runs") / "inspect" / (cfg.name or cfg.data.dataset)
+    summary["preview"] = str(preview_grid(prepared, preview_indices(splits), out_dir / "preview.png"))
+    _write_json(out_dir / "summary.json", summary)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    s = summary["splits"]
+    out.print(f"[bold]{cfg.data.dataset}[/bold]: {summary['images']} images in {summary['groups']} patient/volume group(s)")
+    out.print(
+        f"  train {s['train']} (labelled {s['labeled']}, unlabelled {s['unlabeled']}), val {s['val']}, test {s['test']}"
+    )
+    c, h, w = summary["image_size"]
+    out.print(f"  image size {h}x{w}, {c} channel(s)")
+    table = Table("class", "pixel frequency", title="class pixel frequencies", title_justify="left")
+    for name, f in summary["class_frequency"].items():
+        table.add_row(name, f"{f:.4f}")
+    out.print(table)
+    out.print(f"  preview: {summary['preview']}")
+    out.print(f"  cache: {summary['cache']} ({'reused' if summary['cached'] else 'built now'})")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: turns every user error into one line on stderr and exit status 2."""
+    err = Console(stderr=True, highlight=False)
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="tskd-tune")
+    except TskdError as exc:
+        for line in exc.lines():
+            err.print(f"error: {line}", markup=False, soft_wrap=True)
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        err.print("interrupted")
+        return 130
+    except click_exc.NoArgsIsHelpError as exc:
+        exc.show()  # the help text, as for --help
+        return 2
+    except click_exc.UsageError as exc:
+        cmd = exc.ctx.command_path if exc.ctx else "tskd-tune"
+        err.print(f"error: {cmd}: {exc.format_message()} (see {cmd} --help)", markup=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    return rv if isinstance(rv, int) else 0
+
+
+def run() -> None:
+    """The `tskd-tune` console script."""
+    sys.exit(main())

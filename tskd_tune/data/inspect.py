@@ -1,0 +1,71 @@
+"""`tskd-tune data inspect`: counts per split, class pixel frequencies and a preview grid with overlays."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tskd_tune.data.prepare import Prepared, Splits
+
+# distinct, colour-blind-friendly overlay colours (Okabe-Ito), background transparent
+PALETTE = np.array(
+    [[0, 0, 0], [230, 159, 0], [86, 180, 233], [0, 158, 115], [240, 228, 66], [0, 114, 178], [213, 94, 0], [204, 121, 167]],
+    dtype=np.float32,
+)
+
+
+def summarize(prepared: Prepared, splits: Splits) -> dict:
+    """Image counts, size and per-class pixel frequencies of a prepared dataset."""
+    counts = np.zeros(len(prepared.classes), np.int64)
+    for start in range(0, len(prepared), 256):  # chunks keep memory flat on large datasets
+        counts += np.bincount(np.asarray(prepared.masks[start : start + 256]).ravel(), minlength=len(counts))
+    freq = counts / max(counts.sum(), 1)
+    split_counts = splits.counts()
+    return {
+        "images": len(prepared),
+        "groups": len(set(prepared.groups)),
+        "splits": {"train": split_counts["labeled"] + split_counts["unlabeled"], **split_counts},
+        "image_size": list(prepared.images.shape[1:]),
+        "class_frequency": {name: round(float(f), 5) for name, f in zip(prepared.classes, freq, strict=True)},
+        "cache": str(prepared.path),
+        "cached": prepared.cached,
+    }
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """RGB uint8 picture of a (C, H, W) image with its mask's classes tinted on top."""
+    rgb = np.repeat(image, 3, axis=0) if image.shape[0] == 1 else image
+    rgb = np.moveaxis(rgb.astype(np.float32), 0, -1) * 255
+    colours = PALETTE[mask % len(PALETTE)]
+    tinted = np.where(mask[..., None] > 0, (1 - alpha) * rgb + alpha * colours, rgb)
+    return np.clip(tinted, 0, 255).astype(np.uint8)
+
+
+def preview_grid(prepared: Prepared, indices: np.ndarray, path: Path, columns: int = 8) -> Path:
+    """Write a PNG grid: each image next to (below) its overlay; written atomically."""
+    indices = list(indices)
+    rows = []
+    for start in range(0, len(indices), columns):
+        chunk = indices[start : start + columns]
+        plain = [overlay(np.asarray(prepared.images[i], np.float32), np.zeros_like(prepared.masks[i])) for i in chunk]
+        tinted = [overlay(np.asarray(prepared.images[i], np.float32), np.asarray(prepared.masks[i])) for i in chunk]
+        pad = [np.zeros_like(plain[0])] * (columns - len(chunk))
+        rows += [np.concatenate(plain + pad, axis=1), np.concatenate(tinted + pad, axis=1)]
+    grid = np.concatenate(rows, axis=0)
+    scale = max(1, 128 // prepared.images.shape[-1])
+    picture = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    picture.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def preview_indices(splits: Splits, n: int = 16) -> np.ndarray:
+    """A few labelled images first (what the teacher sees), then validation images."""
+    take = list(splits.labeled[: n // 2])
+    take += list(splits.val[: n - len(take)])
+    return np.array(take, dtype=int)
