@@ -1,6 +1,8 @@
 import multiprocessing as mp
 import time
 
+import pytest
+
 from tskd_tune.cache import Store, digest, verify
 
 
@@ -48,10 +50,8 @@ def test_failed_build_leaves_nothing_behind(tmp_path):
         (tmp / "half.bin").write_bytes(b"half")
         raise RuntimeError("boom")
 
-    try:
+    with pytest.raises(RuntimeError, match="boom"):
         store.get_or_build("k", 1, broken)
-    except RuntimeError:
-        pass
     assert not verify(store.path("k", digest(1)))
     assert [p.name for p in (tmp_path / "k").iterdir() if not p.name.endswith(".lock")] == []
 

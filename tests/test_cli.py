@@ -13,7 +13,10 @@ DEMO = REPO / "search_spaces" / "demo.yaml"
 
 def cli(*args, cwd=None):
     return subprocess.run(
-        [sys.executable, "-m", "tskd_tune", *map(str, args)], capture_output=True, text=True, cwd=cwd or REPO,
+        [sys.executable, "-m", "tskd_tune", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
         timeout=300,
     )
 
@@ -52,8 +55,14 @@ def test_validate_lists_every_problem_one_per_line(write_yaml):
         (["validate", DEMO, "--bogus"], ["No such option: --bogus"]),
         (["validate"], ["Missing argument"]),
         (["frobnicate"], ["No such command"]),
-        (["validate", DEMO, "--set", "distill.temperature"], ["--set 'distill.temperature': expected KEY=VALUE"]),
-        (["validate", DEMO, "--set", "search.space.student.lr.low=0"], ["search.space.student.lr.low: must be > 0"]),
+        (
+            ["validate", DEMO, "--set", "distill.temperature"],
+            ["--set 'distill.temperature': expected KEY=VALUE"],
+        ),
+        (
+            ["validate", DEMO, "--set", "search.space.student.lr.low=0"],
+            ["search.space.student.lr.low: must be > 0"],
+        ),
     ],
 )
 def test_bad_invocations(args, fragments):
@@ -62,8 +71,20 @@ def test_bad_invocations(args, fragments):
 
 def test_data_inspect_demo_writes_preview_and_summary(tmp_path):
     out = tmp_path / "inspect"
-    proc = cli("data", "inspect", DEMO, "--out", out, "--json", "--set", f"cache.dir={tmp_path / 'cache'}",
-               "--set", "data.options.num_images=60", "--set", "data.unlabeled=null")
+    proc = cli(
+        "data",
+        "inspect",
+        DEMO,
+        "--out",
+        out,
+        "--json",
+        "--set",
+        f"cache.dir={tmp_path / 'cache'}",
+        "--set",
+        "data.options.num_images=60",
+        "--set",
+        "data.unlabeled=null",
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["images"] == 60 and summary["splits"]["labeled"] == 10
@@ -73,13 +94,31 @@ def test_data_inspect_demo_writes_preview_and_summary(tmp_path):
     png = out / "preview.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "summary.json").read_text())["images"] == 60
-    again = cli("data", "inspect", DEMO, "--out", out, "--set", f"cache.dir={tmp_path / 'cache'}",
-                "--set", "data.options.num_images=60", "--set", "data.unlabeled=null")
+    again = cli(
+        "data",
+        "inspect",
+        DEMO,
+        "--out",
+        out,
+        "--set",
+        f"cache.dir={tmp_path / 'cache'}",
+        "--set",
+        "data.options.num_images=60",
+        "--set",
+        "data.unlabeled=null",
+    )
     assert again.returncode == 0 and "(reused)" in again.stdout
 
 
 def test_data_inspect_missing_dataset_root_explains_layout(tmp_path):
-    proc = cli("data", "inspect", REPO / "search_spaces" / "kidneyus.yaml", "--set", f"data.root={tmp_path / 'nope'}",
-               "--set", f"cache.dir={tmp_path / 'cache'}")
+    proc = cli(
+        "data",
+        "inspect",
+        REPO / "search_spaces" / "kidneyus.yaml",
+        "--set",
+        f"data.root={tmp_path / 'nope'}",
+        "--set",
+        f"cache.dir={tmp_path / 'cache'}",
+    )
     assert_one_line_error(proc, str(tmp_path / "nope"), "kidneyus expects")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.npy"))

@@ -70,8 +70,12 @@ def test_cross_field_rules():
 
 def test_overrides_are_typed_yaml_and_revalidated(write_yaml):
     path = write_yaml("distill: {temperature: 4.0}\n")
-    cfg = load_config(path, parse_overrides(["distill.temperature=2.5", "data.classes=[bg,kidney]",
-                                             "data.options.target=capsule"]))
+    cfg = load_config(
+        path,
+        parse_overrides(
+            ["distill.temperature=2.5", "data.classes=[bg,kidney]", "data.options.target=capsule"]
+        ),
+    )
     assert cfg.distill.temperature == 2.5
     assert cfg.data.classes == ["bg", "kidney"]
     assert cfg.name == "space"  # default name is the file stem

@@ -28,6 +28,12 @@ def test_shipped_space_validates(path):
 def test_demo_searches_every_required_knob():
     cfg = load_config(SPACES[[p.stem for p in SPACES].index("demo")])
     assert {
-        "teacher.lora.rank", "teacher.lora.alpha", "distill.temperature", "distill.kd_weight",
-        "distill.sup_weight", "synthetic.ratio", "student.lr", "teacher.lr",
+        "teacher.lora.rank",
+        "teacher.lora.alpha",
+        "distill.temperature",
+        "distill.kd_weight",
+        "distill.sup_weight",
+        "synthetic.ratio",
+        "student.lr",
+        "teacher.lr",
     } <= set(cfg.search.space)

@@ -88,7 +88,14 @@ def test_sections_and_search_itself_cannot_be_searched():
 def test_points_to_evaluate_must_lie_in_the_space():
     space = {"distill.temperature": {"type": "uniform", "low": 1, "high": 8}}
     with pytest.raises(ConfigError) as info:
-        validate({"search": {"space": space, "points_to_evaluate": [{"student.lr": 0.1}, {"distill.temperature": -1}]}})
+        validate(
+            {
+                "search": {
+                    "space": space,
+                    "points_to_evaluate": [{"student.lr": 0.1}, {"distill.temperature": -1}],
+                }
+            }
+        )
     assert info.value.problems == [
         "search.points_to_evaluate[0]: student.lr not in search.space",
         "search.points_to_evaluate[1]: distill.temperature: must be > 0, got -1",

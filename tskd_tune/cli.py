@@ -27,10 +27,15 @@ app.add_typer(data_app, name="data")
 
 out = Console(highlight=False)
 
-SpaceArg = Annotated[Path, typer.Argument(help="Search-space YAML (config + search space).", show_default=False)]
+SpaceArg = Annotated[
+    Path, typer.Argument(help="Search-space YAML (config + search space).", show_default=False)
+]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a config field by dotted path, e.g. --set distill.temperature=2.0 (repeatable)."),
+    typer.Option(
+        "--set",
+        help="Override a config field by dotted path, e.g. --set distill.temperature=2.0 (repeatable).",
+    ),
 ]
 
 
@@ -63,7 +68,9 @@ def validate(space: SpaceArg, set_: SetOpt = None) -> None:
 @data_app.command("inspect")
 def data_inspect(
     space: SpaceArg,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for preview.png and summary.json.")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Folder for preview.png and summary.json.")
+    ] = None,
     set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
@@ -82,7 +89,9 @@ def data_inspect(
         print(json.dumps(summary, indent=2))
         return
     s = summary["splits"]
-    out.print(f"[bold]{cfg.data.dataset}[/bold]: {summary['images']} images in {summary['groups']} patient/volume group(s)")
+    out.print(
+        f"[bold]{cfg.data.dataset}[/bold]: {summary['images']} images in {summary['groups']} patient/volume group(s)"
+    )
     out.print(
         f"  train {s['train']} (labelled {s['labeled']}, unlabelled {s['unlabeled']}), val {s['val']}, test {s['test']}"
     )

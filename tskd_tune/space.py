@@ -91,7 +91,9 @@ class QUniform(_Dist):
         _check_range(self.low, self.high)
         steps = (self.high - self.low) / self.q
         if not math.isclose(steps, round(steps), abs_tol=1e-9):
-            raise ValueError(f"`high - low` must be a multiple of q, but got (low={self.low}, high={self.high}, q={self.q})")
+            raise ValueError(
+                f"`high - low` must be a multiple of q, but got (low={self.low}, high={self.high}, q={self.q})"
+            )
         return self
 
     def to_optuna(self):
@@ -115,9 +117,13 @@ class IntRange(_Dist):
     def _range(self):
         _check_range(self.low, self.high)
         if self.log and (self.low < 1 or self.step != 1):
-            raise ValueError(f"log int ranges need low >= 1 and step 1, but got (low={self.low}, step={self.step})")
+            raise ValueError(
+                f"log int ranges need low >= 1 and step 1, but got (low={self.low}, step={self.step})"
+            )
         if (self.high - self.low) % self.step:
-            raise ValueError(f"`high - low` must be a multiple of step, but got (low={self.low}, high={self.high}, step={self.step})")
+            raise ValueError(
+                f"`high - low` must be a multiple of step, but got (low={self.low}, high={self.high}, step={self.step})"
+            )
         return self
 
     def to_optuna(self):
@@ -196,7 +202,9 @@ def check_space(cfg: Config) -> list[str]:
             try:
                 apply_values(cfg, {path: value})
             except ConfigError as exc:
-                problems.append(f"search.space.{path}: {dist.describe()} allows {value!r}, but {exc.problems[0]}")
+                problems.append(
+                    f"search.space.{path}: {dist.describe()} allows {value!r}, but {exc.problems[0]}"
+                )
                 break
     for i, point in enumerate(cfg.search.points_to_evaluate):
         unknown = sorted(set(point) - set(cfg.search.space))

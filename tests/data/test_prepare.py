@@ -46,7 +46,9 @@ def test_splits_are_disjoint_deterministic_and_nested(tmp_path):
     assert sum(map(len, parts)) == 40 and len(set().union(*parts)) == 40
     assert len(s.labeled) == 5 and 4 <= len(s.val) <= 8 and 4 <= len(s.test) <= 8
     again = make_splits(p, phantom())
-    assert all(np.array_equal(getattr(s, k), getattr(again, k)) for k in ("labeled", "unlabeled", "val", "test"))
+    assert all(
+        np.array_equal(getattr(s, k), getattr(again, k)) for k in ("labeled", "unlabeled", "val", "test")
+    )
     more = make_splits(p, phantom(labeled=10))
     assert list(more.labeled[:5]) == list(s.labeled)  # N labelled is a prefix of N' > N
     assert np.array_equal(more.val, s.val) and np.array_equal(more.test, s.test)
@@ -67,7 +69,9 @@ def test_splits_never_divide_a_group(tmp_path):
 
 def test_too_many_labels_is_a_clear_error(tmp_path):
     p = prepare(phantom(), Store(tmp_path))
-    with pytest.raises(DataError, match=r"data.labeled: must be <= \d+ \(training images of phantom\), got 500"):
+    with pytest.raises(
+        DataError, match=r"data.labeled: must be <= \d+ \(training images of phantom\), got 500"
+    ):
         make_splits(p, phantom(labeled=500))
 
 
@@ -75,8 +79,12 @@ def test_mask_size_mismatch_and_values_outside_class_map_name_the_file():
     data = phantom()
     classes = ["bg", "a", "b", "c"]
     with pytest.raises(DataError, match=r"^img7.png: mask size \(4, 5\) does not match image size \(4, 4\)$"):
-        preprocess_pair(np.zeros((4, 4), np.float32), np.zeros((4, 5), np.uint8), data, 4, "img7.png", classes)
-    with pytest.raises(DataError, match=r"^m.png: mask values \[9\] outside the class map \(0..3: bg, a, b, c\)$"):
+        preprocess_pair(
+            np.zeros((4, 4), np.float32), np.zeros((4, 5), np.uint8), data, 4, "img7.png", classes
+        )
+    with pytest.raises(
+        DataError, match=r"^m.png: mask values \[9\] outside the class map \(0..3: bg, a, b, c\)$"
+    ):
         preprocess_pair(np.zeros((4, 4), np.float32), np.full((4, 4), 9, np.uint8), data, 4, "m.png", classes)
 
 
@@ -86,7 +94,9 @@ def test_pad_keeps_aspect_ratio():
     mask = np.ones((8, 16), np.uint8)
     img, m = preprocess_pair(image, mask, data, 2, "x", ["bg", "fg"])
     assert img.shape == (1, 16, 16) and m[0].max() == 0 and m[8].min() == 1 and m.sum() == 128
-    stretched = preprocess_pair(image, mask, DataConfig(image_size=16, resize="stretch"), 2, "x", ["bg", "fg"])[1]
+    stretched = preprocess_pair(
+        image, mask, DataConfig(image_size=16, resize="stretch"), 2, "x", ["bg", "fg"]
+    )[1]
     assert stretched.min() == 1
 
 

@@ -12,7 +12,16 @@ from tskd_tune.data.prepare import Prepared, Splits
 
 # distinct, colour-blind-friendly overlay colours (Okabe-Ito), background transparent
 PALETTE = np.array(
-    [[0, 0, 0], [230, 159, 0], [86, 180, 233], [0, 158, 115], [240, 228, 66], [0, 114, 178], [213, 94, 0], [204, 121, 167]],
+    [
+        [0, 0, 0],
+        [230, 159, 0],
+        [86, 180, 233],
+        [0, 158, 115],
+        [240, 228, 66],
+        [0, 114, 178],
+        [213, 94, 0],
+        [204, 121, 167],
+    ],
     dtype=np.float32,
 )
 
@@ -50,8 +59,13 @@ def preview_grid(prepared: Prepared, indices: np.ndarray, path: Path, columns: i
     rows = []
     for start in range(0, len(indices), columns):
         chunk = indices[start : start + columns]
-        plain = [overlay(np.asarray(prepared.images[i], np.float32), np.zeros_like(prepared.masks[i])) for i in chunk]
-        tinted = [overlay(np.asarray(prepared.images[i], np.float32), np.asarray(prepared.masks[i])) for i in chunk]
+        plain = [
+            overlay(np.asarray(prepared.images[i], np.float32), np.zeros_like(prepared.masks[i]))
+            for i in chunk
+        ]
+        tinted = [
+            overlay(np.asarray(prepared.images[i], np.float32), np.asarray(prepared.masks[i])) for i in chunk
+        ]
         pad = [np.zeros_like(plain[0])] * (columns - len(chunk))
         rows += [np.concatenate(plain + pad, axis=1), np.concatenate(tinted + pad, axis=1)]
     grid = np.concatenate(rows, axis=0)

@@ -55,7 +55,10 @@ def _fingerprint(records: list[Record], root: Path | None) -> str:
     rows = []
     for rec in records:
         for src in rec.sources:
-            st = src.stat()
+            try:
+                st = src.stat()
+            except FileNotFoundError:
+                raise DataError(f"{src}: file not found") from None
             rel = src.relative_to(root) if root and src.is_relative_to(root) else src
             rows.append((str(rel), st.st_size, st.st_mtime_ns))
     return digest(rows)
@@ -84,7 +87,8 @@ def scan(data: DataConfig) -> list[Record]:
     adapter = get_adapter(data.dataset)
     records = adapter.scan(data.root, adapter_options(data))
     if not records:
-        raise DataError(f"{data.root}: no images found; {adapter.name} expects {adapter.layout}")
+        where = data.root or f"data.dataset {data.dataset}"
+        raise DataError(f"{where}: no images found; {adapter.name} expects {adapter.layout}")
     return records
 
 
@@ -92,7 +96,9 @@ def prepare(data: DataConfig, store: Store) -> Prepared:
     """Preprocess every record of ``data`` once (cached) and return memory-mapped arrays."""
     records = scan(data)
     classes = class_names(data)
-    hit: Hit = store.get_or_build("data", cache_key(data, records), lambda tmp: _build(data, records, classes, tmp))
+    hit: Hit = store.get_or_build(
+        "data", cache_key(data, records), lambda tmp: _build(data, records, classes, tmp)
+    )
     meta = json.loads((hit.path / "meta.json").read_text())
     return Prepared(
         images=np.load(hit.path / "images.npy", mmap_mode="r"),
@@ -107,8 +113,12 @@ def prepare(data: DataConfig, store: Store) -> Prepared:
 
 def _build(data: DataConfig, records: list[Record], classes: list[str], out: Path) -> None:
     s, c = data.image_size, data.channels
-    images = np.lib.format.open_memmap(out / "images.npy", mode="w+", dtype=np.float16, shape=(len(records), c, s, s))
-    masks = np.lib.format.open_memmap(out / "masks.npy", mode="w+", dtype=np.uint8, shape=(len(records), s, s))
+    images = np.lib.format.open_memmap(
+        out / "images.npy", mode="w+", dtype=np.float16, shape=(len(records), c, s, s)
+    )
+    masks = np.lib.format.open_memmap(
+        out / "masks.npy", mode="w+", dtype=np.uint8, shape=(len(records), s, s)
+    )
     for i, rec in enumerate(_progress(records, f"preprocessing {data.dataset}")):
         image, mask = rec.read()
         where = rec.sources[-1] if rec.sources else rec.id
@@ -141,7 +151,10 @@ def preprocess_pair(
     if data.resize == "pad":
         image, mask = _pad_square(image), _pad_square(mask)
     size = (data.image_size, data.image_size)
-    chans = [np.asarray(Image.fromarray(image[..., k], mode="F").resize(size, Image.BILINEAR)) for k in range(image.shape[2])]
+    chans = [
+        np.asarray(Image.fromarray(image[..., k], mode="F").resize(size, Image.BILINEAR))
+        for k in range(image.shape[2])
+    ]
     mask_r = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize(size, Image.NEAREST))
     return np.clip(np.stack(chans), 0, 1), mask_r
 
@@ -159,7 +172,9 @@ def make_splits(prepared: Prepared, data: DataConfig) -> Splits:
     groups = np.array(prepared.groups)
     unique = np.unique(groups)
     if len(unique) < 3:
-        raise DataError(f"data: {data.dataset} has {len(unique)} patient/volume group(s); a train/val/test split needs at least 3")
+        raise DataError(
+            f"data: {data.dataset} has {len(unique)} patient/volume group(s); a train/val/test split needs at least 3"
+        )
     rng = np.random.default_rng(data.seed)
     order = rng.permutation(unique)
     n = len(groups)
@@ -180,7 +195,9 @@ def make_splits(prepared: Prepared, data: DataConfig) -> Splits:
     train = idx[np.isin(groups, train_g)]
     train = train[rng.permutation(len(train))]
     if data.labeled > len(train):
-        raise DataError(f"data.labeled: must be <= {len(train)} (training images of {data.dataset}), got {data.labeled}")
+        raise DataError(
+            f"data.labeled: must be <= {len(train)} (training images of {data.dataset}), got {data.labeled}"
+        )
     unlabeled = train[data.labeled :]
     if data.unlabeled is not None:
         unlabeled = unlabeled[: data.unlabeled]

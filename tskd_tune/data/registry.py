@@ -41,7 +41,7 @@ class Record:
     """Patient or volume id: splits never divide a group."""
     read: Callable[[], tuple[np.ndarray, np.ndarray]]
     sources: tuple[Path, ...] = ()
-    """Files the record reads (cache keys, error messages)."""
+    """Files the record reads (cache keys); the mask's file comes last, as mask errors name it."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,9 @@ def get_adapter(name: str) -> Adapter:
     try:
         return ADAPTERS[name]
     except KeyError:
-        raise DataError(f"data.dataset: unknown dataset {name!r} (known: {', '.join(sorted(ADAPTERS))})") from None
+        raise DataError(
+            f"data.dataset: unknown dataset {name!r} (known: {', '.join(sorted(ADAPTERS))})"
+        ) from None
 
 
 def check_data_config(data: DataConfig) -> list[str]:
@@ -101,7 +103,9 @@ def check_data_config(data: DataConfig) -> list[str]:
     if data.classes is not None and len(set(data.classes)) != len(data.classes):
         problems.append(f"data.classes: names must be distinct, got {data.classes}")
     if adapter.needs_root and data.root is None:
-        problems.append(f"data.root: required for dataset {data.dataset!r} (expected layout: {adapter.layout})")
+        problems.append(
+            f"data.root: required for dataset {data.dataset!r} (expected layout: {adapter.layout})"
+        )
     return problems
 
 
@@ -128,6 +132,8 @@ def read_image(path: Path, mode: str | None = None) -> np.ndarray:
             return np.asarray(im)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except PermissionError:
+        raise DataError(f"{path}: cannot read (permission denied)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot decode image ({exc.__class__.__name__})") from None
 
@@ -152,7 +158,9 @@ def robust_scale(image: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5
     return np.clip((image - lo) / (hi - lo), 0, 1)
 
 
-def require_dir(root: Path | None, adapter_name: str, layout: str, source: str, sub: str | None = None) -> Path:
+def require_dir(
+    root: Path | None, adapter_name: str, layout: str, source: str, sub: str | None = None
+) -> Path:
     """The dataset root (or a required subfolder of it); a missing one explains the expected layout."""
     if root is None:
         raise DataError(f"data.root: required for dataset {adapter_name!r} (expected layout: {layout})")

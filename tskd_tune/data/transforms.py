@@ -37,7 +37,9 @@ def train_transforms(aug: AugmentConfig, seed: int = 0) -> Compose:
             )
         if aug.intensity > 0:
             ts.append(RandShiftIntensityd(keys="image", offsets=aug.intensity, prob=aug.prob))
-            ts.append(RandAdjustContrastd(keys="image", gamma=(1 - aug.intensity, 1 + aug.intensity), prob=aug.prob))
+            ts.append(
+                RandAdjustContrastd(keys="image", gamma=(1 - aug.intensity, 1 + aug.intensity), prob=aug.prob)
+            )
         if aug.noise_std > 0:
             ts.append(RandGaussianNoised(keys="image", std=aug.noise_std, prob=aug.prob))
     compose = Compose(ts)
