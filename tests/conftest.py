@@ -34,3 +34,45 @@ def write_yaml(tmp_path):
         return path
 
     return _write
+
+
+TINY_TEACHER = {
+    "model": "vit_small_patch16_224",
+    "model_kwargs": {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2},
+    "decoder_channels": 16,
+    "lora": {"rank": 4, "alpha": 8, "target_modules": ["qkv", "proj", "fc1", "fc2"]},
+    "lr": 3e-3,
+    "epochs": 15,
+    "batch_size": 8,
+}
+
+
+def tiny_raw(tmp_path: Path, **sections) -> dict:
+    """A small but real trial config (phantom 32 px, 2-block ViT teacher, 3-level U-Net student)."""
+    raw = {
+        "name": "tiny",
+        "seed": 0,
+        "data": {
+            "dataset": "phantom",
+            "image_size": 32,
+            "labeled": 8,
+            "options": {"num_images": 80, "size": 64},
+        },
+        "teacher": dict(TINY_TEACHER),
+        "student": {"model": "unet", "channels": [8, 16, 32], "epochs": 3, "batch_size": 8, "lr": 3e-3},
+        "distill": {"method": "ts_kd", "pretrain_epochs": 2},
+        "search": {"grace_period": 1},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "resources": {"threads": 2},
+    }
+    for name, values in sections.items():
+        raw[name] = raw.get(name, {}) | values
+    return raw
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Build a validated tiny Config; keyword sections are merged into the defaults."""
+    from tskd_tune.config import validate
+
+    return lambda **sections: validate(tiny_raw(tmp_path, **sections))

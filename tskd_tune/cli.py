@@ -105,6 +105,106 @@ def data_inspect(
     out.print(f"  cache: {summary['cache']} ({'reused' if summary['cached'] else 'built now'})")
 
 
+@app.command()
+def trial(
+    space: SpaceArg,
+    set_: SetOpt = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Folder for the trial's outputs (default runs/trials/NAME).")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the final metrics as JSON on stdout.")
+    ] = False,
+    test: Annotated[
+        bool, typer.Option("--test", help="Also evaluate on the test split (never done in a search).")
+    ] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Recompute data, teacher and teacher outputs.")
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from OUT/checkpoint if an earlier run left one.")
+    ] = False,
+) -> None:
+    """Run one trial without Ray: teacher -> transfer set -> student -> metrics, written to --out."""
+    import logging
+    import shutil
+
+    from tskd_tune.trial import JsonlTracker, run_trial
+
+    cfg = _load(space, set_)
+    out_dir = out_dir or Path("runs") / "trials" / (cfg.name or "trial")
+    resume_from = (
+        out_dir / "checkpoint" if resume and (out_dir / "checkpoint" / "state.pt").is_file() else None
+    )
+    if resume_from is None:
+        # a fresh run must not mix its curves or checkpoint with an earlier run's
+        (out_dir / "history.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    err = Console(stderr=True, highlight=False)
+    epochs = 1 if cfg.distill.method == "teacher" else cfg.student.epochs
+
+    def report(epoch: int, m: dict, _ckpt) -> None:
+        shown = "  ".join(
+            f"{k} {m[k]:.4f}" for k in ("train_loss", "val_dice", "val_hd95") if k in m and m[k] is not None
+        )
+        err.print(
+            f"[{cfg.distill.method}] epoch {epoch}/{epochs}  {shown}  ({m.get('epoch_s', 0):.1f}s)",
+            markup=False,
+        )
+
+    result = run_trial(cfg, report, JsonlTracker(out_dir / "history.jsonl"), out_dir=out_dir, resume_from=resume_from,
+                       test=test, use_cache=False if no_cache else None)  # fmt: skip
+    if as_json:
+        print(json.dumps(result, indent=2, default=float))
+        return
+    table = Table("metric", "value", title=f"trial {cfg.name} ({cfg.distill.method})", title_justify="left")
+    for k, v in result.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    out.print(table)
+    out.print(f"outputs: {out_dir}")
+
+
+@app.command("export")
+def export_cmd(
+    trial_dir: Annotated[
+        Path, typer.Argument(help="A trial folder (config.yaml + student.safetensors).", show_default=False)
+    ],
+    fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Output folder (default TRIAL_DIR/export-FORMAT).")
+    ] = None,
+) -> None:
+    """Export a trial's student (checked against PyTorch) with a model card."""
+    from tskd_tune.export import export
+
+    out_dir = out_dir or trial_dir / f"export-{fmt}"
+    card = export(trial_dir, fmt, out_dir)
+    out.print(
+        f"wrote {out_dir / card['file']} (max |diff| vs PyTorch {card['max_abs_diff_vs_pytorch']:.1e}) and model_card.json"
+    )
+
+
+@app.command()
+def predict(
+    model: Annotated[
+        Path,
+        typer.Argument(help="An exported folder (model_card.json) or a trial folder.", show_default=False),
+    ],
+    images: Annotated[
+        Path, typer.Argument(help="Folder of images (png, jpg, tif, bmp).", show_default=False)
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder for <name>_mask.png and <name>_overlay.png.")
+    ] = Path("runs/predict"),
+) -> None:
+    """Segment a folder of images: class-index mask PNGs and overlays."""
+    from tskd_tune.export import predict_folder
+
+    written = predict_folder(model, images, out_dir)
+    out.print(f"wrote {len(written)} mask(s) and overlay(s) to {out_dir}")
+
+
 def _write_json(path: Path, obj: dict) -> None:
     import os
 

@@ -111,10 +111,10 @@ class TeacherConfig(Section):
 
 
 class StudentConfig(Section):
-    model: str = "unet"
+    model: Literal["unet", "timm_unet", "vit_tiny"] = "unet"
     """Student architecture from the registry: unet, timm_unet, vit_tiny."""
     channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], min_length=2)
-    """Channels per resolution level (unet)."""
+    """Channels per resolution level (unet; decoder widths and encoder levels of timm_unet)."""
     encoder: str = "resnet18"
     """timm encoder of `timm_unet` (randomly initialised)."""
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -127,6 +127,10 @@ class StudentConfig(Section):
     """Student training epochs (each one is reported to the search scheduler)."""
     batch_size: int = Field(8, ge=1)
     """Student batch size."""
+    steps_per_epoch: int | None = Field(None, ge=1)
+    """Optimisation steps per epoch (default: one pass over the transfer set, for every method alike)."""
+    checkpoint_every: int = Field(1, ge=1)
+    """Save a resumable checkpoint every this many epochs (and after the last)."""
 
 
 class SyntheticConfig(Section):
@@ -155,6 +159,8 @@ class DistillConfig(Section):
     """Weight of the supervised Dice+CE term on labelled images."""
     feature_weight: float = Field(0.0, ge=0)
     """Weight of the feature-matching term (through a learned projection); 0 disables it."""
+    pretrain_epochs: int = Field(10, ge=1)
+    """ta_kd: epochs of feature distillation from the frozen teacher before fine-tuning on the labels."""
 
 
 # ------------------------------------------------------------------------------------ search & run
@@ -195,6 +201,10 @@ class ResourcesConfig(Section):
     """CPUs per trial."""
     gpu: float = Field(0.0, ge=0)
     """GPUs per trial (fractions share a GPU)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where a trial trains: auto picks CUDA when present."""
+    threads: int | None = Field(None, ge=1)
+    """CPU threads per trial (default: resources.cpu, rounded up)."""
 
 
 class CacheConfig(Section):
@@ -209,6 +219,8 @@ class Config(Section):
 
     name: str | None = None
     """Search name (default: the YAML file's stem)."""
+    seed: int = 0
+    """Seed of model initialisation, augmentation and batch order (data.seed fixes the split)."""
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)

@@ -141,6 +141,15 @@ def preprocess_pair(
         raise DataError(
             f"{where}: mask values {bad[:5].tolist()} outside the class map (0..{num_classes - 1}: {', '.join(classes)})"
         )
+    if data.resize == "pad":
+        mask = pad_square(mask)
+    size = (data.image_size, data.image_size)
+    mask_r = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize(size, Image.NEAREST))
+    return preprocess_image(image, data), mask_r
+
+
+def preprocess_image(image: np.ndarray, data: DataConfig) -> np.ndarray:
+    """An HxW or HxWx3 image in [0, 1] -> (C, S, S) float32: channel conversion, pad to square, resize."""
     image = image.astype(np.float32)
     if image.ndim == 2:
         image = image[..., None]
@@ -149,17 +158,17 @@ def preprocess_pair(
     elif data.channels == 3 and image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)
     if data.resize == "pad":
-        image, mask = _pad_square(image), _pad_square(mask)
+        image = pad_square(image)
     size = (data.image_size, data.image_size)
     chans = [
         np.asarray(Image.fromarray(image[..., k], mode="F").resize(size, Image.BILINEAR))
         for k in range(image.shape[2])
     ]
-    mask_r = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize(size, Image.NEAREST))
-    return np.clip(np.stack(chans), 0, 1), mask_r
+    return np.clip(np.stack(chans), 0, 1)
 
 
-def _pad_square(a: np.ndarray) -> np.ndarray:
+def pad_square(a: np.ndarray) -> np.ndarray:
+    """Zero-pad an image or mask to a square, centred (the `pad` resize mode)."""
     h, w = a.shape[:2]
     n = max(h, w)
     top, left = (n - h) // 2, (n - w) // 2
@@ -207,6 +216,15 @@ def make_splits(prepared: Prepared, data: DataConfig) -> Splits:
         val=np.sort(idx[np.isin(groups, val_g)]),
         test=np.sort(idx[np.isin(groups, test_g)]),
     )
+
+
+def take_rows(array: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Rows at ``indices`` (any order, repeats allowed) as float32; memory maps are read in sorted order."""
+    order = np.argsort(indices, kind="stable")
+    rows = np.asarray(array[indices[order]], dtype=np.float32)
+    out = np.empty_like(rows)
+    out[order] = rows
+    return out
 
 
 def load(cfg: Config, use_cache: bool | None = None) -> tuple[Prepared, Splits]:

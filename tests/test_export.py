@@ -1,0 +1,80 @@
+"""Export a trained trial's student (ONNX checked against PyTorch, TorchScript) and predict with it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tskd_tune.data.phantom import PhantomOptions, render
+from tskd_tune.errors import TskdError
+from tskd_tune.export import Predictor, export, load_trial_student, predict_folder
+from tskd_tune.trial import run_trial
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trial_dir(tmp_path_factory):
+    from tests.conftest import tiny_raw
+    from tskd_tune.config import validate
+
+    tmp = tmp_path_factory.mktemp("trial")
+    cfg = validate(tiny_raw(tmp, distill={"method": "scratch"}, student={"epochs": 2}))
+    run_trial(cfg, out_dir=tmp / "out")
+    return tmp / "out"
+
+
+@pytest.mark.parametrize("fmt, file", [("onnx", "model.onnx"), ("torchscript", "model.pt")])
+def test_export_writes_model_and_card(trial_dir, tmp_path, fmt, file):
+    card = export(trial_dir, fmt, tmp_path / "exp")
+    assert (tmp_path / "exp" / file).is_file()
+    assert card["max_abs_diff_vs_pytorch"] < 1e-4
+    saved = json.loads((tmp_path / "exp" / "model_card.json").read_text())
+    assert saved["classes"] == ["background", "central_echo_complex", "medulla", "cortex"]
+    assert saved["input"] == {"layout": "NCHW", "channels": 1, "size": [32, 32], "range": [0.0, 1.0],
+                              "dtype": "float32", "resize": "pad"}  # fmt: skip
+    assert "val_dice" in saved["metrics"]
+    assert not list(tmp_path.glob(".exp.tmp"))
+
+
+def test_exported_models_predict_like_the_trial(trial_dir, tmp_path):
+    image, _ = render(7, PhantomOptions(size=48))
+    image = image[:, :40]  # non-square: exercises pad and un-pad
+    expected = Predictor(trial_dir).predict(image)
+    assert expected.shape == image.shape
+    for fmt in ("onnx", "torchscript"):
+        export(trial_dir, fmt, tmp_path / fmt)
+        got = Predictor(tmp_path / fmt).predict(image)
+        assert (got == expected).mean() > 0.999
+
+
+def test_predict_cli_writes_masks_and_overlays(trial_dir, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        img, _ = render(i, PhantomOptions(size=40))
+        Image.fromarray((img * 255).astype(np.uint8)).save(images / f"scan{i}.png")
+    (images / "notes.txt").write_text("ignored")
+    proc = subprocess.run([sys.executable, "-m", "tskd_tune", "predict", str(trial_dir), str(images), "--out", str(tmp_path / "pred")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    mask = np.asarray(Image.open(tmp_path / "pred" / "scan0_mask.png"))
+    assert mask.shape == (40, 40) and mask.max() <= 3
+    assert np.asarray(Image.open(tmp_path / "pred" / "scan1_overlay.png")).shape == (40, 40, 3)
+
+
+def test_export_cli_and_bad_inputs(trial_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tskd_tune", "export", str(trial_dir), "--format", "onnx", "--out", str(tmp_path / "e")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "max |diff| vs PyTorch" in proc.stdout
+    with pytest.raises(TskdError, match="not a trial folder"):
+        load_trial_student(tmp_path)
+    with pytest.raises(TskdError, match="--format: must be onnx or torchscript"):
+        export(trial_dir, "tflite", tmp_path / "x")
+    with pytest.raises(TskdError, match="no images"):
+        predict_folder(trial_dir, tmp_path / "e", tmp_path / "p")

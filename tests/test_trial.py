@@ -1,0 +1,129 @@
+"""One trial end to end: each method, learning, the teacher cache, determinism, exact resume, failures."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tskd_tune.data.prepare import load
+from tskd_tune.metrics import evaluate
+from tskd_tune.models.students import build_student
+from tskd_tune.train import TrialFailed
+from tskd_tune.trial import run_trial
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("method", ["ts_kd", "ta_kd", "scratch", "teacher"])
+def test_every_method_runs_and_reports(tiny, tmp_path, method):
+    cfg = tiny(distill={"method": method})
+    reports = []
+    result = run_trial(cfg, lambda e, m, c: reports.append((e, m, c)), out_dir=tmp_path / "out")
+    assert 0 <= result["val_dice"] <= 1 and result["student_params"] > 0
+    expected_epochs = 1 if method == "teacher" else cfg.student.epochs
+    assert [e for e, _, _ in reports] == list(range(1, expected_epochs + 1))
+    assert all("val_dice" in m for _, m, _ in reports)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["val_dice"] == result["val_dice"]
+    assert "test_dice" not in result  # the test split is only evaluated when asked
+    if method == "ts_kd":
+        assert result["teacher_val_dice"] > 0 and result["transfer_real"] == 8 + result["unlabeled"]
+        assert result["teacher_params"] > result["student_params"]
+    if method != "teacher":
+        assert (tmp_path / "out" / "student.safetensors").is_file()
+        assert reports[-1][2] == tmp_path / "out" / "checkpoint"
+
+
+def test_student_only_knobs_reuse_the_cached_teacher(tiny, tmp_path):
+    first = run_trial(tiny(student={"epochs": 1}))
+    second = run_trial(tiny(student={"epochs": 1}, distill={"temperature": 2.0, "kd_weight": 0.5}))
+    third = run_trial(tiny(student={"epochs": 1}, teacher={"lr": 1e-3}))
+    assert (first["teacher_cached"], second["teacher_cached"], third["teacher_cached"]) == (
+        False,
+        True,
+        False,
+    )
+    assert second["logits_cached"] and second["teacher_s"] < first["teacher_s"]
+    assert second["teacher_val_dice"] == first["teacher_val_dice"]
+
+
+def test_same_config_and_seed_give_the_same_metrics(tiny):
+    cfg = tiny(student={"epochs": 2})
+    a = run_trial(cfg, use_cache=False)
+    b = run_trial(cfg, use_cache=False)
+    keys = ["val_dice", "val_hd95", "train_loss", "teacher_val_dice"]
+    assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    c = run_trial(tiny(student={"epochs": 2}, seed=1), use_cache=False)
+    assert c["train_loss"] != a["train_loss"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method, stop_at", [("ts_kd", 2), ("ta_kd", 1)])
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny, tmp_path, method, stop_at):
+    cfg = tiny(student={"epochs": 4}, distill={"method": method})
+    whole = run_trial(cfg, out_dir=tmp_path / "whole")
+
+    def crash(epoch, metrics, ckpt):
+        if epoch == stop_at:
+            raise Interrupt  # as if the worker died right after this epoch's checkpoint
+
+    with pytest.raises(Interrupt):
+        run_trial(cfg, crash, out_dir=tmp_path / "part")
+    seen = []
+    resumed = run_trial(cfg, lambda e, m, c: seen.append(e), out_dir=tmp_path / "part",
+                        resume_from=tmp_path / "part" / "checkpoint")  # fmt: skip
+    assert seen == list(range(stop_at + 1, 5))
+    assert resumed["val_dice"] == pytest.approx(whole["val_dice"], abs=1e-6)
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-6)
+
+
+def test_non_finite_loss_fails_the_trial_with_a_reason(tiny):
+    with pytest.raises(TrialFailed, match=r"loss became (nan|inf)"):
+        run_trial(tiny(distill={"method": "scratch"}, student={"lr": 1e12, "epochs": 2}), use_cache=False)
+
+
+def test_test_split_only_when_asked(tiny):
+    result = run_trial(tiny(distill={"method": "scratch"}, student={"epochs": 1}), test=True)
+    assert {"test_dice", "test_hd95"} <= set(result)
+
+
+def test_cli_trial_learns_and_hits_the_teacher_cache(tmp_path):
+    """The real CLI on the phantom: the student learns far beyond an untrained one; a rerun reuses the teacher."""
+    from tests.conftest import tiny_raw  # noqa: PLC0415 - the same tiny settings as the other tests
+
+    raw = tiny_raw(
+        tmp_path,
+        student={"epochs": 6},
+        data={"options": {"num_images": 120, "size": 64, "target": "capsule"}},
+    )
+    import yaml
+
+    space = tmp_path / "tiny.yaml"
+    space.write_text(yaml.safe_dump(raw))
+
+    def cli(*extra):
+        proc = subprocess.run([sys.executable, "-m", "tskd_tune", "trial", str(space), "--json", "--out",
+                               str(tmp_path / "trial"), *extra], capture_output=True, text=True, cwd=REPO, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert "epoch 6/6" in proc.stderr  # progress per epoch
+        return json.loads(proc.stdout)
+
+    first = cli()
+    from tskd_tune.config import load_config
+
+    cfg = load_config(space)
+    prepared, splits = load(cfg)
+    torch.manual_seed(0)
+    untrained = build_student(cfg.student, 1, len(prepared.classes), 32)
+    base = evaluate(untrained, prepared.images[splits.val], prepared.masks[splits.val], prepared.classes)
+    assert first["val_dice"] > base["val_dice"] + 0.2, (first["val_dice"], base["val_dice"])
+    assert first["teacher_cached"] is False
+    second = cli("--set", "distill.temperature=2.0")
+    assert second["teacher_cached"] is True and second["teacher_s"] < first["teacher_s"]
+    history = (tmp_path / "trial" / "history.jsonl").read_text().splitlines()
+    assert len(history) == 6  # a fresh run replaces the earlier run's curve

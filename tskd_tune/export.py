@@ -1,0 +1,193 @@
+"""Export a trial's student (ONNX or TorchScript) with a model card, and predict masks with it.
+
+An exported folder holds ``model.onnx`` or ``model.pt`` and ``model_card.json`` (classes, input size
+and range, metrics, the resolved config). The ONNX file is checked against PyTorch on random inputs
+before it is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tskd_tune.config import Config, DataConfig, load_config
+from tskd_tune.data.inspect import overlay
+from tskd_tune.data.prepare import preprocess_image
+from tskd_tune.data.registry import class_names, read_image, to_unit_float
+from tskd_tune.errors import TskdError
+from tskd_tune.models.students import build_student
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+TOLERANCE = 1e-4
+
+
+def load_trial_student(trial_dir: Path) -> tuple[torch.nn.Module, Config, dict]:
+    """The trained student of a trial folder (config.yaml + student.safetensors), in eval mode."""
+    from safetensors.torch import load_file
+
+    trial_dir = Path(trial_dir)
+    weights = trial_dir / "student.safetensors"
+    if not (trial_dir / "config.yaml").is_file() or not weights.is_file():
+        raise TskdError(f"{trial_dir}: not a trial folder (expected config.yaml and student.safetensors)")
+    cfg = load_config(trial_dir / "config.yaml")
+    metrics_path = trial_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    classes = class_names(cfg.data)
+    model = build_student(cfg.student, cfg.data.channels, len(classes), cfg.data.image_size)
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except (RuntimeError, OSError) as exc:
+        raise TskdError(
+            f"{weights}: does not fit student {cfg.student.model} ({str(exc).splitlines()[0]})"
+        ) from None
+    return model.eval(), cfg, metrics
+
+
+def export(trial_dir: Path, fmt: str, out_dir: Path) -> dict:
+    """Write the student of ``trial_dir`` as ONNX or TorchScript plus a model card; returns the card."""
+    model, cfg, metrics = load_trial_student(trial_dir)
+    c, s = cfg.data.channels, cfg.data.image_size
+    x = torch.rand(2, c, s, s, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model(x).numpy()
+    tmp = Path(out_dir).with_name(f".{Path(out_dir).name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if fmt == "onnx":
+        name = "model.onnx"
+        torch.onnx.export(
+            model, (x,), str(tmp / name), input_names=["image"], output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+        )  # fmt: skip
+        got = _run_onnx(tmp / name, x.numpy())
+    elif fmt == "torchscript":
+        name = "model.pt"
+        with torch.inference_mode():
+            torch.jit.save(torch.jit.trace(model, x), str(tmp / name))
+            got = torch.jit.load(str(tmp / name))(x).numpy()
+    else:
+        raise TskdError(f"--format: must be onnx or torchscript, got {fmt!r}")
+    diff = float(np.abs(got - expected).max())
+    if diff > TOLERANCE:
+        shutil.rmtree(tmp)
+        raise TskdError(f"{fmt} export differs from PyTorch by {diff:.2e} (> {TOLERANCE}); not written")
+    card = {
+        "format": fmt,
+        "file": name,
+        "classes": class_names(cfg.data),
+        "input": {
+            "layout": "NCHW",
+            "channels": c,
+            "size": [s, s],
+            "range": [0.0, 1.0],
+            "dtype": "float32",
+            "resize": cfg.data.resize,
+        },  # fmt: skip
+        "normalisation": "scale the image to [0, 1] (integers by their type's maximum); the model normalises itself",
+        "student": cfg.student.model_dump(mode="json"),
+        "method": cfg.distill.method,
+        "metrics": metrics,
+        "max_abs_diff_vs_pytorch": diff,
+        "config": cfg.model_dump(mode="json"),
+    }
+    (tmp / "model_card.json").write_text(json.dumps(card, indent=2, default=float))
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return card
+
+
+def _run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"image": x.astype(np.float32)})[0]
+
+
+class Predictor:
+    """Runs an exported model folder (ONNX / TorchScript) or a trial folder on images."""
+
+    def __init__(self, model_dir: Path):
+        model_dir = Path(model_dir)
+        card_path = model_dir / "model_card.json"
+        if card_path.is_file():
+            card = json.loads(card_path.read_text())
+            self.classes = card["classes"]
+            inp = card["input"]
+            self.data = DataConfig(image_size=inp["size"][0], channels=inp["channels"], resize=inp["resize"])
+            if card["format"] == "onnx":
+                import onnxruntime as ort
+
+                session = ort.InferenceSession(
+                    str(model_dir / card["file"]), providers=["CPUExecutionProvider"]
+                )
+                self._run = lambda x: session.run(["logits"], {"image": x})[0]
+            else:
+                module = torch.jit.load(str(model_dir / card["file"]))
+
+                def run_ts(x):
+                    with torch.inference_mode():
+                        return module(torch.from_numpy(x)).numpy()
+
+                self._run = run_ts
+        elif (model_dir / "student.safetensors").is_file():
+            model, cfg, _ = load_trial_student(model_dir)
+            self.classes = class_names(cfg.data)
+            self.data = cfg.data
+
+            def run(x):
+                with torch.inference_mode():
+                    return model(torch.from_numpy(x)).numpy()
+
+            self._run = run
+        else:
+            raise TskdError(f"{model_dir}: no model_card.json (an export) or student.safetensors (a trial)")
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """Class-index mask at the image's own size for an HxW or HxWx3 image in [0, 1]."""
+        h, w = image.shape[:2]
+        x = preprocess_image(image, self.data)[None].astype(np.float32)
+        labels = self._run(x)[0].argmax(0).astype(np.uint8)
+        if self.data.resize == "pad":  # undo the padding: resize to the padded square, then crop
+            n = max(h, w)
+            full = np.asarray(Image.fromarray(labels).resize((n, n), Image.NEAREST))
+            top, left = (n - h) // 2, (n - w) // 2
+            return full[top : top + h, left : left + w]
+        return np.asarray(Image.fromarray(labels).resize((w, h), Image.NEAREST))
+
+
+def predict_folder(model_dir: Path, images_dir: Path, out_dir: Path) -> list[Path]:
+    """Write ``<stem>_mask.png`` (class indices) and ``<stem>_overlay.png`` for every image in a folder."""
+    images_dir, out_dir = Path(images_dir), Path(out_dir)
+    if not images_dir.is_dir():
+        raise TskdError(f"{images_dir}: not a folder of images")
+    files = sorted(
+        p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
+    if not files:
+        raise TskdError(f"{images_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    predictor = Predictor(model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in files:
+        image = to_unit_float(read_image(path))
+        mask = predictor.predict(image)
+        _save_png(mask, out_dir / f"{path.stem}_mask.png")
+        shown = image if image.ndim == 2 else image.mean(-1) if predictor.data.channels == 1 else image
+        chw = shown[None] if shown.ndim == 2 else np.moveaxis(shown, -1, 0)
+        _save_png(overlay(chw, mask), out_dir / f"{path.stem}_overlay.png")
+        written.append(out_dir / f"{path.stem}_mask.png")
+    return written
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)

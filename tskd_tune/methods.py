@@ -1,0 +1,314 @@
+"""The methods a trial can run, each a plain function over the stages: teacher -> transfer set -> student.
+
+- ``ts_kd``   fine-tune the teacher with LoRA on the labels, then distil its logits on the transfer set
+              (``sup_weight * DiceCE`` on labelled images + ``kd_weight * T^2 * KL`` on transfer images,
+              + ``feature_weight`` * feature loss through a learned projection).
+- ``ta_kd``   distil the frozen, pretrained teacher's encoder features into the student on the transfer
+              set, then fine-tune the student on the labels (task-agnostic baseline).
+- ``scratch`` the student on the labelled images only.
+- ``teacher`` the fine-tuned teacher itself (the upper reference).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tskd_tune.cache import Store
+from tskd_tune.config import Config
+from tskd_tune.data.prepare import Prepared, Splits, take_rows
+from tskd_tune.losses import FeatureLoss, kd_loss, supervised_loss
+from tskd_tune.metrics import evaluate
+from tskd_tune.models.students import build_student
+from tskd_tune.models.teacher import build_teacher, load_adapter, save_adapter, with_lora
+from tskd_tune.train import LabeledBatches, Loop, Report, run_loop, seeded
+from tskd_tune.transfer import (
+    TransferSet,
+    build_transfer_set,
+    cached_outputs,
+    frozen_teacher_key,
+    teacher_key,
+)
+
+
+@dataclass
+class Stages:
+    """What every method works with: the config, the data, the cache, the device and run bookkeeping."""
+
+    cfg: Config
+    prepared: Prepared
+    splits: Splits
+    store: Store
+    device: torch.device
+    out_dir: Path | None = None
+    resume: dict | None = None
+    timings: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.prepared.classes)
+
+    def timed(self, name: str):
+        return _Timer(self.timings, name)
+
+    def validator(self, model: nn.Module, split: str = "val") -> Callable[[], dict]:
+        idx = getattr(self.splits, split)
+        images, masks = self.prepared.images[idx], self.prepared.masks[idx]
+        bs = max(self.cfg.student.batch_size, 16)
+        return lambda: evaluate(
+            model, images, masks, self.prepared.classes, bs, self.device, prefix=f"{split}_"
+        )
+
+    def steps_per_epoch(self, transfer: TransferSet) -> int:
+        """Equal compute for every method: one pass over the transfer set unless configured."""
+        s = self.cfg.student
+        return s.steps_per_epoch or max(1, math.ceil(len(transfer) / s.batch_size))
+
+
+def rows(array: np.ndarray, indices: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(take_rows(array, indices))
+
+
+class _Timer:
+    def __init__(self, timings: dict, name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timings[f"{self.name}_s"] = (
+            self.timings.get(f"{self.name}_s", 0.0) + time.perf_counter() - self.t0
+        )
+
+
+@dataclass
+class Outcome:
+    """What a method hands back: the model to evaluate and export, and its final metrics."""
+
+    model: nn.Module
+    metrics: dict
+    teacher: nn.Module | None = None
+
+
+# ----------------------------------------------------------------------------------------- stages
+def fine_tuned_teacher(st: Stages) -> tuple[nn.Module, dict]:
+    """The LoRA-fine-tuned teacher, from the cache when this exact teacher was trained before."""
+    cfg, t = st.cfg, st.cfg.teacher
+    make = lambda: build_teacher(  # noqa: E731
+        t,
+        in_chans=cfg.data.channels,
+        num_classes=st.num_classes,
+        image_size=cfg.data.image_size,
+        seed=cfg.seed,
+    )
+
+    def build(tmp: Path) -> None:
+        model = with_lora(make(), t.lora).to(st.device)
+        labeled = LabeledBatches(st.prepared.images, st.prepared.masks, st.splits.labeled, cfg.data.augment)
+        sup = supervised_loss(t.ce_weight, t.dice_weight)
+
+        def step(g):
+            x, y = labeled.sample(t.batch_size, g)
+            return sup(model(x.to(st.device)), y.to(st.device))
+
+        loop = Loop("teacher", {"teacher": model}, _reseeding(labeled, step), t.epochs, max(1, math.ceil(len(st.splits.labeled) / t.batch_size)),
+                    t.lr, t.weight_decay, cfg.seed)  # fmt: skip
+        run_loop(loop, out_dir=None, report=None)
+        metrics = {f"teacher_{k}": v for k, v in st.validator(model)().items()}
+        save_adapter(model, tmp / "adapter")
+        (tmp / "metrics.json").write_text(json.dumps(metrics))
+
+    with st.timed("teacher"):
+        hit = st.store.get_or_build("teacher", teacher_key(cfg, st.prepared, st.splits), build)
+        model = load_adapter(make(), hit.path / "adapter").to(st.device).eval()
+    st.info["teacher_cached"] = hit.cached
+    return model, json.loads((hit.path / "metrics.json").read_text())
+
+
+def _flip_pairs(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random horizontal flips applied alike to transfer images and their cached teacher outputs."""
+    flip = torch.rand(x.shape[0], generator=g) < 0.5
+    x, y = x.clone(), y.clone()
+    x[flip] = x[flip].flip(-1)
+    y[flip] = y[flip].flip(-1)
+    return x, y
+
+
+def _student(st: Stages) -> nn.Module:
+    cfg = st.cfg
+    with seeded(cfg.seed):
+        return build_student(cfg.student, cfg.data.channels, st.num_classes, cfg.data.image_size).to(
+            st.device
+        )
+
+
+def _projection(st: Stages, student_dim: int, teacher_dim: int) -> FeatureLoss:
+    with seeded(st.cfg.seed + 1):
+        return FeatureLoss(student_dim, teacher_dim).to(st.device)
+
+
+def _labeled(st: Stages) -> LabeledBatches:
+    return LabeledBatches(st.prepared.images, st.prepared.masks, st.splits.labeled, st.cfg.data.augment)
+
+
+def _student_loop(
+    st: Stages, phase: str, modules: dict, step, epochs: int, steps: int, evaluate_fn=None
+) -> Loop:
+    s = st.cfg.student
+    return Loop(
+        phase,
+        modules,
+        step,
+        epochs,
+        steps,
+        s.lr,
+        s.weight_decay,
+        st.cfg.seed,
+        evaluate_fn,
+        s.checkpoint_every,
+    )
+
+
+def _reseeding(labeled: LabeledBatches, step_fn):
+    """Wrap a step so that augmentation is reseeded from each epoch's generator (exact resume)."""
+    state = {}
+
+    def step(g):
+        if state.get("g") is not g:
+            state["g"] = g
+            labeled.reseed(int(torch.randint(2**31 - 1, (1,), generator=g)))
+        return step_fn(g)
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------- methods
+def ts_kd(st: Stages, report: Report | None) -> Outcome:
+    """Task-specific KD: fine-tuned teacher's soft labels on the transfer set + supervised loss on labels."""
+    cfg, d = st.cfg, st.cfg.distill
+    teacher, teacher_metrics = fine_tuned_teacher(st)
+    transfer = build_transfer_set(st.splits)
+    with st.timed("transfer"):
+        key = teacher_key(cfg, st.prepared, st.splits)
+        logits, st.info["logits_cached"] = cached_outputs(
+            st.store, "logits", key, transfer, st.prepared, teacher, st.device
+        )
+        feats = None
+        if d.feature_weight > 0:
+            feats, _ = cached_outputs(st.store, "features", key, transfer, st.prepared,
+                                      lambda x: teacher.features(x)[-1], st.device)  # fmt: skip
+    st.info |= transfer.counts
+    student = _student(st)
+    modules: dict[str, nn.Module] = {"student": student}
+    feat_loss = None
+    if feats is not None:
+        feat_loss = _projection(st, student.feature_dim, feats.shape[1])
+        modules["projection"] = feat_loss
+    labeled, sup = _labeled(st), supervised_loss(cfg.teacher.ce_weight, cfg.teacher.dice_weight)
+    bs = cfg.student.batch_size
+
+    def step(g):
+        xl, yl = labeled.sample(bs, g)
+        ti = torch.randint(len(transfer), (bs,), generator=g).numpy()
+        xt, lt = _flip_pairs(rows(st.prepared.images, transfer.real[ti]), rows(logits, ti), g)
+        xl, yl, xt, lt = (t.to(st.device) for t in (xl, yl, xt, lt))
+        loss = d.sup_weight * sup(student(xl), yl) + d.kd_weight * kd_loss(student(xt), lt, d.temperature)
+        if feat_loss is not None:
+            # features are not flipped with the images: feature matching is computed on unflipped inputs
+            xf = rows(st.prepared.images, transfer.real[ti]).to(st.device)
+            loss = loss + d.feature_weight * feat_loss(
+                student.features(xf)[-1], rows(feats, ti).to(st.device)
+            )
+        return loss
+
+    loop = _student_loop(st, "student", modules, _reseeding(labeled, step), cfg.student.epochs,
+                         st.steps_per_epoch(transfer), st.validator(student))  # fmt: skip
+    with st.timed("student"):
+        metrics = run_loop(loop, st.out_dir, report, st.resume)
+    return Outcome(student, metrics | teacher_metrics, teacher)
+
+
+def ta_kd(st: Stages, report: Report | None) -> Outcome:
+    """Task-agnostic KD: match the frozen teacher's encoder features, then fine-tune on the labels."""
+    cfg = st.cfg
+    transfer = build_transfer_set(st.splits)
+    teacher = build_teacher(cfg.teacher, in_chans=cfg.data.channels, num_classes=st.num_classes,
+                            image_size=cfg.data.image_size, seed=cfg.seed).to(st.device).eval()  # fmt: skip
+    st.info["teacher_cached"] = None
+    with st.timed("transfer"):
+        feats, st.info["features_cached"] = cached_outputs(
+            st.store, "features", frozen_teacher_key(cfg, st.prepared), transfer, st.prepared,
+            lambda x: teacher.features(x)[-1], st.device,
+        )  # fmt: skip
+    st.info |= transfer.counts
+    student = _student(st)
+    proj = _projection(st, student.feature_dim, feats.shape[1])
+    bs = cfg.student.batch_size
+
+    def distil_step(g):
+        ti = torch.randint(len(transfer), (bs,), generator=g).numpy()
+        x, tf = _flip_pairs(rows(st.prepared.images, transfer.real[ti]), rows(feats, ti), g)
+        return proj(student.features(x.to(st.device))[-1], tf.to(st.device))
+
+    steps = st.steps_per_epoch(transfer)
+    with st.timed("student"):
+        if st.resume is None or st.resume.get("phase") == "pretrain":
+            pre = _student_loop(st, "pretrain", {"student": student, "projection": proj}, distil_step,
+                                cfg.distill.pretrain_epochs, steps)  # fmt: skip
+            # pretraining epochs are not reported: the scheduler compares trials on the fine-tuning epochs
+            run_loop(pre, st.out_dir, None, st.resume)
+        labeled, sup = _labeled(st), supervised_loss(cfg.teacher.ce_weight, cfg.teacher.dice_weight)
+
+        def sup_step(g):
+            x, y = labeled.sample(bs, g)
+            return sup(student(x.to(st.device)), y.to(st.device))
+
+        fine = _student_loop(st, "finetune", {"student": student}, _reseeding(labeled, sup_step), cfg.student.epochs,
+                             steps, st.validator(student))  # fmt: skip
+        metrics = run_loop(fine, st.out_dir, report, st.resume)
+    return Outcome(student, metrics, teacher)
+
+
+def scratch(st: Stages, report: Report | None) -> Outcome:
+    """The student trained on the labelled images only (same steps per epoch as the KD methods)."""
+    cfg = st.cfg
+    student = _student(st)
+    labeled, sup = _labeled(st), supervised_loss(cfg.teacher.ce_weight, cfg.teacher.dice_weight)
+    st.info |= {"transfer_real": 0, "transfer_synthetic": 0}
+
+    def step(g):
+        x, y = labeled.sample(cfg.student.batch_size, g)
+        return sup(student(x.to(st.device)), y.to(st.device))
+
+    loop = _student_loop(st, "student", {"student": student}, _reseeding(labeled, step), cfg.student.epochs,
+                         st.steps_per_epoch(build_transfer_set(st.splits)), st.validator(student))  # fmt: skip
+    with st.timed("student"):
+        metrics = run_loop(loop, st.out_dir, report, st.resume)
+    return Outcome(student, metrics)
+
+
+def teacher(st: Stages, report: Report | None) -> Outcome:
+    """The fine-tuned teacher evaluated as the model (reported once, after fine-tuning)."""
+    model, teacher_metrics = fine_tuned_teacher(st)
+    metrics = {k.removeprefix("teacher_"): v for k, v in teacher_metrics.items()} | teacher_metrics
+    if report is not None:
+        report(1, metrics | {"epoch": 1}, None)
+    return Outcome(model, metrics, model)
+
+
+METHODS: dict[str, Callable[[Stages, Report | None], Outcome]] = {
+    "ts_kd": ts_kd,
+    "ta_kd": ta_kd,
+    "scratch": scratch,
+    "teacher": teacher,
+}

@@ -1,0 +1,1 @@
+"""Models: the ViT teacher (timm / LiteMedSAM + LoRA + decoder) and the student registry."""

@@ -1,0 +1,171 @@
+"""Training loops: batches, the epoch loop with resumable checkpoints, and teacher fine-tuning.
+
+A loop reseeds every random source at the start of each epoch from (seed, phase, epoch), so a run
+resumed from the checkpoint of epoch e continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tskd_tune.config import AugmentConfig
+from tskd_tune.data.transforms import train_transforms
+from tskd_tune.errors import TskdError
+
+Report = Callable[[int, dict, Path | None], None]
+"""report(epoch, metrics, checkpoint_dir): called after every reported epoch."""
+
+
+class TrialFailed(TskdError):
+    """A trial that cannot go on (non-finite loss, ...); the search records it as failed, not as a score."""
+
+    exit_code = 3
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Build modules under a fixed torch seed, so their initialisation never depends on what ran before
+    (e.g. whether the teacher came from the cache or was trained in this process)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def epoch_seed(seed: int, phase: str, epoch: int) -> int:
+    return int.from_bytes(f"{seed}:{phase}:{epoch}".encode(), "little") % (2**31 - 1)
+
+
+class LabeledBatches:
+    """Random labelled batches (with replacement, so 10 images still fill a batch of 16), augmented."""
+
+    def __init__(self, images: np.ndarray, masks: np.ndarray, indices: np.ndarray, aug: AugmentConfig):
+        order = np.sort(indices)
+        self.images = torch.from_numpy(np.asarray(images[order], dtype=np.float32))
+        self.masks = torch.from_numpy(np.asarray(masks[order], dtype=np.int64))
+        self.aug_cfg = aug
+        self.aug = None
+
+    def reseed(self, seed: int) -> torch.Generator:
+        self.aug = train_transforms(self.aug_cfg, seed=seed)
+        return torch.Generator().manual_seed(seed)
+
+    def sample(self, batch_size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(self.images), (batch_size,), generator=g)
+        if not self.aug_cfg.enabled:
+            return self.images[idx], self.masks[idx]
+        out = [self.aug({"image": self.images[i], "label": self.masks[i][None].float()}) for i in idx]
+        x = torch.stack([torch.as_tensor(o["image"]) for o in out]).float()
+        y = torch.stack([torch.as_tensor(o["label"])[0] for o in out]).round().long()
+        return x, y
+
+
+@dataclass
+class Loop:
+    """One optimisation phase: modules, optimiser settings, epochs and the per-step loss."""
+
+    phase: str
+    modules: dict[str, nn.Module]
+    step: Callable[[torch.Generator], torch.Tensor]
+    epochs: int
+    steps_per_epoch: int
+    lr: float
+    weight_decay: float
+    seed: int
+    evaluate: Callable[[], dict] | None = None
+    checkpoint_every: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+def run_loop(loop: Loop, out_dir: Path | None, report: Report | None, resume: dict | None = None) -> dict:
+    """Train ``loop`` (from ``resume`` when given), evaluating and reporting after every epoch."""
+    params = [p for m in loop.modules.values() for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=loop.lr, weight_decay=loop.weight_decay)
+    total = loop.epochs * loop.steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    start = 0
+    if resume is not None and resume.get("phase") == loop.phase:
+        for name, module in loop.modules.items():
+            module.load_state_dict(resume["modules"][name])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        start = resume["epoch"]
+    metrics: dict = {}
+    for epoch in range(start + 1, loop.epochs + 1):
+        t0 = time.perf_counter()
+        s = epoch_seed(loop.seed, loop.phase, epoch)
+        seed_all(s)
+        g = torch.Generator().manual_seed(s)
+        for m in loop.modules.values():
+            m.train()
+        losses = []
+        for _ in range(loop.steps_per_epoch):
+            loss = loop.step(g)
+            if not torch.isfinite(loss):
+                raise TrialFailed(
+                    f"{loop.phase}: loss became {loss.item()} at epoch {epoch}; lower the learning rate"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0]}
+        if loop.evaluate is not None:
+            metrics |= loop.evaluate()
+        metrics["epoch_s"] = time.perf_counter() - t0
+        ckpt = None
+        if out_dir is not None and (epoch % loop.checkpoint_every == 0 or epoch == loop.epochs):
+            ckpt = save_checkpoint(out_dir / "checkpoint", loop, opt, sched, epoch)
+        if report is not None:
+            report(epoch, metrics, ckpt)
+    return metrics
+
+
+def save_checkpoint(folder: Path, loop: Loop, opt, sched, epoch: int) -> Path:
+    """Write the resumable state atomically: a reader sees the previous checkpoint or this one, never half."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        "phase": loop.phase,
+        "epoch": epoch,
+        "modules": {k: m.state_dict() for k, m in loop.modules.items()},
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+    } | loop.extra
+    tmp = folder / ".state.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, folder / "state.pt")
+    return folder
+
+
+def load_checkpoint(folder: Path) -> dict | None:
+    """The state saved by :func:`save_checkpoint`, or None when there is none."""
+    path = Path(folder) / "state.pt"
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint must not be mistaken for a good one
+        raise TskdError(f"{path}: cannot load checkpoint ({exc.__class__.__name__})") from None
+
+
+def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(device, non_blocking=True) for t in batch)

@@ -1,0 +1,133 @@
+"""``run_trial(cfg, report, tracker)``: the one entry point a search calls. No Ray import here.
+
+A trial loads (or receives) the prepared data, runs the configured method, measures the models and
+writes its outputs to ``out_dir``: ``config.yaml`` (the resolved config, so the result can be re-run),
+``metrics.json``, ``student.safetensors`` and ``checkpoint/`` (resumable state).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from tskd_tune.cache import Store
+from tskd_tune.config import Config, to_yaml
+from tskd_tune.data.prepare import Prepared, Splits, load
+from tskd_tune.methods import METHODS, Stages
+from tskd_tune.metrics import count_params, evaluate, latency_ms
+from tskd_tune.train import Report, load_checkpoint, seed_all
+
+
+class Tracker(Protocol):
+    """Where a trial's per-epoch curves go (a JSON-lines file for `tskd-tune trial`; MLflow in a search)."""
+
+    def log_metrics(self, metrics: dict, step: int) -> None: ...
+
+
+class JsonlTracker:
+    """Appends one JSON object per epoch to a file (``history.jsonl`` beside the trial's outputs)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step} | metrics, default=float) + "\n")
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    """CUDA when asked for or available (``resources.device: auto``), else CPU."""
+    want = cfg.resources.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available() and cfg.resources.gpu > 0):
+        if not torch.cuda.is_available():
+            from tskd_tune.errors import TskdError
+
+            raise TskdError("resources.device: cuda requested but no CUDA device is visible")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def run_trial(
+    cfg: Config,
+    report: Report | None = None,
+    tracker: Tracker | None = None,
+    *,
+    out_dir: Path | None = None,
+    resume_from: Path | None = None,
+    test: bool = False,
+    use_cache: bool | None = None,
+    data: tuple[Prepared, Splits] | None = None,
+) -> dict:
+    """Run one trial of ``cfg.distill.method``; returns the final metrics (also in ``out_dir/metrics.json``).
+
+    ``report(epoch, metrics, checkpoint_dir)`` is called after every student epoch. ``resume_from`` is a
+    checkpoint folder of an interrupted run of the same config. The test split is evaluated only with
+    ``test=True``, never during a search.
+    """
+    t_start = time.perf_counter()
+    torch.set_num_threads(cfg.resources.threads or max(1, math.ceil(cfg.resources.cpu)))
+    seed_all(cfg.seed)
+    device = resolve_device(cfg)
+    enabled = cfg.cache.enabled if use_cache is None else use_cache
+    t0 = time.perf_counter()
+    prepared, splits = data if data is not None else load(cfg, use_cache=enabled)
+    timings = {"data_s": time.perf_counter() - t0}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out_dir / "config.yaml", to_yaml(cfg))
+    resume = load_checkpoint(resume_from) if resume_from is not None else None
+
+    def on_epoch(epoch: int, metrics: dict, ckpt: Path | None) -> None:
+        if tracker is not None:
+            tracker.log_metrics(metrics, step=epoch)
+        if report is not None:
+            report(epoch, metrics, ckpt)
+
+    st = Stages(cfg, prepared, splits, Store(cfg.cache.dir, enabled), device, out_dir, resume, timings)
+    outcome = METHODS[cfg.distill.method](st, on_epoch)
+
+    image_size, chans = cfg.data.image_size, cfg.data.channels
+    result = dict(outcome.metrics)
+    result.pop("epoch_s", None)
+    result |= {
+        "method": cfg.distill.method,
+        "student_params": count_params(outcome.model),
+        "student_latency_ms": latency_ms(outcome.model, chans, image_size, device=device, repeats=5),
+        "teacher_params": count_params(outcome.teacher) if outcome.teacher is not None else None,
+        "teacher_latency_ms": (
+            latency_ms(outcome.teacher, chans, image_size, device=device, repeats=3)
+            if outcome.teacher is not None
+            else None
+        ),
+        **st.info,
+        **{"labeled": len(splits.labeled), "unlabeled": len(splits.unlabeled)},
+    }
+    if test:
+        metrics = evaluate(outcome.model, prepared.images[splits.test], prepared.masks[splits.test], prepared.classes,
+                           32, device, prefix="test_")  # fmt: skip
+        result |= metrics
+    result |= timings | {"total_s": time.perf_counter() - t_start}
+    if out_dir is not None:
+        if cfg.distill.method != "teacher":
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().cpu().contiguous() for k, v in outcome.model.state_dict().items()}
+            tmp = out_dir / ".student.safetensors.tmp"
+            save_file(state, str(tmp), metadata={"method": cfg.distill.method, "model": cfg.student.model})
+            os.replace(tmp, out_dir / "student.safetensors")
+        _atomic_write(out_dir / "metrics.json", json.dumps(result, indent=2, default=float))
+    return result
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
