@@ -7,7 +7,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: demo test test-slow lint clean
+.PHONY: demo test test-slow lint ui bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,14 +15,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import tskd_tune, torch, monai, ray, mlflow, optuna"
 	touch $@
 
-demo: $(STAMP)  ## the main job on the embedded default (phantom data)
-	$(BIN)/tskd-tune data inspect search_spaces/demo.yaml --out runs/demo
+demo: $(STAMP)  ## the main job on the embedded default: a search on the phantom, recorded in runs/mlflow.db
+	$(BIN)/tskd-tune launch search_spaces/demo.yaml --name demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)  ## the default test suite (slow tests excluded)
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)  ## only the slow tests
 	$(BIN)/python -m pytest -q -m slow
+
+ui: $(STAMP)  ## the MLflow UI on the local store (127.0.0.1:5000)
+	$(BIN)/tskd-tune ui
+
+bench: $(STAMP)  ## search-speed benchmark (minutes; prints ratios, writes benchmarks/results/)
+	$(BIN)/python benchmarks/search_speed.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check tskd_tune tests

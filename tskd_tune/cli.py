@@ -25,7 +25,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-out = Console(highlight=False)
+out = Console(highlight=False, soft_wrap=True)  # long paths and commands stay copy-pasteable
 
 SpaceArg = Annotated[
     Path, typer.Argument(help="Search-space YAML (config + search space).", show_default=False)
@@ -165,24 +165,85 @@ def trial(
     out.print(f"outputs: {out_dir}")
 
 
+@app.command()
+def synth(
+    space: SpaceArg,
+    set_: SetOpt = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Folder for grid.png and gate.json (default runs/synth/NAME)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Retrain the generator and regenerate the pool.")
+    ] = False,
+) -> None:
+    """Train (or load) the synthetic-image generator, fill the cached pool, write a sample grid and the gate."""
+    from tskd_tune.synth import print_summary, synth_command
+
+    cfg = _load(space, set_)
+    out_dir = out_dir or Path("runs") / "synth" / (cfg.name or "synth")
+    summary = synth_command(cfg, out_dir, use_cache=not no_cache, console=Console(stderr=True))
+    if as_json:
+        print(json.dumps(summary, indent=2, default=float))
+        return
+    print_summary(summary, out)
+
+
 @app.command("export")
 def export_cmd(
     trial_dir: Annotated[
-        Path, typer.Argument(help="A trial folder (config.yaml + student.safetensors).", show_default=False)
+        Path, typer.Argument(help="A trial folder, or a search folder (its best trial).", show_default=False)
     ],
     fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Output folder (default TRIAL_DIR/export-FORMAT).")
     ] = None,
+    register: Annotated[
+        str | None,
+        typer.Option("--register", help="Also register it in the MLflow model registry under this name."),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri", help="MLflow store for --register (default: the trial's tracking.uri)."
+        ),
+    ] = None,
 ) -> None:
-    """Export a trial's student (checked against PyTorch) with a model card."""
+    """Export a trial's student (checked against PyTorch) with a model card; optionally register it in MLflow."""
+    from tskd_tune.errors import TskdError
     from tskd_tune.export import export
 
+    if register and fmt != "onnx":
+        raise TskdError("--register: needs --format onnx (the registry stores the ONNX model)")
+    trial_dir = _trial_folder(trial_dir)
     out_dir = out_dir or trial_dir / f"export-{fmt}"
     card = export(trial_dir, fmt, out_dir)
     out.print(
         f"wrote {out_dir / card['file']} (max |diff| vs PyTorch {card['max_abs_diff_vs_pytorch']:.1e}) and model_card.json"
     )
+    if register:
+        from tskd_tune import tracking
+
+        uri = tracking.absolute_uri(tracking_uri or card["config"]["tracking"]["uri"])
+        tracking.preflight(uri)
+        version = tracking.register_export(uri, out_dir, card, register)
+        out.print(f"registered {register} version {version} in {uri}")
+
+
+def _trial_folder(path: Path) -> Path:
+    """A trial folder as given, or for a search folder the outputs of its best trial."""
+    from tskd_tune.errors import TskdError
+    from tskd_tune.search import SEARCH_FILE
+
+    if not (path / SEARCH_FILE).is_file():
+        return path
+    board = path / "leaderboard.csv"
+    if not board.is_file():
+        raise TskdError(f"{path}: the search has no leaderboard yet; it writes one when it ends")
+    import pandas as pd
+
+    return Path(pd.read_csv(board)["trial_dir"].iloc[0]) / "outputs"
 
 
 @app.command()
@@ -203,6 +264,144 @@ def predict(
 
     written = predict_folder(model, images, out_dir)
     out.print(f"wrote {len(written)} mask(s) and overlay(s) to {out_dir}")
+
+
+@app.command()
+def launch(
+    space: SpaceArg,
+    set_: SetOpt = None,
+    num_samples: Annotated[
+        int | None, typer.Option("--num-samples", help="Trials (default search.num_samples).")
+    ] = None,
+    max_concurrent: Annotated[
+        int | None, typer.Option("--max-concurrent", help="Trials at once (default search.max_concurrent).")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Search name (default: the config's name).")
+    ] = None,
+    storage: Annotated[Path, typer.Option("--storage", help="Folder that holds searches.")] = Path("runs"),
+    tracking_uri: Annotated[
+        str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default tracking.uri).")
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option("--address", help="Ray cluster address (default: a local Ray instance).")
+    ] = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Recompute data, teachers and teacher outputs in every trial.")
+    ] = False,
+) -> None:
+    """Run a hyperparameter search: Ray Tune trials, Optuna proposals, ASHA early stopping, MLflow records."""
+    from tskd_tune.config import apply_search_overrides
+    from tskd_tune.search import SearchOptions, launch as run_search
+
+    cfg = apply_search_overrides(_load(space, set_), num_samples, max_concurrent)
+    opts = SearchOptions(
+        name or cfg.name or space.stem,
+        storage,
+        tracking_uri or cfg.tracking.uri,
+        address,
+        not no_cache,
+        str(space),
+    )
+    run_search(cfg, opts, out)
+
+
+@app.command()
+def resume(
+    name_or_path: Annotated[
+        str, typer.Argument(help="Search name (under runs/) or folder.", show_default=False)
+    ],
+) -> None:
+    """Continue an interrupted search: unfinished and errored trials go on from their checkpoints."""
+    from tskd_tune.search import launch as run_search
+    from tskd_tune.search import load_search, resolve_search_path
+
+    cfg, opts, _ = load_search(resolve_search_path(name_or_path))
+    run_search(cfg, opts, out, resume=True)
+
+
+@app.command()
+def status(
+    name_or_path: Annotated[
+        str, typer.Argument(help="Search name (under runs/) or folder.", show_default=False)
+    ],
+) -> None:
+    """Table of a search's trials and the best so far (also while it runs)."""
+    from tskd_tune.report import leaderboard
+    from tskd_tune.search import load_search, resolve_search_path
+
+    path = resolve_search_path(name_or_path)
+    cfg, _, parent = load_search(path)
+    board = leaderboard(path, cfg.search.metric, cfg.search.mode)
+    metric = cfg.search.metric
+    table = Table(
+        "trial",
+        "state",
+        "epoch",
+        metric,
+        "hd95",
+        *cfg.search.space,
+        title=f"search {path.name}",
+        title_justify="left",
+    )
+    for _, row in board.iterrows():
+        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+        table.add_row(str(row["trial_id"]), row["state"], str(row["epoch"]), fmt(row[metric]), fmt(row["val_hd95"]),
+                      *(fmt(row.get(p, "")) for p in cfg.search.space))  # fmt: skip
+    out.print(table)
+    done = board[board["state"] == "finished"]
+    out.print(f"{len(board)} trial(s), {len(done)} finished; MLflow parent run {parent}", markup=False)
+    if not board.empty and board[metric].notna().any():
+        best = board.iloc[0]
+        out.print(f"best so far: {best['trial_id']} {metric} {best[metric]:.4f}", markup=False)
+
+
+@app.command()
+def report(
+    name_or_path: Annotated[
+        str, typer.Argument(help="Search name (under runs/) or folder.", show_default=False)
+    ],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Output folder (default SEARCH/report).")
+    ] = None,
+) -> None:
+    """Leaderboard CSV and plots (optimisation history, importances, parallel coordinates) as PNG + HTML."""
+    from tskd_tune.report import write_report
+    from tskd_tune.search import load_search, resolve_search_path
+
+    path = resolve_search_path(name_or_path)
+    cfg, _, _ = load_search(path)
+    written = write_report(
+        path, out_dir or path / "report", cfg.search.space, cfg.search.metric, cfg.search.mode
+    )
+    for kind, p in written.items():
+        out.print(f"{kind}: {p}", markup=False)
+
+
+@app.command()
+def ui(
+    uri: Annotated[str, typer.Option("--uri", help="MLflow store to browse.")] = "sqlite:///runs/mlflow.db",
+    port: Annotated[int, typer.Option("--port")] = 5000,
+) -> None:
+    """Open the MLflow UI on the local store, bound to 127.0.0.1."""
+    import subprocess
+
+    from tskd_tune.tracking import absolute_uri
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        absolute_uri(uri),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    out.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)", markup=False)
+    raise typer.Exit(subprocess.call(cmd))
 
 
 def _write_json(path: Path, obj: dict) -> None:

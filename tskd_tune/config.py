@@ -137,15 +137,31 @@ class SyntheticConfig(Section):
     generator: Literal["none", "ddpm", "pretrained"] = "none"
     """Source of synthetic transfer images: none, a small DDPM trained on the training images, or a local pipeline."""
     ratio: float = Field(0.0, ge=0)
-    """Synthetic images per real image in the transfer set (0: none; 1: as many synthetic as real)."""
+    """Synthetic images per real transfer image, min(pool_size, round(ratio * real)) drawn from the pool (0: none)."""
     pool_size: int = Field(256, ge=0)
     """Number of synthetic images generated once and cached."""
     pretrained_path: Path | None = None
-    """Local diffusers pipeline directory for generator `pretrained`."""
+    """Local diffusers pipeline folder (unconditional UNet2DModel + scheduler) for generator `pretrained`."""
     train_steps: int = Field(2000, ge=1)
     """Training steps of the `ddpm` generator."""
     sample_steps: int = Field(25, ge=1)
-    """Sampling steps (DDIM) per synthetic batch."""
+    """Denoising steps of the sampler per synthetic image."""
+    sampler: Literal["ddim", "dpm"] = "ddim"
+    """Fast sampler: DDIM or DPM-Solver++ (multistep)."""
+    image_size: int | None = Field(None, ge=8, le=2048)
+    """Side length the `ddpm` generator trains and samples at (None: data.image_size); samples are resized to data.image_size."""
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 64], min_length=2)
+    """Channels per resolution level of the `ddpm` UNet2DModel (block_out_channels)."""
+    attention: bool = False
+    """Self-attention at the lowest resolution of the `ddpm` UNet (slower; helps the layout of large images)."""
+    batch_size: int = Field(16, ge=1)
+    """Training batch size of the `ddpm` generator."""
+    lr: float = Field(1e-3, gt=0)
+    """Learning rate of the `ddpm` generator (AdamW, warm-up then cosine decay)."""
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    """Decay of the moving average of generator weights that is sampled (0: sample the raw weights)."""
+    mixed_precision: bool = True
+    """bf16 autocast for generator training and sampling on CUDA (CPU always runs in float32)."""
 
 
 class DistillConfig(Section):
@@ -391,6 +407,15 @@ def _cross_checks(cfg: Config, check_search_space: bool) -> list[str]:
         problems.append("distill: kd_weight and sup_weight are both 0, so the student learns nothing")
     if cfg.teacher.ce_weight == 0 and cfg.teacher.dice_weight == 0:
         problems.append("teacher: ce_weight and dice_weight are both 0, so the teacher learns nothing")
+    gc = cfg.synthetic
+    if gc.generator == "pretrained" and gc.pretrained_path is None:
+        problems.append("synthetic.pretrained_path: required when synthetic.generator is pretrained")
+    levels = 2 ** (len(gc.channels) - 1)
+    if gc.generator == "ddpm" and (gc.image_size or cfg.data.image_size) % levels:
+        problems.append(
+            f"synthetic.image_size: must be divisible by {levels} (the UNet halves it {len(gc.channels) - 1} "
+            f"time(s)), got {gc.image_size or cfg.data.image_size}"
+        )
     if cfg.search.scheduler == "asha" and cfg.search.grace_period > cfg.student.epochs:
         problems.append(
             f"search.grace_period: must be <= student.epochs ({cfg.student.epochs}), "
@@ -420,6 +445,16 @@ def apply_values(cfg: Config, values: dict[str, Any]) -> Config:
         set_by_path(raw, key, value)
     # the space itself is unchanged by applying values from it, so it is not re-checked
     return validate(raw, check_search_space=False)
+
+
+def apply_search_overrides(cfg: Config, num_samples: int | None, max_concurrent: int | None) -> Config:
+    """Apply `launch --num-samples/--max-concurrent` (they override search.* like --set would)."""
+    values = {}
+    if num_samples is not None:
+        values["search.num_samples"] = num_samples
+    if max_concurrent is not None:
+        values["search.max_concurrent"] = max_concurrent
+    return apply_values(cfg, values) if values else cfg
 
 
 def to_yaml(cfg: Config) -> str:

@@ -29,6 +29,7 @@ from tskd_tune.losses import FeatureLoss, kd_loss, supervised_loss
 from tskd_tune.metrics import evaluate
 from tskd_tune.models.students import build_student
 from tskd_tune.models.teacher import build_teacher, load_adapter, save_adapter, with_lora
+from tskd_tune.synth import Pool
 from tskd_tune.train import LabeledBatches, Loop, Report, run_loop, seeded
 from tskd_tune.transfer import (
     TransferSet,
@@ -52,6 +53,7 @@ class Stages:
     resume: dict | None = None
     timings: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    pool: Pool | None = None
 
     @property
     def num_classes(self) -> int:
@@ -69,9 +71,10 @@ class Stages:
         )
 
     def steps_per_epoch(self, transfer: TransferSet) -> int:
-        """Equal compute for every method: one pass over the transfer set unless configured."""
+        """Equal compute for every method and every synthetic ratio: one pass over the real transfer images
+        unless configured (synthetic images change what the student sees, not how long it trains)."""
         s = self.cfg.student
-        return s.steps_per_epoch or max(1, math.ceil(len(transfer) / s.batch_size))
+        return s.steps_per_epoch or max(1, math.ceil(len(transfer.real) / s.batch_size))
 
 
 def rows(array: np.ndarray, indices: np.ndarray) -> torch.Tensor:
@@ -197,7 +200,7 @@ def ts_kd(st: Stages, report: Report | None) -> Outcome:
     """Task-specific KD: fine-tuned teacher's soft labels on the transfer set + supervised loss on labels."""
     cfg, d = st.cfg, st.cfg.distill
     teacher, teacher_metrics = fine_tuned_teacher(st)
-    transfer = build_transfer_set(st.splits)
+    transfer = build_transfer_set(st.splits, st.pool, cfg)
     with st.timed("transfer"):
         key = teacher_key(cfg, st.prepared, st.splits)
         logits, st.info["logits_cached"] = cached_outputs(
@@ -220,12 +223,12 @@ def ts_kd(st: Stages, report: Report | None) -> Outcome:
     def step(g):
         xl, yl = labeled.sample(bs, g)
         ti = torch.randint(len(transfer), (bs,), generator=g).numpy()
-        xt, lt = _flip_pairs(rows(st.prepared.images, transfer.real[ti]), rows(logits, ti), g)
+        xt, lt = _flip_pairs(transfer.read(st.prepared.images, ti), rows(logits, ti), g)
         xl, yl, xt, lt = (t.to(st.device) for t in (xl, yl, xt, lt))
         loss = d.sup_weight * sup(student(xl), yl) + d.kd_weight * kd_loss(student(xt), lt, d.temperature)
         if feat_loss is not None:
             # features are not flipped with the images: feature matching is computed on unflipped inputs
-            xf = rows(st.prepared.images, transfer.real[ti]).to(st.device)
+            xf = transfer.read(st.prepared.images, ti).to(st.device)
             loss = loss + d.feature_weight * feat_loss(
                 student.features(xf)[-1], rows(feats, ti).to(st.device)
             )
@@ -241,7 +244,7 @@ def ts_kd(st: Stages, report: Report | None) -> Outcome:
 def ta_kd(st: Stages, report: Report | None) -> Outcome:
     """Task-agnostic KD: match the frozen teacher's encoder features, then fine-tune on the labels."""
     cfg = st.cfg
-    transfer = build_transfer_set(st.splits)
+    transfer = build_transfer_set(st.splits, st.pool, cfg)
     teacher = build_teacher(cfg.teacher, in_chans=cfg.data.channels, num_classes=st.num_classes,
                             image_size=cfg.data.image_size, seed=cfg.seed).to(st.device).eval()  # fmt: skip
     st.info["teacher_cached"] = None
@@ -257,7 +260,7 @@ def ta_kd(st: Stages, report: Report | None) -> Outcome:
 
     def distil_step(g):
         ti = torch.randint(len(transfer), (bs,), generator=g).numpy()
-        x, tf = _flip_pairs(rows(st.prepared.images, transfer.real[ti]), rows(feats, ti), g)
+        x, tf = _flip_pairs(transfer.read(st.prepared.images, ti), rows(feats, ti), g)
         return proj(student.features(x.to(st.device))[-1], tf.to(st.device))
 
     steps = st.steps_per_epoch(transfer)

@@ -1,16 +1,21 @@
 """The transfer set (the images the student is distilled on) and the teacher's cached outputs on it.
 
 The real part of the transfer set is every training image: the N labelled ones first, then the
-unlabelled pool (``data.unlabeled`` caps it). Teacher outputs on it (logits for TS-KD, encoder
-features for TA-KD) are computed once per teacher and cached under a key that hashes exactly what
-determines them, so trials that differ only in student-side knobs never run the teacher.
+unlabelled pool (``data.unlabeled`` caps it). The synthetic part is ``synthetic.ratio`` synthetic
+images per real one, ``min(pool_size, round(ratio * real))`` (rounded half up), drawn from the cached
+synthetic pool with ``cfg.seed`` (a larger ratio's draw contains a smaller one's). Teacher outputs on
+all of it (logits for TS-KD, encoder features for TA-KD) are computed once per teacher and cached
+under a key that hashes exactly what determines them (incl. the pool and the drawn synthetic images),
+so trials that differ only in student-side knobs never run the teacher.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,24 +25,66 @@ from tskd_tune.config import Config
 from tskd_tune.data.prepare import Prepared, Splits, take_rows
 from tskd_tune.models.teacher import checkpoint_fingerprint
 
+if TYPE_CHECKING:
+    from tskd_tune.synth import Pool
+
 
 @dataclass(frozen=True)
 class TransferSet:
-    """Indices of the real transfer images in the prepared dataset (synthetic images join later)."""
+    """The transfer images: positions ``0..len(real)-1`` are real (indices into the prepared images),
+    the rest synthetic (indices into the synthetic pool's images)."""
 
     real: np.ndarray
+    synthetic: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    pool: np.ndarray | None = field(default=None, repr=False)
+    pool_key: str | None = None
 
     def __len__(self) -> int:
-        return len(self.real)
+        return len(self.real) + len(self.synthetic)
 
     @property
     def counts(self) -> dict[str, int]:
-        return {"transfer_real": len(self.real), "transfer_synthetic": 0}
+        return {"transfer_real": len(self.real), "transfer_synthetic": len(self.synthetic)}
+
+    def read(self, images: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+        """Transfer images at ``positions`` (real ones from ``images``, synthetic ones from the pool) as float32."""
+        positions = np.asarray(positions, dtype=np.int64)
+        n = len(self.real)
+        is_real = positions < n
+        if is_real.all():
+            return torch.from_numpy(take_rows(images, self.real[positions]))
+        out = np.empty((len(positions), *images.shape[1:]), np.float32)
+        out[is_real] = take_rows(images, self.real[positions[is_real]])
+        out[~is_real] = take_rows(self.pool, self.synthetic[positions[~is_real] - n])
+        return torch.from_numpy(out)
+
+    def key(self) -> dict:
+        """What names these images in cache keys (unchanged from real-only sets when there is no synthetic part)."""
+        key = {"transfer": digest(self.real.tolist())}
+        if len(self.synthetic):
+            key |= {"pool": self.pool_key, "synthetic": digest(self.synthetic.tolist())}
+        return key
 
 
-def build_transfer_set(splits: Splits) -> TransferSet:
-    """Labelled images first, then the unlabelled pool: every training image, nothing from val/test."""
-    return TransferSet(real=np.concatenate([splits.labeled, splits.unlabeled]).astype(np.int64))
+def synthetic_count(n_real: int, ratio: float, pool_size: int) -> int:
+    """Synthetic images for ``n_real`` real ones: ``min(pool_size, round(ratio * n_real))``, rounded half up."""
+    return min(pool_size, math.floor(ratio * n_real + 0.5))
+
+
+def draw_synthetic(pool_size: int, n: int, seed: int) -> np.ndarray:
+    """``n`` distinct pool indices drawn with ``seed``, sorted; the draw for n is part of the draw for n' > n."""
+    order = np.random.default_rng([seed, 0x5E7]).permutation(pool_size)
+    return np.sort(order[:n]).astype(np.int64)
+
+
+def build_transfer_set(splits: Splits, pool: Pool | None = None, cfg: Config | None = None) -> TransferSet:
+    """Labelled images first, then the unlabelled pool: every training image, nothing from val/test; then
+    ``synthetic.ratio`` synthetic images per real one from ``pool`` (none without a pool or config)."""
+    real = np.concatenate([splits.labeled, splits.unlabeled]).astype(np.int64)
+    if pool is None or cfg is None or len(pool) == 0:
+        return TransferSet(real=real)
+    n = synthetic_count(len(real), cfg.synthetic.ratio, len(pool))
+    return TransferSet(real, draw_synthetic(len(pool), n, cfg.seed), pool.images, pool.key)
 
 
 def data_key(prepared: Prepared, splits: Splits, indices: np.ndarray | None = None) -> dict:
@@ -83,15 +130,16 @@ def cached_outputs(
     device: torch.device,
     batch_size: int = 16,
 ) -> tuple[np.ndarray, bool]:
-    """``fn`` applied to every transfer image, stored as float16 (N, ...) and memory-mapped; cached by key."""
-    full_key = key | {"transfer": digest(transfer.real.tolist()), "outputs": kind}
+    """``fn`` applied to every transfer image (real, then synthetic), stored as float16 (N, ...) and
+    memory-mapped, row i for transfer position i; cached by key."""
+    full_key = key | transfer.key() | {"outputs": kind}
 
     def build(tmp: Path) -> None:
         out = None
         with torch.inference_mode():
             for start in range(0, len(transfer), batch_size):
-                idx = transfer.real[start : start + batch_size]
-                x = torch.from_numpy(take_rows(prepared.images, idx))
+                idx = np.arange(start, min(start + batch_size, len(transfer)))
+                x = transfer.read(prepared.images, idx)
                 y = fn(x.to(device)).float().cpu().numpy().astype(np.float16)
                 if out is None:
                     out = np.lib.format.open_memmap(

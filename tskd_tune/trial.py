@@ -1,6 +1,7 @@
 """``run_trial(cfg, report, tracker)``: the one entry point a search calls. No Ray import here.
 
-A trial loads (or receives) the prepared data, runs the configured method, measures the models and
+A trial loads (or receives) the prepared data, loads (or builds, once) the synthetic pool when its
+transfer set draws from it, runs the configured method, measures the models and
 writes its outputs to ``out_dir``: ``config.yaml`` (the resolved config, so the result can be re-run),
 ``metrics.json``, ``student.safetensors`` and ``checkpoint/`` (resumable state).
 """
@@ -21,6 +22,7 @@ from tskd_tune.config import Config, to_yaml
 from tskd_tune.data.prepare import Prepared, Splits, load
 from tskd_tune.methods import METHODS, Stages
 from tskd_tune.metrics import count_params, evaluate, latency_ms
+from tskd_tune.synth import build_pool, uses_pool
 from tskd_tune.train import Report, load_checkpoint, seed_all
 
 
@@ -91,7 +93,16 @@ def run_trial(
         if report is not None:
             report(epoch, metrics, ckpt)
 
-    st = Stages(cfg, prepared, splits, Store(cfg.cache.dir, enabled), device, out_dir, resume, timings)
+    store = Store(cfg.cache.dir, enabled)
+    pool = None
+    if uses_pool(cfg):
+        # built once and cached (file-locked), so concurrent trials of a search share one pool
+        t0 = time.perf_counter()
+        pool = build_pool(cfg, prepared, splits, store, device)
+        timings["synth_s"] = time.perf_counter() - t0
+    st = Stages(cfg, prepared, splits, store, device, out_dir, resume, timings, pool=pool)
+    if pool is not None:
+        st.info |= pool.metrics()
     outcome = METHODS[cfg.distill.method](st, on_epoch)
 
     image_size, chans = cfg.data.image_size, cfg.data.channels

@@ -1,0 +1,141 @@
+"""End to end: `tskd-tune launch` with a real local Ray and a real MLflow SQLite store."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "tskd_tune", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=900,
+    )
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    from tests.conftest import tiny_raw
+
+    tmp = tmp_path_factory.mktemp("search")
+    raw = tiny_raw(tmp, student={"epochs": 3}, teacher={"epochs": 5})
+    raw["tracking"] = {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "e2e"}
+    raw["search"] = {"num_samples": 4, "max_concurrent": 2, "grace_period": 1, "scheduler": "asha",
+                     "space": {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
+                               "distill.kd_weight": {"type": "uniform", "low": 0.2, "high": 2.0}}}  # fmt: skip
+    space = tmp / "e2e.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    first = run("launch", space, "--storage", tmp / "runs", "--name", "first", cwd=tmp)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run(
+        "launch", space, "--storage", tmp / "runs", "--name", "second", "--num-samples", "2", cwd=tmp
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    return tmp, raw, first, second
+
+
+def runs_of(uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], max_results=100)
+
+
+def test_mlflow_has_one_parent_per_search_and_a_child_per_trial(searched):
+    tmp, raw, first, _ = searched
+    client, runs = runs_of(raw["tracking"]["uri"], "e2e")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert sorted(r.info.run_name for r in parents) == ["first", "second"]
+    parent = next(r for r in parents if r.info.run_name == "first")
+    assert parent.info.status == "FINISHED" and "best_val_dice" in parent.data.metrics
+    assert parent.data.tags["search.space_file"].endswith("e2e.yaml")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4
+    for child in children:
+        assert child.info.status in {"FINISHED", "KILLED"}  # never left RUNNING
+        assert {"distill.temperature", "distill.kd_weight"} <= set(child.data.params)
+        assert "val_dice" in child.data.metrics and "ray.node_ip" in child.data.tags
+        history = client.get_metric_history(child.info.run_id, "val_dice")
+        assert [m.step for m in history] == list(range(1, len(history) + 1))
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert "config.yaml" in artifacts
+        if child.info.status == "FINISHED":
+            assert {"student.safetensors", "metrics.json"} <= artifacts and len(history) == 3
+        else:
+            assert child.data.tags["tskd.status"] == "stopped_early" and len(history) < 3
+    parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"leaderboard.csv", "best.yaml", "search_config.yaml"} <= parent_artifacts
+
+
+def test_search_folder_has_leaderboard_best_config_and_test_score(searched):
+    tmp, _, first, _ = searched
+    folder = tmp / "runs" / "first"
+    assert (folder / "leaderboard.csv").read_text().count("\n") == 5  # header + 4 trials
+    best = yaml.safe_load((folder / "best.yaml").read_text())
+    assert 1.0 <= best["distill"]["temperature"] <= 8.0
+    assert "test_dice" in (folder / "summary.json").read_text()
+    assert "Ray dashboard: http://127.0.0.1:" in first.stdout
+    assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
+
+
+def test_second_search_reuses_the_teacher(searched):
+    tmp, raw, _, _ = searched
+    _, runs = runs_of(raw["tracking"]["uri"], "e2e")
+    second = next(r for r in runs if r.info.run_name == "second")
+    finished = [
+        r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == second.info.run_id and r.info.status == "FINISHED"
+    ]
+    assert finished and all(r.data.tags["tskd.teacher_cached"] == "True" for r in finished)
+
+
+def test_status_and_report(searched):
+    tmp, _, _, _ = searched
+    status = run("status", tmp / "runs" / "first", cwd=tmp)
+    assert status.returncode == 0, status.stderr
+    assert "4 trial(s)" in status.stdout and "best so far" in status.stdout
+    report = run("report", tmp / "runs" / "first", "--out", tmp / "report", cwd=tmp)
+    assert report.returncode == 0, report.stderr
+    assert (tmp / "report" / "history.png").read_bytes()[:4] == b"\x89PNG"
+    assert "<table" in (tmp / "report" / "report.html").read_text()
+    again = run("launch", tmp / "e2e.yaml", "--storage", tmp / "runs", "--name", "first", cwd=tmp)
+    assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_unreachable_mlflow_fails_before_any_trial(tmp_path):
+    from tests.conftest import tiny_raw
+
+    raw = tiny_raw(tmp_path)
+    raw["tracking"] = {"uri": "http://127.0.0.1:9/", "experiment": "x"}
+    space = tmp_path / "s.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    proc = run("launch", space, "--storage", tmp_path / "runs", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: tracking.uri: cannot use MLflow at http://127.0.0.1:9/")
+    )
+    assert not (tmp_path / "runs").exists()
+
+
+def test_export_best_trial_registers_it_in_mlflow(searched):
+    tmp, raw, _, _ = searched
+    proc = run(
+        "export", tmp / "runs" / "first", "--register", "e2e-student", "--out", tmp / "exported", cwd=tmp
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from mlflow.tracking import MlflowClient
+
+    versions = MlflowClient(raw["tracking"]["uri"]).search_model_versions("name='e2e-student'")
+    assert [v.version for v in versions] == ["1"]
+    assert (tmp / "exported" / "model.onnx").is_file()

@@ -1,0 +1,227 @@
+"""Synthetic transfer data: a tiny UNet2DModel generator, the cached pool, the ratio, the quality gate."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tskd_tune.cache import Store
+from tskd_tune.config import validate
+from tskd_tune.data.prepare import load
+from tskd_tune.errors import ConfigError, TskdError
+from tskd_tune.synth import (
+    Pool,
+    build_pool,
+    make_unet,
+    pool_for_search,
+    quality_gate,
+    training_indices,
+    uses_pool,
+)
+from tskd_tune.transfer import build_transfer_set, draw_synthetic, synthetic_count
+from tskd_tune.trial import run_trial
+
+# a 2-level UNet2DModel at 16 px (upsampled to the data's 32 px), a few steps: seconds, not minutes
+TINY_SYNTH = {
+    "generator": "ddpm",
+    "image_size": 16,
+    "channels": [8, 16],
+    "train_steps": 4,
+    "batch_size": 4,
+    "sample_steps": 2,
+    "pool_size": 8,
+    "ratio": 1.0,
+}
+CPU = torch.device("cpu")
+
+
+def _pool(cfg, store=None):
+    prepared, splits = load(cfg)
+    return build_pool(cfg, prepared, splits, store or Store(cfg.cache.dir), CPU), prepared, splits
+
+
+def test_pool_has_the_data_shape_and_range_and_gate_figures(tiny):
+    cfg = tiny(synthetic=TINY_SYNTH)
+    pool, prepared, _ = _pool(cfg)
+    assert pool.images.shape == (8, 1, 32, 32) and pool.images.dtype == np.float16
+    assert pool.images.min() >= 0 and pool.images.max() <= 1
+    assert isinstance(pool.images, np.memmap) and (pool.path / "images.npy").is_file()
+    assert not pool.cached and pool.info["generator_cached"] is False
+    assert isinstance(pool.gate["passed"], bool) and pool.gate["n_synthetic"] == 8
+    metrics = pool.metrics()
+    assert {"synth_gate_passed", "synth_hist_distance", "synth_nn_distance", "synth_copies"} <= set(metrics)
+    training = json.loads((pool.path.parents[1] / "generator").glob("*/training.json").__next__().read_text())
+    assert training["steps"] == 4 and training["image_size"] == 16
+    assert training["images"] == len(training_indices(load(cfg)[1]))  # labelled + unlabelled, no val/test
+
+
+def test_same_seed_same_pool_other_seed_other_pool(tiny):
+    a, _, _ = _pool(tiny(synthetic=TINY_SYNTH), Store("unused", enabled=False))
+    b, _, _ = _pool(tiny(synthetic=TINY_SYNTH), Store("unused", enabled=False))
+    c, _, _ = _pool(tiny(synthetic=TINY_SYNTH, seed=1), Store("unused", enabled=False))
+    assert np.array_equal(a.images, b.images)
+    assert not np.array_equal(a.images, c.images)
+
+
+def test_pool_is_cached_without_the_ratio_and_a_corrupt_entry_is_rebuilt(tiny):
+    first, _, _ = _pool(tiny(synthetic=TINY_SYNTH))
+    before = np.array(first.images)
+    second, _, _ = _pool(tiny(synthetic=TINY_SYNTH | {"ratio": 0.5}))
+    assert second.cached and second.path == first.path and second.key == first.key
+    assert np.array_equal(second.images, before)
+
+    (first.path / "images.npy").write_bytes(b"truncated")
+    third, _, _ = _pool(tiny(synthetic=TINY_SYNTH))
+    assert not third.cached and third.info["generator_cached"] is True  # only the pool was rebuilt
+    assert np.array_equal(third.images, before)
+
+    bigger, _, _ = _pool(tiny(synthetic=TINY_SYNTH | {"pool_size": 10}))
+    assert bigger.path != first.path and bigger.info["generator_cached"] is True
+    retrained, _, _ = _pool(tiny(synthetic=TINY_SYNTH | {"train_steps": 5}))
+    assert retrained.info["generator_cached"] is False
+
+
+def test_no_pool_without_a_generator_or_with_pool_size_0(tiny):
+    assert _pool(tiny(synthetic={"ratio": 1.0}))[0] is None
+    assert _pool(tiny(synthetic=TINY_SYNTH | {"pool_size": 0}))[0] is None
+
+
+def test_a_search_builds_the_pool_before_its_trials_when_the_ratio_is_searched(tiny):
+    space = {"synthetic.ratio": {"type": "choice", "values": [0.0, 1.0]}}
+    cfg = tiny(synthetic=TINY_SYNTH | {"ratio": 0.0}, search={"space": space})
+    prepared, splits = load(cfg)
+    assert pool_for_search(tiny(synthetic=TINY_SYNTH | {"ratio": 0.0}), prepared, splits) is None
+    assert (
+        pool_for_search(tiny(synthetic=TINY_SYNTH, distill={"method": "scratch"}), prepared, splits) is None
+    )
+    pool = pool_for_search(cfg, prepared, splits)
+    assert pool is not None and not pool.cached
+    trial_cfg = tiny(synthetic=TINY_SYNTH | {"ratio": 1.0})  # what a trial with ratio 1 finds
+    assert build_pool(trial_cfg, prepared, splits, Store(cfg.cache.dir), CPU).cached
+
+
+def test_ratio_arithmetic():
+    assert synthetic_count(200, 0.0, 256) == 0
+    assert synthetic_count(200, 0.5, 256) == 100
+    assert synthetic_count(200, 1.0, 256) == 200
+    assert synthetic_count(200, 2.0, 256) == 256  # capped by the pool
+    assert synthetic_count(5, 0.5, 10) == 3  # rounded half up
+    half, full = draw_synthetic(256, 100, seed=0), draw_synthetic(256, 200, seed=0)
+    assert len(set(full.tolist())) == 200 and full.max() < 256
+    assert set(half.tolist()) <= set(full.tolist())  # a larger ratio adds images, never swaps them
+    assert np.array_equal(half, draw_synthetic(256, 100, seed=0))
+    assert not np.array_equal(half, draw_synthetic(256, 100, seed=1))
+
+
+def test_transfer_set_reads_real_then_synthetic_images(tiny):
+    cfg = tiny(synthetic={"ratio": 0.5})
+    prepared, splits = load(cfg)
+    images = np.random.default_rng(0).random((50, 1, 32, 32)).astype(np.float16)
+    pool = Pool(images, path=None, key="k", cached=True, gate={})
+    transfer = build_transfer_set(splits, pool, cfg)
+    n_real = len(splits.labeled) + len(splits.unlabeled)
+    assert transfer.counts == {"transfer_real": n_real, "transfer_synthetic": round(0.5 * n_real)}
+    assert len(transfer) == n_real + round(0.5 * n_real)
+    x = transfer.read(prepared.images, np.array([0, n_real, len(transfer) - 1]))
+    assert x.dtype == torch.float32 and x.shape == (3, 1, 32, 32)
+    assert np.array_equal(x[0].numpy(), prepared.images[splits.labeled[0]].astype(np.float32))
+    assert np.array_equal(x[1].numpy(), images[transfer.synthetic[0]].astype(np.float32))
+    assert np.array_equal(x[2].numpy(), images[transfer.synthetic[-1]].astype(np.float32))
+    # no pool: the real transfer set, with the same cache key as before synthetic data existed
+    plain = build_transfer_set(splits)
+    assert plain.counts["transfer_synthetic"] == 0 and set(plain.key()) == {"transfer"}
+    assert set(transfer.key()) == {"transfer", "pool", "synthetic"}
+
+
+def test_gate_passes_real_images_and_rejects_noise_flat_images_and_copies(tiny):
+    prepared, splits = load(tiny())
+    train = np.asarray(prepared.images[training_indices(splits)], np.float32)
+    held_out = np.asarray(prepared.images[np.concatenate([splits.val, splits.test])], np.float32)
+    assert quality_gate(held_out, train)["passed"], quality_gate(held_out, train)["reasons"]
+
+    rng = np.random.default_rng(0)
+    uniform = rng.random((64, 1, 32, 32), dtype=np.float32)
+    gaussian = np.clip(rng.normal(0.5, 0.5, (64, 1, 32, 32)), 0, 1).astype(np.float32)
+    flat = np.full((64, 1, 32, 32), train.mean(), np.float32)
+    for name, fake in [("uniform noise", uniform), ("gaussian noise", gaussian), ("flat", flat)]:
+        gate = quality_gate(fake, train)
+        assert not gate["passed"] and gate["reasons"], name
+    noise = quality_gate(uniform, train)
+    assert any("histogram" in r for r in noise["reasons"]) and any("roughness" in r for r in noise["reasons"])
+    copies = quality_gate(train[:40], train)
+    assert not copies["passed"] and copies["copies"] == 40 and "memorised" in copies["reasons"][-1]
+
+
+def test_pretrained_pipeline_round_trip(tiny, tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    cfg = tiny(synthetic=TINY_SYNTH)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet = make_unet(cfg.synthetic, channels=3, size=16)  # an RGB pipeline for grey data
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(
+        tmp_path / "pipe"
+    )
+    pre = tiny(synthetic={"generator": "pretrained", "pretrained_path": str(tmp_path / "pipe"), "pool_size": 4,
+                          "sample_steps": 2, "ratio": 1.0})  # fmt: skip
+    pool, _, _ = _pool(pre)
+    assert pool.images.shape == (4, 1, 32, 32) and not pool.cached
+    again, _, _ = _pool(pre)
+    assert again.cached and np.array_equal(again.images, pool.images)
+
+    (tmp_path / "empty").mkdir()
+    for path, message in [
+        (tmp_path / "missing", "not found"),
+        (tmp_path / "empty", "not a diffusers pipeline folder"),
+    ]:
+        bad = tiny(synthetic={"generator": "pretrained", "pretrained_path": str(path), "ratio": 1.0})
+        with pytest.raises(TskdError, match=f"^synthetic.pretrained_path: .*{message}"):
+            _pool(bad)
+
+
+def test_config_checks():
+    with pytest.raises(
+        ConfigError, match="synthetic.pretrained_path: required when synthetic.generator is pretrained"
+    ):
+        validate({"synthetic": {"generator": "pretrained"}})
+    with pytest.raises(ConfigError, match=r"synthetic.image_size: must be divisible by 4 .*got 30"):
+        validate({"synthetic": {"generator": "ddpm", "image_size": 30, "channels": [8, 16, 16]}})
+
+
+def test_trial_with_ratio_1_distils_on_synthetic_images_and_caches_their_logits(tiny, tmp_path):
+    cfg = tiny(synthetic=TINY_SYNTH | {"pool_size": 64}, student={"epochs": 1}, teacher={"epochs": 2})
+    result = run_trial(cfg)
+    n_real = result["transfer_real"]
+    assert result["transfer_synthetic"] == min(64, n_real) > 0
+    assert result["synth_s"] > 0 and result["synth_cached"] is False
+    assert isinstance(result["synth_gate_passed"], bool) and "synth_hist_distance" in result
+    logits = [p for p in (tmp_path / "cache" / "logits").iterdir() if not p.name.endswith(".lock")]
+    (entry,) = logits
+    assert np.load(entry / "outputs.npy", mmap_mode="r").shape[0] == n_real + result["transfer_synthetic"]
+    assert "synthetic" in json.loads((entry / "MANIFEST.json").read_text())["key"]
+    again = run_trial(cfg)
+    assert again["synth_cached"] and again["logits_cached"] and again["teacher_cached"]
+    assert again["val_dice"] == result["val_dice"]
+    assert not uses_pool(tiny(synthetic=TINY_SYNTH | {"ratio": 0.0}))  # ratio 0: no pool is even loaded
+    assert not uses_pool(tiny(synthetic=TINY_SYNTH, distill={"method": "scratch"}))
+
+
+def test_cli_synth_writes_the_grid_and_the_gate(tmp_path, capsys):
+    from tests.conftest import tiny_raw
+    from tskd_tune.cli import main
+
+    space = tmp_path / "tiny.yaml"
+    space.write_text(yaml.safe_dump(tiny_raw(tmp_path, synthetic=TINY_SYNTH)))
+    assert main(["synth", str(space), "--out", str(tmp_path / "synth"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 8 and summary["generator_image_size"] == 16 and not summary["cached"]
+    assert (tmp_path / "synth" / "grid.png").is_file() and (tmp_path / "synth" / "gate.json").is_file()
+    assert main(["synth", str(space), "--out", str(tmp_path / "synth")]) == 0
+    assert "reused from the cache" in capsys.readouterr().out
+
+    assert main(["synth", str(space), "--set", "synthetic.generator=pretrained",
+                 "--set", f"synthetic.pretrained_path={tmp_path}"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a diffusers pipeline folder" in err[0], err

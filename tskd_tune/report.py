@@ -1,0 +1,131 @@
+"""Leaderboard and plots of a search, read from its folder (works while the search runs)."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tskd_tune.errors import TskdError
+
+
+def _read_results(trial_dir: Path) -> list[dict]:
+    path = trial_dir / "result.json"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # the line being written right now
+            break
+    return rows
+
+
+def leaderboard(search_path: Path, metric: str = "val_dice", mode: str = "max") -> pd.DataFrame:
+    """One row per trial: id, epochs reported, last metric values and sampled params; best first."""
+    rows = []
+    ended = (
+        Path(search_path) / "summary.json"
+    ).is_file()  # the search has ended: a trial without outputs was stopped
+    for trial_dir in sorted(
+        p for p in Path(search_path).iterdir() if p.is_dir() and (p / "params.json").is_file()
+    ):
+        params = json.loads((trial_dir / "params.json").read_text())
+        results = _read_results(trial_dir)
+        last = results[-1] if results else {}
+        error = (trial_dir / "error.txt").is_file() or (trial_dir / "error.pkl").is_file()
+        final = (trial_dir / "outputs" / "metrics.json").is_file()
+        unfinished = "stopped early" if ended else "running or stopped"
+        state = "error" if error else "finished" if final else unfinished if results else "pending"
+        rows.append(
+            {
+                "trial_id": last.get("trial_id", trial_dir.name),
+                "state": state,
+                "epoch": last.get("epoch", 0),
+                metric: last.get(metric, np.nan),
+                "val_hd95": last.get("val_hd95", np.nan),
+                **{k: v for k, v in params.items()},
+                "trial_dir": str(trial_dir),
+            }
+        )
+    board = pd.DataFrame(rows)
+    if board.empty:
+        return pd.DataFrame(columns=["trial_id", "state", "epoch", metric, "val_hd95", "trial_dir"])
+    return board.sort_values(metric, ascending=(mode == "min"), na_position="last").reset_index(drop=True)
+
+
+def _study(board: pd.DataFrame, space: dict, metric: str, mode: str):
+    """An in-memory Optuna study holding the finished trials, for Optuna's own plots."""
+    import optuna
+
+    from tskd_tune.space import to_optuna
+
+    dists = to_optuna(space)
+    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+    for _, row in board.iterrows():
+        if pd.isna(row[metric]) or not all(p in row and not pd.isna(row[p]) for p in dists):
+            continue
+        params = {
+            p: (int(row[p]) if isinstance(d, optuna.distributions.IntDistribution) else row[p])
+            for p, d in dists.items()
+        }
+        study.add_trial(
+            optuna.trial.create_trial(params=params, distributions=dists, value=float(row[metric]))
+        )
+    return study
+
+
+def write_report(search_path: Path, out_dir: Path, space: dict, metric: str, mode: str) -> dict:
+    """leaderboard.csv, Optuna plots (PNG) and report.html in ``out_dir``; returns what was written."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    import optuna.visualization.matplotlib as ovm
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+    board = leaderboard(search_path, metric, mode)
+    if board.empty:
+        raise TskdError(f"{search_path}: no trials yet")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {"leaderboard": out_dir / "leaderboard.csv"}
+    board.drop(columns=["trial_dir"]).to_csv(written["leaderboard"], index=False)
+    study = _study(board, space, metric, mode)
+    plots = {"history": ovm.plot_optimization_history, "parallel_coordinates": ovm.plot_parallel_coordinate}
+    if len(study.trials) >= 2 and len(space) >= 2:
+        plots["importances"] = ovm.plot_param_importances
+    for name, fn in plots.items():
+        if not study.trials:
+            break
+        try:
+            ax = fn(study)
+        except (ValueError, RuntimeError) as exc:  # e.g. importances of a space with no variation
+            print(f"skipped plot {name}: {exc}")
+            continue
+        fig = (ax.flat[0] if isinstance(ax, np.ndarray) else ax).figure
+        fig.set_size_inches(9, 5)
+        fig.tight_layout()
+        written[name] = out_dir / f"{name}.png"
+        fig.savefig(written[name], dpi=100)
+        plt.close(fig)
+    images = "".join(
+        f'<h2>{html.escape(k)}</h2><img src="{p.name}">' for k, p in written.items() if p.suffix == ".png"
+    )
+    page = (f"<html><head><meta charset='utf-8'><title>{html.escape(Path(search_path).name)}</title></head><body>"
+            f"<h1>search {html.escape(Path(search_path).name)}</h1>{board.drop(columns=['trial_dir']).to_html(index=False)}"
+            f"{images}</body></html>")  # fmt: skip
+    written["html"] = out_dir / "report.html"
+    tmp = written["html"].with_name(".report.html.tmp")
+    tmp.write_text(page)
+    os.replace(tmp, written["html"])
+    return written
