@@ -4,7 +4,7 @@
 2. Orchestration overhead: `launch` wall time / the sum of standalone `tskd-tune trial` wall times for
    the same sampled configs, run one after another on a fresh cache (so both build the same teachers).
 
-    .venv/bin/python benchmarks/search_speed.py [--space search_spaces/demo.yaml] [--trials 4]
+    .venv/bin/python benchmarks/search_speed.py [--space search_spaces/demo.yaml] [--trials 4] [--set k=v ...]
 
 Prints a table and writes benchmarks/results/search_speed.json.
 """
@@ -37,6 +37,9 @@ def main() -> None:
     ap.add_argument("--space", default="search_spaces/demo.yaml")
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--work", default="runs/bench-search")
+    ap.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="config override, as for launch"
+    )
     args = ap.parse_args()
     work = (REPO / args.work).resolve()
     shutil.rmtree(work, ignore_errors=True)
@@ -44,6 +47,8 @@ def main() -> None:
     cli = [sys.executable, "-m", "tskd_tune"]
     common = ["--set", "search.scheduler=fifo", "--set", f"search.num_samples={args.trials}", "--max-concurrent", "1",
               "--storage", str(work / "runs"), "--tracking-uri", f"sqlite:///{work}/mlflow.db"]  # fmt: skip
+    for item in args.overrides:
+        common += ["--set", item]
 
     def launch(name: str, cache: Path, *extra: str) -> float:
         return timed(
@@ -70,6 +75,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {__import__('os').cpu_count()} cores",
         "space": args.space,
         "trials": args.trials,
+        "overrides": args.overrides,
         "launch_wall_cache_on_s": round(walls["cache_on"], 1),
         "launch_wall_cache_off_s": round(walls["cache_off"], 1),
         "cache_off_over_on": round(walls["cache_off"] / walls["cache_on"], 2),

@@ -34,7 +34,7 @@ def test_validate_prints_resolved_config_and_space():
     proc = cli("validate", DEMO, "--set", "distill.temperature=2.5")
     assert proc.returncode == 0, proc.stderr
     assert "temperature: 2.5" in proc.stdout
-    assert "teacher.lora.rank" in proc.stdout and "choice(values=[4, 8, 16])" in proc.stdout
+    assert "teacher.lora.rank" in proc.stdout and "choice(values=[4, 8])" in proc.stdout
     assert "classes: background, central_echo_complex, medulla, cortex" in proc.stdout
 
 

@@ -68,7 +68,9 @@ def test_mlflow_has_one_parent_per_search_and_a_child_per_trial(searched):
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert "config.yaml" in artifacts
         if child.info.status == "FINISHED":
-            assert {"student.safetensors", "metrics.json"} <= artifacts and len(history) == 3
+            assert {"student.safetensors", "metrics.json", "val_overlays.png"} <= artifacts and len(
+                history
+            ) == 3
         else:
             assert child.data.tags["tskd.status"] == "stopped_early" and len(history) < 3
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -137,5 +139,5 @@ def test_export_best_trial_registers_it_in_mlflow(searched):
     from mlflow.tracking import MlflowClient
 
     versions = MlflowClient(raw["tracking"]["uri"]).search_model_versions("name='e2e-student'")
-    assert [v.version for v in versions] == ["1"]
+    assert [str(v.version) for v in versions] == ["1"]
     assert (tmp / "exported" / "model.onnx").is_file()

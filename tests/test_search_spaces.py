@@ -20,13 +20,13 @@ def test_shipped_space_validates(path):
     cfg = load_config(path)
     assert cfg.name == path.stem
     dists = to_optuna(cfg.search.space)
-    assert {"distill.temperature", "student.lr"} <= set(dists)
+    assert "student.lr" in dists  # every shipped search tunes at least the student learning rate
     if cfg.data.dataset not in ("phantom", "mni152"):
         assert cfg.data.root is not None  # real datasets say where they expect the data
 
 
-def test_demo_searches_every_required_knob():
-    cfg = load_config(SPACES[[p.stem for p in SPACES].index("demo")])
+def test_paper_space_searches_every_required_knob():
+    cfg = load_config(SPACES[[p.stem for p in SPACES].index("kidneyus")])
     assert {
         "teacher.lora.rank",
         "teacher.lora.alpha",

@@ -7,13 +7,14 @@ import pytest
 import torch
 import yaml
 
-from tskd_tune.cache import Store
+from tskd_tune.cache import Store, digest
 from tskd_tune.config import validate
 from tskd_tune.data.prepare import load
 from tskd_tune.errors import ConfigError, TskdError
 from tskd_tune.synth import (
     Pool,
     build_pool,
+    generator_key,
     make_unet,
     pool_for_search,
     quality_gate,
@@ -28,7 +29,7 @@ TINY_SYNTH = {
     "generator": "ddpm",
     "image_size": 16,
     "channels": [8, 16],
-    "train_steps": 4,
+    "train_steps": 2,
     "batch_size": 4,
     "sample_steps": 2,
     "pool_size": 8,
@@ -52,8 +53,9 @@ def test_pool_has_the_data_shape_and_range_and_gate_figures(tiny):
     assert isinstance(pool.gate["passed"], bool) and pool.gate["n_synthetic"] == 8
     metrics = pool.metrics()
     assert {"synth_gate_passed", "synth_hist_distance", "synth_nn_distance", "synth_copies"} <= set(metrics)
-    training = json.loads((pool.path.parents[1] / "generator").glob("*/training.json").__next__().read_text())
-    assert training["steps"] == 4 and training["image_size"] == 16
+    (training_json,) = (cfg.cache.dir / "generator").glob("*/training.json")
+    training = json.loads(training_json.read_text())
+    assert training["steps"] == 2 and training["image_size"] == 16
     assert training["images"] == len(training_indices(load(cfg)[1]))  # labelled + unlabelled, no val/test
 
 
@@ -79,8 +81,16 @@ def test_pool_is_cached_without_the_ratio_and_a_corrupt_entry_is_rebuilt(tiny):
 
     bigger, _, _ = _pool(tiny(synthetic=TINY_SYNTH | {"pool_size": 10}))
     assert bigger.path != first.path and bigger.info["generator_cached"] is True
-    retrained, _, _ = _pool(tiny(synthetic=TINY_SYNTH | {"train_steps": 5}))
-    assert retrained.info["generator_cached"] is False
+    # the generator's key has its training knobs and the seed, not the sampling or the ratio
+    prepared, splits = load(tiny())
+    key = lambda **kw: digest(generator_key(tiny(**kw), prepared, splits))  # noqa: E731
+    base = key(synthetic=TINY_SYNTH)
+    assert base == key(
+        synthetic=TINY_SYNTH | {"ratio": 2.0, "pool_size": 3, "sample_steps": 5, "sampler": "dpm"}
+    )
+    assert base != key(synthetic=TINY_SYNTH | {"train_steps": 3}) and base != key(
+        synthetic=TINY_SYNTH, seed=1
+    )
 
 
 def test_no_pool_without_a_generator_or_with_pool_size_0(tiny):

@@ -292,7 +292,8 @@ def launch(
 ) -> None:
     """Run a hyperparameter search: Ray Tune trials, Optuna proposals, ASHA early stopping, MLflow records."""
     from tskd_tune.config import apply_search_overrides
-    from tskd_tune.search import SearchOptions, launch as run_search
+    from tskd_tune.search import SearchOptions
+    from tskd_tune.search import launch as run_search
 
     cfg = apply_search_overrides(_load(space, set_), num_samples, max_concurrent)
     opts = SearchOptions(

@@ -135,6 +135,9 @@ def fine_tuned_teacher(st: Stages) -> tuple[nn.Module, dict]:
         hit = st.store.get_or_build("teacher", teacher_key(cfg, st.prepared, st.splits), build)
         model = load_adapter(make(), hit.path / "adapter").to(st.device).eval()
     st.info["teacher_cached"] = hit.cached
+    st.info["teacher_adapter"] = str(
+        hit.path / "adapter"
+    )  # where the LoRA adapter lives (a reference, not a copy)
     return model, json.loads((hit.path / "metrics.json").read_text())
 
 

@@ -81,6 +81,11 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
         logging.WARNING
     )  # one "checkpoint created" line per epoch is noise
     cfg = apply_values(validate(base, check_search_space=False), config)
+    if cfg.resources.gpu and 0 < cfg.resources.gpu < 1 and resolve_device(cfg).type == "cuda":
+        import torch
+
+        # Ray's fractional GPUs are bookkeeping only: cap this trial's share of the memory ourselves
+        torch.cuda.set_per_process_memory_fraction(cfg.resources.gpu)
     ctx = tune.get_context()
     trial_id, trial_dir = ctx.get_trial_id(), Path(ctx.get_trial_dir())
     run_id, resumed = tracking.child_run(
@@ -141,6 +146,28 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
     final |= {f"final_{k}": v for k, v in tracking.numeric(result).items()}
     ckpt = held.get("ckpt")
     tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None)
+
+
+def _overlays(out_dir: Path, prepared, splits, n: int = 6) -> None:
+    """val_overlays.png: for a few validation images, the truth (top) and the trial's prediction (bottom)."""
+    import numpy as np
+    from PIL import Image
+
+    from tskd_tune.data.inspect import overlay
+    from tskd_tune.export import load_trial_student
+
+    model, _, _ = load_trial_student(out_dir)
+    idx = np.sort(splits.val[:n])
+    images = np.asarray(prepared.images[idx], dtype=np.float32)
+    import torch
+
+    with torch.inference_mode():
+        pred = model(torch.from_numpy(images)).argmax(1).numpy().astype(np.uint8)
+    top = np.concatenate(
+        [overlay(im, np.asarray(m)) for im, m in zip(images, prepared.masks[idx], strict=True)], axis=1
+    )
+    bottom = np.concatenate([overlay(im, p) for im, p in zip(images, pred, strict=True)], axis=1)
+    Image.fromarray(np.concatenate([top, bottom], axis=0)).save(out_dir / "val_overlays.png")
 
 
 def _finalizer(tracking_uri: str, parent_run_id: str, max_epochs: int):

@@ -697,6 +697,7 @@ def synth_command(cfg: Config, out_dir: Path, use_cache: bool = True, console=No
     t0 = time.perf_counter()
     prepared, splits = load(cfg, use_cache=use_cache)
     store = Store(cfg.cache.dir, enabled=use_cache)
+    pool_key(cfg, prepared, splits)  # a bad pretrained_path fails here, before the progress bar starts
     with progress_bar(console) as progress:
         pool = build_pool(cfg, prepared, splits, store, resolve_device(cfg), progress)
     assert pool is not None

@@ -103,9 +103,7 @@ def numeric(metrics: dict) -> dict[str, float]:
     """The finite numeric entries of a metrics dict (MLflow stores floats only)."""
     out = {}
     for k, v in metrics.items():
-        if isinstance(v, bool):
-            out[k] = float(v)
-        elif isinstance(v, int | float) and math.isfinite(v):
+        if isinstance(v, bool) or isinstance(v, int | float) and math.isfinite(v):
             out[k] = float(v)
     return out
 
