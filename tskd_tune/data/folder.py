@@ -90,6 +90,29 @@ def classes(opts: FolderOptions) -> list[str]:
     return ["background", "foreground"] if n == 2 else ["background"] + [f"class_{i}" for i in range(1, n)]
 
 
+def pair_files(
+    images: dict[str, Path],
+    masks: dict[str, Path],
+    image_dir: Path,
+    mask_dir: Path,
+    suffix: str = "",
+    ext: str = ".*",
+) -> list[tuple[str, Path, Path]]:
+    """(stem, image, mask) for every image, its mask named ``stem + suffix``; an image without its mask,
+    or a mask without its image (a dataset copied in part), is an error rather than silently dropped."""
+    masks = dict(masks)
+    pairs = []
+    for stem, image in images.items():
+        mask = masks.pop(stem + suffix, None)
+        if mask is None:
+            raise DataError(f"{image}: no mask {stem}{suffix}{ext} in {mask_dir}")
+        pairs.append((stem, image, mask))
+    if masks:
+        orphan = next(iter(masks.values()))
+        raise DataError(f"{orphan}: mask without an image in {image_dir} ({len(masks)} such mask(s))")
+    return pairs
+
+
 def image_files(folder: Path) -> dict[str, Path]:
     """Image files of ``folder`` by stem; other files and hidden ones (macOS ``._*`` copies) are skipped."""
     files = sorted(
@@ -165,23 +188,15 @@ def _scan(root: Path | None, opts: FolderOptions) -> list[Record]:
     images = image_files(require_dir(root, "folder", LAYOUT, "", sub="images"))
     masks = image_files(require_dir(root, "folder", LAYOUT, "", sub="masks"))
     pattern = re.compile(opts.group_pattern) if opts.group_pattern else None
-    records = []
-    for stem, image in images.items():
-        mask = masks.pop(stem + opts.mask_suffix, None)
-        if mask is None:
-            raise DataError(f"{image}: no mask {stem}{opts.mask_suffix}.* in {root / 'masks'}")
-        records.append(
-            Record(
-                id=stem,
-                group=_group(stem, image, pattern),
-                read=partial(_read, image, mask, opts),
-                sources=(image, mask),
-            )
+    return [
+        Record(
+            id=stem,
+            group=_group(stem, image, pattern),
+            read=partial(_read, image, mask, opts),
+            sources=(image, mask),
         )
-    if masks:  # a mask whose image is missing is a dataset copied in part: say so rather than drop it
-        orphan = next(iter(masks.values()))
-        raise DataError(f"{orphan}: mask without an image in {root / 'images'} ({len(masks)} such mask(s))")
-    return records
+        for stem, image, mask in pair_files(images, masks, root / "images", root / "masks", opts.mask_suffix)
+    ]
 
 
 register(

@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from tskd_tune.data.folder import image_files
+from tskd_tune.data.folder import image_files, pair_files
 from tskd_tune.data.registry import Adapter, Options, Record, read_image, register, require_dir, to_unit_float
 from tskd_tune.errors import DataError
 
@@ -58,17 +58,13 @@ def _scan(root: Path | None, opts: Isic2018Options) -> list[Record]:
     for stem, path in image_files(require_dir(root, "isic2018", LAYOUT, SOURCE, sub=truth_dir)).items():
         if not stem.endswith(_SUFFIX):
             raise DataError(f"{path}: not a ground truth name; expected <image id>{_SUFFIX}.png")
-        masks[stem.removesuffix(_SUFFIX)] = path
-    records = []
-    for stem, image in images.items():
-        mask = masks.pop(stem, None)
-        if mask is None:
-            raise DataError(f"{image}: no mask {stem}{_SUFFIX}.png in {root / truth_dir}")
-        records.append(Record(id=stem, group=stem, read=partial(_read, image, mask), sources=(image, mask)))
-    if masks:
-        orphan = next(iter(masks.values()))
-        raise DataError(f"{orphan}: mask without an image in {root / input_dir} ({len(masks)} such mask(s))")
-    return records
+        masks[stem] = path
+    return [
+        Record(id=stem, group=stem, read=partial(_read, image, mask), sources=(image, mask))
+        for stem, image, mask in pair_files(
+            images, masks, root / input_dir, root / truth_dir, _SUFFIX, ".png"
+        )
+    ]
 
 
 register(

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tskd_tune.data.folder import image_files
+from tskd_tune.data.folder import image_files, pair_files
 from tskd_tune.data.registry import Adapter, Options, Record, read_image, register, require_dir, to_unit_float
-from tskd_tune.errors import DataError
 
 TOP = "Kvasir-SEG"
 LAYOUT = f"{TOP}/images/<name>.jpg and {TOP}/masks/<name>.jpg (root: {TOP} or its parent)"
@@ -35,16 +34,10 @@ def _scan(root: Path | None, opts: KvasirOptions) -> list[Record]:
     base = root / TOP if (root / TOP).is_dir() else root  # as unzipped, or the folder itself
     images = image_files(require_dir(base, "kvasir", LAYOUT, SOURCE, sub="images"))
     masks = image_files(require_dir(base, "kvasir", LAYOUT, SOURCE, sub="masks"))
-    records = []
-    for stem, image in images.items():
-        mask = masks.pop(stem, None)
-        if mask is None:
-            raise DataError(f"{image}: no mask {stem}.jpg in {base / 'masks'}")
-        records.append(Record(id=stem, group=stem, read=partial(_read, image, mask), sources=(image, mask)))
-    if masks:
-        orphan = next(iter(masks.values()))
-        raise DataError(f"{orphan}: mask without an image in {base / 'images'} ({len(masks)} such mask(s))")
-    return records
+    return [
+        Record(id=stem, group=stem, read=partial(_read, image, mask), sources=(image, mask))
+        for stem, image, mask in pair_files(images, masks, base / "images", base / "masks", ext=".jpg")
+    ]
 
 
 register(
