@@ -68,9 +68,9 @@ def test_mlflow_has_one_parent_per_search_and_a_child_per_trial(searched):
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert "config.yaml" in artifacts
         if child.info.status == "FINISHED":
-            assert {"student.safetensors", "metrics.json", "val_overlays.png"} <= artifacts and len(
-                history
-            ) == 3
+            assert {"student.safetensors", "metrics.json", "val_overlays.png"} <= artifacts
+            assert len(history) == 3
+            assert Path(child.data.tags["tskd.teacher_adapter"]).name == "adapter"
         else:
             assert child.data.tags["tskd.status"] == "stopped_early" and len(history) < 3
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}

@@ -77,9 +77,8 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
     from tskd_tune.data.prepare import Prepared
     from tskd_tune.trial import resolve_device, run_trial
 
-    logging.getLogger("ray.tune").setLevel(
-        logging.WARNING
-    )  # one "checkpoint created" line per epoch is noise
+    for name in ("ray.tune", "ray.train"):  # one "checkpoint created" line per epoch is noise
+        logging.getLogger(name).setLevel(logging.WARNING)
     cfg = apply_values(validate(base, check_search_space=False), config)
     if cfg.resources.gpu and 0 < cfg.resources.gpu < 1 and resolve_device(cfg).type == "cuda":
         import torch
@@ -137,10 +136,20 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
     tracker.log_metrics(
         {f"final_{k}": v for k, v in tracking.numeric(result).items()}, step=cfg.student.epochs
     )
-    for name in ("metrics.json", "student.safetensors"):
+    if (out_dir / "student.safetensors").is_file():
+        _overlays(out_dir, prepared, splits)
+    for name in ("metrics.json", "student.safetensors", "val_overlays.png"):
         if (out_dir / name).is_file():
             tracker.log_artifact(out_dir / name)
-    tracker.set_tags({"tskd.status": "finished", "tskd.teacher_cached": str(result.get("teacher_cached"))})
+    tracker.set_tags(
+        {
+            "tskd.status": "finished",
+            "tskd.teacher_cached": str(result.get("teacher_cached")),
+            "tskd.teacher_adapter": str(
+                result.get("teacher_adapter")
+            ),  # a reference to the cached LoRA adapter
+        }
+    )
     tracker.finish("FINISHED")
     final = held.get("metrics", {"epoch": last_epoch, "mlflow_run_id": run_id})
     final |= {f"final_{k}": v for k, v in tracking.numeric(result).items()}
