@@ -76,3 +76,14 @@ def tiny(tmp_path):
     from tskd_tune.config import validate
 
     return lambda **sections: validate(tiny_raw(tmp_path, **sections))
+
+
+def one_line_error(call, *args, **kwargs) -> str:
+    """Run ``call`` expecting a DataError; assert its message is one line and return it."""
+    from tskd_tune.errors import DataError
+
+    with pytest.raises(DataError) as info:
+        call(*args, **kwargs)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg

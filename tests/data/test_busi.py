@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import tskd_tune.data.busi  # noqa: F401  (registers the adapter)
+from tests.conftest import one_line_error
 from tskd_tune.cache import Store
 from tskd_tune.config import DataConfig, validate
 from tskd_tune.data.prepare import prepare
@@ -102,16 +103,8 @@ def test_new_mask_part_rebuilds_cache(tmp_path):
     assert _mask(p, "benign/benign (2)")[15, 15] == 1
 
 
-def _one_line_error(tmp_path, root, **fields) -> str:
-    with pytest.raises(DataError) as info:
-        _prepare(tmp_path, root, **fields)
-    msg = str(info.value)
-    assert "\n" not in msg
-    return msg
-
-
 def test_missing_root_names_layout(tmp_path):
-    msg = _one_line_error(tmp_path, tmp_path / "nowhere")
+    msg = one_line_error(_prepare, tmp_path, tmp_path / "nowhere")
     assert (
         "nowhere" in msg
         and "Dataset_BUSI_with_GT/{benign,malignant,normal}" in msg
@@ -122,41 +115,41 @@ def test_missing_root_names_layout(tmp_path):
 def test_image_without_mask(tmp_path):
     top = make_busi(tmp_path)
     (top / "benign" / "benign (2)_mask.png").unlink()
-    msg = _one_line_error(tmp_path, tmp_path)
+    msg = one_line_error(_prepare, tmp_path, tmp_path)
     assert "benign (2).png" in msg and "no mask" in msg
 
 
 def test_only_extra_part_is_not_a_mask(tmp_path):
     top = make_busi(tmp_path)
     (top / "benign" / "benign (1)_mask.png").unlink()
-    assert "benign (1).png" in _one_line_error(tmp_path, tmp_path)
+    assert "benign (1).png" in one_line_error(_prepare, tmp_path, tmp_path)
 
 
 def test_mask_without_image(tmp_path):
     top = make_busi(tmp_path)
     (top / "malignant" / "malignant (1).png").unlink()
-    msg = _one_line_error(tmp_path, tmp_path)
+    msg = one_line_error(_prepare, tmp_path, tmp_path)
     assert "malignant (1)_mask.png" in msg and "without an image" in msg
 
 
 def test_duplicate_names(tmp_path):
     top = make_busi(tmp_path)
     _write(top / "benign" / "benign (2).jpg", np.zeros((S, S), np.uint8))
-    msg = _one_line_error(tmp_path, tmp_path)
+    msg = one_line_error(_prepare, tmp_path, tmp_path)
     assert "benign" in msg and "duplicate names benign (2)" in msg
 
 
 def test_mask_part_of_other_size(tmp_path):
     top = make_busi(tmp_path)
     _write(top / "benign" / "benign (1)_mask_1.png", np.zeros((S, S + 4), np.uint8))
-    msg = _one_line_error(tmp_path, tmp_path)
+    msg = one_line_error(_prepare, tmp_path, tmp_path)
     assert "benign (1)_mask_1.png" in msg and "size" in msg
 
 
 def test_corrupt_image_names_file(tmp_path):
     top = make_busi(tmp_path)
     (top / "malignant" / "malignant (1).png").write_bytes(b"not a png")
-    msg = _one_line_error(tmp_path, tmp_path)
+    msg = one_line_error(_prepare, tmp_path, tmp_path)
     assert "malignant (1).png" in msg and "cannot decode" in msg
 
 

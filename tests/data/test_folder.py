@@ -7,10 +7,11 @@ import pytest
 from PIL import Image
 
 import tskd_tune.data.folder  # noqa: F401  (registers the adapter)
+from tests.conftest import one_line_error
 from tskd_tune.cache import Store
 from tskd_tune.config import DataConfig, validate
 from tskd_tune.data.prepare import make_splits, prepare
-from tskd_tune.errors import ConfigError, DataError
+from tskd_tune.errors import ConfigError
 
 S = 32
 STEMS = ["patient1_a", "patient1_b", "patient2_a", "patient3_a", "patient3_b"]
@@ -36,14 +37,6 @@ def _prepare(tmp_path: Path, root: Path, **fields):
     return prepare(DataConfig(dataset="folder", root=root, image_size=S, **fields), Store(tmp_path / "cache"))
 
 
-def _one_line_error(tmp_path, root, **fields) -> str:
-    with pytest.raises(DataError) as info:
-        _prepare(tmp_path, root, **fields)
-    msg = str(info.value)
-    assert "\n" not in msg
-    return msg
-
-
 def test_mask_values_map_to_class_indices(tmp_path):
     root = make_folder(tmp_path / "ds", values=(0, 100, 200))
     p = _prepare(tmp_path, root, options={"mask_values": [0, 100, 200]})
@@ -58,7 +51,7 @@ def test_binary_0_255(tmp_path):
     assert p.classes == ["bg", "kidney"]
     assert set(np.unique(p.masks)) == {0, 1}
     # the unmapped default reads 255 as class index 255: refused, naming the mask
-    msg = _one_line_error(tmp_path, root)
+    msg = one_line_error(_prepare, tmp_path, root)
     assert "masks/patient1_a.png" in msg and "[255]" in msg
 
 
@@ -67,7 +60,7 @@ def test_value_not_in_mask_values(tmp_path):
     bad = np.zeros((S, S), np.uint8)
     bad[3, 3], bad[4, 4] = 128, 255
     _save(root / "masks" / "patient2_a.png", bad)
-    msg = _one_line_error(tmp_path, root, options={"mask_values": [0, 255]})
+    msg = one_line_error(_prepare, tmp_path, root, options={"mask_values": [0, 255]})
     assert "masks/patient2_a.png" in msg and "[128]" in msg and "mask_values" in msg
 
 
@@ -89,7 +82,7 @@ def test_colour_mask_refused(tmp_path):
     rgb = np.zeros((S, S, 3), np.uint8)
     rgb[:4, :4] = (255, 0, 0)
     _save(root / "masks" / "b.png", rgb)
-    msg = _one_line_error(tmp_path, root, options={"mask_values": [0, 255]})
+    msg = one_line_error(_prepare, tmp_path, root, options={"mask_values": [0, 255]})
     assert "masks/b.png" in msg and "colour mask" in msg
 
 
@@ -112,8 +105,8 @@ def test_group_pattern_groups_by_patient(tmp_path):
     assert sum(len(s) for s in parts) == 3  # each patient lies in exactly one split
     _save(root / "images" / "scan7.png", np.zeros((S, S), np.uint8))
     _save(root / "masks" / "scan7.png", np.zeros((S, S), np.uint8))
-    msg = _one_line_error(
-        tmp_path, root, options={"mask_values": [0, 255], "group_pattern": r"^(patient\d+)_"}
+    msg = one_line_error(
+        _prepare, tmp_path, root, options={"mask_values": [0, 255], "group_pattern": r"^(patient\d+)_"}
     )
     assert "images/scan7.png" in msg and "group_pattern" in msg
 
@@ -141,17 +134,17 @@ def test_16_bit_images_are_rescaled_not_clipped(tmp_path):
 
 
 def test_layout_errors(tmp_path):
-    msg = _one_line_error(tmp_path, tmp_path / "nowhere")
+    msg = one_line_error(_prepare, tmp_path, tmp_path / "nowhere")
     assert "nowhere: not found" in msg and "images/<name>" in msg
     root = make_folder(tmp_path / "ds", stems=["a", "b"])
     (root / "masks" / "b.png").unlink()
-    assert "images/b.png: no mask" in _one_line_error(tmp_path, root)
+    assert "images/b.png: no mask" in one_line_error(_prepare, tmp_path, root)
     _save(root / "masks" / "b.png", np.zeros((S, S), np.uint8))
     _save(root / "masks" / "c.png", np.zeros((S, S), np.uint8))
-    assert "masks/c.png: mask without an image" in _one_line_error(tmp_path, root)
+    assert "masks/c.png: mask without an image" in one_line_error(_prepare, tmp_path, root)
     (root / "masks" / "c.png").unlink()
     _save(root / "images" / "a.jpg", np.zeros((S, S), np.uint8))
-    assert "duplicate names a" in _one_line_error(tmp_path, root)
+    assert "duplicate names a" in one_line_error(_prepare, tmp_path, root)
 
 
 def test_config_checks(tmp_path):

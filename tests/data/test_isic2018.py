@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import tskd_tune.data.isic2018  # noqa: F401  (registers the adapter)
+from tests.conftest import one_line_error
 from tskd_tune.cache import Store
 from tskd_tune.config import DataConfig, validate
 from tskd_tune.data.prepare import prepare
@@ -73,49 +74,41 @@ def test_validation_split_folders(tmp_path):
         _prepare(tmp_path, tmp_path / "isic")
 
 
-def _one_line_error(tmp_path, root, **fields) -> str:
-    with pytest.raises(DataError) as info:
-        _prepare(tmp_path, root, **fields)
-    msg = str(info.value)
-    assert "\n" not in msg
-    return msg
-
-
 def test_mask_value_not_0_255(tmp_path):
     root = make_isic(tmp_path / "isic")
     mask = np.zeros((S, S), np.uint8)
     mask[4, 4] = 128
     Image.fromarray(mask).save(root / TRUTH / "ISIC_0000001_segmentation.png")
-    msg = _one_line_error(tmp_path, root)
+    msg = one_line_error(_prepare, tmp_path, root)
     assert "ISIC_0000001_segmentation.png" in msg and "[128]" in msg
 
 
 def test_image_without_mask(tmp_path):
     root = make_isic(tmp_path / "isic")
     (root / TRUTH / "ISIC_0000002_segmentation.png").unlink()
-    msg = _one_line_error(tmp_path, root)
+    msg = one_line_error(_prepare, tmp_path, root)
     assert "ISIC_0000002.jpg" in msg and "no mask" in msg
 
 
 def test_mask_without_image_and_foreign_names(tmp_path):
     root = make_isic(tmp_path / "isic")
     (root / INPUT / "ISIC_0000000.jpg").unlink()
-    assert "ISIC_0000000_segmentation.png" in _one_line_error(tmp_path, root)
+    assert "ISIC_0000000_segmentation.png" in one_line_error(_prepare, tmp_path, root)
     Image.fromarray(np.zeros((S, S), np.uint8)).save(root / TRUTH / "ISIC_0000009.png")
-    assert "ISIC_0000009.png" in _one_line_error(tmp_path, root)
+    assert "ISIC_0000009.png" in one_line_error(_prepare, tmp_path, root)
 
 
 def test_duplicate_names(tmp_path):
     root = make_isic(tmp_path / "isic")
     Image.fromarray(np.zeros((S, S, 3), np.uint8)).save(root / INPUT / "ISIC_0000001.png")
-    assert "duplicate names ISIC_0000001" in _one_line_error(tmp_path, root)
+    assert "duplicate names ISIC_0000001" in one_line_error(_prepare, tmp_path, root)
 
 
 def test_missing_folders_name_layout(tmp_path):
-    msg = _one_line_error(tmp_path, tmp_path / "nowhere")
+    msg = one_line_error(_prepare, tmp_path, tmp_path / "nowhere")
     assert "nowhere" in msg and INPUT in msg and "challenge.isic-archive.com" in msg
     (tmp_path / "empty").mkdir()
-    msg = _one_line_error(tmp_path, tmp_path / "empty")
+    msg = one_line_error(_prepare, tmp_path, tmp_path / "empty")
     assert f"empty/{INPUT}: not found" in msg and "_segmentation.png" in msg
 
 

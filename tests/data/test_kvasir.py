@@ -7,10 +7,11 @@ import pytest
 from PIL import Image
 
 import tskd_tune.data.kvasir  # noqa: F401  (registers the adapter)
+from tests.conftest import one_line_error
 from tskd_tune.cache import Store
 from tskd_tune.config import DataConfig, validate
 from tskd_tune.data.prepare import prepare
-from tskd_tune.errors import ConfigError, DataError
+from tskd_tune.errors import ConfigError
 
 S = 48
 NAMES = ["cju0qkwl35piu0993l0dewei2", "cju0qoxqj9q6s0835b43399p4", "cju0s690hkp960855tjuaqvv0"]
@@ -64,46 +65,38 @@ def test_rgb_preserved_and_root_is_folder_itself(tmp_path):
     assert r == pytest.approx(180 / 255, abs=0.03) and r > g > b
 
 
-def _one_line_error(tmp_path, root, **fields) -> str:
-    with pytest.raises(DataError) as info:
-        _prepare(tmp_path, root, **fields)
-    msg = str(info.value)
-    assert "\n" not in msg
-    return msg
-
-
 def test_image_without_mask(tmp_path):
     top = make_kvasir(tmp_path)
     (top / "masks" / f"{NAMES[1]}.jpg").unlink()
-    msg = _one_line_error(tmp_path, tmp_path)
+    msg = one_line_error(_prepare, tmp_path, tmp_path)
     assert f"images/{NAMES[1]}.jpg" in msg and "no mask" in msg
 
 
 def test_mask_without_image(tmp_path):
     top = make_kvasir(tmp_path)
     (top / "images" / f"{NAMES[0]}.jpg").unlink()
-    msg = _one_line_error(tmp_path, tmp_path)
+    msg = one_line_error(_prepare, tmp_path, tmp_path)
     assert f"masks/{NAMES[0]}.jpg" in msg and "without an image" in msg
 
 
 def test_duplicate_names(tmp_path):
     top = make_kvasir(tmp_path)
     Image.fromarray(np.zeros((S, S), np.uint8)).save(top / "masks" / f"{NAMES[0]}.png")
-    assert f"duplicate names {NAMES[0]}" in _one_line_error(tmp_path, tmp_path)
+    assert f"duplicate names {NAMES[0]}" in one_line_error(_prepare, tmp_path, tmp_path)
 
 
 def test_mask_of_other_size(tmp_path):
     top = make_kvasir(tmp_path)
     Image.fromarray(np.zeros((S, S + 8), np.uint8)).save(top / "masks" / f"{NAMES[1]}.jpg")
-    msg = _one_line_error(tmp_path, tmp_path)
+    msg = one_line_error(_prepare, tmp_path, tmp_path)
     assert f"masks/{NAMES[1]}.jpg" in msg and "size" in msg
 
 
 def test_missing_folders_name_layout(tmp_path):
-    msg = _one_line_error(tmp_path, tmp_path / "nowhere")
+    msg = one_line_error(_prepare, tmp_path, tmp_path / "nowhere")
     assert "nowhere: not found" in msg and "masks/<name>.jpg" in msg and "datasets.simula.no" in msg
     (tmp_path / "Kvasir-SEG" / "images").mkdir(parents=True)
-    assert "Kvasir-SEG/masks: not found" in _one_line_error(tmp_path, tmp_path)
+    assert "Kvasir-SEG/masks: not found" in one_line_error(_prepare, tmp_path, tmp_path)
 
 
 def test_config_checks(tmp_path):
