@@ -258,7 +258,8 @@ def init_ray(address: str | None, console) -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if ray.is_initialized():
         return
-    ctx = ray.init(address=address, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR",
+    # "local" rather than None: None would silently join the last `ray start` cluster on this machine
+    ctx = ray.init(address=address or "local", include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR",
                    log_to_driver=True)  # fmt: skip
     url = getattr(ctx, "dashboard_url", None)
     if url:
