@@ -7,7 +7,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: demo test test-slow lint ui bench clean
+.PHONY: demo test test-slow test-faults test-cluster lint ui bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ test: $(STAMP)  ## the default test suite (slow tests excluded)
 
 test-slow: $(STAMP)  ## only the slow tests
 	$(BIN)/python -m pytest -q -m slow
+
+test-faults: $(STAMP)  ## fault-injection tests: killed workers and drivers, NaN, MLflow outages, hangs (minutes)
+	$(BIN)/python -m pytest -q -m faults
+
+test-cluster: $(STAMP)  ## two-node loopback Ray cluster + MLflow server on PostgreSQL (needs Debian's postgresql)
+	$(BIN)/python -m pytest -q -m cluster
 
 ui: $(STAMP)  ## the MLflow UI on the local store (127.0.0.1:5000)
 	$(BIN)/tskd-tune ui
