@@ -9,6 +9,8 @@ key (trials starting together, on one machine or on a shared file system) comput
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -20,11 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
-from tskd_tune.errors import TskdError
+from tskd_tune.errors import StorageError, TskdError
+from tskd_tune.faults import beat
 
 MANIFEST = "MANIFEST.json"
+# what a full disk or an unwritable folder raises; other OSErrors are not storage problems
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def digest(obj: Any, length: int = 16) -> str:
@@ -73,21 +78,80 @@ class Store:
             final.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise TskdError(f"cache.dir: cannot create {final.parent} ({exc.strerror})") from None
-        with FileLock(str(final) + ".lock"):
+        with _locked(str(final) + ".lock"):
             if verify(final):  # another process built it while we waited for the lock
                 return Hit(final, cached=True)
             tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-            tmp.mkdir()
             try:
+                tmp.mkdir()
                 build(tmp)
                 write_manifest(tmp, key_obj)
                 if final.exists():
                     shutil.rmtree(final)  # a corrupt entry: replaced, never reused
                 os.replace(tmp, final)
+            except OSError as exc:
+                if exc.errno not in STORAGE_ERRNOS:
+                    raise
+                raise StorageError(f"cache.dir: cannot write {final} ({exc.strerror})") from None
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
         return Hit(final, cached=False)
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+    """Hold the file lock ``path``; waiting for another process's build counts as progress (watchdog)."""
+    lock = FileLock(path)
+    while True:
+        try:
+            lock.acquire(timeout=10)
+            break
+        except Timeout:
+            beat()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def atomic_write(path: Path, data: bytes | str, write: Callable[[Path, bytes], None] | None = None) -> None:
+    """Write ``path`` so that readers see the old content or the new, never half: a temporary file,
+    flushed to disk, then renamed over it. A full disk or an unwritable folder raises a one-line
+    StorageError and leaves the old file as it was. ``write`` replaces the plain write (fault injection)."""
+    path = Path(path)
+    data = data.encode() if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (write or _write_synced)(tmp, data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        kept = f"; the previous {path.name} is kept" if path.exists() else ""
+        raise StorageError(f"{path}: cannot write it ({exc.strerror or exc}){kept}") from None
+
+
+def writable_dir(path: Path, what: str) -> Path:
+    """Create ``path`` if needed and check that a file can be written in it, before any work starts;
+    otherwise a one-line StorageError naming ``what`` (a flag or YAML path) and the folder."""
+    path = Path(path)
+    probe = path / f".tskd-write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise StorageError(f"{what}: cannot write to {path} ({exc.strerror or exc})") from None
+    return path
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_manifest(folder: Path, key_obj: Any) -> None:

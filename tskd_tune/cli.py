@@ -129,10 +129,11 @@ def trial(
     import logging
     import shutil
 
+    from tskd_tune.cache import writable_dir
     from tskd_tune.trial import JsonlTracker, run_trial
 
     cfg = _load(space, set_)
-    out_dir = out_dir or Path("runs") / "trials" / (cfg.name or "trial")
+    out_dir = writable_dir(out_dir or Path("runs") / "trials" / (cfg.name or "trial"), "--out")
     resume_from = (
         out_dir / "checkpoint" if resume and (out_dir / "checkpoint" / "state.pt").is_file() else None
     )
@@ -319,6 +320,31 @@ def resume(
 
     cfg, opts, _ = load_search(resolve_search_path(name_or_path))
     run_search(cfg, opts, out, resume=True)
+
+
+@app.command()
+def sync(
+    name_or_path: Annotated[
+        str, typer.Argument(help="Search name (under runs/) or folder.", show_default=False)
+    ],
+) -> None:
+    """Deliver the MLflow writes a search kept while MLflow was unreachable (a search also does it when it ends)."""
+    from tskd_tune import tracking
+    from tskd_tune.search import load_search, resolve_search_path
+
+    path = resolve_search_path(name_or_path)
+    _, opts, _ = load_search(path)
+    tracking.preflight(opts.tracking_uri)
+    journals, delivered, queued = tracking.sync_journals(path)
+    if queued:
+        raise TskdError(
+            f"{path / tracking.JOURNAL_DIR}: {queued} write(s) still queued, MLflow at {opts.tracking_uri} "
+            "failed again; run `tskd-tune sync` once it is steady"
+        )
+    out.print(
+        f"delivered {delivered} queued write(s) from {journals} journal(s) to {opts.tracking_uri}",
+        markup=False,
+    )
 
 
 @app.command()

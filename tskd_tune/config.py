@@ -203,6 +203,8 @@ class SearchConfig(Section):
     """Search space: dotted config path -> distribution."""
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
     """Known-good configs (dotted path -> value) tried first."""
+    trial_timeout_s: float | None = Field(None, gt=0)
+    """Stop a trial that makes no progress (no training step, no report) for this many seconds (None: never)."""
 
 
 class TrackingConfig(Section):

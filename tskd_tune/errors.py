@@ -27,3 +27,7 @@ class ConfigError(TskdError):
 
 class DataError(TskdError):
     """A dataset that cannot be read as its layout promises; the message names the file."""
+
+
+class StorageError(TskdError):
+    """A folder that cannot be written (full disk, read-only, no permission); names the path."""

@@ -11,13 +11,17 @@ status (finished, stopped by ASHA, failed) and writes the leaderboard and the be
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from tskd_tune import tracking
+from tskd_tune import faults, tracking
+from tskd_tune.cache import writable_dir
 from tskd_tune.config import Config, apply_values, to_yaml
 from tskd_tune.errors import TskdError
 
@@ -87,10 +91,17 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
         torch.cuda.set_per_process_memory_fraction(cfg.resources.gpu)
     ctx = tune.get_context()
     trial_id, trial_dir = ctx.get_trial_id(), Path(ctx.get_trial_dir())
-    run_id, resumed = tracking.child_run(
-        run["tracking_uri"], run["parent_run_id"], trial_id, ctx.get_trial_name()
-    )
-    tracker = tracking.RunTracker(run["tracking_uri"], run_id)
+    search_path = Path(run["search_path"])
+    marker = faults.marker_path(search_path, trial_id)
+    faults.fail_if_failed_before(marker)  # a trial that raised would fail the same way again: no retry
+    # writes that fail while MLflow is unreachable wait in the search's journal (see tracking.RunTracker)
+    tracker = tracking.RunTracker(run["tracking_uri"], tracking.journal_path(search_path, trial_id),
+                                  parent_run_id=run["parent_run_id"], trial_id=trial_id, run_name=ctx.get_trial_name())  # fmt: skip
+    resumed = tracker.start()
+    watchdog = None
+    if cfg.search.trial_timeout_s:
+        limit = cfg.search.trial_timeout_s
+        watchdog = faults.Watchdog(limit, partial(_timed_out, marker, tracker, limit)).start()
     tracker.log_params(config | {"distill.method": cfg.distill.method, "student.model": cfg.student.model})
     tracker.set_tags({"ray.node_id": ray.get_runtime_context().get_node_id(), "ray.node_ip": socket.gethostbyname(socket.gethostname()),
                       "device": str(resolve_device(cfg)), "resumed": resumed})  # fmt: skip
@@ -108,12 +119,14 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
     held: dict = {}
 
     def report(epoch: int, metrics: dict, ckpt: Path | None) -> None:
+        faults.beat()
         out = {
             k: v
             for k, v in metrics.items()
-            if isinstance(v, int | float | bool) and not isinstance(v, np.generic)
+            if isinstance(v, int | float | bool) and not isinstance(v, np.generic) and math.isfinite(v)
         }
-        out |= {"epoch": epoch, "mlflow_run_id": run_id}
+        _check_score(cfg.search.metric, metrics, out, epoch)
+        out |= {"epoch": epoch} | ({"mlflow_run_id": tracker.run_id} if tracker.run_id else {})
         if epoch == last_epoch:
             # held back until run_trial has saved the outputs: the scheduler may stop a trial at any report
             held.update(metrics=out, ckpt=ckpt)
@@ -128,10 +141,13 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
         result = run_trial(cfg, report, tracker, out_dir=out_dir, resume_from=resume_from, use_cache=run["use_cache"],
                            data=(prepared, splits))  # fmt: skip
     except Exception as exc:
-        tracker.set_tags(
-            {"tskd.status": "failed", "tskd.error": f"{exc.__class__.__name__}: {str(exc)[:480]}"}
-        )
+        if watchdog is not None:
+            watchdog.stop()
+        reason = f"{exc.__class__.__name__}: {str(exc)[:480]}"
+        faults.mark_failed(marker, "failed", reason)
+        tracker.set_tags({"tskd.status": "failed", "tskd.error": reason})
         tracker.finish("FAILED")
+        tracker.flush()
         raise
     tracker.log_metrics(
         {f"final_{k}": v for k, v in tracking.numeric(result).items()}, step=cfg.student.epochs
@@ -151,10 +167,42 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
         }
     )
     tracker.finish("FINISHED")
-    final = held.get("metrics", {"epoch": last_epoch, "mlflow_run_id": run_id})
+    tracker.flush()
+    if watchdog is not None:
+        watchdog.stop()
+    final = held.get(
+        "metrics", {"epoch": last_epoch} | ({"mlflow_run_id": tracker.run_id} if tracker.run_id else {})
+    )
     final |= {f"final_{k}": v for k, v in tracking.numeric(result).items()}
     ckpt = held.get("ckpt")
     tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None)
+
+
+def _check_score(metric: str | list[str], metrics: dict, out: dict, epoch: int) -> None:
+    """A non-finite score fails the trial: reported, it would reach ASHA and Optuna as a result."""
+    for name in [metric] if isinstance(metric, str) else metric:
+        if name in metrics and name not in out:
+            raise faults.TrialFailed(
+                f"{name} is {metrics[name]} at epoch {epoch}; not reported to the searcher"
+            )
+
+
+def _timed_out(marker: Path, tracker, limit: float, idle: float) -> None:
+    """The watchdog fired: record the hang, then end this worker process (a hung step cannot be interrupted).
+
+    Ray sees the worker die and retries the trial; the retry finds the record and fails at once.
+    """
+    import signal
+    import sys
+
+    msg = f"no progress for {idle:.0f} s (search.trial_timeout_s: {limit:g}): stopped as hung"
+    print(f"tskd-tune: {msg}", file=sys.stderr, flush=True)
+    faults.mark_failed(marker, "timeout", msg)
+    try:
+        tracker.set_tags({"tskd.status": "timeout", "tskd.error": msg})
+        tracker.finish("KILLED")
+    finally:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _overlays(out_dir: Path, prepared, splits, n: int = 6) -> None:
@@ -179,37 +227,28 @@ def _overlays(out_dir: Path, prepared, splits, n: int = 6) -> None:
     Image.fromarray(np.concatenate([top, bottom], axis=0)).save(out_dir / "val_overlays.png")
 
 
-def _finalizer(tracking_uri: str, parent_run_id: str, max_epochs: int):
-    """A Tune callback that gives every child run a final MLflow status: none is left RUNNING."""
+def _finalizer(tracking_uri: str, parent_run_id: str, max_epochs: int, search_path: Path):
+    """A Tune callback that gives every child run a final MLflow status: none is left RUNNING.
+
+    Its writes go through the trial's journal, behind any the trial queued while MLflow was down.
+    """
     from ray import tune
 
     class MlflowFinalizer(tune.Callback):
-        def _run_id(self, trial) -> str | None:
-            return (trial.last_result or {}).get("mlflow_run_id") or tracking.find_child(
-                tracking_uri, parent_run_id, trial.trial_id
-            )
+        def _tracker(self, trial) -> tracking.RunTracker:
+            return tracking.RunTracker(tracking_uri, tracking.journal_path(search_path, trial.trial_id),
+                                       run_id=(trial.last_result or {}).get("mlflow_run_id"),
+                                       parent_run_id=parent_run_id, trial_id=trial.trial_id)  # fmt: skip
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            run_id = self._run_id(trial)
-            if run_id is None:
-                return
+            # only a run the trial did not finish itself is changed: the scheduler stopped that trial
             epoch = (trial.last_result or {}).get("epoch", 0)
-            c = tracking.client(tracking_uri)
-            if (
-                c.get_run(run_id).info.status == "RUNNING"
-            ):  # the trial did not finish it: the scheduler stopped it
-                c.set_tag(run_id, "tskd.status", "stopped_early")
-                c.set_tag(run_id, "tskd.stopped_at_epoch", str(epoch))
-                c.set_terminated(run_id, status="KILLED")
+            self._tracker(trial).finalize(
+                "KILLED", {"tskd.status": "stopped_early", "tskd.stopped_at_epoch": epoch}
+            )
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            run_id = self._run_id(trial)
-            if run_id is None:
-                return
-            c = tracking.client(tracking_uri)
-            if c.get_run(run_id).info.status == "RUNNING":
-                c.set_tag(run_id, "tskd.status", "failed")
-                c.set_terminated(run_id, status="FAILED")
+            self._tracker(trial).finalize("FAILED", {"tskd.status": "failed"})
 
     return MlflowFinalizer()
 
@@ -277,11 +316,12 @@ def _tuner(cfg: Config, opts: SearchOptions, parent_run_id: str, data_ref: dict,
 
     from tskd_tune.space import to_optuna
 
-    run = {"tracking_uri": opts.tracking_uri, "parent_run_id": parent_run_id, "use_cache": opts.use_cache}
+    run = {"tracking_uri": opts.tracking_uri, "parent_run_id": parent_run_id, "use_cache": opts.use_cache,
+           "search_path": str(opts.path)}  # fmt: skip
     trainable = tune.with_parameters(_trainable, data=data_ref, base=cfg.model_dump(mode="json"), run=run)
     trainable = tune.with_resources(trainable, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     max_epochs = 1 if cfg.distill.method == "teacher" else cfg.student.epochs
-    finalizer = _finalizer(opts.tracking_uri, parent_run_id, max_epochs)
+    finalizer = _finalizer(opts.tracking_uri, parent_run_id, max_epochs, opts.path)
     if restore:
         return tune.Tuner.restore(
             str(opts.path), trainable=trainable, resume_unfinished=True, resume_errored=True
@@ -333,7 +373,9 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
         raise TskdError(
             f"{opts.path}: a search named {opts.name!r} exists; `tskd-tune resume {opts.path}` or pick --name"
         )
-    opts.path.mkdir(parents=True, exist_ok=True)
+    writable_dir(opts.path, "--storage")
+    if resume:  # a resumed search gives its failed trials one more attempt (see faults.py)
+        shutil.rmtree(opts.path / faults.FAILED_DIR, ignore_errors=True)
     t0 = time.perf_counter()
     console.print(f"preparing data ({cfg.data.dataset}) ...", markup=False)
     payload = _data_payload(cfg, opts.use_cache)
@@ -360,14 +402,19 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
         )
     data_ref = ray.put(payload)
     tuner, _ = _tuner(cfg, opts, parent, data_ref, restore=resume and (opts.path / "tuner.pkl").exists())
+    parent_client = tracking.BufferedClient(opts.tracking_uri, tracking.journal_path(opts.path, "parent"))
     try:
         results = tuner.fit()
     finally:
-        tracking.client(opts.tracking_uri).update_run(parent, status="RUNNING")
+        parent_client.update_run(parent, status="RUNNING")
     summary = summarize(cfg, opts, results, parent, payload, console)
     summary["wall_s"] = time.perf_counter() - t0
     _write_json(opts.path / "summary.json", summary)
-    tracking.client(opts.tracking_uri).set_terminated(parent, status="FINISHED")
+    parent_client.set_terminated(parent, status="FINISHED")
+    _, _, queued = tracking.sync_journals(opts.path)  # writes queued during an MLflow outage that ended
+    if queued:
+        console.print(f"MLflow is unreachable: {queued} write(s) are kept in {opts.path / tracking.JOURNAL_DIR}; "
+                      f"`tskd-tune sync {opts.path}` delivers them", markup=False)  # fmt: skip
     return summary
 
 
@@ -375,7 +422,7 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, payload: d
     """Leaderboard, best config and the best trial evaluated once on the test split; logged to the parent."""
     from tskd_tune.report import leaderboard
 
-    c = tracking.client(opts.tracking_uri)
+    c = tracking.BufferedClient(opts.tracking_uri, tracking.journal_path(opts.path, "parent"))
     board = leaderboard(opts.path, cfg.search.metric, cfg.search.mode)
     board_path = opts.path / "leaderboard.csv"
     board.to_csv(board_path, index=False)

@@ -37,6 +37,7 @@ from tskd_tune.cache import Store, digest
 from tskd_tune.config import Config, SyntheticConfig
 from tskd_tune.data.prepare import Prepared, Splits, take_rows
 from tskd_tune.errors import TskdError
+from tskd_tune.faults import beat
 from tskd_tune.train import seeded
 
 # a safety belt: nothing here may reach the Hugging Face Hub (pipelines load with local_files_only too)
@@ -614,6 +615,7 @@ def _nn_distances(a: np.ndarray, b: np.ndarray, exclude_self: bool = False) -> n
 # ------------------------------------------------------------------------- command-line helpers
 def _log_progress(phase: str, done: int, total: int) -> None:
     """Default progress in logs (trials, searches): a line every 10%."""
+    beat()  # a trial building the pool is making progress (hang watchdog)
     step = max(1, total // 10)
     if done == total or done % step == 0:
         what = "generator training step" if phase == "train" else "synthetic image"

@@ -7,8 +7,8 @@ resumed from the checkpoint of epoch e continues exactly as the uninterrupted ru
 from __future__ import annotations
 
 import contextlib
+import io
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -19,18 +19,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from tskd_tune import faults
+from tskd_tune.cache import atomic_write
 from tskd_tune.config import AugmentConfig
 from tskd_tune.data.transforms import train_transforms
 from tskd_tune.errors import TskdError
+from tskd_tune.faults import TrialFailed
+
+__all__ = ["TrialFailed"]  # raised here; defined with the other fault handling
 
 Report = Callable[[int, dict, Path | None], None]
 """report(epoch, metrics, checkpoint_dir): called after every reported epoch."""
-
-
-class TrialFailed(TskdError):
-    """A trial that cannot go on (non-finite loss, ...); the search records it as failed, not as a score."""
-
-    exit_code = 3
 
 
 def seed_all(seed: int) -> None:
@@ -117,17 +116,23 @@ def run_loop(loop: Loop, out_dir: Path | None, report: Report | None, resume: di
         for m in loop.modules.values():
             m.train()
         losses = []
-        for _ in range(loop.steps_per_epoch):
+        fault = faults.injected("step", loop.phase, epoch)  # test hook: None unless TSKD_FAULT_INJECT is set
+        for i in range(loop.steps_per_epoch):
             loss = loop.step(g)
+            if fault is not None and i == 0:
+                loss = faults.apply_step_fault(fault, loss)
             if not torch.isfinite(loss):
+                # a NaN would poison the weights and reach the searcher as a score: the trial fails instead
                 raise TrialFailed(
-                    f"{loop.phase}: loss became {loss.item()} at epoch {epoch}; lower the learning rate"
+                    f"{loop.phase}: loss became {loss.item()} at epoch {epoch}, step {i + 1}; "
+                    "lower the learning rate"
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             losses.append(loss.item())
+            faults.beat()
         metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0]}
         if loop.evaluate is not None:
             metrics |= loop.evaluate()
@@ -141,8 +146,10 @@ def run_loop(loop: Loop, out_dir: Path | None, report: Report | None, resume: di
 
 
 def save_checkpoint(folder: Path, loop: Loop, opt, sched, epoch: int) -> Path:
-    """Write the resumable state atomically: a reader sees the previous checkpoint or this one, never half."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write the resumable state atomically: a reader sees the previous checkpoint or this one, never half.
+
+    A full disk or an unwritable folder raises a one-line StorageError and keeps the previous checkpoint.
+    """
     state = {
         "phase": loop.phase,
         "epoch": epoch,
@@ -150,9 +157,12 @@ def save_checkpoint(folder: Path, loop: Loop, opt, sched, epoch: int) -> Path:
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
     } | loop.extra
-    tmp = folder / ".state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, folder / "state.pt")
+    # serialised in memory, then written by Python: torch.save straight to a file turns a full disk
+    # into an opaque RuntimeError
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    fault = faults.injected("checkpoint", loop.phase, epoch)  # test hook: a disk that fills up mid-write
+    atomic_write(folder / "state.pt", buf.getvalue(), faults.write_half_then_enospc if fault else None)
     return folder
 
 

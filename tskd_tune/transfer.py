@@ -23,6 +23,7 @@ import torch
 from tskd_tune.cache import Hit, Store, digest
 from tskd_tune.config import Config
 from tskd_tune.data.prepare import Prepared, Splits, take_rows
+from tskd_tune.faults import beat
 from tskd_tune.models.teacher import checkpoint_fingerprint
 
 if TYPE_CHECKING:
@@ -146,6 +147,7 @@ def cached_outputs(
                         tmp / "outputs.npy", mode="w+", dtype=np.float16, shape=(len(transfer), *y.shape[1:])
                     )
                 out[start : start + len(idx)] = y
+                beat()
         out.flush()
 
     hit: Hit = store.get_or_build(kind, full_key, build)

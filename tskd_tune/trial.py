@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from tskd_tune.cache import Store
+from tskd_tune.cache import Store, atomic_write, writable_dir
 from tskd_tune.config import Config, to_yaml
 from tskd_tune.data.prepare import Prepared, Splits, load
+from tskd_tune.errors import StorageError
 from tskd_tune.methods import METHODS, Stages
 from tskd_tune.metrics import count_params, evaluate, latency_ms
 from tskd_tune.synth import build_pool, uses_pool
@@ -37,11 +37,14 @@ class JsonlTracker:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        writable_dir(self.path.parent, "--out")
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step} | metrics, default=float) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step} | metrics, default=float) + "\n")
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot append to it ({exc.strerror})") from None
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -82,9 +85,8 @@ def run_trial(
     prepared, splits = data if data is not None else load(cfg, use_cache=enabled)
     timings = {"data_s": time.perf_counter() - t0}
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out_dir / "config.yaml", to_yaml(cfg))
+        out_dir = writable_dir(Path(out_dir), "trial output folder")
+        atomic_write(out_dir / "config.yaml", to_yaml(cfg))
     resume = load_checkpoint(resume_from) if resume_from is not None else None
 
     def on_epoch(epoch: int, metrics: dict, ckpt: Path | None) -> None:
@@ -128,17 +130,10 @@ def run_trial(
     result |= timings | {"total_s": time.perf_counter() - t_start}
     if out_dir is not None:
         if cfg.distill.method != "teacher":
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
             state = {k: v.detach().cpu().contiguous() for k, v in outcome.model.state_dict().items()}
-            tmp = out_dir / ".student.safetensors.tmp"
-            save_file(state, str(tmp), metadata={"method": cfg.distill.method, "model": cfg.student.model})
-            os.replace(tmp, out_dir / "student.safetensors")
-        _atomic_write(out_dir / "metrics.json", json.dumps(result, indent=2, default=float))
+            meta = {"method": cfg.distill.method, "model": cfg.student.model}
+            atomic_write(out_dir / "student.safetensors", save(state, metadata=meta))
+        atomic_write(out_dir / "metrics.json", json.dumps(result, indent=2, default=float))
     return result
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
