@@ -327,6 +327,12 @@ def sync(
     name_or_path: Annotated[
         str, typer.Argument(help="Search name (under runs/) or folder.", show_default=False)
     ],
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri", help="The MLflow store's address, if it moved (default: the search's)."
+        ),
+    ] = None,
 ) -> None:
     """Deliver the MLflow writes a search kept while MLflow was unreachable (a search also does it when it ends)."""
     from tskd_tune import tracking
@@ -334,17 +340,15 @@ def sync(
 
     path = resolve_search_path(name_or_path)
     _, opts, _ = load_search(path)
-    tracking.preflight(opts.tracking_uri)
-    journals, delivered, queued = tracking.sync_journals(path)
+    uri = tracking.absolute_uri(tracking_uri) if tracking_uri else opts.tracking_uri
+    tracking.preflight(uri)
+    journals, delivered, queued = tracking.sync_journals(path, uri if tracking_uri else None)
     if queued:
         raise TskdError(
-            f"{path / tracking.JOURNAL_DIR}: {queued} write(s) still queued, MLflow at {opts.tracking_uri} "
+            f"{path / tracking.JOURNAL_DIR}: {queued} write(s) still queued, MLflow at {uri} "
             "failed again; run `tskd-tune sync` once it is steady"
         )
-    out.print(
-        f"delivered {delivered} queued write(s) from {journals} journal(s) to {opts.tracking_uri}",
-        markup=False,
-    )
+    out.print(f"delivered {delivered} queued write(s) from {journals} journal(s) to {uri}", markup=False)
 
 
 @app.command()

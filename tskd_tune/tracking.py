@@ -176,10 +176,11 @@ class RunTracker:
         self._next_try = 0.0
 
     @classmethod
-    def from_journal(cls, journal: Path) -> RunTracker:
-        """The tracker that wrote ``journal`` (its header names the store and the run)."""
+    def from_journal(cls, journal: Path, uri: str | None = None) -> RunTracker:
+        """The tracker that wrote ``journal`` (its header names the store and the run); ``uri``: another
+        address of the same store."""
         header = json.loads(Path(journal).read_text().splitlines()[0])
-        return cls(header["uri"], journal, run_id=header.get("run_id"), parent_run_id=header.get("parent_run_id"),
+        return cls(uri or header["uri"], journal, run_id=header.get("run_id"), parent_run_id=header.get("parent_run_id"),
                    trial_id=header.get("trial_id"), run_name=header.get("run_name"))  # fmt: skip
 
     # ----------------------------------------------------------------------------- the writes
@@ -414,12 +415,13 @@ def journal_path(search_path: Path, name: str) -> Path:
     return Path(search_path) / JOURNAL_DIR / f"{name}.jsonl"
 
 
-def sync_journals(search_path: Path) -> tuple[int, int, int]:
-    """Replay every MLflow journal of a search: (journals, writes delivered, writes still queued)."""
+def sync_journals(search_path: Path, uri: str | None = None) -> tuple[int, int, int]:
+    """Replay every MLflow journal of a search (to ``uri`` if the store has moved):
+    (journals, writes delivered, writes still queued)."""
     journals = sorted((Path(search_path) / JOURNAL_DIR).glob("*.jsonl"))
     delivered = queued = 0
     for journal in journals:
-        tracker = RunTracker.from_journal(journal)
+        tracker = RunTracker.from_journal(journal, uri)
         before = tracker.pending()
         left = tracker.flush()
         delivered += before - left

@@ -1,0 +1,123 @@
+"""MLflow records that survive an outage: the journal of a RunTracker, its replay, `tskd-tune sync`.
+
+The store is a real SQLite MLflow store; "MLflow down" is a real HTTP address nobody listens on
+(connection refused). The outage of a real `mlflow server` during a search is in test_search_faults.py.
+"""
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tskd_tune import tracking
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A real SQLite store holding a search's parent run: (uri, client, parent run id)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("x")
+    return uri, client, client.create_run(exp, run_name="search").info.run_id
+
+
+def _child(client, parent):
+    runs = client.search_runs(
+        [client.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'"
+    )
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def test_writes_while_mlflow_is_down_are_journaled_in_order_and_replayed(store, tmp_path):
+    uri, client, parent = store
+    down = f"http://127.0.0.1:{free_port()}"
+    search = tmp_path / "search"
+    journal = tracking.journal_path(search, "t1")
+    t = tracking.RunTracker(down, journal, parent_run_id=parent, trial_id="t1", run_name="trial-1")
+    assert t.start() is False and t.run_id is None  # the trial trains on without a run id
+    t.log_params({"distill.temperature": 2.0})
+    for epoch in (1, 2):
+        t.log_metrics({"epoch": epoch, "val_dice": 0.1 * epoch, "val_hd95": float("nan")}, step=epoch)
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    t.log_artifact(tmp_path / "config.yaml")
+    t.set_tags({"tskd.status": "finished"})
+    t.finish("FINISHED")
+    # the driver's finalizer writes behind the trial's queued writes: it must not overtake them
+    tracking.RunTracker(down, journal, parent_run_id=parent, trial_id="t1").finalize(
+        "KILLED", {"tskd.status": "stopped_early"}
+    )
+    ops = [json.loads(line)["op"] for line in journal.read_text().splitlines()[1:]]
+    assert ops == ["start", "params", "metrics", "metrics", "artifact", "tags", "finish", "finalize"]
+
+    assert tracking.sync_journals(search, uri=uri) == (1, 8, 0)
+    assert not journal.exists()
+    run = _child(client, parent)
+    assert run.info.run_name == "trial-1" and run.data.tags[tracking.TRIAL_TAG] == "t1"
+    assert run.info.status == "FINISHED" and run.data.tags["tskd.status"] == "finished"
+    assert run.data.params == {"distill.temperature": "2.0"}
+    history = client.get_metric_history(run.info.run_id, "val_dice")
+    assert [(m.step, m.value) for m in history] == [(1, 0.1), (2, 0.2)]
+    assert "val_hd95" not in run.data.metrics  # non-finite values never reach MLflow
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+    assert tracking.sync_journals(search, uri=uri) == (0, 0, 0)  # nothing twice
+
+
+def test_a_resumed_trial_does_not_log_an_epoch_twice(store, tmp_path):
+    uri, client, parent = store
+    journal = tracking.journal_path(tmp_path, "t1")
+    first = tracking.RunTracker(uri, journal, parent_run_id=parent, trial_id="t1", run_name="t")
+    assert first.start() is False
+    for epoch in (1, 2):
+        first.log_metrics({"epoch": epoch, "val_dice": 0.5}, step=epoch)
+    # the worker died after logging epoch 2 but before Ray recorded its checkpoint: the retry
+    # resumes from epoch 1 and runs epoch 2 again (exact resume: the same values)
+    retry = tracking.RunTracker(uri, journal, parent_run_id=parent, trial_id="t1", run_name="t")
+    assert retry.start() is True and retry.run_id == first.run_id
+    for epoch in (2, 3):
+        retry.log_metrics({"epoch": epoch, "val_dice": 0.5}, step=epoch)
+    retry.log_metrics({"final_val_dice": 0.5}, step=3)
+    history = client.get_metric_history(first.run_id, "val_dice")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert "final_val_dice" in client.get_run(first.run_id).data.metrics
+    assert client.get_run(first.run_id).info.status == "RUNNING"  # start() reopened it
+
+
+def test_a_write_mlflow_refuses_for_good_is_set_aside_not_dropped(store, tmp_path):
+    uri, client, parent = store
+    down = f"http://127.0.0.1:{free_port()}"
+    journal = tracking.journal_path(tmp_path, "parent")
+    t = tracking.RunTracker(down, journal, run_id=parent)
+    t.log_metrics({"best_val_dice": 0.7}, step=0)
+    t.log_artifact(tmp_path / "gone.csv")  # the file is deleted before MLflow comes back
+    t.finish("FINISHED")
+    assert tracking.sync_journals(tmp_path, uri=uri) == (1, 3, 0)
+    rejected = [json.loads(line) for line in journal.with_suffix(".rejected").read_text().splitlines()]
+    assert [r["op"] for r in rejected] == ["artifact"] and "is gone" in rejected[0]["error"]
+    run = client.get_run(parent)
+    assert run.data.metrics == {"best_val_dice": 0.7} and run.info.status == "FINISHED"
+
+
+def test_sync_command_reports_an_unreachable_store_in_one_line(tmp_path):
+    search = tmp_path / "runs" / "s"
+    search.mkdir(parents=True)
+    down = f"http://127.0.0.1:{free_port()}"
+    from tskd_tune.config import validate
+
+    (search / "search.json").write_text(json.dumps({"config": validate({}).model_dump(mode="json"),
+        "options": {"name": "s", "storage": str(tmp_path / "runs"), "tracking_uri": down, "address": None,
+                    "use_cache": True, "space_file": ""}, "parent_run_id": "p"}))  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "tskd_tune", "sync", str(search)], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[-1]]
+    assert proc.stderr.startswith(f"error: tracking.uri: cannot use MLflow at {down}")
