@@ -235,6 +235,15 @@ def _finalizer(tracking_uri: str, parent_run_id: str, max_epochs: int, search_pa
     from ray import tune
 
     class MlflowFinalizer(tune.Callback):
+        next_sync = 0.0
+
+        def on_step_end(self, iteration, trials, **info):
+            # journals of trials that ended while MLflow was down are delivered soon after it is back
+            if time.monotonic() >= self.next_sync:
+                self.next_sync = time.monotonic() + 15
+                if (search_path / tracking.JOURNAL_DIR).is_dir():
+                    tracking.sync_journals(search_path, probe=True)
+
         def _tracker(self, trial) -> tracking.RunTracker:
             return tracking.RunTracker(tracking_uri, tracking.journal_path(search_path, trial.trial_id),
                                        run_id=(trial.last_result or {}).get("mlflow_run_id"),

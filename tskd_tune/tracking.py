@@ -415,17 +415,23 @@ def journal_path(search_path: Path, name: str) -> Path:
     return Path(search_path) / JOURNAL_DIR / f"{name}.jsonl"
 
 
-def sync_journals(search_path: Path, uri: str | None = None) -> tuple[int, int, int]:
+def sync_journals(search_path: Path, uri: str | None = None, probe: bool = False) -> tuple[int, int, int]:
     """Replay every MLflow journal of a search (to ``uri`` if the store has moved):
-    (journals, writes delivered, writes still queued)."""
+    (journals, writes delivered, writes still queued). ``probe``: stop at the first journal that
+    cannot be delivered (MLflow still down), so that a periodic attempt stays cheap."""
     journals = sorted((Path(search_path) / JOURNAL_DIR).glob("*.jsonl"))
     delivered = queued = 0
     for journal in journals:
-        tracker = RunTracker.from_journal(journal, uri)
+        try:
+            tracker = RunTracker.from_journal(journal, uri)
+        except (OSError, ValueError, IndexError):
+            continue  # delivered and removed meanwhile by its own trial
         before = tracker.pending()
         left = tracker.flush()
         delivered += before - left
         queued += left
+        if left and probe:
+            break
     return len(journals), delivered, queued
 
 
