@@ -84,3 +84,50 @@ def test_concurrent_builders_compute_once(tmp_path):
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert log.read_text().count("built") == 1
+
+
+@pytest.mark.faults
+def test_trials_racing_for_one_teacher_build_it_once_and_corrupt_entries_are_rebuilt(tmp_path):
+    """Two `tskd-tune trial` processes start together on one cache: data, generator, synthetic pool,
+    teacher and its logits are each built by one of them. Then one file of each kind of entry is cut
+    in half: the next trial detects it by checksum and rebuilds it instead of using it."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import tiny_raw
+    from tests.test_synth import TINY_SYNTH
+    from tskd_tune.config import validate
+    from tskd_tune.trial import run_trial
+
+    raw = tiny_raw(tmp_path, student={"epochs": 1}, teacher={"epochs": 2}, synthetic=TINY_SYNTH,
+                   resources={"threads": 1})  # fmt: skip
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "tskd_tune", "trial", str(space), "--json", "--out"]
+    procs = [subprocess.Popen([*cmd, str(tmp_path / n)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in ("a", "b")]  # fmt: skip
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    first = [json.loads(out) for out, _ in outs]
+    for flag in ("teacher_cached", "logits_cached", "synth_cached"):
+        assert sorted(r[flag] for r in first) == [False, True], flag  # built once, found once
+    assert first[0]["teacher_val_dice"] == first[1]["teacher_val_dice"]
+
+    cache = tmp_path / "cache"
+    damaged = {}
+    for kind, name in [("data", "images.npy"), ("teacher", "adapter/adapter_model.safetensors"),
+                       ("logits", "outputs.npy"), ("synth_pool", "images.npy")]:  # fmt: skip
+        (entry,) = [p for p in (cache / kind).iterdir() if p.is_dir()]
+        f = entry / name
+        size = f.stat().st_size
+        f.write_bytes(f.read_bytes()[: size // 2])
+        assert not verify(entry)
+        damaged[kind] = (entry, f, size)
+    again = run_trial(validate(raw))
+    assert (again["teacher_cached"], again["logits_cached"], again["synth_cached"]) == (False, False, False)
+    for kind, (entry, f, size) in damaged.items():
+        assert verify(entry) and f.stat().st_size == size, kind  # rebuilt whole, in place
+    assert again["teacher_val_dice"] == first[0]["teacher_val_dice"]  # the same teacher, rebuilt

@@ -40,9 +40,8 @@ def test_hook_matches_phase_and_epoch(monkeypatch):
 
 
 def test_with_a_state_folder_each_fault_goes_to_one_trial_and_retries_run_clean(monkeypatch, tmp_path):
-    _inject(
-        monkeypatch, {"fault": "raise", "epoch": 1}, {"fault": "sleep", "epoch": 1}, state=tmp_path / "state"
-    )
+    _inject(monkeypatch, {"fault": "raise", "epoch": 1, "once": True}, {"fault": "sleep", "epoch": 1, "once": True},
+            {"fault": "nan", "epoch": 2}, state=tmp_path / "state")  # fmt: skip
     trial_a, trial_b, trial_c = (tmp_path / n for n in "abc")
     for d in (trial_a, trial_b, trial_c):
         d.mkdir()
@@ -52,7 +51,10 @@ def test_with_a_state_folder_each_fault_goes_to_one_trial_and_retries_run_clean(
     monkeypatch.chdir(trial_b)
     assert faults.injected("step", "student", 1)["fault"] == "sleep"
     monkeypatch.chdir(trial_c)
-    assert faults.injected("step", "student", 1) is None  # every fault is taken
+    assert faults.injected("step", "student", 1) is None  # every "once" fault is taken
+    assert faults.injected("step", "student", 2)["fault"] == "nan"  # the others fire in every trial
+    monkeypatch.chdir(trial_a)
+    assert faults.injected("step", "student", 2)["fault"] == "nan"
 
 
 def test_watchdog_fires_once_without_beats_and_never_with_them():
@@ -120,3 +122,48 @@ def test_writable_dir_names_the_flag(tmp_path):
     with pytest.raises(StorageError, match=r"^--storage: cannot write to .*file/runs \(Not a directory\)$"):
         writable_dir(tmp_path / "file" / "runs", "--storage")
     assert writable_dir(tmp_path / "ok", "--storage").is_dir() and os.listdir(tmp_path / "ok") == []
+
+
+def _read_only(folder, cmd: list[str]) -> list[str]:
+    """``cmd`` run with ``folder`` read-only: chmod for a normal user; root ignores permissions, so for
+    root a private read-only bind mount (a mount namespace of the command's own; nothing else sees it)."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return cmd
+    probe = ["unshare", "--mount", "--propagation", "private", "true"]
+    if not shutil.which("unshare") or subprocess.run(probe, capture_output=True).returncode != 0:
+        pytest.skip("running as root without the right to make a read-only mount")
+    script = 'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" "$1" && shift && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(folder), *cmd]
+
+
+def test_read_only_storage_fails_in_one_line_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import tiny_raw
+
+    raw = tiny_raw(tmp_path)
+    raw["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "ro"}
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(raw["tracking"]["uri"]).search_experiments()  # the store exists (its creation logs lines)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    tskd = [sys.executable, "-m", "tskd_tune"]
+    for args, flag, folder in [(["launch", str(space), "--storage", str(ro / "runs")], "--storage", ro / "runs" / "tiny"),
+                               (["trial", str(space), "--out", str(ro / "trial")], "--out", ro / "trial")]:  # fmt: skip
+        proc = subprocess.run(_read_only(ro, tskd + args), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {flag}: cannot write to {folder} ("), lines
+        assert "Read-only file system" in lines[0] or "Permission denied" in lines[0]
+        assert "Ray dashboard" not in proc.stdout  # refused before Ray started, before any trial
+    assert list(ro.iterdir()) == []

@@ -55,11 +55,12 @@ def write_space(folder: Path, cache: Path, uri: str, *, samples: int, concurrent
     return path
 
 
-def fault_env(folder: Path, *specs: dict, claim: bool = True) -> dict:
-    env = os.environ | {"TSKD_FAULT_INJECT": json.dumps(list(specs))}
-    if claim:
-        env["TSKD_FAULT_STATE"] = str(folder / "fault-state")
-    return env
+def fault_env(folder: Path, *specs: dict) -> dict:
+    """The environment of a search whose trials meet ``specs`` (see tskd_tune/faults.py)."""
+    return os.environ | {
+        "TSKD_FAULT_INJECT": json.dumps(list(specs)),
+        "TSKD_FAULT_STATE": str(folder / "faults"),
+    }
 
 
 def cli(*args, cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -132,9 +133,8 @@ def test_failing_trials_are_recorded_with_the_reason_and_told_to_optuna_as_faile
     deterministic failures are not retried."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     space = write_space(tmp_path, cache, uri, samples=4, concurrent=2)
-    env = fault_env(
-        tmp_path, *({"fault": f, "phase": "student", "epoch": 2} for f in ("nan", "oom", "enospc"))
-    )
+    faults = ({"fault": f, "phase": "student", "epoch": 2, "once": True} for f in ("nan", "oom", "enospc"))
+    env = fault_env(tmp_path, *faults)
     t0 = time.monotonic()
     proc = cli("launch", space, "--storage", tmp_path / "runs", "--name", "fail", cwd=tmp_path, env=env)
     wall = time.monotonic() - t0
@@ -182,8 +182,8 @@ def test_killed_worker_resumes_from_its_checkpoint_and_a_hung_trial_is_stopped(t
     search.trial_timeout_s without progress it is stopped and marked timeout."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     space = write_space(tmp_path, cache, uri, samples=2, concurrent=1, trial_timeout_s=30)
-    env = fault_env(tmp_path, {"fault": "sleep", "seconds": 15, "phase": "student", "epoch": 2},
-                    {"fault": "sleep", "seconds": 3600, "phase": "student", "epoch": 2})  # fmt: skip
+    env = fault_env(tmp_path, {"fault": "sleep", "seconds": 15, "phase": "student", "epoch": 2, "once": True},
+                    {"fault": "sleep", "seconds": 3600, "phase": "student", "epoch": 2, "once": True})  # fmt: skip
     search = tmp_path / "runs" / "kill"
     t0 = time.monotonic()
     driver = start(
@@ -220,9 +220,7 @@ def test_killed_worker_resumes_from_its_checkpoint_and_a_hung_trial_is_stopped(t
 def test_search_whose_driver_was_killed_is_resumed_without_loss_or_duplicates(tmp_path, cache, procs):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     space = write_space(tmp_path, cache, uri, samples=2, concurrent=2)
-    env = fault_env(
-        tmp_path, {"fault": "sleep", "seconds": 3, "phase": "student"}, claim=False
-    )  # slow epochs
+    env = fault_env(tmp_path, {"fault": "sleep", "seconds": 3, "phase": "student"})  # slow epochs
     search = tmp_path / "runs" / "crash"
     t0 = time.monotonic()
     driver = start(
@@ -297,13 +295,18 @@ class MlflowServer:
 
 
 def test_mlflow_outage_mid_search_loses_no_write(tmp_path, cache, procs):
-    """The MLflow server stops while trial 1 trains: it trains on; its writes wait in the journal and
-    reach MLflow once the server is back, without any command. The server stops again until the search
-    has ended: `tskd-tune sync` then delivers the rest. In the end MLflow holds every epoch once."""
+    """The MLflow server stops while trial 1 trains: it trains on, its writes wait in the journal and
+    reach MLflow once the server is back, without any command. The server stops again while trial 2
+    trains and stays down until the search has ended: `tskd-tune sync` then delivers the rest. In the
+    end MLflow holds every epoch of every trial once, the params, tags, artifacts and final statuses."""
     server = MlflowServer(tmp_path, procs)
     server.start()
     space = write_space(tmp_path, cache, server.uri, samples=2, concurrent=1)
-    env = fault_env(tmp_path, {"fault": "sleep", "seconds": 3, "phase": "student"}, claim=False)
+    gates = [tmp_path / "gate-1", tmp_path / "gate-2"]
+    # each trial waits at the start of epoch 3 until its gate opens (the server may take a while to
+    # restart); every other epoch starts with a 6 s sleep, so the test can stop the server in time
+    waits = ({"fault": "sleep", "until": str(g), "phase": "student", "epoch": 3, "once": True} for g in gates)
+    env = fault_env(tmp_path, *waits, {"fault": "sleep", "seconds": 6, "phase": "student"})
     search = tmp_path / "runs" / "outage"
     t0 = time.monotonic()
     driver = start(
@@ -313,19 +316,24 @@ def test_mlflow_outage_mid_search_loses_no_write(tmp_path, cache, procs):
     server.stop()
     wait_for("trial 1 to train on while MLflow is down", lambda: first in epochs_of(search, 2), timeout=300)
     journal = search / "mlflow_journal" / f"{first}.jsonl"
-    assert journal.is_file() and '"op": "metrics"' in journal.read_text()
+    assert '"epoch": 2.0' in journal.read_text()  # epoch 2's metrics wait in the journal
     server.start()
+    gates[0].touch()
 
-    def delivered():
+    def delivered(trial: str, epochs: list[int]):
         _, _, kids = runs(server.uri, "outage")
-        return first in kids and 2 in steps(MlflowClient(server.uri), kids[first])
+        return trial in kids and steps(MlflowClient(server.uri), kids[trial]) == epochs
 
-    wait_for("the journaled epoch to reach MLflow", delivered, timeout=300)
+    wait_for("the journaled epochs to reach MLflow", lambda: delivered(first, [1, 2, 3]), timeout=300)
+    second = wait_for(
+        "trial 2 at epoch 2", lambda: [t for t in epochs_of(search, 2) if t != first], timeout=600
+    )[0]
     server.stop()  # down again, until the search is over
+    gates[1].touch()
     assert driver.wait(timeout=900) == 0, (tmp_path / "driver.log").read_text()[-4000:]
     log = (tmp_path / "driver.log").read_text()
     assert "write(s) are kept in" in log and "tskd-tune sync" in log
-    assert list((search / "mlflow_journal").glob("*.jsonl"))
+    assert (search / "mlflow_journal" / f"{second}.jsonl").is_file()
     server.start()
     synced = cli("sync", search, cwd=tmp_path)
     wall = time.monotonic() - t0
@@ -335,7 +343,7 @@ def test_mlflow_outage_mid_search_loses_no_write(tmp_path, cache, procs):
     client, parent, kids = runs(server.uri, "outage")
     assert parent.info.status == "FINISHED" and "best_val_dice" in parent.data.metrics
     assert {"leaderboard.csv", "best.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert len(kids) == 2
+    assert set(kids) == {first, second}
     for run in kids.values():
         assert run.info.status == "FINISHED" and run.data.tags["tskd.status"] == "finished"
         assert steps(client, run) == [1, 2, 3] and steps(client, run, "train_loss") == [1, 2, 3]

@@ -12,18 +12,20 @@ same config from the same checkpoint fails the same way. Such a trial records it
 (:func:`fail_if_failed_before`). ``tskd-tune resume`` clears these records: a resumed search gives its
 failed trials one more attempt (the disk may have been freed, the GPU may be less busy).
 
-**Fault injection (test hook).** ``tests/test_faults.py`` makes real searches fail the way production
-searches fail. The hook does nothing unless ``TSKD_FAULT_INJECT`` is set; never set it outside tests.
+**Fault injection (test hook).** ``tests/test_search_faults.py`` makes real searches fail the way
+production searches fail. The hook does nothing unless ``TSKD_FAULT_INJECT`` is set; never set it
+outside tests.
 
-- ``TSKD_FAULT_INJECT``: a JSON list of faults ``{"fault": F, "phase": P, "epoch": E, "seconds": S}``.
-  ``nan`` (the loss becomes NaN), ``raise`` (RuntimeError), ``oom`` (``torch.cuda.OutOfMemoryError``)
-  and ``sleep`` (``S`` seconds) fire at the first step of epoch ``E`` of training phase ``P`` (``teacher``,
-  ``student``, ``pretrain``, ``finetune``); ``enospc`` fires when that epoch's checkpoint is written:
-  half the file, then ``OSError(ENOSPC)``. Without ``phase``/``epoch`` a fault matches every phase/epoch.
-- ``TSKD_FAULT_STATE``: a folder. When set, each fault fires in one trial only (the first to reach it
-  claims it) and a trial claims at most one fault, so a retried trial runs clean and a list of faults
-  goes to different trials. A trial is told apart by its working directory (Ray runs each trial in
-  its own). Without it, a fault fires every time it matches.
+- ``TSKD_FAULT_INJECT``: a JSON list of faults ``{"fault": F, "phase": P, "epoch": E, ...}``; the first
+  that matches fires. ``nan`` (the loss becomes NaN), ``raise`` (RuntimeError), ``oom``
+  (``torch.cuda.OutOfMemoryError``) and ``sleep`` (``"seconds"``, or until the file ``"until"``
+  exists) fire at the first step of epoch ``E`` of training phase ``P`` (``teacher``, ``student``,
+  ``pretrain``, ``finetune``); ``enospc`` fires when that epoch's checkpoint is written: half the
+  file, then ``OSError(ENOSPC)``. Without ``phase`` / ``epoch`` a fault matches every phase / epoch.
+- ``"once": true`` with ``TSKD_FAULT_STATE`` (a folder): that fault fires in one trial only (the first
+  to reach it claims it) and a trial claims at most one such fault, so a retried trial runs clean
+  and a list of faults goes to different trials, in order. A trial is told apart by its working
+  directory (Ray runs each trial in its own). Other faults fire every time they match.
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ def injected(point: str, phase: str, epoch: int) -> dict | None:
             continue
         if spec.get("phase", phase) != phase or spec.get("epoch", epoch) != epoch:
             continue
-        if _claim(i):
+        if not spec.get("once") or _claim(i):
             return spec
     return None
 
@@ -173,7 +175,9 @@ def apply_step_fault(spec: dict, loss):
         raise torch.cuda.OutOfMemoryError(
             "CUDA out of memory. Tried to allocate 2.00 GiB (injected by TSKD_FAULT_INJECT)"
         )
-    time.sleep(float(spec.get("seconds", 3600)))
+    deadline, until = time.monotonic() + float(spec.get("seconds", 3600)), spec.get("until")
+    while time.monotonic() < deadline and not (until and os.path.exists(until)):
+        time.sleep(0.2)
     return loss
 
 

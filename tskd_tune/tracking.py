@@ -121,6 +121,8 @@ QUICK_HTTP = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    # nor print a "View run ... at: URL" line on stdout for every run it ends
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 # MLflow error codes that mean "not now" rather than "never": the write is kept and retried
 _TRANSIENT = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
@@ -325,11 +327,11 @@ class RunTracker:
             raise TskdError(f"MLflow: no run for trial {self.trial_id} under parent {self.parent_run_id}")
         if kind == "metrics":
             values, step = op["metrics"], op["step"]
-            if "epoch" in values:
-                if step <= self._logged_epochs(run_id):
-                    return
-                self._epochs_logged = step
+            if "epoch" in values and step <= self._logged_epochs(run_id):
+                return
             c.log_batch(run_id, metrics=[Metric(k, v, op["ts"], step) for k, v in values.items()])
+            if "epoch" in values:
+                self._epochs_logged = step
         elif kind == "params":
             existing = c.get_run(run_id).data.params
             # a resumed trial logs its params again; MLflow refuses changed values, equal ones are skipped
