@@ -58,6 +58,7 @@ def test_writes_while_mlflow_is_down_are_journaled_in_order_and_replayed(store, 
     )
     ops = [json.loads(line)["op"] for line in journal.read_text().splitlines()[1:]]
     assert ops == ["start", "params", "metrics", "metrics", "artifact", "tags", "finish", "finalize"]
+    (tmp_path / "config.yaml").unlink()  # e.g. Ray's session folder was cleaned: the journal kept a copy
 
     assert tracking.sync_journals(search, uri=uri) == (1, 8, 0)
     assert not journal.exists()
@@ -70,6 +71,7 @@ def test_writes_while_mlflow_is_down_are_journaled_in_order_and_replayed(store, 
     assert "val_hd95" not in run.data.metrics  # non-finite values never reach MLflow
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
     assert tracking.sync_journals(search, uri=uri) == (0, 0, 0)  # nothing twice
+    assert list(journal.parent.iterdir()) == [journal.with_name("t1.jsonl.lock")]  # copies removed
 
 
 def test_a_resumed_trial_does_not_log_an_epoch_twice(store, tmp_path):
@@ -121,3 +123,18 @@ def test_sync_command_reports_an_unreachable_store_in_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[-1]]
     assert proc.stderr.startswith(f"error: tracking.uri: cannot use MLflow at {down}")
+
+
+def test_runs_of_trials_lost_with_a_killed_driver_are_closed(store):
+    uri, client, parent = store
+    exp = client.get_run(parent).info.experiment_id
+    ids = {}
+    for trial in ("known1", "lost22", "done33"):
+        run = client.create_run(exp, tags={"mlflow.parentRunId": parent, tracking.TRIAL_TAG: trial})
+        ids[trial] = run.info.run_id
+    client.set_terminated(ids["done33"], "FINISHED")
+    assert tracking.close_lost_children(uri, parent, lambda t: t == "known1") == ["lost22"]
+    lost = client.get_run(ids["lost22"])
+    assert lost.info.status == "KILLED" and lost.data.tags["tskd.status"] == "lost"
+    assert client.get_run(ids["known1"]).info.status == "RUNNING"  # the resumed search continues it
+    assert client.get_run(ids["done33"]).info.status == "FINISHED"

@@ -416,6 +416,8 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
         results = tuner.fit()
     finally:
         parent_client.update_run(parent, status="RUNNING")
+    if resume:
+        _close_lost_children(opts, parent, results, console)
     summary = summarize(cfg, opts, results, parent, payload, console)
     summary["wall_s"] = time.perf_counter() - t0
     _write_json(opts.path / "summary.json", summary)
@@ -425,6 +427,22 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
         console.print(f"MLflow is unreachable: {queued} write(s) are kept in {opts.path / tracking.JOURNAL_DIR}; "
                       f"`tskd-tune sync {opts.path}` delivers them", markup=False)  # fmt: skip
     return summary
+
+
+def _close_lost_children(opts: SearchOptions, parent: str, results, console) -> None:
+    """After a resume: end the child runs of trials the killed driver started but Ray never recorded."""
+    names = [Path(r.path).name for r in results if r.path]
+    try:
+        lost = tracking.close_lost_children(
+            opts.tracking_uri, parent, lambda t: any(f"_{t}_" in n for n in names)
+        )
+    except Exception as exc:  # noqa: BLE001 - MLflow down now: they stay RUNNING until the next resume
+        if not tracking.unreachable(exc):
+            raise
+        return
+    if lost:
+        console.print(f"MLflow: {len(lost)} run(s) of trials lost with the killed driver ended as KILLED "
+                      f"(tskd.status=lost): {', '.join(lost)}", markup=False)  # fmt: skip
 
 
 def summarize(cfg: Config, opts: SearchOptions, results, parent: str, payload: dict, console) -> dict:

@@ -13,8 +13,10 @@ import json
 import logging
 import math
 import os
+import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from filelock import FileLock
@@ -103,6 +105,26 @@ def find_child(uri: str, parent_run_id: str, trial_id: str) -> str | None:
     flt = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'"
     found = c.search_runs([exp_id], filter_string=flt, max_results=1)
     return found[0].info.run_id if found else None
+
+
+def close_lost_children(uri: str, parent_run_id: str, known) -> list[str]:
+    """End the RUNNING child runs of trials the search does not know (``known(trial_id)`` is False).
+
+    A driver killed right after a trial opened its run, before Ray saved the trial in its experiment
+    state, leaves that run behind; the resumed search proposes a new trial instead. The run is ended
+    KILLED with ``tskd.status=lost``, so that none is left RUNNING. Returns the trial ids.
+    """
+    c = client(uri)
+    exp_id = c.get_run(parent_run_id).info.experiment_id
+    flt = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    lost = []
+    for run in c.search_runs([exp_id], filter_string=flt, max_results=10000):
+        trial_id = run.data.tags.get(TRIAL_TAG)
+        if trial_id is not None and not known(trial_id):
+            c.set_tag(run.info.run_id, "tskd.status", "lost")
+            c.set_terminated(run.info.run_id, status="KILLED")
+            lost.append(trial_id)
+    return lost
 
 
 def numeric(metrics: dict) -> dict[str, float]:
@@ -259,6 +281,13 @@ class RunTracker:
 
     def _append(self, op: dict) -> None:
         self.journal.parent.mkdir(parents=True, exist_ok=True)
+        if op["op"] == "artifact" and Path(op["path"]).is_file():
+            # a copy beside the journal: the original may live in a temporary folder (Ray's session
+            # folder) that is gone by the time MLflow is back
+            copy = self._files / uuid.uuid4().hex[:12] / Path(op["path"]).name
+            copy.parent.mkdir(parents=True)
+            shutil.copy2(op["path"], copy)
+            op = op | {"path": str(copy)}
         new = not self.journal.is_file()
         with self.journal.open("a") as f:
             if new:
@@ -296,8 +325,13 @@ class RunTracker:
                     return len(ops) - i
                 self._reject(op, exc)
         self.journal.unlink()
+        shutil.rmtree(self._files, ignore_errors=True)
         log.warning("MLflow is back: %d queued write(s) delivered from %s", len(ops), self.journal)
         return 0
+
+    @property
+    def _files(self) -> Path:
+        return self.journal.with_suffix(".files")
 
     def _reject(self, op: dict, exc: Exception) -> None:
         """A queued write MLflow refuses for good (not an outage) is set aside, never silently dropped."""
