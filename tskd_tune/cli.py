@@ -284,18 +284,35 @@ def launch(
         str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default tracking.uri).")
     ] = None,
     address: Annotated[
-        str | None, typer.Option("--address", help="Ray cluster address (default: a local Ray instance).")
+        str | None,
+        typer.Option(
+            "--address",
+            help="Ray cluster: auto (this node's cluster), HOST:PORT, ray://HOST:10001 (Ray Client), or "
+            "http(s)://HOST:8265 (submit as a Ray Job). Default: a local Ray instance.",
+        ),
     ] = None,
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Recompute data, teachers and teacher outputs in every trial.")
     ] = False,
+    detach: Annotated[
+        bool,
+        typer.Option("--detach", help="With --address http(s)://...: print the job id and return at once."),
+    ] = False,
 ) -> None:
     """Run a hyperparameter search: Ray Tune trials, Optuna proposals, ASHA early stopping, MLflow records."""
+    from tskd_tune import cluster
     from tskd_tune.config import apply_search_overrides
     from tskd_tune.search import SearchOptions
     from tskd_tune.search import launch as run_search
 
     cfg = apply_search_overrides(_load(space, set_), num_samples, max_concurrent)
+    if detach and not cluster.is_job_address(address):
+        raise TskdError("--detach: only with --address http(s)://HOST:8265 (a search submitted as a Ray Job)")
+    if cluster.is_job_address(address):
+        cluster.check_tracking_uri(tracking_uri or cfg.tracking.uri)
+        args = {"name": name or cfg.name or space.stem, "storage": storage, "tracking_uri": tracking_uri,
+                "num_samples": num_samples, "max_concurrent": max_concurrent, "no_cache": no_cache}  # fmt: skip
+        raise typer.Exit(cluster.submit(cfg, space, set_ or [], args, address, out, detach=detach))
     opts = SearchOptions(
         name or cfg.name or space.stem,
         storage,
@@ -324,13 +341,31 @@ def resume(
 @app.command()
 def status(
     name_or_path: Annotated[
-        str, typer.Argument(help="Search name (under runs/) or folder.", show_default=False)
+        str,
+        typer.Argument(
+            help="Search name (under runs/) or folder; with --address, a Ray Job id.", show_default=False
+        ),
     ],
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address", help="Ray dashboard (http(s)://HOST:8265) of a search submitted as a Ray Job."
+        ),
+    ] = None,
 ) -> None:
-    """Table of a search's trials and the best so far (also while it runs)."""
+    """Table of a search's trials and the best so far (also while it runs); or a Ray Job's state and log tail."""
     from tskd_tune.report import leaderboard
     from tskd_tune.search import load_search, resolve_search_path
 
+    if address is not None:
+        from tskd_tune import cluster
+
+        if not cluster.is_job_address(address):
+            raise TskdError(
+                f"--address {address}: status reads Ray Jobs through the dashboard, http(s)://HOST:8265"
+            )
+        cluster.job_status(address, name_or_path, out)
+        return
     path = resolve_search_path(name_or_path)
     cfg, _, parent = load_search(path)
     board = leaderboard(path, cfg.search.metric, cfg.search.mode)

@@ -203,6 +203,8 @@ class SearchConfig(Section):
     """Search space: dotted config path -> distribution."""
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
     """Known-good configs (dotted path -> value) tried first."""
+    study_storage: str | None = None
+    """Optuna storage that outlives the driver: an RDB URL (no password) or a journal file path; None: in memory."""
 
 
 class TrackingConfig(Section):

@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tskd_tune import tracking
+from tskd_tune import cluster, tracking
+from tskd_tune.cluster import mask_uri, mlflow_env
 from tskd_tune.config import Config, apply_values, to_yaml
 from tskd_tune.errors import TskdError
 
@@ -48,6 +49,10 @@ def absolutize(cfg: Config) -> Config:
     }
     if cfg.data.root is not None:
         upd["data"] = cfg.data.model_copy(update={"root": cfg.data.root.resolve()})
+    if cfg.search.study_storage and "://" not in cfg.search.study_storage:  # a journal file
+        upd["search"] = cfg.search.model_copy(
+            update={"study_storage": str(Path(cfg.search.study_storage).resolve())}
+        )
     if cfg.teacher.checkpoint is not None:
         upd["teacher"] = cfg.teacher.model_copy(update={"checkpoint": cfg.teacher.checkpoint.resolve()})
     return cfg.model_copy(update=upd)
@@ -67,7 +72,6 @@ def _git_commit() -> str:
 def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
     """One Ray Tune trial: sampled values -> config -> child MLflow run -> run_trial with reports."""
     import logging
-    import socket
 
     import numpy as np
     import ray
@@ -79,6 +83,8 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
 
     for name in ("ray.tune", "ray.train"):  # one "checkpoint created" line per epoch is noise
         logging.getLogger(name).setLevel(logging.WARNING)
+    # before the first MLflow call: a remote server may need credentials this worker did not inherit
+    os.environ.update(run.get("mlflow_env", {}))
     cfg = apply_values(validate(base, check_search_space=False), config)
     if cfg.resources.gpu and 0 < cfg.resources.gpu < 1 and resolve_device(cfg).type == "cuda":
         import torch
@@ -92,7 +98,7 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
     )
     tracker = tracking.RunTracker(run["tracking_uri"], run_id)
     tracker.log_params(config | {"distill.method": cfg.distill.method, "student.model": cfg.student.model})
-    tracker.set_tags({"ray.node_id": ray.get_runtime_context().get_node_id(), "ray.node_ip": socket.gethostbyname(socket.gethostname()),
+    tracker.set_tags({"ray.node_id": ray.get_runtime_context().get_node_id(), "ray.node_ip": ray.util.get_node_ip_address(),
                       "device": str(resolve_device(cfg)), "resumed": resumed})  # fmt: skip
     out_dir = trial_dir / "outputs"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -251,16 +257,26 @@ def _data_payload(cfg: Config, use_cache: bool) -> dict:
 
 
 def init_ray(address: str | None, console) -> None:
-    """Start (or join) Ray; the dashboard binds to 127.0.0.1 and its URL is printed."""
+    """Start a local Ray or join a cluster (``auto``, ``HOST:PORT``, ``ray://HOST:10001``); print the dashboard URL."""
     import ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table reporter shows our columns
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if ray.is_initialized():
         return
-    # "local" rather than None: None would silently join the last `ray start` cluster on this machine
-    ctx = ray.init(address=address or "local", include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR",
-                   log_to_driver=True)  # fmt: skip
+    try:
+        if address and address.startswith("ray://"):
+            # Ray Client takes no dashboard options: the cluster has its own dashboard
+            ctx = ray.init(address=address, logging_level="ERROR")
+        else:
+            # "local" rather than None: None would silently join the last `ray start` cluster on this machine
+            ctx = ray.init(address=address or "local", include_dashboard=True, dashboard_host="127.0.0.1",
+                           logging_level="ERROR", log_to_driver=True)  # fmt: skip
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        if not address:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise TskdError(f"--address: cannot join the Ray cluster at {address}: {first[:200]}") from None
     url = getattr(ctx, "dashboard_url", None)
     if url:
         console.print(
@@ -268,7 +284,34 @@ def init_ray(address: str | None, console) -> None:
         )
 
 
-def _tuner(cfg: Config, opts: SearchOptions, parent_run_id: str, data_ref: dict, restore: bool = False):
+def _study_storage(cfg: Config, name: str, fresh: bool):
+    """The Optuna storage of ``search.study_storage`` (None: in memory); a fresh search must not reuse a study."""
+    value = cfg.search.study_storage
+    if not value:
+        return None
+    import optuna
+
+    try:
+        if "://" in value:
+            storage = optuna.storages.RDBStorage(value)
+        else:
+            from optuna.storages.journal import JournalFileBackend
+
+            Path(value).parent.mkdir(parents=True, exist_ok=True)
+            storage = optuna.storages.JournalStorage(JournalFileBackend(str(value)))
+        exists = name in optuna.study.get_all_study_names(storage)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "storage unusable"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise TskdError(f"search.study_storage: cannot use {mask_uri(value)}: {first[:200]}") from None
+    if fresh and exists:
+        raise TskdError(
+            f"search.study_storage: {mask_uri(value)} already holds a study named {name!r}; pick another --name"
+        )
+    return storage
+
+
+def _tuner(cfg: Config, opts: SearchOptions, parent_run_id: str, data_ref: dict, restore: bool = False,
+           resume: bool = False):  # fmt: skip
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -277,7 +320,9 @@ def _tuner(cfg: Config, opts: SearchOptions, parent_run_id: str, data_ref: dict,
 
     from tskd_tune.space import to_optuna
 
-    run = {"tracking_uri": opts.tracking_uri, "parent_run_id": parent_run_id, "use_cache": opts.use_cache}
+    # MLflow credentials ride in the object store with the trainable: no runtime_env, dashboard or log shows them
+    run = {"tracking_uri": opts.tracking_uri, "parent_run_id": parent_run_id, "use_cache": opts.use_cache,
+           "mlflow_env": mlflow_env()}  # fmt: skip
     trainable = tune.with_parameters(_trainable, data=data_ref, base=cfg.model_dump(mode="json"), run=run)
     trainable = tune.with_resources(trainable, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     max_epochs = 1 if cfg.distill.method == "teacher" else cfg.student.epochs
@@ -289,7 +334,8 @@ def _tuner(cfg: Config, opts: SearchOptions, parent_run_id: str, data_ref: dict,
     s = cfg.search
     # metric and mode go to searcher and scheduler themselves: ConcurrencyLimiter does not pass them on
     searcher = OptunaSearch(space=to_optuna(s.space), metric=s.metric, mode=s.mode, sampler=_sampler(cfg),
-                            points_to_evaluate=s.points_to_evaluate or None)  # fmt: skip
+                            points_to_evaluate=s.points_to_evaluate or None, study_name=opts.name,
+                            storage=_study_storage(cfg, opts.name, fresh=not resume))  # fmt: skip
     searcher = ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
     if s.scheduler == "asha":
         scheduler = ASHAScheduler(metric=s.metric, mode=s.mode, max_t=max_epochs, grace_period=min(s.grace_period, max_epochs),
@@ -323,6 +369,9 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
     """Run (or resume) a search; returns the summary also written to the search folder."""
     import ray
 
+    cluster.check_tracking_uri(opts.tracking_uri)
+    cluster.refuse_embedded_password(cfg.search.study_storage, "search.study_storage",
+                                     "let the driver read it from the environment (e.g. PGPASSWORD or ~/.pgpass)")  # fmt: skip
     cfg = absolutize(cfg)
     opts.tracking_uri = tracking.absolute_uri(opts.tracking_uri)
     opts.storage = opts.storage.resolve()
@@ -335,9 +384,11 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
         )
     opts.path.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    init_ray(opts.address, console)
+    # before the data: on a cluster the trial cache (and the synthetic pool built next) moves to shared storage
+    cfg = cluster.prepare(cfg, opts, console)
     console.print(f"preparing data ({cfg.data.dataset}) ...", markup=False)
     payload = _data_payload(cfg, opts.use_cache)
-    init_ray(opts.address, console)
     parent = tracking.parent_run(
         opts.tracking_uri, cfg.tracking.experiment, str(opts.path), opts.name,
         {"search.name": opts.name, "search.space_file": opts.space_file, "git.commit": _git_commit(),
@@ -350,16 +401,20 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
         client = tracking.client(opts.tracking_uri)
         client.log_text(parent, to_yaml(cfg), "search_config.yaml")
     console.print(
-        f"MLflow: {opts.tracking_uri} (experiment {cfg.tracking.experiment!r}, parent run {parent})",
+        f"MLflow: {mask_uri(opts.tracking_uri)} (experiment {cfg.tracking.experiment!r}, parent run {parent})",
         markup=False,
     )
+    if cfg.search.study_storage:
+        console.print(f"Optuna study {opts.name!r} in {mask_uri(cfg.search.study_storage)} "
+                      f"(optuna-dashboard {mask_uri(cfg.search.study_storage)})", markup=False)  # fmt: skip
     if opts.tracking_uri.startswith("sqlite:///"):
         console.print(
             f"  open it with: mlflow ui --backend-store-uri {opts.tracking_uri} --host 127.0.0.1",
             markup=False,
         )
     data_ref = ray.put(payload)
-    tuner, _ = _tuner(cfg, opts, parent, data_ref, restore=resume and (opts.path / "tuner.pkl").exists())
+    tuner, _ = _tuner(cfg, opts, parent, data_ref, restore=resume and (opts.path / "tuner.pkl").exists(),
+                      resume=resume)  # fmt: skip
     try:
         results = tuner.fit()
     finally:
