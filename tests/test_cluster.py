@@ -148,3 +148,30 @@ def test_study_storage_journal_and_rdb(tmp, tiny):
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path
+
+
+def test_uri_storage_round_trip(tmp_path, monkeypatch):
+    """pull/push through pyarrow (file:// here, s3:// or gs:// on a cluster); checkpoints stay remote."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    remote = tmp_path / "bucket" / "s1"
+    (remote / "trial_a" / "checkpoint_000001").mkdir(parents=True)
+    (remote / "trial_a" / "checkpoint_000001" / "state.pt").write_bytes(b"big")
+    (remote / "trial_a" / "result.json").write_text('{"val_dice": 0.5}\n')
+    (remote / "search.json").write_text("{}")
+    location = f"file://{remote}"
+    local = cluster.local_copy(location)
+    assert local == tmp_path / "xdg" / "tskd-tune" / "storage" / "file" / str(remote).strip("/")
+    assert cluster.pull(location, local, only=("search.json", "tuner.pkl"))
+    assert sorted(p.name for p in local.rglob("*") if p.is_file()) == ["search.json"]
+    assert cluster.pull(location, local)
+    assert (local / "trial_a" / "result.json").read_text() == '{"val_dice": 0.5}\n'
+    assert not (local / "trial_a" / "checkpoint_000001").exists()
+    (local / "summary.json").write_text('{"trials": 1}')
+    cluster.push(local, location, ["summary.json", "missing.csv"])
+    assert (remote / "summary.json").read_text() == '{"trials": 1}' and not (remote / "missing.csv").exists()
+    assert not cluster.pull(f"file://{tmp_path}/nothing", tmp_path / "x")
+    assert cluster.storage_dir(location) == remote and cluster.storage_dir("gs://b/runs") is None
+    with pytest.raises(
+        TskdError, match=r"^--storage: ftp://x/y: expected a folder, file:///PATH or a bucket URI"
+    ):
+        cluster.check_storage("ftp://x/y")

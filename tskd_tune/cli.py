@@ -279,7 +279,13 @@ def launch(
     name: Annotated[
         str | None, typer.Option("--name", help="Search name (default: the config's name).")
     ] = None,
-    storage: Annotated[Path, typer.Option("--storage", help="Folder that holds searches.")] = Path("runs"),
+    storage: Annotated[
+        str,
+        typer.Option(
+            "--storage",
+            help="Folder that holds searches (shared by every node on a cluster), or s3://, gs:// URI.",
+        ),
+    ] = "runs",
     tracking_uri: Annotated[
         str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default tracking.uri).")
     ] = None,

@@ -51,6 +51,69 @@ def is_bucket(storage: str | os.PathLike) -> bool:
     return "://" in text and text.split("://", 1)[0].lower() in BUCKET_SCHEMES
 
 
+def is_uri(storage: str | os.PathLike) -> bool:
+    """True for a storage URI (a bucket, or ``file://``) that goes through pyarrow rather than plain paths."""
+    return "://" in str(storage)
+
+
+def check_storage(storage: str) -> None:
+    if is_uri(storage) and not (is_bucket(storage) or str(storage).startswith("file://")):
+        raise TskdError(f"--storage: {storage}: expected a folder, file:///PATH or a bucket URI "
+                        f"({', '.join(s + '://' for s in BUCKET_SCHEMES)})")  # fmt: skip
+
+
+def storage_dir(storage: str | os.PathLike) -> Path | None:
+    """The local folder behind ``storage`` (a path or ``file://``); None for a bucket."""
+    if is_bucket(storage):
+        return None
+    text = str(storage)
+    return Path(urlsplit(text).path) if text.startswith("file://") else Path(text)
+
+
+def local_copy(location: str) -> Path:
+    """Where this machine keeps its copy of a search folder held at a storage URI (stable across runs)."""
+    scheme, rest = location.split("://", 1)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "tskd-tune" / "storage" / scheme / rest.strip("/")
+
+
+def pull(location: str, local: Path, only: tuple[str, ...] | None = None) -> bool:
+    """Copy a search folder from a storage URI to ``local`` (checkpoints left out); False if there is none.
+
+    ``only``: just these top-level files (what a quick existence check needs).
+    """
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(location)
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        return False
+    if only is not None:
+        infos = [fs.get_file_info(f"{root}/{name}") for name in only]
+    else:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    for info in infos:
+        rel = info.path[len(root) :].lstrip("/")
+        if info.type != pafs.FileType.File or any(part.startswith("checkpoint_") for part in rel.split("/")):
+            continue
+        target = local / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(info.path) as src, open(target, "wb") as dst:
+            dst.write(src.read())
+    return True
+
+
+def push(local: Path, location: str, names: list[str]) -> None:
+    """Copy the named files of the local search folder to the storage URI."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(location)
+    fs.create_dir(root, recursive=True)
+    for name in names:
+        if (local / name).is_file():
+            with open(local / name, "rb") as src, fs.open_output_stream(f"{root}/{name}") as dst:
+                dst.write(src.read())
+
+
 def mask_uri(uri: str | None) -> str:
     """``uri`` with any password replaced by ``***`` (``http://user:***@host``), for printing."""
     if not uri or "://" not in uri:
@@ -177,19 +240,17 @@ def prepare(cfg, opts, console):
             "write their own copy; run an MLflow server and pass --tracking-uri http://HOST:5000 (see cluster/README.md)"
         )
     default_cache = Path(CacheConfig.model_fields["dir"].default).resolve()
+    folder = storage_dir(opts.storage)
     dirs: dict[str, Path] = {}
-    if is_bucket(opts.storage):
-        if cfg.cache.dir == default_cache:
-            raise TskdError(
-                f"cache.dir: --storage {opts.storage} is a bucket, but the trial cache needs a file system (file "
-                "locks, memory-mapped arrays); set cache.dir to a folder every node mounts"
-            )
-    else:
-        dirs["--storage"] = Path(opts.storage)
-    if cfg.cache.dir == default_cache and not is_bucket(opts.storage):
-        cfg = cfg.model_copy(
-            update={"cache": cfg.cache.model_copy(update={"dir": Path(opts.storage) / "cache"})}
+    if folder is None and cfg.cache.dir == default_cache:
+        raise TskdError(
+            f"cache.dir: --storage {opts.storage} is a bucket, but the trial cache needs a file system (file "
+            "locks, memory-mapped arrays); set cache.dir to a folder every node mounts"
         )
+    if folder is not None:
+        dirs["--storage"] = folder
+    if cfg.cache.dir == default_cache:
+        cfg = cfg.model_copy(update={"cache": cfg.cache.model_copy(update={"dir": folder / "cache"})})
     else:
         dirs["cache.dir"] = cfg.cache.dir
     files = {}
@@ -265,16 +326,22 @@ def _call(address: str, fn, *args, **kwargs):
         raise TskdError(f"--address {address}: {_first_line(exc)}") from None
 
 
+def _default_cache(cfg) -> bool:
+    from tskd_tune.config import CacheConfig
+
+    return Path(cfg.cache.dir) == Path(CacheConfig.model_fields["dir"].default)
+
+
 def _relative_paths(cfg, storage: str) -> list[str]:
     """Paths that would be read relative to the job's temporary working folder on the cluster."""
     bad = []
-    if not is_bucket(storage) and not Path(storage).is_absolute():
+    if not is_bucket(storage) and not storage_dir(storage).is_absolute():
         bad.append(f"--storage {storage}")
     for label, value in (
         ("data.root", cfg.data.root),
         ("teacher.checkpoint", cfg.teacher.checkpoint),
         ("synthetic.pretrained_path", cfg.synthetic.pretrained_path),
-        ("cache.dir", cfg.cache.dir if "dir" in cfg.cache.model_fields_set else None),
+        ("cache.dir", None if _default_cache(cfg) else cfg.cache.dir),
     ):
         if value is not None and not Path(value).is_absolute():
             bad.append(f"{label} {value}")
@@ -296,6 +363,7 @@ def submit(
     import tskd_tune
 
     storage = str(args["storage"])
+    check_storage(storage)
     bad = _relative_paths(cfg, storage)
     if bad:
         raise TskdError(
@@ -315,6 +383,9 @@ def submit(
         argv.append("--no-cache")
     for item in overrides:
         argv += ["--set", item]
+    if _default_cache(cfg) and not is_bucket(storage):
+        # the job's working folder is temporary: keep the trial cache with the searches, for the next job too
+        argv += ["--set", f"cache.dir={storage_dir(storage) / 'cache'}"]
     entrypoint = shlex.join(argv)
     client = job_client(address)
     staging = Path(tempfile.mkdtemp(prefix="tskd-job-"))

@@ -30,7 +30,7 @@ class SearchOptions:
     """How a search runs (CLI flags), as opposed to what it searches (the config)."""
 
     name: str
-    storage: Path
+    storage: Path | str  # a folder, or a URI (s3://, gs://, file://) that Ray Tune writes through pyarrow
     tracking_uri: str
     address: str | None = None
     use_cache: bool = True
@@ -38,7 +38,17 @@ class SearchOptions:
 
     @property
     def path(self) -> Path:
-        return self.storage / self.name
+        """The search folder on this machine; for a storage URI, this machine's copy of it."""
+        if cluster.is_uri(self.storage):
+            return cluster.local_copy(self.location)
+        return Path(self.storage) / self.name
+
+    @property
+    def location(self) -> str:
+        """Where the search lives for Ray Tune and every node: the folder, or its URI."""
+        if cluster.is_uri(self.storage):
+            return f"{str(self.storage).rstrip('/')}/{self.name}"
+        return str(Path(self.storage) / self.name)
 
 
 def absolutize(cfg: Config) -> Config:
@@ -329,7 +339,7 @@ def _tuner(cfg: Config, opts: SearchOptions, parent_run_id: str, data_ref: dict,
     finalizer = _finalizer(opts.tracking_uri, parent_run_id, max_epochs)
     if restore:
         return tune.Tuner.restore(
-            str(opts.path), trainable=trainable, resume_unfinished=True, resume_errored=True
+            opts.location, trainable=trainable, resume_unfinished=True, resume_errored=True
         ), finalizer
     s = cfg.search
     # metric and mode go to searcher and scheduler themselves: ConcurrencyLimiter does not pass them on
@@ -374,7 +384,12 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
                                      "let the driver read it from the environment (e.g. PGPASSWORD or ~/.pgpass)")  # fmt: skip
     cfg = absolutize(cfg)
     opts.tracking_uri = tracking.absolute_uri(opts.tracking_uri)
-    opts.storage = opts.storage.resolve()
+    cluster.check_storage(str(opts.storage))
+    if cluster.is_uri(opts.storage):
+        # the checks below and Tuner.restore read these; the rest of the folder is fetched after the search
+        cluster.pull(opts.location, opts.path, only=(SEARCH_FILE, "tuner.pkl"))
+    else:
+        opts.storage = Path(opts.storage).resolve()
     tracking.preflight(opts.tracking_uri)
     if resume and not (opts.path / SEARCH_FILE).is_file():
         raise TskdError(f"{opts.path}: no search to resume here (no {SEARCH_FILE})")
@@ -390,7 +405,7 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
     console.print(f"preparing data ({cfg.data.dataset}) ...", markup=False)
     payload = _data_payload(cfg, opts.use_cache)
     parent = tracking.parent_run(
-        opts.tracking_uri, cfg.tracking.experiment, str(opts.path), opts.name,
+        opts.tracking_uri, cfg.tracking.experiment, opts.location, opts.name,
         {"search.name": opts.name, "search.space_file": opts.space_file, "git.commit": _git_commit(),
          "ray.address": opts.address or "local"},
     )  # fmt: skip
@@ -398,6 +413,8 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
         _write_json(opts.path / SEARCH_FILE, {"config": cfg.model_dump(mode="json"), "options": {
             "name": opts.name, "storage": str(opts.storage), "tracking_uri": opts.tracking_uri, "address": opts.address,
             "use_cache": opts.use_cache, "space_file": opts.space_file}, "parent_run_id": parent})  # fmt: skip
+        if cluster.is_uri(opts.storage):
+            cluster.push(opts.path, opts.location, [SEARCH_FILE])
         client = tracking.client(opts.tracking_uri)
         client.log_text(parent, to_yaml(cfg), "search_config.yaml")
     console.print(
@@ -419,9 +436,13 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
         results = tuner.fit()
     finally:
         tracking.client(opts.tracking_uri).update_run(parent, status="RUNNING")
+    if cluster.is_uri(opts.storage):  # trial results and outputs went to the URI: fetch them to summarize
+        cluster.pull(opts.location, opts.path)
     summary = summarize(cfg, opts, results, parent, payload, console)
     summary["wall_s"] = time.perf_counter() - t0
     _write_json(opts.path / "summary.json", summary)
+    if cluster.is_uri(opts.storage):
+        cluster.push(opts.path, opts.location, ["summary.json", "leaderboard.csv", "best.yaml"])
     tracking.client(opts.tracking_uri).set_terminated(parent, status="FINISHED")
     return summary
 
@@ -481,12 +502,23 @@ def load_search(path: Path) -> tuple[Config, SearchOptions, str]:
     saved = json.loads(f.read_text())
     o = saved["options"]
     opts = SearchOptions(
-        o["name"], Path(o["storage"]), o["tracking_uri"], o["address"], o["use_cache"], o["space_file"]
+        o["name"],
+        o["storage"] if cluster.is_uri(o["storage"]) else Path(o["storage"]),
+        o["tracking_uri"],
+        o["address"],
+        o["use_cache"],
+        o["space_file"],
     )
     return validate(saved["config"]), opts, saved["parent_run_id"]
 
 
 def resolve_search_path(name_or_path: str, storage: Path = Path("runs")) -> Path:
+    """A search folder by name (under ``storage``), folder, or URI (fetched to this machine's copy)."""
+    if cluster.is_uri(name_or_path):
+        local = cluster.local_copy(name_or_path.rstrip("/"))
+        if cluster.pull(name_or_path.rstrip("/"), local) and (local / SEARCH_FILE).is_file():
+            return local
+        raise TskdError(f"{name_or_path}: no search found (no {SEARCH_FILE} there)")
     p = Path(name_or_path)
     if (p / SEARCH_FILE).is_file():
         return p

@@ -155,6 +155,9 @@ def mlflow_server(workdir, postgres):
         f"database_uri = {postgres}/mlflow_auth\n"
         f"admin_username = admin\nadmin_password = {PASSWORD}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # each uncached check hashes the password (PBKDF2): seconds per request on a busy 2-core machine,
+        # enough to miss the launch's 10 s preflight; a checked credential is then reused
+        "auth_cache_ttl_seconds = 3600\n"
     )
     env = os.environ | {
         "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
@@ -200,7 +203,7 @@ def ray_cluster(workdir):
     nodelocal.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "PATH": f"{BIN}:{env.get('PATH', '')}",
-            "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
+            "RAY_USAGE_STATS_ENABLED": "0", "XDG_CACHE_HOME": str(workdir / "xdg")}  # fmt: skip
     gcs, dash = free_port(), free_port()
 
     def ports(*names: str) -> list[str]:
@@ -381,11 +384,14 @@ def test_search_submitted_as_a_ray_job(searched, ray_cluster, mlflow_server, wor
     space = space_yaml(workdir)
     dash = ray_cluster["dashboard"]
     journal = workdir / "shared" / "study.journal"
+    # storage as a URI (what a bucket goes through: Ray Tune's storage_path, pyarrow copies); the cache
+    # named explicitly, the one the first search filled
+    bucket = f"file://{workdir}/shared/bucket"
     env = client_env(ray_cluster)  # no RAY_ADDRESS: the Jobs API is reached over HTTP with the token
     t0 = time.monotonic()
-    proc = tskd("launch", space, "--address", dash, "--tracking-uri", uri, "--storage", workdir / "shared" / "runs",
-                "--name", "viajob", "--num-samples", "2", "--set", f"search.study_storage={journal}",
-                env=env, cwd=space.parent)  # fmt: skip
+    proc = tskd("launch", space, "--address", dash, "--tracking-uri", uri, "--storage", bucket, "--name", "viajob",
+                "--num-samples", "2", "--set", f"search.study_storage={journal}",
+                "--set", f"cache.dir={workdir}/shared/runs/cache", env=env, cwd=space.parent)  # fmt: skip
     print(f"search as a Ray Job: {time.monotonic() - t0:.0f} s")
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     job_id = next(w for w in proc.stdout.split() if w.startswith("tskd-viajob-"))
@@ -396,8 +402,12 @@ def test_search_submitted_as_a_ray_job(searched, ray_cluster, mlflow_server, wor
     parent, children = children_of(client, "viajob")
     assert parent.info.status == "FINISHED" and len(children) == 2
     assert all(c.info.status == "FINISHED" and c.data.tags["tskd.teacher_cached"] == "True" for c in children)
-    summary = json.loads((workdir / "shared" / "runs" / "viajob" / "summary.json").read_text())
+    summary = json.loads((workdir / "shared" / "bucket" / "viajob" / "summary.json").read_text())
     assert summary["trials"] == 2
+    assert [p.name for p in (workdir / "shared" / "bucket" / "viajob").glob("*/outputs/student.safetensors")]
+    by_uri = tskd("status", f"{bucket}/viajob", env=env, cwd=space.parent)  # fetched to a local copy
+    assert by_uri.returncode == 0, by_uri.stderr
+    assert "2 trial(s), 2 finished" in by_uri.stdout
 
     import optuna
     from optuna.storages.journal import JournalFileBackend
