@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,7 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
         # Ray's fractional GPUs are bookkeeping only: cap this trial's share of the memory ourselves
         torch.cuda.set_per_process_memory_fraction(cfg.resources.gpu)
     ctx = tune.get_context()
-    trial_id, trial_dir = ctx.get_trial_id(), Path(ctx.get_trial_dir())
+    trial_id, trial_dir = ctx.get_trial_id(), _working_dir()
     run_id, resumed = tracking.child_run(
         run["tracking_uri"], run["parent_run_id"], trial_id, ctx.get_trial_name()
     )
@@ -144,7 +145,8 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
     checkpoint = tune.get_checkpoint()
     resume_from = None
     if checkpoint is not None:  # a retried or restored trial continues from its last epoch
-        resume_from = Path(checkpoint.to_directory(str(trial_dir / "restored_checkpoint")))
+        # outside the working dir, which is uploaded to storage: a restored copy need not go back there
+        resume_from = Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="tskd-restored-")))
     try:
         result = run_trial(cfg, report, tracker, out_dir=out_dir, resume_from=resume_from, use_cache=run["use_cache"],
                            data=(prepared, splits))  # fmt: skip
@@ -180,6 +182,18 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
     final |= {k: v for k, v in tracking.numeric(result).items() if k in END_OF_TRIAL_METRICS}
     ckpt = held.get("ckpt")
     tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None)
+
+
+def _working_dir() -> Path:
+    """The trial's working folder on the node where it runs, which Ray uploads to the trial's folder in storage.
+
+    Uploaded at every checkpoint and when the trial ends (``SyncConfig(sync_artifacts=True)``), from
+    whichever node runs the trial. ``get_trial_dir()`` names a staging folder on the driver's node
+    instead, which files written on another node never reach.
+    """
+    from ray.train._internal.session import get_session
+
+    return Path(get_session().storage.trial_working_directory)
 
 
 def _overlays(out_dir: Path, prepared, splits, n: int = 6) -> None:
@@ -380,6 +394,8 @@ def _tuner(cfg: Config, opts: SearchOptions, parent_run_id: str, data_ref: dict,
             storage_path=str(opts.storage),
             failure_config=tune.FailureConfig(max_failures=2),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # each trial uploads its outputs (config, metrics, student) from its own node
+            sync_config=tune.SyncConfig(sync_artifacts=True),
             # JSON only (not CSV/TensorBoard): result.json and params.json are what `status` and `report` read
             callbacks=[finalizer, JsonLoggerCallback()],
             progress_reporter=reporter,

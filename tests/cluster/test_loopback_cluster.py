@@ -222,11 +222,13 @@ def ray_cluster(workdir):
             "--dashboard-port", str(dash), *ports(*agent, "ray-client-server-port"), *common]  # fmt: skip
     second = [str(BIN / "ray"), "start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
               "--temp-dir", str(workdir / "rw"), "--resources", '{"second_node": 1}', *ports(*agent), *common]  # fmt: skip
-    # The second node gets a private mount namespace in which `nodelocal` is an empty tmpfs: a folder
-    # of that name exists on both nodes, but each sees its own, as on two real machines.
+    # The second node gets a private mount namespace in which `nodelocal` and the head's Ray temp dir are
+    # empty tmpfs: folders of those names exist on both nodes, but each node sees its own, as on two real
+    # machines (so a trial's files reach the search folder only through Ray's upload, not by accident).
     private = os.geteuid() == 0 and shutil.which("unshare") is not None
     if private:
-        script = f"mount -t tmpfs tmpfs {nodelocal} && exec " + " ".join(f"'{a}'" for a in second)
+        hide = " && ".join(f"mount -t tmpfs tmpfs {d}" for d in (nodelocal, workdir / "rh"))
+        script = f"{hide} && exec " + " ".join(f"'{a}'" for a in second)
         second = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
     groups: list[int] = []
     try:
@@ -333,6 +335,9 @@ def test_search_spreads_over_both_nodes_and_logs_every_trial_to_the_server(searc
         # uploaded through the server's proxy: the files sit in its --artifacts-destination
         assert list(artifacts.rglob(f"{child.info.run_id}/artifacts/student.safetensors"))
     assert len({c.data.tags["ray.node_id"] for c in children}) == 2  # trials ran on both nodes
+    # every trial's outputs reached the shared search folder, also from the node that is not the driver's
+    trial_dirs = [d for d in (workdir / "shared" / "runs" / "lb").iterdir() if (d / "params.json").is_file()]
+    assert len(trial_dirs) == 4 and all((d / "outputs" / "metrics.json").is_file() for d in trial_dirs)
     assert_no_secret(client, [parent, *children], searched.stdout, searched.stderr)
 
 
