@@ -129,12 +129,13 @@ def trial(
     import logging
     import shutil
 
+    from tskd_tune.train import CHECKPOINT
     from tskd_tune.trial import JsonlTracker, run_trial
 
     cfg = _load(space, set_)
     out_dir = out_dir or Path("runs") / "trials" / (cfg.name or "trial")
     resume_from = (
-        out_dir / "checkpoint" if resume and (out_dir / "checkpoint" / "state.pt").is_file() else None
+        out_dir / "checkpoint" if resume and (out_dir / "checkpoint" / CHECKPOINT).is_file() else None
     )
     if resume_from is None:
         # a fresh run must not mix its curves or checkpoint with an earlier run's
