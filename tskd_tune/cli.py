@@ -129,10 +129,14 @@ def trial(
     import logging
     import shutil
 
+    # config and teacher first, the heavy trial imports (MONAI, diffusers) after: bad input fails fast
+    cfg = _load(space, set_)
+    from tskd_tune.models.teacher import check_teacher
+
+    check_teacher(cfg)
     from tskd_tune.train import CHECKPOINT
     from tskd_tune.trial import JsonlTracker, run_trial
 
-    cfg = _load(space, set_)
     out_dir = out_dir or Path("runs") / "trials" / (cfg.name or "trial")
     resume_from = (
         out_dir / "checkpoint" if resume and (out_dir / "checkpoint" / CHECKPOINT).is_file() else None
@@ -180,9 +184,9 @@ def synth(
     ] = False,
 ) -> None:
     """Train (or load) the synthetic-image generator, fill the cached pool, write a sample grid and the gate."""
+    cfg = _load(space, set_)
     from tskd_tune.synth import print_summary, synth_command
 
-    cfg = _load(space, set_)
     out_dir = out_dir or Path("runs") / "synth" / (cfg.name or "synth")
     summary = synth_command(cfg, out_dir, use_cache=not no_cache, console=Console(stderr=True))
     if as_json:
@@ -215,6 +219,8 @@ def export_cmd(
     from tskd_tune.errors import TskdError
     from tskd_tune.export import export
 
+    if fmt not in ("onnx", "torchscript"):
+        raise TskdError(f"--format: must be onnx or torchscript, got {fmt!r}")
     if register and fmt != "onnx":
         raise TskdError("--register: needs --format onnx (the registry stores the ONNX model)")
     trial_dir = _trial_folder(trial_dir)
@@ -293,10 +299,18 @@ def launch(
 ) -> None:
     """Run a hyperparameter search: Ray Tune trials, Optuna proposals, ASHA early stopping, MLflow records."""
     from tskd_tune.config import apply_search_overrides
+    from tskd_tune.errors import ConfigError
     from tskd_tune.search import SearchOptions
     from tskd_tune.search import launch as run_search
 
     cfg = apply_search_overrides(_load(space, set_), num_samples, max_concurrent)
+    if not cfg.search.space:
+        raise ConfigError(
+            ["search.space: empty; a search needs at least one dimension to search"], str(space)
+        )
+    from tskd_tune.models.teacher import check_teacher
+
+    check_teacher(cfg)  # on the driver: otherwise every trial would fail on it, each after a retry
     opts = SearchOptions(
         name or cfg.name or space.stem,
         storage,
