@@ -402,22 +402,16 @@ def ui(
     """Open the MLflow UI on the local store, bound to 127.0.0.1."""
     import subprocess
 
+    out.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)", markup=False)
+    raise typer.Exit(subprocess.call(ui_command(uri, port)))
+
+
+def ui_command(uri: str, port: int) -> list[str]:
+    """The `mlflow ui` command line: loopback only, as the MLflow UI has no login (see SECURITY.md)."""
     from tskd_tune.tracking import absolute_uri
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        absolute_uri(uri),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    out.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)", markup=False)
-    raise typer.Exit(subprocess.call(cmd))
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", absolute_uri(uri),
+            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -431,12 +425,14 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: turns every user error into one line on stderr and exit status 2."""
+    from tskd_tune.tracking import mask_secrets
+
     err = Console(stderr=True, highlight=False)
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="tskd-tune")
     except TskdError as exc:
         for line in exc.lines():
-            err.print(f"error: {line}", markup=False, soft_wrap=True)
+            err.print(f"error: {mask_secrets(line)}", markup=False, soft_wrap=True)
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
@@ -448,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except click_exc.UsageError as exc:
         cmd = exc.ctx.command_path if exc.ctx else "tskd-tune"
-        err.print(f"error: {cmd}: {exc.format_message()} (see {cmd} --help)", markup=False, soft_wrap=True)
+        msg = mask_secrets(exc.format_message())
+        err.print(f"error: {cmd}: {msg} (see {cmd} --help)", markup=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err.print("interrupted")
