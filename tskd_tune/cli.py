@@ -343,33 +343,34 @@ def status(
     ],
 ) -> None:
     """Table of a search's trials and the best so far (also while it runs)."""
-    from tskd_tune.report import leaderboard
+    from tskd_tune.report import leaderboard, pareto_front
     from tskd_tune.search import load_search, resolve_search_path
 
     path = resolve_search_path(name_or_path)
     cfg, _, parent = load_search(path)
-    board = leaderboard(path, cfg.search.metric, cfg.search.mode)
-    metric = cfg.search.metric
-    table = Table(
-        "trial",
-        "state",
-        "epoch",
-        metric,
-        "hd95",
-        *cfg.search.space,
-        title=f"search {path.name}",
-        title_justify="left",
-    )
+    objectives = cfg.search.objective_items()
+    metric = objectives[0][0]
+    extra = [m for m, _ in objectives[1:] if m != "val_hd95"]
+    board = leaderboard(path, *objectives[0], extra=extra)
+    if len(objectives) > 1:
+        board["pareto"] = pareto_front(board, objectives)
+    table = Table("trial", "state", "epoch", metric, "hd95", *extra, *(["pareto"] if len(objectives) > 1 else []),
+                  *cfg.search.space, title=f"search {path.name}", title_justify="left")  # fmt: skip
     for _, row in board.iterrows():
         fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+        front = ["yes" if row["pareto"] else ""] if len(objectives) > 1 else []
         table.add_row(str(row["trial_id"]), row["state"], str(row["epoch"]), fmt(row[metric]), fmt(row["val_hd95"]),
-                      *(fmt(row.get(p, "")) for p in cfg.search.space))  # fmt: skip
+                      *(fmt(row[m]) for m in extra), *front, *(fmt(row.get(p, "")) for p in cfg.search.space))  # fmt: skip
     out.print(table)
     done = board[board["state"] == "finished"]
     out.print(f"{len(board)} trial(s), {len(done)} finished; MLflow parent run {parent}", markup=False)
     if not board.empty and board[metric].notna().any():
         best = board.iloc[0]
         out.print(f"best so far: {best['trial_id']} {metric} {best[metric]:.4f}", markup=False)
+    if len(objectives) > 1 and board["pareto"].any():
+        front = ", ".join(board.loc[board["pareto"], "trial_id"].astype(str))
+        names = ", ".join(f"{m} {d}" for m, d in objectives)
+        out.print(f"Pareto front ({names}): {front}", markup=False)
 
 
 @app.command()
@@ -381,15 +382,13 @@ def report(
         Path | None, typer.Option("--out", help="Output folder (default SEARCH/report).")
     ] = None,
 ) -> None:
-    """Leaderboard CSV and plots (optimisation history, importances, parallel coordinates) as PNG + HTML."""
+    """Leaderboard CSV and plots (optimisation history, importances, parallel coordinates, Pareto front) as PNG + HTML."""
     from tskd_tune.report import write_report
     from tskd_tune.search import load_search, resolve_search_path
 
     path = resolve_search_path(name_or_path)
     cfg, _, _ = load_search(path)
-    written = write_report(
-        path, out_dir or path / "report", cfg.search.space, cfg.search.metric, cfg.search.mode
-    )
+    written = write_report(path, out_dir or path / "report", cfg.search.space, cfg.search.objective_items())
     for kind, p in written.items():
         out.print(f"{kind}: {p}", markup=False)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tskd_tune import tracking
-from tskd_tune.config import Config, apply_values, to_yaml
+from tskd_tune.config import END_OF_TRIAL_METRICS, Config, apply_values, to_yaml
 from tskd_tune.errors import TskdError
 
 SEARCH_FILE = "search.json"
@@ -91,6 +91,7 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
         run["tracking_uri"], run["parent_run_id"], trial_id, ctx.get_trial_name()
     )
     tracker = tracking.RunTracker(run["tracking_uri"], run_id)
+    monitor = tracking.system_monitor(cfg.tracking, run["tracking_uri"], run_id, resumed)
     tracker.log_params(config | {"distill.method": cfg.distill.method, "student.model": cfg.student.model})
     tracker.set_tags({"ray.node_id": ray.get_runtime_context().get_node_id(), "ray.node_ip": socket.gethostbyname(socket.gethostname()),
                       "device": str(resolve_device(cfg)), "resumed": resumed})  # fmt: skip
@@ -105,6 +106,7 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
     splits = data["splits"]
 
     last_epoch = 1 if cfg.distill.method == "teacher" else cfg.student.epochs
+    at_end = [m for m, _ in cfg.search.objective_items() if m in END_OF_TRIAL_METRICS]
     held: dict = {}
 
     def report(epoch: int, metrics: dict, ckpt: Path | None) -> None:
@@ -114,6 +116,9 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
             if isinstance(v, int | float | bool) and not isinstance(v, np.generic)
         }
         out |= {"epoch": epoch, "mlflow_run_id": run_id}
+        # Tune wants every objective in every result; end-of-trial ones (latency, size) are not known yet.
+        # A multi-objective OptunaSearch ignores intermediate results, so these NaNs never reach Optuna.
+        out |= {m: float("nan") for m in at_end if m not in out}
         if epoch == last_epoch:
             # held back until run_trial has saved the outputs: the scheduler may stop a trial at any report
             held.update(metrics=out, ckpt=ckpt)
@@ -128,11 +133,13 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
         result = run_trial(cfg, report, tracker, out_dir=out_dir, resume_from=resume_from, use_cache=run["use_cache"],
                            data=(prepared, splits))  # fmt: skip
     except Exception as exc:
+        tracking.stop_monitor(monitor)
         tracker.set_tags(
             {"tskd.status": "failed", "tskd.error": f"{exc.__class__.__name__}: {str(exc)[:480]}"}
         )
         tracker.finish("FAILED")
         raise
+    tracking.stop_monitor(monitor)
     tracker.log_metrics(
         {f"final_{k}": v for k, v in tracking.numeric(result).items()}, step=cfg.student.epochs
     )
@@ -153,6 +160,8 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
     tracker.finish("FINISHED")
     final = held.get("metrics", {"epoch": last_epoch, "mlflow_run_id": run_id})
     final |= {f"final_{k}": v for k, v in tracking.numeric(result).items()}
+    # end-of-trial objectives (latency, size) under their own names, as the searcher expects them
+    final |= {k: v for k, v in tracking.numeric(result).items() if k in END_OF_TRIAL_METRICS}
     ckpt = held.get("ckpt")
     tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None)
 
@@ -288,16 +297,21 @@ def _tuner(cfg: Config, opts: SearchOptions, parent_run_id: str, data_ref: dict,
         ), finalizer
     s = cfg.search
     # metric and mode go to searcher and scheduler themselves: ConcurrencyLimiter does not pass them on
-    searcher = OptunaSearch(space=to_optuna(s.space), metric=s.metric, mode=s.mode, sampler=_sampler(cfg),
+    objectives = s.objective_items()
+    metric, mode = objectives[0]
+    if len(objectives) > 1:  # Optuna's multi-objective study: every trial's final result carries all of them
+        metric, mode = [m for m, _ in objectives], [d for _, d in objectives]
+    searcher = OptunaSearch(space=to_optuna(s.space), metric=metric, mode=mode, sampler=_sampler(cfg),
                             points_to_evaluate=s.points_to_evaluate or None)  # fmt: skip
     searcher = ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
-    if s.scheduler == "asha":
+    if s.scheduler == "asha":  # config validation refuses ASHA with several objectives
         scheduler = ASHAScheduler(metric=s.metric, mode=s.mode, max_t=max_epochs, grace_period=min(s.grace_period, max_epochs),
                                   reduction_factor=s.reduction_factor)  # fmt: skip
     else:
         scheduler = FIFOScheduler()
     reporter = tune.CLIReporter(
-        metric_columns={"epoch": "epoch", s.metric: s.metric, "val_hd95": "hd95"},
+        metric_columns={"epoch": "epoch", s.metric: s.metric, "val_hd95": "hd95"}
+        | {m: m for m, _ in objectives},
         parameter_columns={p: p.split(".")[-1] if len(p) > 24 else p for p in s.space},
         max_report_frequency=15,
         sort_by_metric=True,
@@ -373,33 +387,46 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
 
 def summarize(cfg: Config, opts: SearchOptions, results, parent: str, payload: dict, console) -> dict:
     """Leaderboard, best config and the best trial evaluated once on the test split; logged to the parent."""
-    from tskd_tune.report import leaderboard
+    from tskd_tune.report import leaderboard, pareto_front
 
     c = tracking.client(opts.tracking_uri)
-    board = leaderboard(opts.path, cfg.search.metric, cfg.search.mode)
+    objectives = cfg.search.objective_items()
+    metric, _ = objectives[0]
+    board = leaderboard(opts.path, *objectives[0], extra=[m for m, _ in objectives[1:]])
+    if len(objectives) > 1:
+        board.insert(board.columns.get_loc("epoch") + 1, "pareto", pareto_front(board, objectives))
     board_path = opts.path / "leaderboard.csv"
     board.to_csv(board_path, index=False)
     c.log_artifact(parent, str(board_path))
     errors = sum(1 for r in results if r.error is not None)
     summary = {"trials": len(board), "errored": errors, "leaderboard": str(board_path)}
-    if board.empty or board[cfg.search.metric].isna().all():
+    if board.empty or board[metric].isna().all():
         console.print("no trial produced a result", markup=False)
         return summary
-    best = board.iloc[0]
+    if len(objectives) > 1:
+        front = board[board["pareto"]]
+        front_path = opts.path / "pareto.csv"
+        front.to_csv(front_path, index=False)
+        c.log_artifact(parent, str(front_path))
+        summary["pareto_front"] = front["trial_id"].tolist()
+        console.print(f"Pareto front ({', '.join(f'{m} {d}' for m, d in objectives)}): "
+                      f"{len(front)} of {len(board)} trials, in {front_path}", markup=False)  # fmt: skip
+        print(front[["trial_id", *[m for m, _ in objectives]]].to_string(index=False))
+    best = board.iloc[0]  # the best in the first objective, which is always on the Pareto front
     trial_dir = Path(best["trial_dir"])
     best_cfg_path = opts.path / "best.yaml"
     best_cfg_path.write_text((trial_dir / "outputs" / "config.yaml").read_text())
     c.log_artifact(parent, str(best_cfg_path))
     test = evaluate_on_test(trial_dir / "outputs", payload)
-    summary |= {"best_trial": best["trial_id"], "best_" + cfg.search.metric: float(best[cfg.search.metric]),
+    summary |= {"best_trial": best["trial_id"], "best_" + metric: float(best[metric]),
                 "best_config": str(best_cfg_path), **test}  # fmt: skip
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
     c.log_batch(parent, metrics=[Metric(k, v, ts, 0) for k, v in tracking.numeric(
-        {"best_" + cfg.search.metric: summary["best_" + cfg.search.metric], **test}).items()])  # fmt: skip
+        {"best_" + metric: summary["best_" + metric], **test}).items()])  # fmt: skip
     print(board.drop(columns=["trial_dir"]).head(10).to_string(index=False))
-    console.print(f"best trial {best['trial_id']}: {cfg.search.metric} {best[cfg.search.metric]:.4f}; "
+    console.print(f"best trial {best['trial_id']}: {metric} {best[metric]:.4f}; "
                   f"test_dice {test.get('test_dice', float('nan')):.4f}; config {best_cfg_path}", markup=False)  # fmt: skip
     return summary
 

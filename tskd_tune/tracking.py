@@ -157,6 +157,29 @@ class RunTracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
+def system_monitor(tracking_cfg, uri: str, run_id: str, resumed: bool):
+    """MLflow's own system-metrics sampler on ``run_id`` (``system/cpu_utilization_percentage``,
+    ``system/gpu_0_utilization_percentage`` with pynvml, ...), or None when switched off."""
+    if not tracking_cfg.system_metrics:
+        return None
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    # its per-start "Started monitoring" info lines would fill every trial's log
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=tracking_cfg.system_metrics_interval_s,
+                                   resume_logging=resumed, tracking_uri=uri)  # fmt: skip
+    monitor.start()
+    return monitor
+
+
+def stop_monitor(monitor) -> None:
+    """Stop sampling and flush what was sampled (before the run is marked finished)."""
+    if monitor is not None:
+        monitor.finish()
+
+
 def register_export(uri: str, export_dir: Path, card: dict, name: str) -> str:
     """Log an exported student as an MLflow model and register it as ``name``; returns the version."""
     import mlflow
