@@ -69,48 +69,46 @@ def export(trial_dir: Path, fmt: str, out_dir: Path) -> dict:
     tmp = Path(out_dir).with_name(f".{Path(out_dir).name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    try:  # built in a temporary folder: a failed export leaves nothing behind
-        if fmt == "onnx":
-            name = "model.onnx"
-            torch.onnx.export(
-                model, (x,), str(tmp / name), input_names=["image"], output_names=["logits"],
-                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
-            )  # fmt: skip
-            got = _run_onnx(tmp / name, x.numpy())
-        else:
-            name = "model.pt"
-            with torch.inference_mode():
-                torch.jit.save(torch.jit.trace(model, x), str(tmp / name))
-                got = torch.jit.load(str(tmp / name))(x).numpy()
-        diff = float(np.abs(got - expected).max())
-        if diff > TOLERANCE:
-            raise TskdError(f"{fmt} export differs from PyTorch by {diff:.2e} (> {TOLERANCE}); not written")
-        card = {
-            "format": fmt,
-            "file": name,
-            "classes": class_names(cfg.data),
-            "input": {
-                "layout": "NCHW",
-                "channels": c,
-                "size": [s, s],
-                "range": [0.0, 1.0],
-                "dtype": "float32",
-                "resize": cfg.data.resize,
-            },  # fmt: skip
-            "normalisation": "scale the image to [0, 1] (integers by their type's maximum); the model normalises itself",
-            "student": cfg.student.model_dump(mode="json"),
-            "method": cfg.distill.method,
-            "metrics": metrics,
-            "max_abs_diff_vs_pytorch": diff,
-            "config": cfg.model_dump(mode="json"),
-        }
-        (tmp / "model_card.json").write_text(json.dumps(card, indent=2, default=float))
-        out_dir = Path(out_dir)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if fmt == "onnx":
+        name = "model.onnx"
+        torch.onnx.export(
+            model, (x,), str(tmp / name), input_names=["image"], output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+        )  # fmt: skip
+        got = _run_onnx(tmp / name, x.numpy())
+    else:
+        name = "model.pt"
+        with torch.inference_mode():
+            torch.jit.save(torch.jit.trace(model, x), str(tmp / name))
+            got = torch.jit.load(str(tmp / name))(x).numpy()
+    diff = float(np.abs(got - expected).max())
+    if diff > TOLERANCE:
+        shutil.rmtree(tmp)
+        raise TskdError(f"{fmt} export differs from PyTorch by {diff:.2e} (> {TOLERANCE}); not written")
+    card = {
+        "format": fmt,
+        "file": name,
+        "classes": class_names(cfg.data),
+        "input": {
+            "layout": "NCHW",
+            "channels": c,
+            "size": [s, s],
+            "range": [0.0, 1.0],
+            "dtype": "float32",
+            "resize": cfg.data.resize,
+        },  # fmt: skip
+        "normalisation": "scale the image to [0, 1] (integers by their type's maximum); the model normalises itself",
+        "student": cfg.student.model_dump(mode="json"),
+        "method": cfg.distill.method,
+        "metrics": metrics,
+        "max_abs_diff_vs_pytorch": diff,
+        "config": cfg.model_dump(mode="json"),
+    }
+    (tmp / "model_card.json").write_text(json.dumps(card, indent=2, default=float))
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
     return card
 
 
