@@ -42,8 +42,10 @@ def one_line(result) -> str:
 def space(tmp_path):
     from tests.conftest import tiny_raw
 
+    raw = tiny_raw(tmp_path)
+    raw["search"]["space"] = {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}}
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(tiny_raw(tmp_path)))
+    path.write_text(yaml.safe_dump(raw))
     return path
 
 

@@ -129,12 +129,17 @@ def trial(
     import logging
     import shutil
 
+    # config and teacher first, the heavy trial imports (MONAI, diffusers) after: bad input fails fast
+    cfg = _load(space, set_)
+    from tskd_tune.models.teacher import check_teacher
+
+    check_teacher(cfg)
+    from tskd_tune.train import CHECKPOINT
     from tskd_tune.trial import JsonlTracker, run_trial
 
-    cfg = _load(space, set_)
     out_dir = out_dir or Path("runs") / "trials" / (cfg.name or "trial")
     resume_from = (
-        out_dir / "checkpoint" if resume and (out_dir / "checkpoint" / "state.pt").is_file() else None
+        out_dir / "checkpoint" if resume and (out_dir / "checkpoint" / CHECKPOINT).is_file() else None
     )
     if resume_from is None:
         # a fresh run must not mix its curves or checkpoint with an earlier run's
@@ -179,9 +184,9 @@ def synth(
     ] = False,
 ) -> None:
     """Train (or load) the synthetic-image generator, fill the cached pool, write a sample grid and the gate."""
+    cfg = _load(space, set_)
     from tskd_tune.synth import print_summary, synth_command
 
-    cfg = _load(space, set_)
     out_dir = out_dir or Path("runs") / "synth" / (cfg.name or "synth")
     summary = synth_command(cfg, out_dir, use_cache=not no_cache, console=Console(stderr=True))
     if as_json:
@@ -214,6 +219,8 @@ def export_cmd(
     from tskd_tune.errors import TskdError
     from tskd_tune.export import export
 
+    if fmt not in ("onnx", "torchscript"):
+        raise TskdError(f"--format: must be onnx or torchscript, got {fmt!r}")
     if register and fmt != "onnx":
         raise TskdError("--register: needs --format onnx (the registry stores the ONNX model)")
     trial_dir = _trial_folder(trial_dir)
@@ -308,10 +315,15 @@ def launch(
     """Run a hyperparameter search: Ray Tune trials, Optuna proposals, ASHA early stopping, MLflow records."""
     from tskd_tune import cluster
     from tskd_tune.config import apply_search_overrides
+    from tskd_tune.errors import ConfigError
     from tskd_tune.search import SearchOptions
     from tskd_tune.search import launch as run_search
 
     cfg = apply_search_overrides(_load(space, set_), num_samples, max_concurrent)
+    if not cfg.search.space:
+        raise ConfigError(
+            ["search.space: empty; a search needs at least one dimension to search"], str(space)
+        )
     if detach and not cluster.is_job_address(address):
         raise TskdError("--detach: only with --address http(s)://HOST:8265 (a search submitted as a Ray Job)")
     if cluster.is_job_address(address):
@@ -319,6 +331,11 @@ def launch(
         args = {"name": name or cfg.name or space.stem, "storage": storage, "tracking_uri": tracking_uri,
                 "num_samples": num_samples, "max_concurrent": max_concurrent, "no_cache": no_cache}  # fmt: skip
         raise typer.Exit(cluster.submit(cfg, space, set_ or [], args, address, out, detach=detach))
+    from tskd_tune.models.teacher import check_teacher
+
+    check_teacher(
+        cfg
+    )  # on the driver (a job checks it on the cluster): otherwise every trial would fail on it, each after a retry
     opts = SearchOptions(
         name or cfg.name or space.stem,
         storage,
@@ -427,22 +444,16 @@ def ui(
     """Open the MLflow UI on the local store, bound to 127.0.0.1."""
     import subprocess
 
+    out.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)", markup=False)
+    raise typer.Exit(subprocess.call(ui_command(uri, port)))
+
+
+def ui_command(uri: str, port: int) -> list[str]:
+    """The `mlflow ui` command line: loopback only, as the MLflow UI has no login (see SECURITY.md)."""
     from tskd_tune.tracking import absolute_uri
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        absolute_uri(uri),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    out.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)", markup=False)
-    raise typer.Exit(subprocess.call(cmd))
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", absolute_uri(uri),
+            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -456,12 +467,14 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: turns every user error into one line on stderr and exit status 2."""
+    from tskd_tune.tracking import mask_secrets
+
     err = Console(stderr=True, highlight=False)
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="tskd-tune")
     except TskdError as exc:
         for line in exc.lines():
-            err.print(f"error: {line}", markup=False, soft_wrap=True)
+            err.print(f"error: {mask_secrets(line)}", markup=False, soft_wrap=True)
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
@@ -473,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except click_exc.UsageError as exc:
         cmd = exc.ctx.command_path if exc.ctx else "tskd-tune"
-        err.print(f"error: {cmd}: {exc.format_message()} (see {cmd} --help)", markup=False, soft_wrap=True)
+        msg = mask_secrets(exc.format_message())
+        err.print(f"error: {cmd}: {msg} (see {cmd} --help)", markup=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err.print("interrupted")

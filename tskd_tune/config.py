@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tskd_tune.errors import ConfigError
 from tskd_tune.space import Distribution
@@ -216,13 +216,27 @@ class SearchConfig(Section):
 
 class TrackingConfig(Section):
     uri: str = "sqlite:///runs/mlflow.db"
-    """MLflow tracking URI."""
+    """MLflow tracking URI (without a password: that comes from the environment)."""
     experiment: str = "tskd-tune"
     """MLflow experiment name."""
     system_metrics: bool = True
     """Log CPU, memory, disk, network and (with pynvml and an NVIDIA GPU) GPU use on each trial's run."""
     system_metrics_interval_s: float = Field(10.0, ge=1)
     """Seconds between system-metric samples."""
+
+    @field_validator("uri")
+    @classmethod
+    def _no_password(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        if urlsplit(v).password:
+            # the message must not repeat the URI: errors are printed and configs are logged
+            raise ValueError(
+                "holds a password; put it in the environment instead (MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD for an MLflow server, PGPASSWORD for PostgreSQL): "
+                "the config is logged with every run"
+            )
+        return v
 
 
 class ResourcesConfig(Section):

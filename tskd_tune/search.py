@@ -448,7 +448,7 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
         client = tracking.client(opts.tracking_uri)
         client.log_text(parent, to_yaml(cfg), "search_config.yaml")
     console.print(
-        f"MLflow: {mask_uri(opts.tracking_uri)} (experiment {cfg.tracking.experiment!r}, parent run {parent})",
+        f"MLflow: {tracking.mask_secrets(opts.tracking_uri)} (experiment {cfg.tracking.experiment!r}, parent run {parent})",
         markup=False,
     )
     if cfg.search.study_storage:
