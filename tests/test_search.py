@@ -161,6 +161,7 @@ def test_unreachable_mlflow_fails_before_any_trial(tmp_path):
     from tests.conftest import tiny_raw
 
     raw = tiny_raw(tmp_path)
+    raw["search"]["space"] = {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}}
     raw["tracking"] = {"uri": "http://127.0.0.1:9/", "experiment": "x"}
     space = tmp_path / "s.yaml"
     space.write_text(yaml.safe_dump(raw))
