@@ -103,10 +103,12 @@ def test_disk_full_mid_checkpoint_keeps_the_previous_checkpoint(tiny, tmp_path, 
     with pytest.raises(StorageError) as info:
         run_trial(tiny(distill={"method": "scratch"}), out_dir=out)
     msg = str(info.value)
-    assert "\n" not in msg and "No space left on device" in msg and "state.pt" in msg
-    assert "previous state.pt is kept" in msg
+    assert "\n" not in msg and "No space left on device" in msg and "state.safetensors" in msg
+    assert "previous state.safetensors is kept" in msg
     assert load_checkpoint(out / "checkpoint")["epoch"] == 1  # the good checkpoint, not half of epoch 2
-    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["state.pt"]  # no half-written file
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == [
+        "state.safetensors"
+    ]  # no half-written file
 
 
 def test_atomic_write_never_leaves_half_a_file(tmp_path):

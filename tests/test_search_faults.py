@@ -148,7 +148,7 @@ def test_failing_trials_are_recorded_with_the_reason_and_told_to_optuna_as_faile
     errors = sorted(r.data.tags["tskd.error"] for r in kids.values() if r.info.status == "FAILED")
     assert errors[0].startswith("OutOfMemoryError: CUDA out of memory"), errors
     assert errors[1].startswith("StorageError: ") and "No space left on device" in errors[1], errors
-    assert "previous state.pt is kept" in errors[1]
+    assert "previous state.safetensors is kept" in errors[1]
     assert errors[2].startswith("TrialFailed: student: loss became nan at epoch 2"), errors
     for run in kids.values():
         if run.info.status == "FAILED":
@@ -166,10 +166,9 @@ def test_failing_trials_are_recorded_with_the_reason_and_told_to_optuna_as_faile
     # the disk-full trial's last good checkpoint is what Ray holds for it: epoch 1, whole
     disk = next(t for t, r in kids.items() if r.data.tags.get("tskd.error", "").startswith("StorageError"))
     trial_dir = next(search.glob(f"_trainable_{disk}_*"))
-    import torch
+    from tskd_tune.train import load_checkpoint
 
-    state = torch.load(next(trial_dir.glob("checkpoint_*/state.pt")), weights_only=True)
-    assert state["epoch"] == 1
+    assert load_checkpoint(next(trial_dir.glob("checkpoint_*")))["epoch"] == 1
     errors_txt = (trial_dir / "error.txt").read_text()
     assert "not retried" in errors_txt  # its retries failed at once, from the failure record
     print(f"\nfailing-trials search: {wall:.0f} s")

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import threading
 import time
@@ -25,6 +26,20 @@ from tskd_tune.errors import TskdError
 
 SEARCH_TAG = "tskd.search"
 TRIAL_TAG = "ray.trial_id"
+# where secrets come from: never from a config file, only from these environment variables
+SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_AUTH_ADMIN_PASSWORD",
+              "MLFLOW_FLASK_SERVER_SECRET_KEY", "AWS_SECRET_ACCESS_KEY", "PGPASSWORD", "RAY_AUTH_TOKEN")  # fmt: skip
+_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/:@\s]*):[^/@\s]*@")
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with URI passwords (``scheme://user:***@host``) and secret environment values as ``***``."""
+    text = _URI_PASSWORD.sub(r"\g<head>:***@", text)
+    for name in SECRET_ENV:
+        value = os.environ.get(name, "")
+        if len(value) >= 4:  # a one-letter "secret" would mask half the text
+            text = text.replace(value, "***")
+    return text
 
 
 def absolute_uri(uri: str) -> str:
@@ -48,8 +63,6 @@ def preflight(uri: str) -> None:
 
     Trials keep MLflow's patient retry policy; this one check answers within seconds instead.
     """
-    import os
-
     quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     saved = {k: os.environ.get(k) for k in quick}
     os.environ.update({k: v for k, v in quick.items() if saved[k] is None})
@@ -57,7 +70,7 @@ def preflight(uri: str) -> None:
         client(uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means "MLflow unusable"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise TskdError(f"tracking.uri: cannot use MLflow at {uri}: {first[:200]}") from None
+        raise TskdError(mask_secrets(f"tracking.uri: cannot use MLflow at {uri}: {first[:200]}")) from None
     finally:
         for k, v in saved.items():
             if v is None:
@@ -221,10 +234,11 @@ class RunTracker:
             )
 
     def log_params(self, params: dict) -> None:
-        self._submit({"op": "params", "params": {k: str(v)[:6000] for k, v in params.items()}})
+        # masked: a param or tag (an error text) may quote a URI with its password
+        self._submit({"op": "params", "params": {k: mask_secrets(str(v))[:6000] for k, v in params.items()}})
 
     def set_tags(self, tags: dict) -> None:
-        self._submit({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+        self._submit({"op": "tags", "tags": {k: mask_secrets(str(v)) for k, v in tags.items()}})
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self._submit({"op": "artifact", "path": str(Path(path).resolve()), "folder": folder})
@@ -240,7 +254,8 @@ class RunTracker:
 
     def finalize(self, status: str, tags: dict) -> None:
         """Only if the run is still RUNNING (its trial did not end it): set ``tags`` and end it as ``status``."""
-        self._submit({"op": "finalize", "status": status, "tags": {k: str(v) for k, v in tags.items()}})
+        tags = {k: mask_secrets(str(v)) for k, v in tags.items()}
+        self._submit({"op": "finalize", "status": status, "tags": tags})
 
     def flush(self) -> int:
         """Deliver the journal now; returns how many writes are still queued (0: all delivered)."""
@@ -469,6 +484,29 @@ def sync_journals(search_path: Path, uri: str | None = None, probe: bool = False
         if left and probe:
             break
     return len(journals), delivered, queued
+
+
+def system_monitor(tracking_cfg, uri: str, run_id: str, resumed: bool):
+    """MLflow's own system-metrics sampler on ``run_id`` (``system/cpu_utilization_percentage``,
+    ``system/gpu_0_utilization_percentage`` with pynvml, ...), or None when switched off."""
+    if not tracking_cfg.system_metrics:
+        return None
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    # its per-start "Started monitoring" info lines would fill every trial's log
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=tracking_cfg.system_metrics_interval_s,
+                                   resume_logging=resumed, tracking_uri=uri)  # fmt: skip
+    monitor.start()
+    return monitor
+
+
+def stop_monitor(monitor) -> None:
+    """Stop sampling and flush what was sampled (before the run is marked finished)."""
+    if monitor is not None:
+        monitor.finish()
 
 
 def register_export(uri: str, export_dir: Path, card: dict, name: str) -> str:

@@ -7,7 +7,7 @@ resumed from the checkpoint of epoch e continues exactly as the uninterrupted ru
 from __future__ import annotations
 
 import contextlib
-import io
+import json
 import math
 import random
 import time
@@ -27,6 +27,9 @@ from tskd_tune.errors import TskdError
 from tskd_tune.faults import TrialFailed
 
 __all__ = ["TrialFailed"]  # raised here; defined with the other fault handling
+
+CHECKPOINT = "state.safetensors"
+"""The resumable state in a checkpoint folder."""
 
 Report = Callable[[int, dict, Path | None], None]
 """report(epoch, metrics, checkpoint_dir): called after every reported epoch."""
@@ -148,8 +151,12 @@ def run_loop(loop: Loop, out_dir: Path | None, report: Report | None, resume: di
 def save_checkpoint(folder: Path, loop: Loop, opt, sched, epoch: int) -> Path:
     """Write the resumable state atomically: a reader sees the previous checkpoint or this one, never half.
 
-    A full disk or an unwritable folder raises a one-line StorageError and keeps the previous checkpoint.
+    The state is a safetensors file (no pickle): the tensors, and the nested structure around them
+    (optimiser and scheduler settings, epoch) as JSON in the file's metadata. A full disk or an
+    unwritable folder raises a one-line StorageError and keeps the previous checkpoint.
     """
+    from safetensors.torch import save
+
     state = {
         "phase": loop.phase,
         "epoch": epoch,
@@ -157,24 +164,59 @@ def save_checkpoint(folder: Path, loop: Loop, opt, sched, epoch: int) -> Path:
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
     } | loop.extra
-    # serialised in memory, then written by Python: torch.save straight to a file turns a full disk
-    # into an opaque RuntimeError
-    buf = io.BytesIO()
-    torch.save(state, buf)
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = json.dumps(_encode(state, tensors))
+    # serialised in memory, then written by Python: a library writing straight to the file turns a
+    # full disk into an opaque error
+    data = save(tensors, metadata={"tskd.state": skeleton})
     fault = faults.injected("checkpoint", loop.phase, epoch)  # test hook: a disk that fills up mid-write
-    atomic_write(folder / "state.pt", buf.getvalue(), faults.write_half_then_enospc if fault else None)
+    atomic_write(folder / CHECKPOINT, data, faults.write_half_then_enospc if fault else None)
     return folder
 
 
 def load_checkpoint(folder: Path) -> dict | None:
     """The state saved by :func:`save_checkpoint`, or None when there is none."""
-    path = Path(folder) / "state.pt"
+    from safetensors import safe_open
+
+    path = Path(folder) / CHECKPOINT
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            skeleton = json.loads((f.metadata() or {})["tskd.state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+        return _decode(skeleton, tensors)
     except Exception as exc:  # noqa: BLE001 - a damaged checkpoint must not be mistaken for a good one
         raise TskdError(f"{path}: cannot load checkpoint ({exc.__class__.__name__})") from None
+
+
+def _encode(obj, tensors: dict[str, torch.Tensor]):
+    """JSON skeleton of a nested state; tensors go to ``tensors`` (copied: safetensors refuses shared memory)."""
+    if isinstance(obj, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = obj.detach().cpu().clone().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):  # keys may be ints (optimiser state is keyed by parameter index)
+        return {"__dict__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"checkpoint: cannot store a {type(obj).__name__}")
+
+
+def _decode(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__dict__"]}
+    return obj
 
 
 def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
