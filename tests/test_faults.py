@@ -152,6 +152,7 @@ def test_read_only_storage_fails_in_one_line_before_any_work(tmp_path):
 
     raw = tiny_raw(tmp_path)
     raw["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "ro"}
+    raw["search"]["space"] = {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}}
     from mlflow.tracking import MlflowClient
 
     MlflowClient(raw["tracking"]["uri"]).search_experiments()  # the store exists (its creation logs lines)

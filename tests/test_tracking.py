@@ -43,7 +43,7 @@ def test_writes_while_mlflow_is_down_are_journaled_in_order_and_replayed(store, 
     down = f"http://127.0.0.1:{free_port()}"
     search = tmp_path / "search"
     journal = tracking.journal_path(search, "t1")
-    t = tracking.RunTracker(down, journal, parent_run_id=parent, trial_id="t1", run_name="trial-1")
+    t = tracking.RunTracker(down, journal=journal, parent_run_id=parent, trial_id="t1", run_name="trial-1")
     assert t.start() is False and t.run_id is None  # the trial trains on without a run id
     t.log_params({"distill.temperature": 2.0})
     for epoch in (1, 2):
@@ -53,7 +53,7 @@ def test_writes_while_mlflow_is_down_are_journaled_in_order_and_replayed(store, 
     t.set_tags({"tskd.status": "finished"})
     t.finish("FINISHED")
     # the driver's finalizer writes behind the trial's queued writes: it must not overtake them
-    tracking.RunTracker(down, journal, parent_run_id=parent, trial_id="t1").finalize(
+    tracking.RunTracker(down, journal=journal, parent_run_id=parent, trial_id="t1").finalize(
         "KILLED", {"tskd.status": "stopped_early"}
     )
     ops = [json.loads(line)["op"] for line in journal.read_text().splitlines()[1:]]
@@ -77,13 +77,13 @@ def test_writes_while_mlflow_is_down_are_journaled_in_order_and_replayed(store, 
 def test_a_resumed_trial_does_not_log_an_epoch_twice(store, tmp_path):
     uri, client, parent = store
     journal = tracking.journal_path(tmp_path, "t1")
-    first = tracking.RunTracker(uri, journal, parent_run_id=parent, trial_id="t1", run_name="t")
+    first = tracking.RunTracker(uri, journal=journal, parent_run_id=parent, trial_id="t1", run_name="t")
     assert first.start() is False
     for epoch in (1, 2):
         first.log_metrics({"epoch": epoch, "val_dice": 0.5}, step=epoch)
     # the worker died after logging epoch 2 but before Ray recorded its checkpoint: the retry
     # resumes from epoch 1 and runs epoch 2 again (exact resume: the same values)
-    retry = tracking.RunTracker(uri, journal, parent_run_id=parent, trial_id="t1", run_name="t")
+    retry = tracking.RunTracker(uri, journal=journal, parent_run_id=parent, trial_id="t1", run_name="t")
     assert retry.start() is True and retry.run_id == first.run_id
     for epoch in (2, 3):
         retry.log_metrics({"epoch": epoch, "val_dice": 0.5}, step=epoch)
@@ -98,7 +98,7 @@ def test_a_write_mlflow_refuses_for_good_is_set_aside_not_dropped(store, tmp_pat
     uri, client, parent = store
     down = f"http://127.0.0.1:{free_port()}"
     journal = tracking.journal_path(tmp_path, "parent")
-    t = tracking.RunTracker(down, journal, run_id=parent)
+    t = tracking.RunTracker(down, parent, journal=journal)
     t.log_metrics({"best_val_dice": 0.7}, step=0)
     t.log_artifact(tmp_path / "gone.csv")  # the file is deleted before MLflow comes back
     t.finish("FINISHED")

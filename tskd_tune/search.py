@@ -112,7 +112,7 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
     marker = faults.marker_path(state, trial_id)
     faults.fail_if_failed_before(marker)  # a trial that raised would fail the same way again: no retry
     # writes that fail while MLflow is unreachable wait in the search's journal (see tracking.RunTracker)
-    tracker = tracking.RunTracker(run["tracking_uri"], tracking.journal_path(state, trial_id),
+    tracker = tracking.RunTracker(run["tracking_uri"], journal=tracking.journal_path(state, trial_id),
                                   parent_run_id=run["parent_run_id"], trial_id=trial_id, run_name=ctx.get_trial_name())  # fmt: skip
     resumed = tracker.start()
     # MLflow's sampler writes to the run directly: a trial that started while MLflow was down goes without
@@ -289,7 +289,7 @@ def _finalizer(tracking_uri: str, parent_run_id: str, max_epochs: int, search_pa
                     tracking.sync_journals(search_path, probe=True)
 
         def _tracker(self, trial) -> tracking.RunTracker:
-            return tracking.RunTracker(tracking_uri, tracking.journal_path(search_path, trial.trial_id),
+            return tracking.RunTracker(tracking_uri, journal=tracking.journal_path(search_path, trial.trial_id),
                                        run_id=(trial.last_result or {}).get("mlflow_run_id"),
                                        parent_run_id=parent_run_id, trial_id=trial.trial_id)  # fmt: skip
 

@@ -197,7 +197,7 @@ class RunTracker:
 
     retry_s = 10.0
 
-    def __init__(self, uri: str, journal: Path | None = None, *, run_id: str | None = None,
+    def __init__(self, uri: str, run_id: str | None = None, *, journal: Path | None = None,
                  parent_run_id: str | None = None, trial_id: str | None = None, run_name: str | None = None):  # fmt: skip
         for k, v in QUICK_HTTP.items():
             os.environ.setdefault(k, v)
@@ -217,7 +217,7 @@ class RunTracker:
         """The tracker that wrote ``journal`` (its header names the store and the run); ``uri``: another
         address of the same store."""
         header = json.loads(Path(journal).read_text().splitlines()[0])
-        return cls(uri or header["uri"], journal, run_id=header.get("run_id"), parent_run_id=header.get("parent_run_id"),
+        return cls(uri or header["uri"], header.get("run_id"), journal=journal, parent_run_id=header.get("parent_run_id"),
                    trial_id=header.get("trial_id"), run_name=header.get("run_name"))  # fmt: skip
 
     # ----------------------------------------------------------------------------- the writes
@@ -427,7 +427,7 @@ class BufferedClient:
 
     def _t(self, run_id: str) -> RunTracker:
         if run_id not in self._trackers:
-            self._trackers[run_id] = RunTracker(self._uri, self._journal, run_id=run_id)
+            self._trackers[run_id] = RunTracker(self._uri, run_id, journal=self._journal)
         return self._trackers[run_id]
 
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
