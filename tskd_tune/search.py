@@ -534,9 +534,8 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
     if cluster.is_uri(opts.storage):
         cluster.push(opts.path, opts.location, ["summary.json", "leaderboard.csv", "pareto.csv", "best.yaml"])
     parent_client.set_terminated(parent, status="FINISHED")
-    _, _, queued = tracking.sync_journals(
-        state_path(opts)
-    )  # writes queued during an MLflow outage that ended
+    # writes queued during an MLflow outage that has ended go now; the rest wait for `tskd-tune sync`
+    _, _, queued = tracking.sync_journals(state_path(opts))
     if queued:
         console.print(f"MLflow is unreachable: {queued} write(s) are kept in {state_path(opts) / tracking.JOURNAL_DIR}; "
                       f"`tskd-tune sync {opts.path}` delivers them", markup=False)  # fmt: skip
