@@ -91,6 +91,8 @@ class Loop:
     evaluate: Callable[[], dict] | None = None
     checkpoint_every: int = 1
     extra: dict = field(default_factory=dict)
+    autocast: bool = False
+    """Run each step's forward pass under CUDA bf16 autocast (backward and the optimiser stay outside)."""
 
 
 def run_loop(loop: Loop, out_dir: Path | None, report: Report | None, resume: dict | None = None) -> dict:
@@ -118,7 +120,8 @@ def run_loop(loop: Loop, out_dir: Path | None, report: Report | None, resume: di
             m.train()
         losses = []
         for _ in range(loop.steps_per_epoch):
-            loss = loop.step(g)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=loop.autocast):
+                loss = loop.step(g)
             if not torch.isfinite(loss):
                 raise TrialFailed(
                     f"{loop.phase}: loss became {loss.item()} at epoch {epoch}; lower the learning rate"
