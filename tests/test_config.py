@@ -141,3 +141,35 @@ def test_every_field_has_a_description():
                 assert field.description, f"{prefix}{name} has no docstring"
 
     walk(Config, "")
+
+
+def test_multi_objective_search_rules():
+    fifo = {"scheduler": "fifo", "objectives": {"val_dice": "max", "student_latency_ms": "min"}}
+    cfg = validate({"search": fifo})
+    assert cfg.search.objective_items() == [("val_dice", "max"), ("student_latency_ms", "min")]
+    assert validate({}).search.objective_items() == [("val_dice", "max")]
+    assert problems({"search": fifo | {"scheduler": "asha"}}) == [
+        "search.scheduler: ASHA needs a single objective; use fifo with search.objectives, got 'asha'"
+    ]
+    assert problems({"search": fifo | {"objectives": {"val_dice": "max"}}})[0].startswith(
+        "search.objectives: needs at least two metrics"
+    )
+    assert problems({"search": fifo | {"objectives": {"val_dice": "max", "speed": "min"}}})[0].startswith(
+        "search.objectives.speed: not a reported metric"
+    )
+    assert problems({"search": fifo | {"objectives": {"val_dice": "up", "val_hd95": "min"}}})[0].startswith(
+        "search.objectives.val_dice: must be one of"
+    )
+    assert problems({"search": fifo | {"metric": "val_hd95"}})[0].startswith("search.metric: the first of")
+
+
+def test_pareto_front_keeps_only_non_dominated_trials():
+    import numpy as np
+    import pandas as pd
+
+    from tskd_tune.report import pareto_front
+
+    board = pd.DataFrame({"val_dice": [0.9, 0.8, 0.7, 0.85, np.nan], "lat": [5.0, 2.0, 3.0, 6.0, 1.0]})
+    front = pareto_front(board, [("val_dice", "max"), ("lat", "min")])
+    # 0.7@3 is beaten by 0.8@2, 0.85@6 by 0.9@5; a trial with no result is never on the front
+    assert front.tolist() == [True, True, False, False, False]

@@ -26,7 +26,11 @@ def searched(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("search")
     raw = tiny_raw(tmp, student={"epochs": 3}, teacher={"epochs": 5})
-    raw["tracking"] = {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "e2e"}
+    raw["tracking"] = {
+        "uri": f"sqlite:///{tmp}/mlflow.db",
+        "experiment": "e2e",
+        "system_metrics_interval_s": 1,
+    }
     raw["search"] = {"num_samples": 4, "max_concurrent": 2, "grace_period": 1, "scheduler": "asha",
                      "space": {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
                                "distill.kd_weight": {"type": "uniform", "low": 0.2, "high": 2.0}}}  # fmt: skip
@@ -34,9 +38,10 @@ def searched(tmp_path_factory):
     space.write_text(yaml.safe_dump(raw))
     first = run("launch", space, "--storage", tmp / "runs", "--name", "first", cwd=tmp)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run(
-        "launch", space, "--storage", tmp / "runs", "--name", "second", "--num-samples", "2", cwd=tmp
-    )
+    # the second search is multi-objective (Dice up, latency down): same teacher key, so a cache hit
+    second = run("launch", space, "--storage", tmp / "runs", "--name", "second", "--num-samples", "3",
+                 "--set", "search.scheduler=fifo", "--set", "search.objectives={val_dice: max, student_latency_ms: min}",
+                 cwd=tmp)  # fmt: skip
     assert second.returncode == 0, second.stderr[-3000:]
     return tmp, raw, first, second
 
@@ -69,6 +74,7 @@ def test_mlflow_has_one_parent_per_search_and_a_child_per_trial(searched):
         assert "config.yaml" in artifacts
         if child.info.status == "FINISHED":
             assert {"student.safetensors", "metrics.json", "val_overlays.png"} <= artifacts
+            assert child.data.metrics["system/cpu_utilization_percentage"] >= 0  # MLflow's system metrics
             assert len(history) == 3
             assert Path(child.data.tags["tskd.teacher_adapter"]).name == "adapter"
         else:
@@ -100,6 +106,44 @@ def test_second_search_reuses_the_teacher(searched):
     assert finished and all(r.data.tags["tskd.teacher_cached"] == "True" for r in finished)
 
 
+def test_multi_objective_search_reports_the_pareto_front(searched):
+    import json
+
+    import pandas as pd
+
+    tmp, _, _, second = searched
+    folder = tmp / "runs" / "second"
+    board = pd.read_csv(folder / "leaderboard.csv")
+    assert len(board) == 3 and (board["state"] == "finished").all()  # FIFO: nobody is stopped early
+    front = board[board["pareto"]]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert (
+        sorted(summary["pareto_front"])
+        == sorted(front["trial_id"])
+        == sorted(pd.read_csv(folder / "pareto.csv")["trial_id"])
+    )
+    for _, a in front.iterrows():  # no trial beats a front member in both objectives
+        better = (board["val_dice"] >= a["val_dice"]) & (
+            board["student_latency_ms"] <= a["student_latency_ms"]
+        )
+        strictly = (board["val_dice"] > a["val_dice"]) | (
+            board["student_latency_ms"] < a["student_latency_ms"]
+        )
+        assert not (better & strictly).any()
+    assert "Pareto front (val_dice max, student_latency_ms min)" in second.stdout
+    report = run("report", folder, "--out", tmp / "report2", cwd=tmp)
+    assert report.returncode == 0, report.stderr
+    assert (tmp / "report2" / "pareto_front.png").read_bytes()[:4] == b"\x89PNG"
+    status = run("status", folder, cwd=tmp)
+    assert status.returncode == 0, status.stderr
+    line = next(
+        x
+        for x in status.stdout.splitlines()
+        if x.startswith("Pareto front (val_dice max, student_latency_ms min): ")
+    )
+    assert sorted(line.split(": ", 1)[1].split(", ")) == sorted(front["trial_id"])
+
+
 def test_status_and_report(searched):
     tmp, _, _, _ = searched
     status = run("status", tmp / "runs" / "first", cwd=tmp)
@@ -117,6 +161,7 @@ def test_unreachable_mlflow_fails_before_any_trial(tmp_path):
     from tests.conftest import tiny_raw
 
     raw = tiny_raw(tmp_path)
+    raw["search"]["space"] = {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}}
     raw["tracking"] = {"uri": "http://127.0.0.1:9/", "experiment": "x"}
     space = tmp_path / "s.yaml"
     space.write_text(yaml.safe_dump(raw))

@@ -34,6 +34,10 @@ def test_every_method_runs_and_reports(tiny, tmp_path, method):
     if method != "teacher":
         assert (tmp_path / "out" / "student.safetensors").is_file()
         assert reports[-1][2] == tmp_path / "out" / "checkpoint"
+        assert (tmp_path / "out" / "checkpoint" / "state.safetensors").is_file()
+    # every weight file the trial wrote (student, checkpoint, cached teacher adapter) is safetensors
+    written = {p.suffix for p in tmp_path.rglob("*") if p.is_file()}
+    assert ".safetensors" in written and not written & {".pt", ".pth", ".bin", ".pkl", ".ckpt"}
 
 
 def test_student_only_knobs_reuse_the_cached_teacher(tiny, tmp_path):

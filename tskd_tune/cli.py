@@ -129,12 +129,17 @@ def trial(
     import logging
     import shutil
 
+    # config and teacher first, the heavy trial imports (MONAI, diffusers) after: bad input fails fast
+    cfg = _load(space, set_)
+    from tskd_tune.models.teacher import check_teacher
+
+    check_teacher(cfg)
+    from tskd_tune.train import CHECKPOINT
     from tskd_tune.trial import JsonlTracker, run_trial
 
-    cfg = _load(space, set_)
     out_dir = out_dir or Path("runs") / "trials" / (cfg.name or "trial")
     resume_from = (
-        out_dir / "checkpoint" if resume and (out_dir / "checkpoint" / "state.pt").is_file() else None
+        out_dir / "checkpoint" if resume and (out_dir / "checkpoint" / CHECKPOINT).is_file() else None
     )
     if resume_from is None:
         # a fresh run must not mix its curves or checkpoint with an earlier run's
@@ -179,9 +184,9 @@ def synth(
     ] = False,
 ) -> None:
     """Train (or load) the synthetic-image generator, fill the cached pool, write a sample grid and the gate."""
+    cfg = _load(space, set_)
     from tskd_tune.synth import print_summary, synth_command
 
-    cfg = _load(space, set_)
     out_dir = out_dir or Path("runs") / "synth" / (cfg.name or "synth")
     summary = synth_command(cfg, out_dir, use_cache=not no_cache, console=Console(stderr=True))
     if as_json:
@@ -214,6 +219,8 @@ def export_cmd(
     from tskd_tune.errors import TskdError
     from tskd_tune.export import export
 
+    if fmt not in ("onnx", "torchscript"):
+        raise TskdError(f"--format: must be onnx or torchscript, got {fmt!r}")
     if register and fmt != "onnx":
         raise TskdError("--register: needs --format onnx (the registry stores the ONNX model)")
     trial_dir = _trial_folder(trial_dir)
@@ -279,23 +286,56 @@ def launch(
     name: Annotated[
         str | None, typer.Option("--name", help="Search name (default: the config's name).")
     ] = None,
-    storage: Annotated[Path, typer.Option("--storage", help="Folder that holds searches.")] = Path("runs"),
+    storage: Annotated[
+        str,
+        typer.Option(
+            "--storage",
+            help="Folder that holds searches (shared by every node on a cluster), or s3://, gs:// URI.",
+        ),
+    ] = "runs",
     tracking_uri: Annotated[
         str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default tracking.uri).")
     ] = None,
     address: Annotated[
-        str | None, typer.Option("--address", help="Ray cluster address (default: a local Ray instance).")
+        str | None,
+        typer.Option(
+            "--address",
+            help="Ray cluster: auto (this node's cluster), HOST:PORT, ray://HOST:10001 (Ray Client), or "
+            "http(s)://HOST:8265 (submit as a Ray Job). Default: a local Ray instance.",
+        ),
     ] = None,
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Recompute data, teachers and teacher outputs in every trial.")
     ] = False,
+    detach: Annotated[
+        bool,
+        typer.Option("--detach", help="With --address http(s)://...: print the job id and return at once."),
+    ] = False,
 ) -> None:
     """Run a hyperparameter search: Ray Tune trials, Optuna proposals, ASHA early stopping, MLflow records."""
+    from tskd_tune import cluster
     from tskd_tune.config import apply_search_overrides
+    from tskd_tune.errors import ConfigError
     from tskd_tune.search import SearchOptions
     from tskd_tune.search import launch as run_search
 
     cfg = apply_search_overrides(_load(space, set_), num_samples, max_concurrent)
+    if not cfg.search.space:
+        raise ConfigError(
+            ["search.space: empty; a search needs at least one dimension to search"], str(space)
+        )
+    if detach and not cluster.is_job_address(address):
+        raise TskdError("--detach: only with --address http(s)://HOST:8265 (a search submitted as a Ray Job)")
+    if cluster.is_job_address(address):
+        cluster.check_tracking_uri(tracking_uri or cfg.tracking.uri)
+        args = {"name": name or cfg.name or space.stem, "storage": storage, "tracking_uri": tracking_uri,
+                "num_samples": num_samples, "max_concurrent": max_concurrent, "no_cache": no_cache}  # fmt: skip
+        raise typer.Exit(cluster.submit(cfg, space, set_ or [], args, address, out, detach=detach))
+    from tskd_tune.models.teacher import check_teacher
+
+    check_teacher(
+        cfg
+    )  # on the driver (a job checks it on the cluster): otherwise every trial would fail on it, each after a retry
     opts = SearchOptions(
         name or cfg.name or space.stem,
         storage,
@@ -324,37 +364,56 @@ def resume(
 @app.command()
 def status(
     name_or_path: Annotated[
-        str, typer.Argument(help="Search name (under runs/) or folder.", show_default=False)
+        str,
+        typer.Argument(
+            help="Search name (under runs/) or folder; with --address, a Ray Job id.", show_default=False
+        ),
     ],
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address", help="Ray dashboard (http(s)://HOST:8265) of a search submitted as a Ray Job."
+        ),
+    ] = None,
 ) -> None:
-    """Table of a search's trials and the best so far (also while it runs)."""
-    from tskd_tune.report import leaderboard
+    """Table of a search's trials and the best so far (also while it runs); or a Ray Job's state and log tail."""
+    from tskd_tune.report import leaderboard, pareto_front
     from tskd_tune.search import load_search, resolve_search_path
 
+    if address is not None:
+        from tskd_tune import cluster
+
+        if not cluster.is_job_address(address):
+            raise TskdError(
+                f"--address {address}: status reads Ray Jobs through the dashboard, http(s)://HOST:8265"
+            )
+        cluster.job_status(address, name_or_path, out)
+        return
     path = resolve_search_path(name_or_path)
     cfg, _, parent = load_search(path)
-    board = leaderboard(path, cfg.search.metric, cfg.search.mode)
-    metric = cfg.search.metric
-    table = Table(
-        "trial",
-        "state",
-        "epoch",
-        metric,
-        "hd95",
-        *cfg.search.space,
-        title=f"search {path.name}",
-        title_justify="left",
-    )
+    objectives = cfg.search.objective_items()
+    metric = objectives[0][0]
+    extra = [m for m, _ in objectives[1:] if m != "val_hd95"]
+    board = leaderboard(path, *objectives[0], extra=extra)
+    if len(objectives) > 1:
+        board["pareto"] = pareto_front(board, objectives)
+    table = Table("trial", "state", "epoch", metric, "hd95", *extra, *(["pareto"] if len(objectives) > 1 else []),
+                  *cfg.search.space, title=f"search {path.name}", title_justify="left")  # fmt: skip
     for _, row in board.iterrows():
         fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+        front = ["yes" if row["pareto"] else ""] if len(objectives) > 1 else []
         table.add_row(str(row["trial_id"]), row["state"], str(row["epoch"]), fmt(row[metric]), fmt(row["val_hd95"]),
-                      *(fmt(row.get(p, "")) for p in cfg.search.space))  # fmt: skip
+                      *(fmt(row[m]) for m in extra), *front, *(fmt(row.get(p, "")) for p in cfg.search.space))  # fmt: skip
     out.print(table)
     done = board[board["state"] == "finished"]
     out.print(f"{len(board)} trial(s), {len(done)} finished; MLflow parent run {parent}", markup=False)
     if not board.empty and board[metric].notna().any():
         best = board.iloc[0]
         out.print(f"best so far: {best['trial_id']} {metric} {best[metric]:.4f}", markup=False)
+    if len(objectives) > 1 and board["pareto"].any():
+        front = ", ".join(board.loc[board["pareto"], "trial_id"].astype(str))
+        names = ", ".join(f"{m} {d}" for m, d in objectives)
+        out.print(f"Pareto front ({names}): {front}", markup=False)
 
 
 @app.command()
@@ -366,15 +425,13 @@ def report(
         Path | None, typer.Option("--out", help="Output folder (default SEARCH/report).")
     ] = None,
 ) -> None:
-    """Leaderboard CSV and plots (optimisation history, importances, parallel coordinates) as PNG + HTML."""
+    """Leaderboard CSV and plots (optimisation history, importances, parallel coordinates, Pareto front) as PNG + HTML."""
     from tskd_tune.report import write_report
     from tskd_tune.search import load_search, resolve_search_path
 
     path = resolve_search_path(name_or_path)
     cfg, _, _ = load_search(path)
-    written = write_report(
-        path, out_dir or path / "report", cfg.search.space, cfg.search.metric, cfg.search.mode
-    )
+    written = write_report(path, out_dir or path / "report", cfg.search.space, cfg.search.objective_items())
     for kind, p in written.items():
         out.print(f"{kind}: {p}", markup=False)
 
@@ -387,22 +444,16 @@ def ui(
     """Open the MLflow UI on the local store, bound to 127.0.0.1."""
     import subprocess
 
+    out.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)", markup=False)
+    raise typer.Exit(subprocess.call(ui_command(uri, port)))
+
+
+def ui_command(uri: str, port: int) -> list[str]:
+    """The `mlflow ui` command line: loopback only, as the MLflow UI has no login (see SECURITY.md)."""
     from tskd_tune.tracking import absolute_uri
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        absolute_uri(uri),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    out.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)", markup=False)
-    raise typer.Exit(subprocess.call(cmd))
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", absolute_uri(uri),
+            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -416,12 +467,14 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: turns every user error into one line on stderr and exit status 2."""
+    from tskd_tune.tracking import mask_secrets
+
     err = Console(stderr=True, highlight=False)
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="tskd-tune")
     except TskdError as exc:
         for line in exc.lines():
-            err.print(f"error: {line}", markup=False, soft_wrap=True)
+            err.print(f"error: {mask_secrets(line)}", markup=False, soft_wrap=True)
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
@@ -433,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except click_exc.UsageError as exc:
         cmd = exc.ctx.command_path if exc.ctx else "tskd-tune"
-        err.print(f"error: {cmd}: {exc.format_message()} (see {cmd} --help)", markup=False, soft_wrap=True)
+        msg = mask_secrets(exc.format_message())
+        err.print(f"error: {cmd}: {msg} (see {cmd} --help)", markup=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err.print("interrupted")

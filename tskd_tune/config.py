@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tskd_tune.errors import ConfigError
 from tskd_tune.space import Distribution
@@ -203,13 +203,40 @@ class SearchConfig(Section):
     """Search space: dotted config path -> distribution."""
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
     """Known-good configs (dotted path -> value) tried first."""
+    study_storage: str | None = None
+    """Optuna storage that outlives the driver: an RDB URL (no password) or a journal file path; None: in memory."""
+    objectives: dict[str, Literal["max", "min"]] = Field(default_factory=dict)
+    """Multi-objective search (metric -> max/min, e.g. val_dice: max, student_latency_ms: min): reports the
+    Pareto front; needs scheduler fifo. Overrides metric/mode; the first objective sorts the leaderboard."""
+
+    def objective_items(self) -> list[tuple[str, str]]:
+        """(metric, mode) pairs the search optimises: the objectives, or the single metric."""
+        return list(self.objectives.items()) if self.objectives else [(self.metric, self.mode)]
 
 
 class TrackingConfig(Section):
     uri: str = "sqlite:///runs/mlflow.db"
-    """MLflow tracking URI."""
+    """MLflow tracking URI (without a password: that comes from the environment)."""
     experiment: str = "tskd-tune"
     """MLflow experiment name."""
+    system_metrics: bool = True
+    """Log CPU, memory, disk, network and (with pynvml and an NVIDIA GPU) GPU use on each trial's run."""
+    system_metrics_interval_s: float = Field(10.0, ge=1)
+    """Seconds between system-metric samples."""
+
+    @field_validator("uri")
+    @classmethod
+    def _no_password(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        if urlsplit(v).password:
+            # the message must not repeat the URI: errors are printed and configs are logged
+            raise ValueError(
+                "holds a password; put it in the environment instead (MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD for an MLflow server, PGPASSWORD for PostgreSQL): "
+                "the config is logged with every run"
+            )
+        return v
 
 
 class ResourcesConfig(Section):
@@ -423,8 +450,32 @@ def _cross_checks(cfg: Config, check_search_space: bool) -> list[str]:
             f"search.grace_period: must be <= student.epochs ({cfg.student.epochs}), "
             f"got {cfg.search.grace_period}"
         )
+    problems += _objective_checks(cfg.search)
     if check_search_space and not problems:
         problems += check_space(cfg)
+    return problems
+
+
+# metrics every finished trial reports (per epoch or at its end) that a search may optimise
+OBJECTIVE_METRICS = ("val_dice", "val_hd95", "student_latency_ms", "student_params")
+END_OF_TRIAL_METRICS = ("student_latency_ms", "student_params")
+
+
+def _objective_checks(s: SearchConfig) -> list[str]:
+    problems = [f"search.objectives.{m}: not a reported metric (one of {', '.join(OBJECTIVE_METRICS)})"
+                for m in s.objectives if m not in OBJECTIVE_METRICS]  # fmt: skip
+    if s.objectives and len(s.objectives) < 2:
+        problems.append(
+            "search.objectives: needs at least two metrics; for one, use search.metric and search.mode"
+        )
+    elif s.objectives and s.scheduler == "asha":
+        problems.append(
+            "search.scheduler: ASHA needs a single objective; use fifo with search.objectives, got 'asha'"
+        )
+    elif s.objectives and "metric" in s.model_fields_set and s.metric != next(iter(s.objectives)):
+        problems.append(
+            f"search.metric: the first of search.objectives sorts a multi-objective search, got {s.metric!r}"
+        )
     return problems
 
 

@@ -17,9 +17,10 @@ import torch
 from PIL import Image
 
 from tskd_tune.config import Config, DataConfig, load_config
+from tskd_tune.data.folder import read_any_image
 from tskd_tune.data.inspect import overlay
 from tskd_tune.data.prepare import preprocess_image
-from tskd_tune.data.registry import class_names, read_image, to_unit_float
+from tskd_tune.data.registry import class_names
 from tskd_tune.errors import TskdError
 from tskd_tune.models.students import build_student
 
@@ -37,12 +38,19 @@ def load_trial_student(trial_dir: Path) -> tuple[torch.nn.Module, Config, dict]:
         raise TskdError(f"{trial_dir}: not a trial folder (expected config.yaml and student.safetensors)")
     cfg = load_config(trial_dir / "config.yaml")
     metrics_path = trial_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    try:
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    except ValueError:
+        raise TskdError(f"{metrics_path}: not valid JSON") from None
     classes = class_names(cfg.data)
     model = build_student(cfg.student, cfg.data.channels, len(classes), cfg.data.image_size)
     try:
-        model.load_state_dict(load_file(str(weights)))
-    except (RuntimeError, OSError) as exc:
+        state = load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - safetensors reports damaged files with its own error type
+        raise TskdError(f"{weights}: not a readable safetensors file ({exc.__class__.__name__})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
         raise TskdError(
             f"{weights}: does not fit student {cfg.student.model} ({str(exc).splitlines()[0]})"
         ) from None
@@ -51,6 +59,8 @@ def load_trial_student(trial_dir: Path) -> tuple[torch.nn.Module, Config, dict]:
 
 def export(trial_dir: Path, fmt: str, out_dir: Path) -> dict:
     """Write the student of ``trial_dir`` as ONNX or TorchScript plus a model card; returns the card."""
+    if fmt not in ("onnx", "torchscript"):
+        raise TskdError(f"--format: must be onnx or torchscript, got {fmt!r}")
     model, cfg, metrics = load_trial_student(trial_dir)
     c, s = cfg.data.channels, cfg.data.image_size
     x = torch.rand(2, c, s, s, generator=torch.Generator().manual_seed(0))
@@ -66,13 +76,11 @@ def export(trial_dir: Path, fmt: str, out_dir: Path) -> dict:
             dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
         )  # fmt: skip
         got = _run_onnx(tmp / name, x.numpy())
-    elif fmt == "torchscript":
+    else:
         name = "model.pt"
         with torch.inference_mode():
             torch.jit.save(torch.jit.trace(model, x), str(tmp / name))
             got = torch.jit.load(str(tmp / name))(x).numpy()
-    else:
-        raise TskdError(f"--format: must be onnx or torchscript, got {fmt!r}")
     diff = float(np.abs(got - expected).max())
     if diff > TOLERANCE:
         shutil.rmtree(tmp)
@@ -118,25 +126,29 @@ class Predictor:
         model_dir = Path(model_dir)
         card_path = model_dir / "model_card.json"
         if card_path.is_file():
-            card = json.loads(card_path.read_text())
+            card, model_file = _read_card(card_path)
             self.classes = card["classes"]
             inp = card["input"]
             self.data = DataConfig(image_size=inp["size"][0], channels=inp["channels"], resize=inp["resize"])
-            if card["format"] == "onnx":
-                import onnxruntime as ort
+            try:
+                if card["format"] == "onnx":
+                    import onnxruntime as ort
 
-                session = ort.InferenceSession(
-                    str(model_dir / card["file"]), providers=["CPUExecutionProvider"]
-                )
-                self._run = lambda x: session.run(["logits"], {"image": x})[0]
-            else:
-                module = torch.jit.load(str(model_dir / card["file"]))
+                    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+                    self._run = lambda x: session.run(["logits"], {"image": x})[0]
+                else:
+                    # TorchScript holds code: only load exports you made (see SECURITY.md)
+                    module = torch.jit.load(str(model_file), map_location="cpu")
 
-                def run_ts(x):
-                    with torch.inference_mode():
-                        return module(torch.from_numpy(x)).numpy()
+                    def run_ts(x):
+                        with torch.inference_mode():
+                            return module(torch.from_numpy(x)).numpy()
 
-                self._run = run_ts
+                    self._run = run_ts
+            except Exception as exc:  # noqa: BLE001 - ONNX Runtime and TorchScript raise their own types
+                raise TskdError(
+                    f"{model_file}: cannot load the {card['format']} model ({exc.__class__.__name__})"
+                ) from None
         elif (model_dir / "student.safetensors").is_file():
             model, cfg, _ = load_trial_student(model_dir)
             self.classes = class_names(cfg.data)
@@ -163,6 +175,25 @@ class Predictor:
         return np.asarray(Image.fromarray(labels).resize((w, h), Image.NEAREST))
 
 
+def _read_card(path: Path) -> tuple[dict, Path]:
+    """A model card and the model file it names, which must lie inside the card's folder."""
+    try:
+        card = json.loads(path.read_text())
+        inp = card["input"]
+        DataConfig(image_size=inp["size"][0], channels=inp["channels"], resize=inp["resize"])
+        if card["format"] not in ("onnx", "torchscript") or not isinstance(card["classes"], list):
+            raise ValueError(f"format {card['format']!r}")
+        model_file = path.parent / str(card["file"])
+    except (ValueError, KeyError, TypeError, IndexError) as exc:  # pydantic's ValidationError is a ValueError
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise TskdError(f"{path}: not a tskd-tune model card ({exc.__class__.__name__}: {first})") from None
+    if not model_file.resolve().is_relative_to(path.parent.resolve()):
+        raise TskdError(f"{path}: file: {card['file']!r} points outside {path.parent}")
+    if not model_file.is_file():
+        raise TskdError(f"{model_file}: not found (named by {path.name})")
+    return card, model_file
+
+
 def predict_folder(model_dir: Path, images_dir: Path, out_dir: Path) -> list[Path]:
     """Write ``<stem>_mask.png`` (class indices) and ``<stem>_overlay.png`` for every image in a folder."""
     images_dir, out_dir = Path(images_dir), Path(out_dir)
@@ -174,10 +205,13 @@ def predict_folder(model_dir: Path, images_dir: Path, out_dir: Path) -> list[Pat
     if not files:
         raise TskdError(f"{images_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     predictor = Predictor(model_dir)
+    mode = "L" if predictor.data.channels == 1 else "RGB"
+    for path in files:  # every image decodes before any output is written: no half-done output folder
+        read_any_image(path, mode)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in files:
-        image = to_unit_float(read_image(path))
+        image = read_any_image(path, mode)
         mask = predictor.predict(image)
         _save_png(mask, out_dir / f"{path.stem}_mask.png")
         shown = image if image.ndim == 2 else image.mean(-1) if predictor.data.channels == 1 else image

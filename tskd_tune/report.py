@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,11 @@ def _read_results(trial_dir: Path) -> list[dict]:
     return rows
 
 
-def leaderboard(search_path: Path, metric: str = "val_dice", mode: str = "max") -> pd.DataFrame:
-    """One row per trial: id, epochs reported, last metric values and sampled params; best first."""
+def leaderboard(
+    search_path: Path, metric: str = "val_dice", mode: str = "max", extra: tuple[str, ...] | list[str] = ()
+) -> pd.DataFrame:
+    """One row per trial: id, epochs reported, last metric values (``metric``, val_hd95, ``extra``) and
+    sampled params; best first."""
     rows = []
     ended = (
         Path(search_path) / "summary.json"
@@ -49,6 +53,7 @@ def leaderboard(search_path: Path, metric: str = "val_dice", mode: str = "max") 
                 "epoch": last.get("epoch", 0),
                 metric: last.get(metric, np.nan),
                 "val_hd95": last.get("val_hd95", np.nan),
+                **{m: last.get(m, np.nan) for m in extra if m not in (metric, "val_hd95")},
                 **{k: v for k, v in params.items()},
                 "trial_dir": str(trial_dir),
             }
@@ -59,29 +64,52 @@ def leaderboard(search_path: Path, metric: str = "val_dice", mode: str = "max") 
     return board.sort_values(metric, ascending=(mode == "min"), na_position="last").reset_index(drop=True)
 
 
-def _study(board: pd.DataFrame, space: dict, metric: str, mode: str):
+def pareto_front(board: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.Series:
+    """True for the trials no other trial beats in every objective (NaN rows are never on the front)."""
+    names = [m for m, _ in objectives]
+    # flip maximised objectives so that smaller is better everywhere
+    values = board[names].to_numpy(dtype=float) * np.array(
+        [-1.0 if d == "max" else 1.0 for _, d in objectives]
+    )
+    valid = ~np.isnan(values).any(axis=1)
+    front = np.zeros(len(board), dtype=bool)
+    for i in np.flatnonzero(valid):
+        others = values[valid]
+        dominated = ((others <= values[i]).all(axis=1) & (others < values[i]).any(axis=1)).any()
+        front[i] = not dominated
+    return pd.Series(front, index=board.index, name="pareto")
+
+
+def _study(board: pd.DataFrame, space: dict, objectives: list[tuple[str, str]]):
     """An in-memory Optuna study holding the finished trials, for Optuna's own plots."""
     import optuna
 
     from tskd_tune.space import to_optuna
 
     dists = to_optuna(space)
-    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+    names = [m for m, _ in objectives]
+    study = optuna.create_study(directions=["maximize" if d == "max" else "minimize" for _, d in objectives])
     for _, row in board.iterrows():
-        if pd.isna(row[metric]) or not all(p in row and not pd.isna(row[p]) for p in dists):
+        if row[names].isna().any() or not all(p in row and not pd.isna(row[p]) for p in dists):
             continue
         params = {
             p: (int(row[p]) if isinstance(d, optuna.distributions.IntDistribution) else row[p])
             for p, d in dists.items()
         }
         study.add_trial(
-            optuna.trial.create_trial(params=params, distributions=dists, value=float(row[metric]))
+            optuna.trial.create_trial(
+                params=params, distributions=dists, values=[float(row[m]) for m in names]
+            )
         )
     return study
 
 
-def write_report(search_path: Path, out_dir: Path, space: dict, metric: str, mode: str) -> dict:
-    """leaderboard.csv, Optuna plots (PNG) and report.html in ``out_dir``; returns what was written."""
+def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list[tuple[str, str]]) -> dict:
+    """leaderboard.csv, Optuna plots (PNG) and report.html in ``out_dir``; returns what was written.
+
+    With several objectives the history, importance and parallel-coordinate plots show the first one,
+    and a Pareto-front plot shows all of them (the first two when there are more than three).
+    """
     import warnings
 
     import matplotlib
@@ -94,21 +122,29 @@ def write_report(search_path: Path, out_dir: Path, space: dict, metric: str, mod
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-    board = leaderboard(search_path, metric, mode)
+    metric, mode = objectives[0]
+    board = leaderboard(search_path, metric, mode, extra=[m for m, _ in objectives[1:]])
     if board.empty:
         raise TskdError(f"{search_path}: no trials yet")
+    if len(objectives) > 1:
+        board.insert(board.columns.get_loc("epoch") + 1, "pareto", pareto_front(board, objectives))
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {"leaderboard": out_dir / "leaderboard.csv"}
     board.drop(columns=["trial_dir"]).to_csv(written["leaderboard"], index=False)
-    study = _study(board, space, metric, mode)
-    plots = {"history": ovm.plot_optimization_history, "parallel_coordinates": ovm.plot_parallel_coordinate}
+    study = _study(board, space, objectives[:1])
+    plots = {"history": (study, ovm.plot_optimization_history),
+             "parallel_coordinates": (study, ovm.plot_parallel_coordinate)}  # fmt: skip
     if len(study.trials) >= 2 and len(space) >= 2:
-        plots["importances"] = ovm.plot_param_importances
-    for name, fn in plots.items():
-        if not study.trials:
-            break
+        plots["importances"] = (study, ovm.plot_param_importances)
+    if len(objectives) > 1:
+        shown = objectives if len(objectives) <= 3 else objectives[:2]
+        front = _study(board, space, shown)
+        plots["pareto_front"] = (front, partial(ovm.plot_pareto_front, target_names=[m for m, _ in shown]))
+    for name, (st, fn) in plots.items():
+        if not st.trials:
+            continue
         try:
-            ax = fn(study)
+            ax = fn(st)
         except (ValueError, RuntimeError) as exc:  # e.g. importances of a space with no variation
             print(f"skipped plot {name}: {exc}")
             continue

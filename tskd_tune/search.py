@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tskd_tune import tracking
-from tskd_tune.config import Config, apply_values, to_yaml
+from tskd_tune import cluster, tracking
+from tskd_tune.cluster import mask_uri, mlflow_env
+from tskd_tune.config import END_OF_TRIAL_METRICS, Config, apply_values, to_yaml
 from tskd_tune.errors import TskdError
 
 SEARCH_FILE = "search.json"
@@ -29,7 +31,7 @@ class SearchOptions:
     """How a search runs (CLI flags), as opposed to what it searches (the config)."""
 
     name: str
-    storage: Path
+    storage: Path | str  # a folder, or a URI (s3://, gs://, file://) that Ray Tune writes through pyarrow
     tracking_uri: str
     address: str | None = None
     use_cache: bool = True
@@ -37,7 +39,17 @@ class SearchOptions:
 
     @property
     def path(self) -> Path:
-        return self.storage / self.name
+        """The search folder on this machine; for a storage URI, this machine's copy of it."""
+        if cluster.is_uri(self.storage):
+            return cluster.local_copy(self.location)
+        return Path(self.storage) / self.name
+
+    @property
+    def location(self) -> str:
+        """Where the search lives for Ray Tune and every node: the folder, or its URI."""
+        if cluster.is_uri(self.storage):
+            return f"{str(self.storage).rstrip('/')}/{self.name}"
+        return str(Path(self.storage) / self.name)
 
 
 def absolutize(cfg: Config) -> Config:
@@ -48,6 +60,10 @@ def absolutize(cfg: Config) -> Config:
     }
     if cfg.data.root is not None:
         upd["data"] = cfg.data.model_copy(update={"root": cfg.data.root.resolve()})
+    if cfg.search.study_storage and "://" not in cfg.search.study_storage:  # a journal file
+        upd["search"] = cfg.search.model_copy(
+            update={"study_storage": str(Path(cfg.search.study_storage).resolve())}
+        )
     if cfg.teacher.checkpoint is not None:
         upd["teacher"] = cfg.teacher.model_copy(update={"checkpoint": cfg.teacher.checkpoint.resolve()})
     return cfg.model_copy(update=upd)
@@ -67,7 +83,6 @@ def _git_commit() -> str:
 def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
     """One Ray Tune trial: sampled values -> config -> child MLflow run -> run_trial with reports."""
     import logging
-    import socket
 
     import numpy as np
     import ray
@@ -79,6 +94,8 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
 
     for name in ("ray.tune", "ray.train"):  # one "checkpoint created" line per epoch is noise
         logging.getLogger(name).setLevel(logging.WARNING)
+    # before the first MLflow call: a remote server may need credentials this worker did not inherit
+    os.environ.update(run.get("mlflow_env", {}))
     cfg = apply_values(validate(base, check_search_space=False), config)
     if cfg.resources.gpu and 0 < cfg.resources.gpu < 1 and resolve_device(cfg).type == "cuda":
         import torch
@@ -86,13 +103,14 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
         # Ray's fractional GPUs are bookkeeping only: cap this trial's share of the memory ourselves
         torch.cuda.set_per_process_memory_fraction(cfg.resources.gpu)
     ctx = tune.get_context()
-    trial_id, trial_dir = ctx.get_trial_id(), Path(ctx.get_trial_dir())
+    trial_id, trial_dir = ctx.get_trial_id(), _working_dir()
     run_id, resumed = tracking.child_run(
         run["tracking_uri"], run["parent_run_id"], trial_id, ctx.get_trial_name()
     )
     tracker = tracking.RunTracker(run["tracking_uri"], run_id)
+    monitor = tracking.system_monitor(cfg.tracking, run["tracking_uri"], run_id, resumed)
     tracker.log_params(config | {"distill.method": cfg.distill.method, "student.model": cfg.student.model})
-    tracker.set_tags({"ray.node_id": ray.get_runtime_context().get_node_id(), "ray.node_ip": socket.gethostbyname(socket.gethostname()),
+    tracker.set_tags({"ray.node_id": ray.get_runtime_context().get_node_id(), "ray.node_ip": ray.util.get_node_ip_address(),
                       "device": str(resolve_device(cfg)), "resumed": resumed})  # fmt: skip
     out_dir = trial_dir / "outputs"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -105,6 +123,7 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
     splits = data["splits"]
 
     last_epoch = 1 if cfg.distill.method == "teacher" else cfg.student.epochs
+    at_end = [m for m, _ in cfg.search.objective_items() if m in END_OF_TRIAL_METRICS]
     held: dict = {}
 
     def report(epoch: int, metrics: dict, ckpt: Path | None) -> None:
@@ -114,6 +133,9 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
             if isinstance(v, int | float | bool) and not isinstance(v, np.generic)
         }
         out |= {"epoch": epoch, "mlflow_run_id": run_id}
+        # Tune wants every objective in every result; end-of-trial ones (latency, size) are not known yet.
+        # A multi-objective OptunaSearch ignores intermediate results, so these NaNs never reach Optuna.
+        out |= {m: float("nan") for m in at_end if m not in out}
         if epoch == last_epoch:
             # held back until run_trial has saved the outputs: the scheduler may stop a trial at any report
             held.update(metrics=out, ckpt=ckpt)
@@ -123,16 +145,19 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
     checkpoint = tune.get_checkpoint()
     resume_from = None
     if checkpoint is not None:  # a retried or restored trial continues from its last epoch
-        resume_from = Path(checkpoint.to_directory(str(trial_dir / "restored_checkpoint")))
+        # outside the working dir, which is uploaded to storage: a restored copy need not go back there
+        resume_from = Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="tskd-restored-")))
     try:
         result = run_trial(cfg, report, tracker, out_dir=out_dir, resume_from=resume_from, use_cache=run["use_cache"],
                            data=(prepared, splits))  # fmt: skip
     except Exception as exc:
+        tracking.stop_monitor(monitor)
         tracker.set_tags(
             {"tskd.status": "failed", "tskd.error": f"{exc.__class__.__name__}: {str(exc)[:480]}"}
         )
         tracker.finish("FAILED")
         raise
+    tracking.stop_monitor(monitor)
     tracker.log_metrics(
         {f"final_{k}": v for k, v in tracking.numeric(result).items()}, step=cfg.student.epochs
     )
@@ -153,8 +178,22 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
     tracker.finish("FINISHED")
     final = held.get("metrics", {"epoch": last_epoch, "mlflow_run_id": run_id})
     final |= {f"final_{k}": v for k, v in tracking.numeric(result).items()}
+    # end-of-trial objectives (latency, size) under their own names, as the searcher expects them
+    final |= {k: v for k, v in tracking.numeric(result).items() if k in END_OF_TRIAL_METRICS}
     ckpt = held.get("ckpt")
     tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None)
+
+
+def _working_dir() -> Path:
+    """The trial's working folder on the node where it runs, which Ray uploads to the trial's folder in storage.
+
+    Uploaded at every checkpoint and when the trial ends (``SyncConfig(sync_artifacts=True)``), from
+    whichever node runs the trial. ``get_trial_dir()`` names a staging folder on the driver's node
+    instead, which files written on another node never reach.
+    """
+    from ray.train._internal.session import get_session
+
+    return Path(get_session().storage.trial_working_directory)
 
 
 def _overlays(out_dir: Path, prepared, splits, n: int = 6) -> None:
@@ -251,16 +290,26 @@ def _data_payload(cfg: Config, use_cache: bool) -> dict:
 
 
 def init_ray(address: str | None, console) -> None:
-    """Start (or join) Ray; the dashboard binds to 127.0.0.1 and its URL is printed."""
+    """Start a local Ray or join a cluster (``auto``, ``HOST:PORT``, ``ray://HOST:10001``); print the dashboard URL."""
     import ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table reporter shows our columns
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if ray.is_initialized():
         return
-    # "local" rather than None: None would silently join the last `ray start` cluster on this machine
-    ctx = ray.init(address=address or "local", include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR",
-                   log_to_driver=True)  # fmt: skip
+    try:
+        if address and address.startswith("ray://"):
+            # Ray Client takes no dashboard options: the cluster has its own dashboard
+            ctx = ray.init(address=address, logging_level="ERROR")
+        else:
+            # "local" rather than None: None would silently join the last `ray start` cluster on this machine
+            ctx = ray.init(address=address or "local", include_dashboard=True, dashboard_host="127.0.0.1",
+                           logging_level="ERROR", log_to_driver=True)  # fmt: skip
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        if not address:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise TskdError(f"--address: cannot join the Ray cluster at {address}: {first[:200]}") from None
     url = getattr(ctx, "dashboard_url", None)
     if url:
         console.print(
@@ -268,7 +317,34 @@ def init_ray(address: str | None, console) -> None:
         )
 
 
-def _tuner(cfg: Config, opts: SearchOptions, parent_run_id: str, data_ref: dict, restore: bool = False):
+def _study_storage(cfg: Config, name: str, fresh: bool):
+    """The Optuna storage of ``search.study_storage`` (None: in memory); a fresh search must not reuse a study."""
+    value = cfg.search.study_storage
+    if not value:
+        return None
+    import optuna
+
+    try:
+        if "://" in value:
+            storage = optuna.storages.RDBStorage(value)
+        else:
+            from optuna.storages.journal import JournalFileBackend
+
+            Path(value).parent.mkdir(parents=True, exist_ok=True)
+            storage = optuna.storages.JournalStorage(JournalFileBackend(str(value)))
+        exists = name in optuna.study.get_all_study_names(storage)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "storage unusable"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise TskdError(f"search.study_storage: cannot use {mask_uri(value)}: {first[:200]}") from None
+    if fresh and exists:
+        raise TskdError(
+            f"search.study_storage: {mask_uri(value)} already holds a study named {name!r}; pick another --name"
+        )
+    return storage
+
+
+def _tuner(cfg: Config, opts: SearchOptions, parent_run_id: str, data_ref: dict, restore: bool = False,
+           resume: bool = False):  # fmt: skip
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -277,27 +353,35 @@ def _tuner(cfg: Config, opts: SearchOptions, parent_run_id: str, data_ref: dict,
 
     from tskd_tune.space import to_optuna
 
-    run = {"tracking_uri": opts.tracking_uri, "parent_run_id": parent_run_id, "use_cache": opts.use_cache}
+    # MLflow credentials ride in the object store with the trainable: no runtime_env, dashboard or log shows them
+    run = {"tracking_uri": opts.tracking_uri, "parent_run_id": parent_run_id, "use_cache": opts.use_cache,
+           "mlflow_env": mlflow_env()}  # fmt: skip
     trainable = tune.with_parameters(_trainable, data=data_ref, base=cfg.model_dump(mode="json"), run=run)
     trainable = tune.with_resources(trainable, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     max_epochs = 1 if cfg.distill.method == "teacher" else cfg.student.epochs
     finalizer = _finalizer(opts.tracking_uri, parent_run_id, max_epochs)
     if restore:
         return tune.Tuner.restore(
-            str(opts.path), trainable=trainable, resume_unfinished=True, resume_errored=True
+            opts.location, trainable=trainable, resume_unfinished=True, resume_errored=True
         ), finalizer
     s = cfg.search
     # metric and mode go to searcher and scheduler themselves: ConcurrencyLimiter does not pass them on
-    searcher = OptunaSearch(space=to_optuna(s.space), metric=s.metric, mode=s.mode, sampler=_sampler(cfg),
-                            points_to_evaluate=s.points_to_evaluate or None)  # fmt: skip
+    objectives = s.objective_items()
+    metric, mode = objectives[0]
+    if len(objectives) > 1:  # Optuna's multi-objective study: every trial's final result carries all of them
+        metric, mode = [m for m, _ in objectives], [d for _, d in objectives]
+    searcher = OptunaSearch(space=to_optuna(s.space), metric=metric, mode=mode, sampler=_sampler(cfg),
+                            points_to_evaluate=s.points_to_evaluate or None, study_name=opts.name,
+                            storage=_study_storage(cfg, opts.name, fresh=not resume))  # fmt: skip
     searcher = ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
-    if s.scheduler == "asha":
+    if s.scheduler == "asha":  # config validation refuses ASHA with several objectives
         scheduler = ASHAScheduler(metric=s.metric, mode=s.mode, max_t=max_epochs, grace_period=min(s.grace_period, max_epochs),
                                   reduction_factor=s.reduction_factor)  # fmt: skip
     else:
         scheduler = FIFOScheduler()
     reporter = tune.CLIReporter(
-        metric_columns={"epoch": "epoch", s.metric: s.metric, "val_hd95": "hd95"},
+        metric_columns={"epoch": "epoch", s.metric: s.metric, "val_hd95": "hd95"}
+        | {m: m for m, _ in objectives},
         parameter_columns={p: p.split(".")[-1] if len(p) > 24 else p for p in s.space},
         max_report_frequency=15,
         sort_by_metric=True,
@@ -310,6 +394,8 @@ def _tuner(cfg: Config, opts: SearchOptions, parent_run_id: str, data_ref: dict,
             storage_path=str(opts.storage),
             failure_config=tune.FailureConfig(max_failures=2),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # each trial uploads its outputs (config, metrics, student) from its own node
+            sync_config=tune.SyncConfig(sync_artifacts=True),
             # JSON only (not CSV/TensorBoard): result.json and params.json are what `status` and `report` read
             callbacks=[finalizer, JsonLoggerCallback()],
             progress_reporter=reporter,
@@ -323,9 +409,17 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
     """Run (or resume) a search; returns the summary also written to the search folder."""
     import ray
 
+    cluster.check_tracking_uri(opts.tracking_uri)
+    cluster.refuse_embedded_password(cfg.search.study_storage, "search.study_storage",
+                                     "let the driver read it from the environment (e.g. PGPASSWORD or ~/.pgpass)")  # fmt: skip
     cfg = absolutize(cfg)
     opts.tracking_uri = tracking.absolute_uri(opts.tracking_uri)
-    opts.storage = opts.storage.resolve()
+    cluster.check_storage(str(opts.storage))
+    if cluster.is_uri(opts.storage):
+        # the checks below and Tuner.restore read these; the rest of the folder is fetched after the search
+        cluster.pull(opts.location, opts.path, only=(SEARCH_FILE, "tuner.pkl"))
+    else:
+        opts.storage = Path(opts.storage).resolve()
     tracking.preflight(opts.tracking_uri)
     if resume and not (opts.path / SEARCH_FILE).is_file():
         raise TskdError(f"{opts.path}: no search to resume here (no {SEARCH_FILE})")
@@ -335,11 +429,13 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
         )
     opts.path.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    init_ray(opts.address, console)
+    # before the data: on a cluster the trial cache (and the synthetic pool built next) moves to shared storage
+    cfg = cluster.prepare(cfg, opts, console)
     console.print(f"preparing data ({cfg.data.dataset}) ...", markup=False)
     payload = _data_payload(cfg, opts.use_cache)
-    init_ray(opts.address, console)
     parent = tracking.parent_run(
-        opts.tracking_uri, cfg.tracking.experiment, str(opts.path), opts.name,
+        opts.tracking_uri, cfg.tracking.experiment, opts.location, opts.name,
         {"search.name": opts.name, "search.space_file": opts.space_file, "git.commit": _git_commit(),
          "ray.address": opts.address or "local"},
     )  # fmt: skip
@@ -347,59 +443,82 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
         _write_json(opts.path / SEARCH_FILE, {"config": cfg.model_dump(mode="json"), "options": {
             "name": opts.name, "storage": str(opts.storage), "tracking_uri": opts.tracking_uri, "address": opts.address,
             "use_cache": opts.use_cache, "space_file": opts.space_file}, "parent_run_id": parent})  # fmt: skip
+        if cluster.is_uri(opts.storage):
+            cluster.push(opts.path, opts.location, [SEARCH_FILE])
         client = tracking.client(opts.tracking_uri)
         client.log_text(parent, to_yaml(cfg), "search_config.yaml")
     console.print(
-        f"MLflow: {opts.tracking_uri} (experiment {cfg.tracking.experiment!r}, parent run {parent})",
+        f"MLflow: {tracking.mask_secrets(opts.tracking_uri)} (experiment {cfg.tracking.experiment!r}, parent run {parent})",
         markup=False,
     )
+    if cfg.search.study_storage:
+        console.print(f"Optuna study {opts.name!r} in {mask_uri(cfg.search.study_storage)} "
+                      f"(optuna-dashboard {mask_uri(cfg.search.study_storage)})", markup=False)  # fmt: skip
     if opts.tracking_uri.startswith("sqlite:///"):
         console.print(
             f"  open it with: mlflow ui --backend-store-uri {opts.tracking_uri} --host 127.0.0.1",
             markup=False,
         )
     data_ref = ray.put(payload)
-    tuner, _ = _tuner(cfg, opts, parent, data_ref, restore=resume and (opts.path / "tuner.pkl").exists())
+    tuner, _ = _tuner(cfg, opts, parent, data_ref, restore=resume and (opts.path / "tuner.pkl").exists(),
+                      resume=resume)  # fmt: skip
     try:
         results = tuner.fit()
     finally:
         tracking.client(opts.tracking_uri).update_run(parent, status="RUNNING")
+    if cluster.is_uri(opts.storage):  # trial results and outputs went to the URI: fetch them to summarize
+        cluster.pull(opts.location, opts.path)
     summary = summarize(cfg, opts, results, parent, payload, console)
     summary["wall_s"] = time.perf_counter() - t0
     _write_json(opts.path / "summary.json", summary)
+    if cluster.is_uri(opts.storage):
+        cluster.push(opts.path, opts.location, ["summary.json", "leaderboard.csv", "pareto.csv", "best.yaml"])
     tracking.client(opts.tracking_uri).set_terminated(parent, status="FINISHED")
     return summary
 
 
 def summarize(cfg: Config, opts: SearchOptions, results, parent: str, payload: dict, console) -> dict:
     """Leaderboard, best config and the best trial evaluated once on the test split; logged to the parent."""
-    from tskd_tune.report import leaderboard
+    from tskd_tune.report import leaderboard, pareto_front
 
     c = tracking.client(opts.tracking_uri)
-    board = leaderboard(opts.path, cfg.search.metric, cfg.search.mode)
+    objectives = cfg.search.objective_items()
+    metric, _ = objectives[0]
+    board = leaderboard(opts.path, *objectives[0], extra=[m for m, _ in objectives[1:]])
+    if len(objectives) > 1:
+        board.insert(board.columns.get_loc("epoch") + 1, "pareto", pareto_front(board, objectives))
     board_path = opts.path / "leaderboard.csv"
     board.to_csv(board_path, index=False)
     c.log_artifact(parent, str(board_path))
     errors = sum(1 for r in results if r.error is not None)
     summary = {"trials": len(board), "errored": errors, "leaderboard": str(board_path)}
-    if board.empty or board[cfg.search.metric].isna().all():
+    if board.empty or board[metric].isna().all():
         console.print("no trial produced a result", markup=False)
         return summary
-    best = board.iloc[0]
+    if len(objectives) > 1:
+        front = board[board["pareto"]]
+        front_path = opts.path / "pareto.csv"
+        front.to_csv(front_path, index=False)
+        c.log_artifact(parent, str(front_path))
+        summary["pareto_front"] = front["trial_id"].tolist()
+        console.print(f"Pareto front ({', '.join(f'{m} {d}' for m, d in objectives)}): "
+                      f"{len(front)} of {len(board)} trials, in {front_path}", markup=False)  # fmt: skip
+        print(front[["trial_id", *[m for m, _ in objectives]]].to_string(index=False))
+    best = board.iloc[0]  # the best in the first objective, which is always on the Pareto front
     trial_dir = Path(best["trial_dir"])
     best_cfg_path = opts.path / "best.yaml"
     best_cfg_path.write_text((trial_dir / "outputs" / "config.yaml").read_text())
     c.log_artifact(parent, str(best_cfg_path))
     test = evaluate_on_test(trial_dir / "outputs", payload)
-    summary |= {"best_trial": best["trial_id"], "best_" + cfg.search.metric: float(best[cfg.search.metric]),
+    summary |= {"best_trial": best["trial_id"], "best_" + metric: float(best[metric]),
                 "best_config": str(best_cfg_path), **test}  # fmt: skip
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
     c.log_batch(parent, metrics=[Metric(k, v, ts, 0) for k, v in tracking.numeric(
-        {"best_" + cfg.search.metric: summary["best_" + cfg.search.metric], **test}).items()])  # fmt: skip
+        {"best_" + metric: summary["best_" + metric], **test}).items()])  # fmt: skip
     print(board.drop(columns=["trial_dir"]).head(10).to_string(index=False))
-    console.print(f"best trial {best['trial_id']}: {cfg.search.metric} {best[cfg.search.metric]:.4f}; "
+    console.print(f"best trial {best['trial_id']}: {metric} {best[metric]:.4f}; "
                   f"test_dice {test.get('test_dice', float('nan')):.4f}; config {best_cfg_path}", markup=False)  # fmt: skip
     return summary
 
@@ -426,12 +545,23 @@ def load_search(path: Path) -> tuple[Config, SearchOptions, str]:
     saved = json.loads(f.read_text())
     o = saved["options"]
     opts = SearchOptions(
-        o["name"], Path(o["storage"]), o["tracking_uri"], o["address"], o["use_cache"], o["space_file"]
+        o["name"],
+        o["storage"] if cluster.is_uri(o["storage"]) else Path(o["storage"]),
+        o["tracking_uri"],
+        o["address"],
+        o["use_cache"],
+        o["space_file"],
     )
     return validate(saved["config"]), opts, saved["parent_run_id"]
 
 
 def resolve_search_path(name_or_path: str, storage: Path = Path("runs")) -> Path:
+    """A search folder by name (under ``storage``), folder, or URI (fetched to this machine's copy)."""
+    if cluster.is_uri(name_or_path):
+        local = cluster.local_copy(name_or_path.rstrip("/"))
+        if cluster.pull(name_or_path.rstrip("/"), local) and (local / SEARCH_FILE).is_file():
+            return local
+        raise TskdError(f"{name_or_path}: no search found (no {SEARCH_FILE} there)")
     p = Path(name_or_path)
     if (p / SEARCH_FILE).is_file():
         return p

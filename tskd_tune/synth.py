@@ -694,6 +694,8 @@ def synth_command(cfg: Config, out_dir: Path, use_cache: bool = True, console=No
         raise TskdError("synthetic.pool_size: is 0, so there is nothing to generate")
     if cfg.resources.threads:
         torch.set_num_threads(cfg.resources.threads)
+    if gc.generator == "pretrained":
+        _pretrained_path(gc)  # a bad path fails before the data is prepared
     t0 = time.perf_counter()
     prepared, splits = load(cfg, use_cache=use_cache)
     store = Store(cfg.cache.dir, enabled=use_cache)

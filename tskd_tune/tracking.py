@@ -10,6 +10,8 @@ second one.
 from __future__ import annotations
 
 import math
+import os
+import re
 import time
 from pathlib import Path
 
@@ -17,6 +19,20 @@ from tskd_tune.errors import TskdError
 
 SEARCH_TAG = "tskd.search"
 TRIAL_TAG = "ray.trial_id"
+# where secrets come from: never from a config file, only from these environment variables
+SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_AUTH_ADMIN_PASSWORD",
+              "MLFLOW_FLASK_SERVER_SECRET_KEY", "AWS_SECRET_ACCESS_KEY", "PGPASSWORD", "RAY_AUTH_TOKEN")  # fmt: skip
+_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/:@\s]*):[^/@\s]*@")
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with URI passwords (``scheme://user:***@host``) and secret environment values as ``***``."""
+    text = _URI_PASSWORD.sub(r"\g<head>:***@", text)
+    for name in SECRET_ENV:
+        value = os.environ.get(name, "")
+        if len(value) >= 4:  # a one-letter "secret" would mask half the text
+            text = text.replace(value, "***")
+    return text
 
 
 def absolute_uri(uri: str) -> str:
@@ -40,8 +56,6 @@ def preflight(uri: str) -> None:
 
     Trials keep MLflow's patient retry policy; this one check answers within seconds instead.
     """
-    import os
-
     quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     saved = {k: os.environ.get(k) for k in quick}
     os.environ.update({k: v for k, v in quick.items() if saved[k] is None})
@@ -49,7 +63,7 @@ def preflight(uri: str) -> None:
         client(uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means "MLflow unusable"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise TskdError(f"tracking.uri: cannot use MLflow at {uri}: {first[:200]}") from None
+        raise TskdError(mask_secrets(f"tracking.uri: cannot use MLflow at {uri}: {first[:200]}")) from None
     finally:
         for k, v in saved.items():
             if v is None:
@@ -128,19 +142,42 @@ class RunTracker:
 
         existing = self.client.get_run(self.run_id).data.params
         # a resumed trial logs the same params again; MLflow refuses changed values, equal ones are skipped
-        new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        new = [Param(k, mask_secrets(str(v))[:6000]) for k, v in params.items() if k not in existing]
         if new:
             self.client.log_batch(self.run_id, params=new)
 
     def set_tags(self, tags: dict) -> None:
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+            self.client.set_tag(self.run_id, k, mask_secrets(str(v)))  # error texts may quote a URI
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+def system_monitor(tracking_cfg, uri: str, run_id: str, resumed: bool):
+    """MLflow's own system-metrics sampler on ``run_id`` (``system/cpu_utilization_percentage``,
+    ``system/gpu_0_utilization_percentage`` with pynvml, ...), or None when switched off."""
+    if not tracking_cfg.system_metrics:
+        return None
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    # its per-start "Started monitoring" info lines would fill every trial's log
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=tracking_cfg.system_metrics_interval_s,
+                                   resume_logging=resumed, tracking_uri=uri)  # fmt: skip
+    monitor.start()
+    return monitor
+
+
+def stop_monitor(monitor) -> None:
+    """Stop sampling and flush what was sampled (before the run is marked finished)."""
+    if monitor is not None:
+        monitor.finish()
 
 
 def register_export(uri: str, export_dir: Path, card: dict, name: str) -> str:

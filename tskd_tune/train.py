@@ -7,6 +7,7 @@ resumed from the checkpoint of epoch e continues exactly as the uninterrupted ru
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -22,6 +23,9 @@ from torch import nn
 from tskd_tune.config import AugmentConfig
 from tskd_tune.data.transforms import train_transforms
 from tskd_tune.errors import TskdError
+
+CHECKPOINT = "state.safetensors"
+"""The resumable state in a checkpoint folder."""
 
 Report = Callable[[int, dict, Path | None], None]
 """report(epoch, metrics, checkpoint_dir): called after every reported epoch."""
@@ -144,7 +148,13 @@ def run_loop(loop: Loop, out_dir: Path | None, report: Report | None, resume: di
 
 
 def save_checkpoint(folder: Path, loop: Loop, opt, sched, epoch: int) -> Path:
-    """Write the resumable state atomically: a reader sees the previous checkpoint or this one, never half."""
+    """Write the resumable state atomically: a reader sees the previous checkpoint or this one, never half.
+
+    The state is a safetensors file (no pickle): the tensors, and the nested structure around them
+    (optimiser and scheduler settings, epoch) as JSON in the file's metadata.
+    """
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True, exist_ok=True)
     state = {
         "phase": loop.phase,
@@ -153,21 +163,57 @@ def save_checkpoint(folder: Path, loop: Loop, opt, sched, epoch: int) -> Path:
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
     } | loop.extra
-    tmp = folder / ".state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, folder / "state.pt")
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = json.dumps(_encode(state, tensors))
+    tmp = folder / f".{CHECKPOINT}.tmp"
+    save_file(tensors, str(tmp), metadata={"tskd.state": skeleton})
+    os.replace(tmp, folder / CHECKPOINT)
     return folder
 
 
 def load_checkpoint(folder: Path) -> dict | None:
     """The state saved by :func:`save_checkpoint`, or None when there is none."""
-    path = Path(folder) / "state.pt"
+    from safetensors import safe_open
+
+    path = Path(folder) / CHECKPOINT
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            skeleton = json.loads((f.metadata() or {})["tskd.state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+        return _decode(skeleton, tensors)
     except Exception as exc:  # noqa: BLE001 - a damaged checkpoint must not be mistaken for a good one
         raise TskdError(f"{path}: cannot load checkpoint ({exc.__class__.__name__})") from None
+
+
+def _encode(obj, tensors: dict[str, torch.Tensor]):
+    """JSON skeleton of a nested state; tensors go to ``tensors`` (copied: safetensors refuses shared memory)."""
+    if isinstance(obj, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = obj.detach().cpu().clone().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):  # keys may be ints (optimiser state is keyed by parameter index)
+        return {"__dict__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"checkpoint: cannot store a {type(obj).__name__}")
+
+
+def _decode(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__dict__"]}
+    return obj
 
 
 def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tskd_tune.config import LoraConfig, TeacherConfig
+from tskd_tune.config import Config, LoraConfig, TeacherConfig
 from tskd_tune.errors import TskdError
 from tskd_tune.models.vit import Segmenter, timm_segmenter
 
@@ -52,6 +52,20 @@ def build_teacher(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _build(cfg, in_chans, num_classes, image_size)
+
+
+def check_teacher(cfg: Config) -> None:
+    """Build the configured teacher once, LoRA included, and drop it: an unknown model, a missing or
+    mismatched checkpoint, bad model_kwargs or LoRA targets fail in one line before data preparation or
+    any trial starts (in a search, each trial would otherwise fail on it, after retries)."""
+    if cfg.distill.method == "scratch":
+        return
+    from tskd_tune.data.registry import class_names
+
+    model = build_teacher(cfg.teacher, in_chans=cfg.data.channels, num_classes=len(class_names(cfg.data)),
+                          image_size=cfg.data.image_size, seed=cfg.seed)  # fmt: skip
+    if cfg.distill.method != "ta_kd":  # ta_kd distils the frozen teacher, without LoRA
+        with_lora(model, cfg.teacher.lora)
 
 
 def _build(cfg: TeacherConfig, in_chans: int, num_classes: int, image_size: int) -> Segmenter:
