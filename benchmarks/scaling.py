@@ -11,7 +11,9 @@ Every arm runs `launch --address` against a Ray cluster started beforehand by Ra
 node with all cores for the single-node arms; for `--two-node`, two raylets on this machine with
 ``--node-cpus`` CPUs each (a real GCS, scheduling and object transfer between nodes; the node each
 trial ran on is read from its MLflow child run's ``ray.node_id`` tag). On one machine this measures
-the overhead of a multi-node search, not extra hardware; on two real machines use `cluster/`.
+the overhead of a multi-node search, not extra hardware; on two real machines use `cluster/`. Every
+arm logs to one `mlflow server` (SQLite behind it) started by the script, since a multi-node search
+refuses a local SQLite store.
 
 A timing benchmark: run it on a quiet machine.
 
@@ -26,18 +28,20 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 
-from _common import REPO, plot_path, provenance, read_trials, run_cli, table, write_result
+from _common import PYTHON, REPO, plot_path, provenance, read_trials, run_cli, table, write_result
 from search_efficiency import DEFAULT_SET, QUICK_SET
 
 
-def nodes_used(work, name: str) -> int:
+def nodes_used(work, name: str, uri: str) -> int:
     """Distinct Ray nodes the search's trials ran on, from the ``ray.node_id`` tags of its MLflow child runs."""
     from tskd_tune import tracking
 
-    info = json.loads((work / "runs" / name / "search.json").read_text())
-    uri, parent = info["options"]["tracking_uri"], info["parent_run_id"]
+    parent = json.loads((work / "runs" / name / "search.json").read_text())["parent_run_id"]
     c = tracking.client(uri)
     exp = c.get_run(parent).info.experiment_id
     runs = c.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
@@ -45,15 +49,15 @@ def nodes_used(work, name: str) -> int:
 
 
 def run_search(
-    space: str, name: str, trials: int, concurrency: int, sets: dict, work, address: str, nodes: int
+    space: str, name: str, trials: int, concurrency: int, sets: dict, work, address: str, nodes: int, uri: str
 ) -> dict:
     shutil.rmtree(work / "runs" / name, ignore_errors=True)
     shutil.rmtree(work / name, ignore_errors=True)
-    (work / name).mkdir(parents=True)  # its cache and MLflow store: fresh for every run
+    (work / name).mkdir(parents=True)  # its cache: fresh for every run
     over = sets | {"search.algorithm": "random", "search.scheduler": "fifo", "search.seed": 0,
                    "cache.dir": str(work / name / "cache")}  # fmt: skip
     cli = ["launch", space, "--name", name, "--storage", str(work / "runs"), "--num-samples", str(trials),
-           "--max-concurrent", str(concurrency), "--tracking-uri", f"sqlite:///{work / name}/mlflow.db", "--address", address]  # fmt: skip
+           "--max-concurrent", str(concurrency), "--tracking-uri", uri, "--address", address]  # fmt: skip
     for k, v in over.items():
         cli += ["--set", f"{k}={json.dumps(v)}"]
     start = time.time()
@@ -68,9 +72,45 @@ def run_search(
         "wall_s": wall,
         "trials_per_hour": 3600 * len(tr) / wall,
         "launch_to_first_report_s": first - start if first else None,
-        "nodes_used": nodes_used(work, name),
+        "nodes_used": nodes_used(work, name, uri),
         "mean_val_dice": sum(t["metric"] or 0 for t in tr) / max(1, len(tr)),
     }
+
+
+@contextlib.contextmanager
+def mlflow_server(folder):
+    """`mlflow server` (SQLite behind one worker, proxied artifacts) on a free loopback port; yields its URI.
+
+    A search over two nodes refuses a local SQLite store (each node would write its own copy), so every
+    arm logs to this server: the arms then differ only in where their trials run.
+    """
+    import socket
+    import urllib.request
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [PYTHON, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--serve-artifacts",
+           "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    with open(folder / "mlflow.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                if urllib.request.urlopen(f"{uri}/health", timeout=10).status == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                sys.exit(f"mlflow server did not start; see {folder / 'mlflow.log'}")
+            time.sleep(2)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers, nothing else
+        proc.wait(timeout=30)
 
 
 @contextlib.contextmanager
@@ -79,7 +119,8 @@ def ray_cluster(nodes: int, cpus: int):
     from ray.cluster_utils import Cluster
 
     t0 = time.perf_counter()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus})
+    # no dashboard: port 8265 may belong to another Ray on this machine, and the benchmark does not need it
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "include_dashboard": False})
     try:
         for _ in range(nodes - 1):
             cluster.add_node(num_cpus=cpus)
@@ -138,17 +179,22 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     rows, startup = [], {}
-    with ray_cluster(1, max(cores, int(max(args.concurrency) * args.cpu_per_trial))) as (address, up):
-        startup["one_node_s"] = up
-        for k in args.concurrency:
-            print(f"{args.trials} trials at concurrency {k} ...", flush=True)
-            rows.append(run_search(args.space, f"c{k}", args.trials, k, sets, work, address, 1))
-    if args.two_node:
-        with ray_cluster(2, args.node_cpus) as (address, up):
-            startup["two_node_s"] = up
-            k = 2 * int(args.node_cpus // args.cpu_per_trial) or 1
-            print(f"{args.trials} trials at concurrency {k} on a two-node local cluster ...", flush=True)
-            rows.append(run_search(args.space, f"two-node-c{k}", args.trials, k, sets, work, address, 2))
+    shutil.rmtree(work / "mlflow", ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        uri = stack.enter_context(mlflow_server(work / "mlflow"))
+        with ray_cluster(1, max(cores, int(max(args.concurrency) * args.cpu_per_trial))) as (address, up):
+            startup["one_node_s"] = up
+            for k in args.concurrency:
+                print(f"{args.trials} trials at concurrency {k} ...", flush=True)
+                rows.append(run_search(args.space, f"c{k}", args.trials, k, sets, work, address, 1, uri))
+        if args.two_node:
+            with ray_cluster(2, args.node_cpus) as (address, up):
+                startup["two_node_s"] = up
+                k = 2 * int(args.node_cpus // args.cpu_per_trial) or 1
+                print(f"{args.trials} trials at concurrency {k} on a two-node local cluster ...", flush=True)
+                rows.append(
+                    run_search(args.space, f"two-node-c{k}", args.trials, k, sets, work, address, 2, uri)
+                )
     t1 = next((r["wall_s"] for r in rows if r["concurrency"] == 1 and r["nodes"] == 1), None)
     for r in rows:
         r["speedup"] = t1 / r["wall_s"] if t1 else None
