@@ -7,7 +7,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: demo test test-slow test-faults test-cluster lint ui bench clean
+.PHONY: demo test test-slow test-faults test-cluster lint ui bench bench-quality bench-timing bench-gpu bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,28 @@ ui: $(STAMP)  ## the MLflow UI on the local store (127.0.0.1:5000)
 bench: $(STAMP)  ## search-speed benchmark (minutes; prints ratios, writes benchmarks/results/)
 	$(BIN)/python benchmarks/search_speed.py
 
+bench-quality: $(STAMP)  ## TS-KD vs TA-KD vs scratch vs teacher on mni152, N in {10,20,40}, 3 seeds (about an hour on 2 cores)
+	$(BIN)/python benchmarks/kd_methods.py
+
+bench-timing: $(STAMP)  ## every timing benchmark (hours on 2 cores; run on a quiet machine)
+	$(BIN)/python benchmarks/search_speed.py
+	$(BIN)/python benchmarks/search_efficiency.py
+	$(BIN)/python benchmarks/scaling.py --two-node
+	$(BIN)/python benchmarks/students.py
+
+bench-gpu: $(STAMP)  ## GPU throughput (1, 2, 4 trials per GPU, mixed precision off/on); says so and exits without a GPU
+	$(BIN)/python benchmarks/gpu.py
+
+bench-quick: $(STAMP)  ## smoke run of every benchmark (--quick; results go to *.quick.json, not committed)
+	$(BIN)/python benchmarks/kd_methods.py --quick
+	$(BIN)/python benchmarks/search_speed.py --quick
+	$(BIN)/python benchmarks/search_efficiency.py --quick --trials 2
+	$(BIN)/python benchmarks/scaling.py --quick --two-node
+	$(BIN)/python benchmarks/students.py --quick
+	$(BIN)/python benchmarks/gpu.py --quick
+
 lint: $(STAMP)
-	$(BIN)/ruff check tskd_tune tests
+	$(BIN)/ruff check tskd_tune tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -3,8 +3,14 @@
 1. The same seeded search (FIFO, concurrency 1) with the trial cache on vs --no-cache: wall-time ratio.
 2. Orchestration overhead: `launch` wall time / the sum of standalone `tskd-tune trial` wall times for
    the same sampled configs, run one after another on a fresh cache (so both build the same teachers).
+3. Time to first epoch: seconds from starting `launch` to the first trial's first report, split into
+   the part before the trial started (data, Ray, worker start-up, MLflow) and the trial's own part
+   (teacher, transfer set, first epoch).
+
+A timing benchmark: run it on a quiet machine.
 
     .venv/bin/python benchmarks/search_speed.py [--space search_spaces/demo.yaml] [--trials 4] [--set k=v ...]
+    .venv/bin/python benchmarks/search_speed.py --quick
 
 Prints a table and writes benchmarks/results/search_speed.json.
 """
@@ -12,24 +18,16 @@ Prints a table and writes benchmarks/results/search_speed.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import shutil
-import subprocess
-import sys
 import time
-from datetime import date
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, provenance, read_trials, run_cli, write_result
 
-
-def timed(cmd: list[str]) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
-    return time.perf_counter() - t0
+QUICK_SET = [
+    "data.image_size=32", "data.options.num_images=80", "data.unlabeled=40", "synthetic.generator=none",
+    "teacher.model_kwargs={img_size: 32, patch_size: 8, depth: 2, embed_dim: 64, num_heads: 2}",
+    "teacher.epochs=2", "student.epochs=2", "student.channels=[8, 16, 32]", "search.grace_period=1",
+]  # fmt: skip
 
 
 def main() -> None:
@@ -40,25 +38,29 @@ def main() -> None:
     ap.add_argument(
         "--set", dest="overrides", action="append", default=[], help="config override, as for launch"
     )
+    ap.add_argument("--quick", action="store_true", help="smoke run: phantom at 32 px, 2 trials, tiny models")
     args = ap.parse_args()
+    if args.quick:
+        args.trials = min(args.trials, 2)
+        args.overrides = QUICK_SET + args.overrides
     work = (REPO / args.work).resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    cli = [sys.executable, "-m", "tskd_tune"]
+    t_start = time.perf_counter()
     common = ["--set", "search.scheduler=fifo", "--set", f"search.num_samples={args.trials}", "--max-concurrent", "1",
               "--storage", str(work / "runs"), "--tracking-uri", f"sqlite:///{work}/mlflow.db"]  # fmt: skip
     for item in args.overrides:
         common += ["--set", item]
 
-    def launch(name: str, cache: Path, *extra: str) -> float:
-        return timed(
-            [*cli, "launch", args.space, "--name", name, "--set", f"cache.dir={cache}", *common, *extra]
+    def launch(name: str, cache, *extra: str) -> tuple[float, float]:
+        start = time.time()
+        wall, _ = run_cli(
+            ["launch", args.space, "--name", name, "--set", f"cache.dir={cache}", *common, *extra]
         )
+        return wall, start
 
-    walls = {
-        "cache_on": launch("cache-on", work / "cache-on"),
-        "cache_off": launch("cache-off", work / "cache-off", "--no-cache"),
-    }
+    on_wall, on_start = launch("cache-on", work / "cache-on")
+    off_wall, _ = launch("cache-off", work / "cache-off", "--no-cache")
 
     # the same configs again, as standalone trials in launch order, on a fresh cache
     trial_dirs = sorted((work / "runs" / "cache-on").glob("_trainable_*"), key=lambda p: p.stat().st_mtime)
@@ -68,26 +70,30 @@ def main() -> None:
         text = cfg.read_text().replace(str(work / "cache-on"), str(work / "cache-standalone"))
         (work / f"trial{i}.yaml").write_text(text)
         standalone.append(
-            timed([*cli, "trial", str(work / f"trial{i}.yaml"), "--out", str(work / f"trial{i}")])
+            run_cli(["trial", str(work / f"trial{i}.yaml"), "--out", str(work / f"trial{i}")])[0]
         )
-    result = {
-        "date": date.today().isoformat(),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {__import__('os').cpu_count()} cores",
+    first = min(read_trials(work / "runs" / "cache-on"), key=lambda t: t["first_ts"])
+    to_first = first["first_ts"] - on_start
+    result = provenance() | {
         "space": args.space,
         "trials": args.trials,
         "overrides": args.overrides,
-        "launch_wall_cache_on_s": round(walls["cache_on"], 1),
-        "launch_wall_cache_off_s": round(walls["cache_off"], 1),
-        "cache_off_over_on": round(walls["cache_off"] / walls["cache_on"], 2),
+        "launch_wall_cache_on_s": round(on_wall, 1),
+        "launch_wall_cache_off_s": round(off_wall, 1),
+        "cache_off_over_on": round(off_wall / on_wall, 2),
         "standalone_trial_walls_s": [round(s, 1) for s in standalone],
-        "launch_over_standalone_sum": round(walls["cache_on"] / sum(standalone), 2),
+        "launch_over_standalone_sum": round(on_wall / sum(standalone), 2),
+        "launch_to_first_epoch_s": round(to_first, 1),
+        "first_trial_own_s": round(first["first_iter_s"], 1),
+        "before_first_trial_s": round(to_first - first["first_iter_s"], 1),
+        "wall_s": round(time.perf_counter() - t_start, 1),
+        "note": "timing figures (1 s resolution for the first-epoch split): valid only on a quiet machine",
     }
-    out = REPO / "benchmarks" / "results" / "search_speed.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = write_result("search_speed", result, args.quick)
     width = max(map(len, result))
     for k, v in result.items():
-        print(f"{k:<{width}}  {v}")
+        if k != "machine":
+            print(f"{k:<{width}}  {v}")
     print(f"written to {out.relative_to(REPO)}")
 
 

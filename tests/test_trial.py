@@ -131,3 +131,30 @@ def test_cli_trial_learns_and_hits_the_teacher_cache(tmp_path):
     assert second["teacher_cached"] is True and second["teacher_s"] < first["teacher_s"]
     history = (tmp_path / "trial" / "history.jsonl").read_text().splitlines()
     assert len(history) == 6  # a fresh run replaces the earlier run's curve
+
+
+def test_mixed_precision_is_float32_on_cpu_but_keys_its_own_teacher(tiny):
+    # CPU ignores resources.mixed_precision (bf16 autocast is CUDA only), so the numbers are identical;
+    # the option still keys its own teacher, since on CUDA it trains a different one
+    a = run_trial(tiny(student={"epochs": 1}))
+    b = run_trial(tiny(student={"epochs": 1}, resources={"threads": 2, "mixed_precision": True}))
+    assert b["teacher_cached"] is False and b["logits_cached"] is False
+    keys = ["val_dice", "val_hd95", "train_loss", "teacher_val_dice"]
+    assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+
+
+@pytest.mark.gpu
+def test_mixed_precision_runs_training_steps_under_bf16_autocast():
+    from tskd_tune.train import Loop, run_loop
+
+    model = torch.nn.Linear(4, 2).cuda()
+    dtypes = []
+
+    def step(g):
+        y = model(torch.rand(8, 4, device="cuda"))
+        dtypes.append(y.dtype)
+        return y.float().pow(2).mean()
+
+    run_loop(Loop("amp", {"m": model}, step, 1, 2, 1e-3, 0.0, 0, autocast=True), None, None)
+    run_loop(Loop("fp32", {"m": model}, step, 1, 1, 1e-3, 0.0, 0), None, None)
+    assert dtypes == [torch.bfloat16, torch.bfloat16, torch.float32]

@@ -251,7 +251,9 @@ def _trial_folder(path: Path) -> Path:
         raise TskdError(f"{path}: the search has no leaderboard yet; it writes one when it ends")
     import pandas as pd
 
-    return Path(pd.read_csv(board)["trial_dir"].iloc[0]) / "outputs"
+    rows = pd.read_csv(board)
+    done = rows[rows["state"] == "finished"]  # as the search's best: a trial that ran to the end
+    return Path((done if not done.empty else rows)["trial_dir"].iloc[0]) / "outputs"
 
 
 @app.command()

@@ -250,6 +250,8 @@ class ResourcesConfig(Section):
     """Where a trial trains: auto picks CUDA when present."""
     threads: int | None = Field(None, ge=1)
     """CPU threads per trial (default: resources.cpu, rounded up)."""
+    mixed_precision: bool = False
+    """bf16 autocast for teacher fine-tuning, teacher outputs and student training on CUDA (CPU: float32)."""
 
 
 class CacheConfig(Section):

@@ -59,6 +59,11 @@ class Stages:
     def num_classes(self) -> int:
         return len(self.prepared.classes)
 
+    @property
+    def amp(self) -> bool:
+        """bf16 autocast: asked for (``resources.mixed_precision``) and on CUDA."""
+        return self.cfg.resources.mixed_precision and self.device.type == "cuda"
+
     def timed(self, name: str):
         return _Timer(self.timings, name)
 
@@ -125,7 +130,7 @@ def fine_tuned_teacher(st: Stages) -> tuple[nn.Module, dict]:
             return sup(model(x.to(st.device)), y.to(st.device))
 
         loop = Loop("teacher", {"teacher": model}, _reseeding(labeled, step), t.epochs, max(1, math.ceil(len(st.splits.labeled) / t.batch_size)),
-                    t.lr, t.weight_decay, cfg.seed)  # fmt: skip
+                    t.lr, t.weight_decay, cfg.seed, autocast=st.amp)  # fmt: skip
         run_loop(loop, out_dir=None, report=None)
         metrics = {f"teacher_{k}": v for k, v in st.validator(model)().items()}
         save_adapter(model, tmp / "adapter")
@@ -182,6 +187,7 @@ def _student_loop(
         st.cfg.seed,
         evaluate_fn,
         s.checkpoint_every,
+        autocast=st.amp,
     )
 
 
@@ -207,12 +213,12 @@ def ts_kd(st: Stages, report: Report | None) -> Outcome:
     with st.timed("transfer"):
         key = teacher_key(cfg, st.prepared, st.splits)
         logits, st.info["logits_cached"] = cached_outputs(
-            st.store, "logits", key, transfer, st.prepared, teacher, st.device
+            st.store, "logits", key, transfer, st.prepared, teacher, st.device, amp=st.amp
         )
         feats = None
         if d.feature_weight > 0:
             feats, _ = cached_outputs(st.store, "features", key, transfer, st.prepared,
-                                      lambda x: teacher.features(x)[-1], st.device)  # fmt: skip
+                                      lambda x: teacher.features(x)[-1], st.device, amp=st.amp)  # fmt: skip
     st.info |= transfer.counts
     student = _student(st)
     modules: dict[str, nn.Module] = {"student": student}
@@ -254,7 +260,7 @@ def ta_kd(st: Stages, report: Report | None) -> Outcome:
     with st.timed("transfer"):
         feats, st.info["features_cached"] = cached_outputs(
             st.store, "features", frozen_teacher_key(cfg, st.prepared), transfer, st.prepared,
-            lambda x: teacher.features(x)[-1], st.device,
+            lambda x: teacher.features(x)[-1], st.device, amp=st.amp,
         )  # fmt: skip
     st.info |= transfer.counts
     student = _student(st)

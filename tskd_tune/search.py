@@ -593,7 +593,10 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, payload: d
         console.print(f"Pareto front ({', '.join(f'{m} {d}' for m, d in objectives)}): "
                       f"{len(front)} of {len(board)} trials, in {front_path}", markup=False)  # fmt: skip
         print(front[["trial_id", *[m for m, _ in objectives]]].to_string(index=False))
-    best = board.iloc[0]  # the best in the first objective, which is always on the Pareto front
+    # the best trial that ran to the end: an ASHA-stopped trial's score is from fewer epochs and it has no
+    # student to test (with several objectives every trial ends, and the best in the first is on the front)
+    done = board[board["state"] == "finished"]
+    best = done.iloc[0] if not done.empty else board.iloc[0]
     trial_dir = Path(best["trial_dir"])
     best_cfg_path = opts.path / "best.yaml"
     best_cfg_path.write_text((trial_dir / "outputs" / "config.yaml").read_text())

@@ -93,6 +93,8 @@ class Loop:
     evaluate: Callable[[], dict] | None = None
     checkpoint_every: int = 1
     extra: dict = field(default_factory=dict)
+    autocast: bool = False
+    """Run each step's forward pass under CUDA bf16 autocast (backward and the optimiser stay outside)."""
 
 
 def run_loop(loop: Loop, out_dir: Path | None, report: Report | None, resume: dict | None = None) -> dict:
@@ -121,7 +123,8 @@ def run_loop(loop: Loop, out_dir: Path | None, report: Report | None, resume: di
         losses = []
         fault = faults.injected("step", loop.phase, epoch)  # test hook: None unless TSKD_FAULT_INJECT is set
         for i in range(loop.steps_per_epoch):
-            loss = loop.step(g)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=loop.autocast):
+                loss = loop.step(g)
             if fault is not None and i == 0:
                 loss = faults.apply_step_fault(fault, loss)
             if not torch.isfinite(loss):

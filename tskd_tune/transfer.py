@@ -105,7 +105,12 @@ def teacher_key(cfg: Config, prepared: Prepared, splits: Splits) -> dict:
         "teacher": t.model_dump(mode="json", exclude={"checkpoint"}),
         "checkpoint": checkpoint_fingerprint(t),
         "seed": cfg.seed,
-    }
+    } | _precision(cfg)
+
+
+def _precision(cfg: Config) -> dict:
+    # bf16 training gives a different teacher; keys of float32 runs stay as they were before the option
+    return {"mixed_precision": True} if cfg.resources.mixed_precision else {}
 
 
 def frozen_teacher_key(cfg: Config, prepared: Prepared) -> dict:
@@ -118,7 +123,7 @@ def frozen_teacher_key(cfg: Config, prepared: Prepared) -> dict:
         "model_kwargs": t.model_kwargs,
         "checkpoint": checkpoint_fingerprint(t),
         "seed": cfg.seed,
-    }
+    } | _precision(cfg)
 
 
 def cached_outputs(
@@ -130,9 +135,10 @@ def cached_outputs(
     fn: Callable[[torch.Tensor], torch.Tensor],
     device: torch.device,
     batch_size: int = 16,
+    amp: bool = False,
 ) -> tuple[np.ndarray, bool]:
     """``fn`` applied to every transfer image (real, then synthetic), stored as float16 (N, ...) and
-    memory-mapped, row i for transfer position i; cached by key."""
+    memory-mapped, row i for transfer position i; cached by key. ``amp``: under CUDA bf16 autocast."""
     full_key = key | transfer.key() | {"outputs": kind}
 
     def build(tmp: Path) -> None:
@@ -141,7 +147,9 @@ def cached_outputs(
             for start in range(0, len(transfer), batch_size):
                 idx = np.arange(start, min(start + batch_size, len(transfer)))
                 x = transfer.read(prepared.images, idx)
-                y = fn(x.to(device)).float().cpu().numpy().astype(np.float16)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    y = fn(x.to(device))
+                y = y.float().cpu().numpy().astype(np.float16)
                 if out is None:
                     out = np.lib.format.open_memmap(
                         tmp / "outputs.npy", mode="w+", dtype=np.float16, shape=(len(transfer), *y.shape[1:])

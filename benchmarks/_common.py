@@ -1,0 +1,161 @@
+"""What every benchmark script shares: machine facts, the result file, a printed table, plots.
+
+Each result JSON records the machine, the date, the exact command and the git commit, so a figure in
+docs/BENCHMARKS.md can be traced to the run that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+PYTHON = sys.executable
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=REPO)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine() -> dict:
+    """The facts a reader needs to judge a figure: CPU, cores, load, memory, GPU, library versions."""
+    import torch
+
+    info = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import psutil
+
+        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    return info
+
+
+def provenance() -> dict:
+    """Date, command line, git commit (and whether the tree had local changes), machine."""
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(shlex.quote(a) for a in [Path(PYTHON).name, *sys.argv]),
+        "git_commit": _git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else ""),
+        "machine": machine(),
+    }
+
+
+def write_result(name: str, payload: dict, quick: bool = False) -> Path:
+    """Write ``benchmarks/results/NAME.json`` (``NAME.quick.json`` for smoke runs, which are not figures)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}{'.quick' if quick else ''}.json"
+    path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    return path
+
+
+def plot_path(name: str, quick: bool = False) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    return RESULTS / f"{name}{'.quick' if quick else ''}.png"
+
+
+def table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A plain-text table (also valid Markdown) of ``rows``; floats get 3 significant decimals."""
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(rows[0])
+
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths, strict=True)) + " |"  # noqa: E731
+    out = [line(columns), "| " + " | ".join("-" * w for w in widths) + " |"]
+    return "\n".join(out + [line(r) for r in cells])
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation, min and max (std is 0 for a single value)."""
+    vals = [float(v) for v in values if v is not None and v == v]
+    if not vals:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {
+        "mean": statistics.fmean(vals),
+        "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "min": min(vals),
+        "max": max(vals),
+        "n": len(vals),
+    }
+
+
+def run_cli(args: list[str], env: dict | None = None, check: bool = True) -> tuple[float, str]:
+    """Run ``python -m tskd_tune ARGS`` from the repository root; returns (wall seconds, stdout)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [PYTHON, "-m", "tskd_tune", *args], capture_output=True, text=True, cwd=REPO, env=env
+    )
+    wall = time.perf_counter() - t0
+    if check and proc.returncode != 0:
+        sys.exit(f"failed ({proc.returncode}): tskd-tune {' '.join(args)}\n{proc.stderr[-3000:]}")
+    return wall, proc.stdout
+
+
+def read_trials(search_dir: Path) -> list[dict]:
+    """Every trial of a finished Ray Tune search folder, in creation order, from its ``result.json``.
+
+    Per trial: ``index`` (1-based, the order Tune created it), ``epochs`` reported, ``first_ts`` /
+    ``last_ts`` (unix seconds of its first and last report), ``metric`` (the last reported ``val_dice``,
+    what the searcher and the leaderboard see) and ``first_iter_s`` (seconds from the trial's start to
+    its first report: teacher, transfer set and the first epoch).
+    """
+    trials = []
+    for d in Path(search_dir).iterdir():
+        if not (d.is_dir() and d.name.startswith("_trainable_") and (d / "result.json").is_file()):
+            continue
+        rows = []
+        for line in (d / "result.json").read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        if not rows:
+            continue
+        index = int(d.name.split("_")[3])  # _trainable_<id>_<index>_<params>
+        trials.append({
+            "index": index, "trial_id": rows[0].get("trial_id"), "epochs": max(r.get("epoch", 0) for r in rows),
+            "first_ts": rows[0]["timestamp"], "last_ts": rows[-1]["timestamp"],
+            "first_iter_s": rows[0].get("time_this_iter_s"),
+            "metric": next((r["val_dice"] for r in reversed(rows) if "val_dice" in r), None),
+            "node_ip": rows[0].get("node_ip"),
+        })  # fmt: skip
+    return sorted(trials, key=lambda t: t["index"])
