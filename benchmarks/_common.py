@@ -159,3 +159,12 @@ def read_trials(search_dir: Path) -> list[dict]:
             "node_ip": rows[0].get("node_ip"),
         })  # fmt: skip
     return sorted(trials, key=lambda t: t["index"])
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write (120 dpi) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, plot_path, provenance, run_cli, spread, table, write_result
+from _common import REPO, plot_path, provenance, run_cli, save_figure, spread, table, write_result
 
 from tskd_tune.config import load_config, parse_overrides, read_yaml
 
@@ -202,9 +202,7 @@ def plot(summary: list[dict], labels: list[str], path: Path, title: str) -> None
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -33,7 +33,17 @@ import subprocess
 import sys
 import time
 
-from _common import PYTHON, REPO, plot_path, provenance, read_trials, run_cli, table, write_result
+from _common import (
+    PYTHON,
+    REPO,
+    plot_path,
+    provenance,
+    read_trials,
+    run_cli,
+    save_figure,
+    table,
+    write_result,
+)
 from search_efficiency import DEFAULT_SET, QUICK_SET
 
 
@@ -149,9 +159,7 @@ def plot(rows: list[dict], path) -> None:
     ax.set_xticks(ks)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -21,7 +21,17 @@ import json
 import shutil
 import time
 
-from _common import REPO, plot_path, provenance, read_trials, run_cli, spread, table, write_result
+from _common import (
+    REPO,
+    plot_path,
+    provenance,
+    read_trials,
+    run_cli,
+    save_figure,
+    spread,
+    table,
+    write_result,
+)
 
 ARMS = {"tpe+asha": ("tpe", "asha"), "random+fifo": ("random", "fifo")}
 # the kd_methods sizing (mni152 at 64 px, ts_kd, N=10) with shorter students, so a trial takes ~30 s
@@ -103,9 +113,7 @@ def plot(searches: list[dict], target: float, path) -> None:
     ax.set_ylabel("best val Dice so far")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
