@@ -21,9 +21,10 @@ import shlex
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from tskd_tune.errors import TskdError
+from tskd_tune.tracking import mask_secrets
 
 # Buckets every node reaches by URI (pyarrow/fsspec file systems): shared by construction.
 BUCKET_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "az", "hdfs")
@@ -116,17 +117,7 @@ def push(local: Path, location: str, names: list[str]) -> None:
 
 def mask_uri(uri: str | None) -> str:
     """``uri`` with any password replaced by ``***`` (``http://user:***@host``), for printing."""
-    if not uri or "://" not in uri:
-        return uri or ""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return uri
-    if parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return mask_secrets(uri) if uri else ""
 
 
 def refuse_embedded_password(uri: str | None, field: str, env_hint: str) -> None:
