@@ -410,7 +410,7 @@ def status(
     ] = None,
 ) -> None:
     """Table of a search's trials and the best so far (also while it runs); or a Ray Job's state and log tail."""
-    from tskd_tune.report import leaderboard, pareto_front
+    from tskd_tune.report import objective_board
     from tskd_tune.search import load_search, resolve_search_path
 
     if address is not None:
@@ -427,9 +427,7 @@ def status(
     objectives = cfg.search.objective_items()
     metric = objectives[0][0]
     extra = [m for m, _ in objectives[1:] if m != "val_hd95"]
-    board = leaderboard(path, *objectives[0], extra=extra)
-    if len(objectives) > 1:
-        board["pareto"] = pareto_front(board, objectives)
+    board = objective_board(path, objectives)
     table = Table("trial", "state", "epoch", metric, "hd95", *extra, *(["pareto"] if len(objectives) > 1 else []),
                   *cfg.search.space, title=f"search {path.name}", title_justify="left")  # fmt: skip
     for _, row in board.iterrows():

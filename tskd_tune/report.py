@@ -60,7 +60,8 @@ def leaderboard(
         )
     board = pd.DataFrame(rows)
     if board.empty:
-        return pd.DataFrame(columns=["trial_id", "state", "epoch", metric, "val_hd95", "trial_dir"])
+        extra = [m for m in extra if m not in (metric, "val_hd95")]
+        return pd.DataFrame(columns=["trial_id", "state", "epoch", metric, "val_hd95", *extra, "trial_dir"])
     return board.sort_values(metric, ascending=(mode == "min"), na_position="last").reset_index(drop=True)
 
 
@@ -78,6 +79,15 @@ def pareto_front(board: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.S
         dominated = ((others <= values[i]).all(axis=1) & (others < values[i]).any(axis=1)).any()
         front[i] = not dominated
     return pd.Series(front, index=board.index, name="pareto")
+
+
+def objective_board(search_path: Path, objectives: list[tuple[str, str]]) -> pd.DataFrame:
+    """The leaderboard, best first in the first objective, with a column per other objective and, for
+    several objectives, a ``pareto`` column after ``epoch``."""
+    board = leaderboard(search_path, *objectives[0], extra=[m for m, _ in objectives[1:]])
+    if len(objectives) > 1:
+        board.insert(board.columns.get_loc("epoch") + 1, "pareto", pareto_front(board, objectives))
+    return board
 
 
 def _study(board: pd.DataFrame, space: dict, objectives: list[tuple[str, str]]):
@@ -122,12 +132,9 @@ def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-    metric, mode = objectives[0]
-    board = leaderboard(search_path, metric, mode, extra=[m for m, _ in objectives[1:]])
+    board = objective_board(search_path, objectives)
     if board.empty:
         raise TskdError(f"{search_path}: no trials yet")
-    if len(objectives) > 1:
-        board.insert(board.columns.get_loc("epoch") + 1, "pareto", pareto_front(board, objectives))
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {"leaderboard": out_dir / "leaderboard.csv"}
     board.drop(columns=["trial_dir"]).to_csv(written["leaderboard"], index=False)

@@ -568,14 +568,12 @@ def _close_lost_children(opts: SearchOptions, parent: str, results, console) -> 
 
 def summarize(cfg: Config, opts: SearchOptions, results, parent: str, payload: dict, console) -> dict:
     """Leaderboard, best config and the best trial evaluated once on the test split; logged to the parent."""
-    from tskd_tune.report import leaderboard, pareto_front
+    from tskd_tune.report import objective_board
 
     c = tracking.BufferedClient(opts.tracking_uri, tracking.journal_path(state_path(opts), "parent"))
     objectives = cfg.search.objective_items()
     metric, _ = objectives[0]
-    board = leaderboard(opts.path, *objectives[0], extra=[m for m, _ in objectives[1:]])
-    if len(objectives) > 1:
-        board.insert(board.columns.get_loc("epoch") + 1, "pareto", pareto_front(board, objectives))
+    board = objective_board(opts.path, objectives)
     board_path = opts.path / "leaderboard.csv"
     board.to_csv(board_path, index=False)
     c.log_artifact(parent, str(board_path))
