@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -98,39 +100,65 @@ def onnx_latency(model, size: int, batches: list[int], repeats: int, threads: in
         return out
 
 
-def dice_from_kd_methods() -> dict[str, float]:
-    """Test Dice at the largest N of the kd_methods run, for the models it trained (its U-Net, its teacher)."""
+def dice_from_kd_methods(n: int | None = None, seed: int | None = None) -> dict[str, tuple[float, str]]:
+    """Test Dice of the models the kd_methods run trained (its U-Net student, its teacher), with its source.
+
+    With ``n`` and ``seed``: that cell of the run (to sit beside students trained at the same N and seed);
+    otherwise the mean over seeds at the run's largest N.
+    """
     path = RESULTS / "kd_methods.json"
     if not path.is_file():
         return {}
     res = json.loads(path.read_text())
-    n = max(res["ns"])
-    rows = {r["variant"]: r for r in res["summary"] if r["n"] == n}
-    out = {}
-    if "ts_kd" in rows:
-        out["unet 8-64 (benchmarks)"] = rows["ts_kd"]["test_dice"]
-    if "teacher" in rows and res.get("teacher_model") == "vit_small_patch16_224":
-        out["ViT-S/8 depth 4 (demo, mni152)"] = rows["teacher"]["test_dice"]
-    return out | {"_source": f"kd_methods.json, N={n}, mean over {len(res['seeds'])} seed(s)"}
+    names = {"ts_kd": "unet 8-64 (benchmarks)"}
+    if res.get("teacher_model") == "vit_small_patch16_224":
+        names["teacher"] = "ViT-S/8 depth 4 (demo, mni152)"
+    if n is not None and seed is not None:
+        cells = {c["variant"]: c for c in res.get("cells", []) if c["n"] == n and c["seed"] == seed}
+        src = f"kd_methods.json, N={n}, seed {seed}"
+    else:
+        n = max(res["ns"])
+        cells = {r["variant"]: r for r in res["summary"] if r["n"] == n}
+        src = f"kd_methods.json, N={n}, mean over {len(res['seeds'])} seed(s)"
+    return {name: (cells[v]["test_dice"], src) for v, name in names.items() if v in cells}
 
 
-def train_dice(names: list[str], n: int, seed: int, quick: bool) -> dict[str, float]:
-    """One ts_kd trial per student (the kd_methods sizing, teacher cached there) -> test Dice."""
+def train_dice(names: list[str], n: int, seed: int, quick: bool) -> dict[str, tuple[float, str]]:
+    """One ts_kd trial per student (the kd_methods sizing, teacher cached there) -> test Dice.
+
+    Each finished student is appended to ``WORK/students_dice.jsonl`` and not retrained by a later run
+    (delete the file to retrain). main runs this in a child process, so that latencies are timed in a
+    process that has not trained.
+    """
     sys.path.insert(0, str(Path(__file__).parent))
     from kd_methods import BASE, QUICK, run_cell
 
     base = QUICK if quick else BASE
     work = REPO / ("runs/bench-kd-quick" if quick else "runs/bench-kd")
+    done_file = work / "students_dice.jsonl"
+    done = {}
+    if done_file.exists():
+        for line in done_file.read_text().splitlines():
+            rec = json.loads(line)
+            done[(rec["student"], rec["n"], rec["seed"])] = rec["test_dice"]
+    source = f"ts_kd trial of this student, mni152, N={n}, seed {seed}"
     out = {}
     for name in names:
+        if (name, n, seed) in done:
+            out[name] = (done[(name, n, seed)], source)
+            print(f"  {name}: test Dice {out[name][0]:.3f} (from {done_file.relative_to(REPO)})", flush=True)
+            continue
         spec = STUDENTS[name]
         over = base | {f"student.{k}": v for k, v in spec.items()} | {
             "distill.method": "ts_kd", "data.labeled": n, "seed": seed, "data.seed": seed, "cache.dir": str(work / "cache")}  # fmt: skip
         if quick and spec["model"] != "unet":
             over["student.channels"] = spec.get("channels", [8, 16, 32])[:3]
-        out[name] = run_cell("search_spaces/mni152.yaml", over)["test_dice"]
-        print(f"  {name}: test Dice {out[name]:.3f}", flush=True)
-    return out | {"_source": f"ts_kd trial per student, mni152, N={n}, seed {seed}"}
+        out[name] = (run_cell("search_spaces/mni152.yaml", over)["test_dice"], source)
+        work.mkdir(parents=True, exist_ok=True)
+        with done_file.open("a") as f:
+            f.write(json.dumps({"student": name, "n": n, "seed": seed, "test_dice": out[name][0]}) + "\n")
+        print(f"  {name}: test Dice {out[name][0]:.3f}", flush=True)
+    return out
 
 
 def main() -> None:
@@ -156,9 +184,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
-    dice = dice_from_kd_methods()
+    dice = dice_from_kd_methods(args.dice_n, args.dice_seed) if args.dice else dice_from_kd_methods()
     if args.dice:
-        dice |= train_dice(args.students, args.dice_n, args.dice_seed, args.quick)
+        # in a child process: a process that has trained times forwards up to 2x slower (measured: the
+        # U-Net 8-64 at 64 px, batch 1, 2.3 ms after five training runs in the process vs 1.1 ms without)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            dice |= pool.submit(train_dice, args.students, args.dice_n, args.dice_seed, args.quick).result()
     rows = []
     for size in args.sizes:
         for kind, names, specs in (
@@ -182,7 +213,7 @@ def main() -> None:
                 if not args.no_onnx:
                     for b, ms in onnx_latency(model, size, args.batches, args.repeats, args.threads).items():
                         row[f"onnx_b{b}_ms"] = ms
-                row["test_dice"] = dice.get(name) if size == min(args.sizes) else None
+                row["test_dice"] = dice[name][0] if name in dice and size == min(args.sizes) else None
                 rows.append(row)
                 print(table([row]).splitlines()[-1], flush=True)
     # speed-up at batch 1 over the first teacher listed (the benchmarks' own), per size
@@ -196,7 +227,7 @@ def main() -> None:
     result = provenance() | {
         "threads": args.threads,
         "repeats": args.repeats,
-        "dice_source": dice.get("_source"),
+        "dice_source": {name: source for name, (_, source) in dice.items()},
         "speedup_reference": args.teachers[0] if args.teachers else None,
         "wall_s": round(time.perf_counter() - t_start, 1),
         "rows": rows,
