@@ -43,7 +43,7 @@ bench-timing: $(STAMP)  ## every timing benchmark (hours on 2 cores; run on a qu
 	$(BIN)/python benchmarks/search_speed.py
 	$(BIN)/python benchmarks/search_efficiency.py
 	$(BIN)/python benchmarks/scaling.py --two-node
-	$(BIN)/python benchmarks/students.py
+	$(BIN)/python benchmarks/students.py --dice
 
 bench-gpu: $(STAMP)  ## GPU throughput (1, 2, 4 trials per GPU, mixed precision off/on); says so and exits without a GPU
 	$(BIN)/python benchmarks/gpu.py
