@@ -1,7 +1,7 @@
 """Student efficiency: parameters, CPU latency (batch 1 and 16, PyTorch and ONNX Runtime) of every
 student against every teacher, with test Dice where a trained model exists.
 
-Latency is a timing figure: run it on a quiet machine (the lead does, at the end). Models are built by
+Latency is a timing figure: run it on a quiet machine. Models are built by
 the production factories with random weights (latency does not depend on the weights); a teacher is
 timed as deployed, its LoRA merged, i.e. the plain segmenter. Dice comes from `--dice` (one ts_kd trial
 per student on mni152 at the kd_methods sizing, N and seed below; a quality figure) or, for the
