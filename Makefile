@@ -34,13 +34,13 @@ ui: $(STAMP)  ## the MLflow UI on the local store (127.0.0.1:5000)
 	$(BIN)/tskd-tune ui
 
 bench: $(STAMP)  ## search-speed benchmark (minutes; prints ratios, writes benchmarks/results/)
-	$(BIN)/python benchmarks/search_speed.py
+	$(BIN)/python benchmarks/search_speed.py --set synthetic.generator=none
 
 bench-quality: $(STAMP)  ## TS-KD vs TA-KD vs scratch vs teacher on mni152, N in {10,20,40}, 3 seeds (about an hour on 2 cores)
 	$(BIN)/python benchmarks/kd_methods.py
 
 bench-timing: $(STAMP)  ## every timing benchmark (hours on 2 cores; run on a quiet machine)
-	$(BIN)/python benchmarks/search_speed.py
+	$(BIN)/python benchmarks/search_speed.py --set synthetic.generator=none
 	$(BIN)/python benchmarks/search_efficiency.py
 	$(BIN)/python benchmarks/scaling.py --two-node
 	$(BIN)/python benchmarks/students.py --dice
