@@ -11,7 +11,7 @@ SHELL := /bin/bash
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev,medsam]' 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+	$(BIN)/pip install -q -e '.[dev]' 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 	$(BIN)/python -c "import tskd_tune, torch, monai, ray, mlflow, optuna"
 	touch $@
 

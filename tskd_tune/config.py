@@ -81,13 +81,22 @@ class LoraConfig(Section):
     """Dropout on the LoRA branch."""
     target_modules: list[str] = Field(default_factory=lambda: ["qkv"], min_length=1)
     """Names of the linear layers that get LoRA (default: the attention qkv projections)."""
+    last_blocks: int | None = Field(None, ge=1)
+    """LoRA only in the last k encoder blocks (LiteMedSAM: counted across its stages); the blocks before
+    them run once per image and are cached. None: every block (nothing cached)."""
 
 
 class TeacherConfig(Section):
-    model: str = "vit_small_patch16_224"
-    """Foundation model: a timm ViT name (vit_*, samvit_*, *dinov2*) or `litemedsam`."""
+    model: str = "litemedsam"
+    """Foundation model: `litemedsam` (pretrained weights ship with it) or a timm ViT name (vit_*,
+    samvit_*, *dinov2*) with local weights in teacher.checkpoint."""
     checkpoint: Path | None = None
     """Local weights (safetensors, or .pth loaded with weights_only=True); never downloaded."""
+    random_init: bool = False
+    """Ignore the pretrained weights and initialise the encoder randomly: an ablation, not a teacher."""
+    adapt: Literal["head", "lora"] = "head"
+    """What fine-tuning trains on the frozen encoder: `head` (only the segmentation head, on cached
+    encoder features) or `lora` (LoRA in teacher.lora.last_blocks blocks, plus the head)."""
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments for the model factory (e.g. depth, embed_dim for tiny test models)."""
     decoder: Literal["progressive", "unetr"] = "progressive"
@@ -95,7 +104,7 @@ class TeacherConfig(Section):
     decoder_channels: int = Field(64, ge=4)
     """Width of the decoder head."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    """Low-rank adaptation of the frozen encoder."""
+    """Low-rank adaptation of the frozen encoder (teacher.adapt: lora)."""
     lr: float = Field(1e-3, gt=0)
     """Learning rate of LoRA and decoder parameters."""
     weight_decay: float = Field(0.01, ge=0)
@@ -208,6 +217,9 @@ class SearchConfig(Section):
     objectives: dict[str, Literal["max", "min"]] = Field(default_factory=dict)
     """Multi-objective search (metric -> max/min, e.g. val_dice: max, student_latency_ms: min): reports the
     Pareto front; needs scheduler fifo. Overrides metric/mode; the first objective sorts the leaderboard."""
+    baselines: list[Literal["scratch", "teacher"]] = Field(default_factory=lambda: ["scratch", "teacher"])
+    """Reference trials run once beside the search (outside the Optuna study): the `scratch` student (same
+    student config) and the fine-tuned `teacher`; every trial's Dice gain over scratch is shown. []: none."""
     trial_timeout_s: float | None = Field(None, gt=0)
     """Stop a trial that makes no progress (no training step, no report) for this many seconds (None: never)."""
 

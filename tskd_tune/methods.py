@@ -25,19 +25,15 @@ from torch import nn
 from tskd_tune.cache import Store
 from tskd_tune.config import Config
 from tskd_tune.data.prepare import Prepared, Splits, take_rows
+from tskd_tune.features import Features, FromState, StateRows, encoder_features
 from tskd_tune.losses import FeatureLoss, kd_loss, supervised_loss
-from tskd_tune.metrics import evaluate
+from tskd_tune.metrics import evaluate, latency_ms
 from tskd_tune.models.students import build_student
-from tskd_tune.models.teacher import build_teacher, load_adapter, save_adapter, with_lora
+from tskd_tune.models.teacher import ALL_FROZEN, adapted, build_teacher, load_adapted, save_adapted
+from tskd_tune.models.vit import Segmenter
 from tskd_tune.synth import Pool
 from tskd_tune.train import LabeledBatches, Loop, Report, run_loop, seeded
-from tskd_tune.transfer import (
-    TransferSet,
-    build_transfer_set,
-    cached_outputs,
-    frozen_teacher_key,
-    teacher_key,
-)
+from tskd_tune.transfer import TransferSet, build_transfer_set, cached_outputs, teacher_key
 
 
 @dataclass
@@ -54,6 +50,9 @@ class Stages:
     timings: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     pool: Pool | None = None
+    fill_threads: int = 1
+    """Threads for computing teacher features that are not in the cache yet."""
+    _features: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -74,6 +73,37 @@ class Stages:
         return lambda: evaluate(
             model, images, masks, self.prepared.classes, bs, self.device, prefix=f"{split}_"
         )
+
+    def teacher_validator(self, teacher: nn.Module, feats: Features | None, split: str = "val") -> Callable[[], dict]:
+        """Scores of a teacher on ``split``: its trainable part on the cached states (or on the images)."""
+        if feats is None:
+            return self.validator(teacher, split)
+        idx = getattr(self.splits, split)
+        return lambda: evaluate(FromState(teacher), StateRows(feats, idx), self.prepared.masks[idx],
+                                self.prepared.classes, 16, self.device, prefix=f"{split}_")  # fmt: skip
+
+    def teacher_base(self, frozen: int | None = None) -> Segmenter:
+        """The configured teacher before fine-tuning (frozen encoder, untrained head, no LoRA)."""
+        cfg = self.cfg
+        return build_teacher(cfg.teacher, in_chans=cfg.data.channels, num_classes=self.num_classes,
+                             image_size=cfg.data.image_size, seed=cfg.seed, frozen=frozen)  # fmt: skip
+
+    def teacher_features(self, model: Segmenter) -> Features | None:
+        """The cached states of ``model``'s frozen prefix for every image (and the synthetic pool), or None
+        when nothing is frozen before its first adapted block. Adds ``teacher_features_cached`` (False if any
+        state was computed in this trial) and ``teacher_features_s`` to the trial's metrics."""
+        if model.frozen == 0:
+            return None
+        if model.frozen not in self._features:
+            pool = (self.pool.key, self.pool.images) if self.pool is not None and len(self.pool) else None
+            f = encoder_features(self.cfg, model.to(self.device), self.prepared, self.store, self.device,
+                                 pool=pool, threads=self.fill_threads, progress=_log_progress)  # fmt: skip
+            self._features[model.frozen] = f
+            self.info["teacher_features_cached"] = self.info.get("teacher_features_cached", True) and f.cached
+            self.info["teacher_features_s"] = self.info.get("teacher_features_s", 0.0) + f.seconds
+            if f.plan:
+                self.info["teacher_features_backend"] = f"{f.plan['backend']} batch {f.plan['batch_size']}"
+        return self._features[model.frozen]
 
     def steps_per_epoch(self, transfer: TransferSet) -> int:
         """Equal compute for every method and every synthetic ratio: one pass over the real transfer images
@@ -106,44 +136,71 @@ class Outcome:
     model: nn.Module
     metrics: dict
     teacher: nn.Module | None = None
+    evaluate: Callable[[str], dict] | None = None
+    """Scores of ``model`` on a split when it needs more than images (a teacher on cached states)."""
 
 
 # ----------------------------------------------------------------------------------------- stages
 def fine_tuned_teacher(st: Stages) -> tuple[nn.Module, dict]:
-    """The LoRA-fine-tuned teacher, from the cache when this exact teacher was trained before."""
+    """The fine-tuned teacher (head, or LoRA + head), from the cache when this exact teacher was trained before.
+
+    With a frozen prefix it trains on the cached states of the labelled images (no pixel augmentation:
+    the prefix ran once per image); with LoRA in every block it trains on augmented images.
+    """
     cfg, t = st.cfg, st.cfg.teacher
-    make = lambda: build_teacher(  # noqa: E731
-        t,
-        in_chans=cfg.data.channels,
-        num_classes=st.num_classes,
-        image_size=cfg.data.image_size,
-        seed=cfg.seed,
-    )
+    feats = st.teacher_features(st.teacher_base())
 
     def build(tmp: Path) -> None:
-        model = with_lora(make(), t.lora).to(st.device)
-        labeled = LabeledBatches(st.prepared.images, st.prepared.masks, st.splits.labeled, cfg.data.augment)
+        model = adapted(st.teacher_base(), t).to(st.device)
         sup = supervised_loss(t.ce_weight, t.dice_weight)
+        labeled = np.sort(st.splits.labeled)
+        masks = torch.from_numpy(np.asarray(st.prepared.masks[labeled], dtype=np.int64))
+        images = LabeledBatches(st.prepared.images, st.prepared.masks, labeled, cfg.data.augment)
 
         def step(g):
-            x, y = labeled.sample(t.batch_size, g)
-            return sup(model(x.to(st.device)), y.to(st.device))
+            if feats is None:
+                x, y = images.sample(t.batch_size, g)
+                return sup(model(x.to(st.device)), y.to(st.device))
+            i = torch.randint(len(labeled), (t.batch_size,), generator=g)
+            state = [s.to(st.device) for s in feats.rows(labeled[i.numpy()])]
+            return sup(model.from_state(state), masks[i].to(st.device))
 
-        loop = Loop("teacher", {"teacher": model}, _reseeding(labeled, step), t.epochs, max(1, math.ceil(len(st.splits.labeled) / t.batch_size)),
-                    t.lr, t.weight_decay, cfg.seed, autocast=st.amp)  # fmt: skip
+        steps = max(1, math.ceil(len(labeled) / t.batch_size))
+        loop = Loop("teacher", {"teacher": model}, _reseeding(images, step), t.epochs, steps, t.lr, t.weight_decay,
+                    cfg.seed, autocast=st.amp)  # fmt: skip
         run_loop(loop, out_dir=None, report=None)
-        metrics = {f"teacher_{k}": v for k, v in st.validator(model)().items()}
-        save_adapter(model, tmp / "adapter")
+        metrics = {f"teacher_{k}": v for k, v in st.teacher_validator(model, feats)().items()}
+        # the whole teacher on one image, as it would be deployed (measured once, with the teacher)
+        metrics["teacher_latency_ms"] = latency_ms(model, cfg.data.channels, cfg.data.image_size,
+                                                   device=st.device, repeats=3, warmup=1)  # fmt: skip
+        save_adapted(model, tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics))
 
     with st.timed("teacher"):
         hit = st.store.get_or_build("teacher", teacher_key(cfg, st.prepared, st.splits), build)
-        model = load_adapter(make(), hit.path / "adapter").to(st.device).eval()
+        model = load_adapted(st.teacher_base(), hit.path).to(st.device).eval()
     st.info["teacher_cached"] = hit.cached
-    st.info["teacher_adapter"] = str(
-        hit.path / "adapter"
-    )  # where the LoRA adapter lives (a reference, not a copy)
+    st.info["teacher_adapter"] = str(hit.path)  # where the trained head / LoRA adapter lives (a reference)
     return model, json.loads((hit.path / "metrics.json").read_text())
+
+
+def _cut(teacher: nn.Module) -> bool:
+    """Whether the teacher's frozen prefix is cut off (its trainable part then reads cached states)."""
+    return teacher.frozen > 0
+
+
+def _log_progress(what: str, done: int, total: int) -> None:
+    import logging
+
+    if done == total or done % max(1, total // 10) == 0:
+        logging.getLogger("tskd_tune").info("%s: %d/%d images", what, done, total)
+
+
+def _teacher_inputs(st: Stages, feats: Features | None, transfer: TransferSet):
+    """What the teacher reads at transfer positions: cached prefix states, or the images themselves."""
+    if feats is None:
+        return lambda pos: transfer.read(st.prepared.images, pos)
+    return lambda pos: feats.transfer_rows(transfer.real, transfer.synthetic, pos)
 
 
 def _flip_pairs(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,15 +267,17 @@ def ts_kd(st: Stages, report: Report | None) -> Outcome:
     cfg, d = st.cfg, st.cfg.distill
     teacher, teacher_metrics = fine_tuned_teacher(st)
     transfer = build_transfer_set(st.splits, st.pool, cfg)
+    read = _teacher_inputs(st, st.teacher_features(teacher), transfer)
     with st.timed("transfer"):
         key = teacher_key(cfg, st.prepared, st.splits)
         logits, st.info["logits_cached"] = cached_outputs(
-            st.store, "logits", key, transfer, st.prepared, teacher, st.device, amp=st.amp
-        )
+            st.store, "logits", key, transfer, read, teacher.from_state if _cut(teacher) else teacher,
+            st.device, amp=st.amp,
+        )  # fmt: skip
         feats = None
         if d.feature_weight > 0:
-            feats, _ = cached_outputs(st.store, "features", key, transfer, st.prepared,
-                                      lambda x: teacher.features(x)[-1], st.device, amp=st.amp)  # fmt: skip
+            deepest = (lambda s: teacher.features_from(s)[-1]) if _cut(teacher) else (lambda x: teacher.features(x)[-1])
+            feats, _ = cached_outputs(st.store, "features", key, transfer, read, deepest, st.device, amp=st.amp)
     st.info |= transfer.counts
     student = _student(st)
     modules: dict[str, nn.Module] = {"student": student}
@@ -254,22 +313,19 @@ def ta_kd(st: Stages, report: Report | None) -> Outcome:
     """Task-agnostic KD: match the frozen teacher's encoder features, then fine-tune on the labels."""
     cfg = st.cfg
     transfer = build_transfer_set(st.splits, st.pool, cfg)
-    teacher = build_teacher(cfg.teacher, in_chans=cfg.data.channels, num_classes=st.num_classes,
-                            image_size=cfg.data.image_size, seed=cfg.seed).to(st.device).eval()  # fmt: skip
+    # the whole pretrained encoder, frozen: its cached output is exactly the features distilled here
+    teacher = st.teacher_base(frozen=ALL_FROZEN).to(st.device).eval()
     st.info["teacher_cached"] = None
-    with st.timed("transfer"):
-        feats, st.info["features_cached"] = cached_outputs(
-            st.store, "features", frozen_teacher_key(cfg, st.prepared), transfer, st.prepared,
-            lambda x: teacher.features(x)[-1], st.device, amp=st.amp,
-        )  # fmt: skip
+    feats = st.teacher_features(teacher)
     st.info |= transfer.counts
     student = _student(st)
-    proj = _projection(st, student.feature_dim, feats.shape[1])
+    proj = _projection(st, student.feature_dim, teacher.feature_dim)
     bs = cfg.student.batch_size
 
     def distil_step(g):
         ti = torch.randint(len(transfer), (bs,), generator=g).numpy()
-        x, tf = _flip_pairs(transfer.read(st.prepared.images, ti), rows(feats, ti), g)
+        deepest = feats.transfer_rows(transfer.real, transfer.synthetic, ti)[-1]
+        x, tf = _flip_pairs(transfer.read(st.prepared.images, ti), deepest, g)
         return proj(student.features(x.to(st.device))[-1], tf.to(st.device))
 
     steps = st.steps_per_epoch(transfer)
@@ -288,7 +344,8 @@ def ta_kd(st: Stages, report: Report | None) -> Outcome:
         fine = _student_loop(st, "finetune", {"student": student}, _reseeding(labeled, sup_step), cfg.student.epochs,
                              steps, st.validator(student))  # fmt: skip
         metrics = run_loop(fine, st.out_dir, report, st.resume)
-    return Outcome(student, metrics, teacher)
+    # the frozen encoder has no trained head: it is not a segmenter to time or score
+    return Outcome(student, metrics)
 
 
 def scratch(st: Stages, report: Report | None) -> Outcome:
@@ -312,10 +369,12 @@ def scratch(st: Stages, report: Report | None) -> Outcome:
 def teacher(st: Stages, report: Report | None) -> Outcome:
     """The fine-tuned teacher evaluated as the model (reported once, after fine-tuning)."""
     model, teacher_metrics = fine_tuned_teacher(st)
-    metrics = {k.removeprefix("teacher_"): v for k, v in teacher_metrics.items()} | teacher_metrics
+    metrics = {k.removeprefix("teacher_"): v for k, v in teacher_metrics.items() if k.startswith("teacher_val_")}
+    metrics |= teacher_metrics
     if report is not None:
         report(1, metrics | {"epoch": 1}, None)
-    return Outcome(model, metrics, model)
+    feats = st.teacher_features(model)
+    return Outcome(model, metrics, model, lambda split: st.teacher_validator(model, feats, split)())
 
 
 METHODS: dict[str, Callable[[Stages, Report | None], Outcome]] = {

@@ -80,8 +80,10 @@ def _tensor(array) -> torch.Tensor:
 def _predict(model: nn.Module, images, batch_size: int, device) -> torch.Tensor:
     preds = []
     for i in range(0, len(images), batch_size):
-        # images may be a float16 memmap: read one batch, compute in float32
-        x = _tensor(images[i : i + batch_size]).to(device, torch.float32)
+        # images may be a float16 memmap: read one batch, compute in float32; a list is a cached teacher state
+        batch = images[i : i + batch_size]
+        x = [_tensor(b).to(device, torch.float32) for b in batch] if isinstance(batch, list) else \
+            _tensor(batch).to(device, torch.float32)  # fmt: skip
         preds.append(model(x).argmax(1).to("cpu", torch.uint8))
     return torch.cat(preds)
 
@@ -95,7 +97,8 @@ def evaluate(
     device: str | torch.device = "cpu",
     prefix: str = "val_",
 ) -> dict:
-    """Segment ``images`` (N,C,S,S) and score against ``masks`` (N,S,S); keys get ``prefix`` (``val_dice``)."""
+    """Segment ``images`` (N,C,S,S; or a sliceable of state lists for a teacher's trainable part) and score
+    against ``masks`` (N,S,S); keys get ``prefix`` (``val_dice``)."""
     was_training = model.training
     model.eval()
     try:

@@ -24,7 +24,7 @@ from tskd_tune.cache import Hit, Store, digest
 from tskd_tune.config import Config
 from tskd_tune.data.prepare import Prepared, Splits, take_rows
 from tskd_tune.faults import beat
-from tskd_tune.models.teacher import checkpoint_fingerprint
+from tskd_tune.models.teacher import weights_identity
 
 if TYPE_CHECKING:
     from tskd_tune.synth import Pool
@@ -95,7 +95,7 @@ def data_key(prepared: Prepared, splits: Splits, indices: np.ndarray | None = No
 
 
 def teacher_key(cfg: Config, prepared: Prepared, splits: Splits) -> dict:
-    """Everything that determines the fine-tuned teacher: data, labelled subset, model, LoRA, optimisation, seed."""
+    """Everything that determines the fine-tuned teacher: data, labelled subset, weights, adaptation, optimisation, seed."""
     t = cfg.teacher
     return {
         "kind": "teacher",
@@ -103,7 +103,7 @@ def teacher_key(cfg: Config, prepared: Prepared, splits: Splits) -> dict:
         "classes": len(prepared.classes),
         "augment": cfg.data.augment.model_dump(),
         "teacher": t.model_dump(mode="json", exclude={"checkpoint"}),
-        "checkpoint": checkpoint_fingerprint(t),
+        "weights": weights_identity(t, cfg.seed),
         "seed": cfg.seed,
     } | _precision(cfg)
 
@@ -113,32 +113,20 @@ def _precision(cfg: Config) -> dict:
     return {"mixed_precision": True} if cfg.resources.mixed_precision else {}
 
 
-def frozen_teacher_key(cfg: Config, prepared: Prepared) -> dict:
-    """What determines the pretrained (not fine-tuned) teacher's features: model, weights, input data."""
-    t = cfg.teacher
-    return {
-        "kind": "frozen_teacher",
-        "data": prepared.path.name,
-        "model": t.model,
-        "model_kwargs": t.model_kwargs,
-        "checkpoint": checkpoint_fingerprint(t),
-        "seed": cfg.seed,
-    } | _precision(cfg)
-
-
 def cached_outputs(
     store: Store,
     kind: str,
     key: dict,
     transfer: TransferSet,
-    prepared: Prepared,
-    fn: Callable[[torch.Tensor], torch.Tensor],
+    read: Callable[[np.ndarray], torch.Tensor | list[torch.Tensor]],
+    fn: Callable,
     device: torch.device,
     batch_size: int = 16,
     amp: bool = False,
 ) -> tuple[np.ndarray, bool]:
-    """``fn`` applied to every transfer image (real, then synthetic), stored as float16 (N, ...) and
-    memory-mapped, row i for transfer position i; cached by key. ``amp``: under CUDA bf16 autocast."""
+    """``fn`` applied to every transfer image (real, then synthetic) as ``read(positions)`` gives it (the
+    images, or the teacher's cached prefix states), stored as float16 (N, ...) and memory-mapped, row i
+    for transfer position i; cached by key. ``amp``: under CUDA bf16 autocast."""
     full_key = key | transfer.key() | {"outputs": kind}
 
     def build(tmp: Path) -> None:
@@ -146,9 +134,10 @@ def cached_outputs(
         with torch.inference_mode():
             for start in range(0, len(transfer), batch_size):
                 idx = np.arange(start, min(start + batch_size, len(transfer)))
-                x = transfer.read(prepared.images, idx)
+                x = read(idx)
+                x = [t.to(device) for t in x] if isinstance(x, list) else x.to(device)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                    y = fn(x.to(device))
+                    y = fn(x)
                 y = y.float().cpu().numpy().astype(np.float16)
                 if out is None:
                     out = np.lib.format.open_memmap(

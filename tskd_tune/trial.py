@@ -22,6 +22,7 @@ from tskd_tune.data.prepare import Prepared, Splits, load
 from tskd_tune.errors import StorageError
 from tskd_tune.methods import METHODS, Stages
 from tskd_tune.metrics import count_params, evaluate, latency_ms
+from tskd_tune.models.teacher import is_pretrained
 from tskd_tune.synth import build_pool, uses_pool
 from tskd_tune.train import Report, load_checkpoint, seed_all
 
@@ -69,15 +70,18 @@ def run_trial(
     test: bool = False,
     use_cache: bool | None = None,
     data: tuple[Prepared, Splits] | None = None,
+    fill_threads: int | None = None,
 ) -> dict:
     """Run one trial of ``cfg.distill.method``; returns the final metrics (also in ``out_dir/metrics.json``).
 
     ``report(epoch, metrics, checkpoint_dir)`` is called after every student epoch. ``resume_from`` is a
     checkpoint folder of an interrupted run of the same config. The test split is evaluated only with
-    ``test=True``, never during a search.
+    ``test=True``, never during a search. ``fill_threads``: threads for teacher features missing from the
+    cache (default: the trial's threads; a standalone trial has the whole machine).
     """
     t_start = time.perf_counter()
-    torch.set_num_threads(cfg.resources.threads or max(1, math.ceil(cfg.resources.cpu)))
+    threads = cfg.resources.threads or max(1, math.ceil(cfg.resources.cpu))
+    torch.set_num_threads(threads)
     seed_all(cfg.seed)
     device = resolve_device(cfg)
     enabled = cfg.cache.enabled if use_cache is None else use_cache
@@ -102,7 +106,8 @@ def run_trial(
         t0 = time.perf_counter()
         pool = build_pool(cfg, prepared, splits, store, device)
         timings["synth_s"] = time.perf_counter() - t0
-    st = Stages(cfg, prepared, splits, store, device, out_dir, resume, timings, pool=pool)
+    st = Stages(cfg, prepared, splits, store, device, out_dir, resume, timings, pool=pool,
+                fill_threads=fill_threads or threads)  # fmt: skip
     if pool is not None:
         st.info |= pool.metrics()
     outcome = METHODS[cfg.distill.method](st, on_epoch)
@@ -113,20 +118,20 @@ def run_trial(
     result |= {
         "method": cfg.distill.method,
         "student_params": count_params(outcome.model),
-        "student_latency_ms": latency_ms(outcome.model, chans, image_size, device=device, repeats=5),
+        "student_latency_ms": outcome.metrics["teacher_latency_ms"] if outcome.model is outcome.teacher
+        else latency_ms(outcome.model, chans, image_size, device=device, repeats=5),
         "teacher_params": count_params(outcome.teacher) if outcome.teacher is not None else None,
-        "teacher_latency_ms": (
-            latency_ms(outcome.teacher, chans, image_size, device=device, repeats=3)
-            if outcome.teacher is not None
-            else None
-        ),
+        "teacher_latency_ms": outcome.metrics.get("teacher_latency_ms"),
+        "teacher_pretrained": is_pretrained(cfg.teacher) if cfg.distill.method != "scratch" else None,
+        "teacher_features_cached": None,
+        "teacher_features_s": None,
         **st.info,
         **{"labeled": len(splits.labeled), "unlabeled": len(splits.unlabeled)},
     }
     if test:
-        metrics = evaluate(outcome.model, prepared.images[splits.test], prepared.masks[splits.test], prepared.classes,
-                           32, device, prefix="test_")  # fmt: skip
-        result |= metrics
+        result |= outcome.evaluate("test") if outcome.evaluate else evaluate(
+            outcome.model, prepared.images[splits.test], prepared.masks[splits.test], prepared.classes, 32, device,
+            prefix="test_")  # fmt: skip
     result |= timings | {"total_s": time.perf_counter() - t_start}
     if out_dir is not None:
         if cfg.distill.method != "teacher":

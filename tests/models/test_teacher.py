@@ -3,14 +3,21 @@ import torch
 
 from tskd_tune.config import LoraConfig, TeacherConfig
 from tskd_tune.errors import TskdError
-from tskd_tune.models.teacher import build_teacher, load_adapter, load_weights, save_adapter, with_lora
+from tskd_tune.models.teacher import (
+    build_teacher,
+    load_adapted,
+    load_weights,
+    save_adapted,
+    with_lora,
+)
 
 TINY = {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
 
 
 def teacher_cfg(**kw) -> TeacherConfig:
     return TeacherConfig(
-        model=kw.pop("model", "vit_small_patch16_224"), model_kwargs=kw.pop("model_kwargs", TINY), **kw
+        model=kw.pop("model", "vit_small_patch16_224"), model_kwargs=kw.pop("model_kwargs", TINY),
+        adapt=kw.pop("adapt", "lora"), **kw,
     )
 
 
@@ -60,11 +67,9 @@ def test_adapter_round_trip_is_exact(tmp_path):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.add_(0.1)  # make the adapter non-trivial
-    save_adapter(model, tmp_path / "adapter")
+    save_adapted(model, tmp_path)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    again = load_adapter(
-        build_teacher(cfg, in_chans=1, num_classes=3, image_size=32, seed=5), tmp_path / "adapter"
-    )
+    again = load_adapted(build_teacher(cfg, in_chans=1, num_classes=3, image_size=32, seed=5), tmp_path)
     x = torch.rand(2, 1, 32, 32)
     torch.testing.assert_close(again.eval()(x), model.eval()(x))
 
@@ -82,7 +87,7 @@ def test_local_checkpoint_is_loaded(tmp_path, suffix):
     else:
         torch.save({"model": state}, path)
     teacher = build_teacher(teacher_cfg(checkpoint=path), in_chans=1, num_classes=3, image_size=32)
-    torch.testing.assert_close(teacher.encoder.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(teacher.encoder.net.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):

@@ -1,9 +1,13 @@
 """A ViT encoder (timm, or LiteMedSAM's TinyViT) plus a segmentation head, as one module.
 
-The same :class:`Segmenter` serves the teacher (a large pretrained ViT, LoRA-adapted) and the
-ViT-Tiny student. Inputs are (B, C, S, S) images in [0, 1] as the data layer stores them; the
-segmenter adapts channels, normalisation and resolution to its encoder and returns per-class logits
-at the input resolution.
+The same :class:`Segmenter` serves the teacher (a large pretrained ViT, frozen, with a trained head and
+optionally LoRA in its last blocks) and the ViT-Tiny student. Inputs are (B, C, S, S) images in [0, 1]
+as the data layer stores them; the encoder adapts channels, normalisation and resolution to what it was
+trained with, and the head returns per-class logits at the image size ``out_size``.
+
+A teacher's encoder is cut at ``frozen`` (see :mod:`tskd_tune.models.encoders`): ``prefix(x)`` is the
+frozen part, run once per image and cached; ``from_state(state)`` runs the rest (LoRA blocks, if any,
+and the head). ``forward(x)`` is both, so the model also works on images directly.
 """
 
 from __future__ import annotations
@@ -14,29 +18,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tskd_tune.models.encoders import SteppedEncoder, timm_sam, timm_vit
 
-def _conv_block(cin: int, cout: int) -> nn.Sequential:
+
+def _conv_block(cin: int, cout: int, k: int = 3) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(min(8, cout), cout), nn.GELU()
+        nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.GroupNorm(min(8, cout), cout), nn.GELU()
     )
 
 
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return x if x.shape[-2:] == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
 class ProgressiveHead(nn.Module):
-    """Progressive upsampling (SETR-PUP style): 2x steps of conv + upsample from the patch grid."""
+    """SETR-PUP style: a 1x1 projection and a 3x3 block at the feature resolution, then 2x steps of
+    upsample + conv while that stays within the image size; the logits are resized once to the image."""
 
     def __init__(self, in_dims: list[int], num_classes: int, channels: int, up_steps: int):
         super().__init__()
-        self.proj = _conv_block(in_dims[-1], channels)
+        self.proj = _conv_block(in_dims[-1], channels, k=1)
+        self.refine = _conv_block(channels, channels)
         self.ups = nn.ModuleList(_conv_block(channels, channels) for _ in range(up_steps))
         self.cls = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, feats: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
-        x = self.proj(feats[-1])
+        x = self.refine(self.proj(feats[-1]))
         for up in self.ups:
             x = up(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
-        if x.shape[-2:] != out_size:
-            x = F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
-        return self.cls(x)
+        return _resize(self.cls(x), out_size)
 
 
 class UNETRHead(nn.Module):
@@ -59,70 +69,78 @@ class UNETRHead(nn.Module):
         for i, fuse in enumerate(self.fuse):
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
             if i < len(self.skips):
-                skip = F.interpolate(
-                    self.skips[i](shallower[i]), size=x.shape[-2:], mode="bilinear", align_corners=False
-                )
-                x = torch.cat([x, skip], dim=1)
+                x = torch.cat([x, _resize(self.skips[i](shallower[i]), tuple(x.shape[-2:]))], dim=1)
             x = fuse(x)
-        if x.shape[-2:] != out_size:
-            x = F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
-        return self.cls(x)
+        return _resize(self.cls(x), out_size)
 
 
 HEADS = {"progressive": ProgressiveHead, "unetr": UNETRHead}
 
 
+def up_steps(grid: int, out_size: int) -> int:
+    """2x upsampling steps from the feature grid that stay within the image size (0 when the grid is as large)."""
+    return max(0, math.floor(math.log2(out_size / grid))) if out_size > grid else 0
+
+
 class Segmenter(nn.Module):
-    """Encoder + head. ``features(x)`` gives the encoder's feature maps, ``forward(x)`` the logits."""
+    """Encoder + head. ``prefix``/``from_state`` split the forward pass at the frozen depth."""
 
     def __init__(
         self,
-        encoder: nn.Module,
+        encoder: SteppedEncoder,
         *,
         num_classes: int,
         in_chans: int,
-        encoder_chans: int,
-        encoder_size: int,
         feature_dims: list[int],
-        stride: int,
+        grid: int,
+        out_size: int,
         decoder: str = "progressive",
         decoder_channels: int = 64,
-        mean: tuple[float, ...] | None = None,
-        std: tuple[float, ...] | None = None,
-        intermediates: int = 1,
+        frozen: int = 0,
+        freeze_encoder: bool = False,
     ):
         super().__init__()
         self.encoder = encoder
-        self.in_chans, self.encoder_chans, self.encoder_size = in_chans, encoder_chans, encoder_size
-        self.intermediates = intermediates
+        self.in_chans, self.num_classes = in_chans, num_classes
         self.feature_dim = feature_dims[-1]
-        self.num_classes = num_classes
-        up_steps = max(0, round(math.log2(stride)))
-        self.head = HEADS[decoder](feature_dims, num_classes, decoder_channels, up_steps)
-        self.register_buffer(
-            "mean", torch.tensor(mean or [0.0] * encoder_chans).view(1, -1, 1, 1), persistent=False
-        )
-        self.register_buffer(
-            "std", torch.tensor(std or [1.0] * encoder_chans).view(1, -1, 1, 1), persistent=False
-        )
+        self.out_size = out_size
+        self.frozen = frozen
+        """Blocks before the cut: the prefix (cached) runs them, the suffix the rest."""
+        self.freeze_encoder = freeze_encoder
+        self.head = HEADS[decoder](feature_dims, num_classes, decoder_channels, up_steps(grid, out_size))
+        if freeze_encoder:
+            self.encoder.requires_grad_(False)
+        self.train()
 
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != self.encoder_chans:
-            x = x.mean(1, keepdim=True).expand(-1, self.encoder_chans, -1, -1) if x.shape[1] in (1, 3) else x
-        if x.shape[-1] != self.encoder_size or x.shape[-2] != self.encoder_size:
-            x = F.interpolate(
-                x, size=(self.encoder_size, self.encoder_size), mode="bilinear", align_corners=False
-            )
-        return (x - self.mean) / self.std
+    def train(self, mode: bool = True) -> Segmenter:
+        """A frozen encoder stays in eval mode: its BatchNorm layers keep their pretrained running statistics
+        (in train mode they would normalise by batch statistics and overwrite them) and nothing drops out;
+        only LoRA's own dropout follows ``mode``."""
+        self.training = mode
+        for child in self.children():
+            # not chained: TinyViT's attention overrides train() and returns None
+            child.train(mode and not (self.freeze_encoder and child is self.encoder))
+        if self.freeze_encoder and mode:
+            for name, module in self.encoder.named_modules():
+                if "lora_dropout" in name:
+                    module.training = True
+        return self
+
+    def prefix(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen part of the encoder on images: the state the feature cache stores."""
+        return self.encoder.prefix(x, self.frozen)
+
+    def features_from(self, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Encoder feature maps (B, D, h, w), shallow to deep, from a prefix state."""
+        return self.encoder.suffix(state, self.frozen)
+
+    def from_state(self, state: list[torch.Tensor]) -> torch.Tensor:
+        """Logits at the image size from a prefix state (the trainable part only)."""
+        return self.head(self.features_from(state), out_size=(self.out_size, self.out_size))
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Encoder feature maps (B, D, h, w), shallow to deep (one map unless the head needs more)."""
-        x = self._prepare(x)
-        if hasattr(self.encoder, "forward_intermediates"):
-            return self.encoder.forward_intermediates(
-                x, indices=self.intermediates, norm=True, intermediates_only=True
-            )
-        return [self.encoder(x)]
+        return self.features_from(self.prefix(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x), out_size=tuple(x.shape[-2:]))
@@ -138,40 +156,46 @@ def timm_segmenter(
     decoder_channels: int = 64,
     model_kwargs: dict | None = None,
     state_dict: dict | None = None,
+    frozen_blocks: int | None = None,
+    freeze_encoder: bool = False,
 ) -> Segmenter:
-    """A timm ViT (vit_*, samvit_*, *dinov2*, ...) with a segmentation head; weights from ``state_dict``."""
+    """A timm ViT (vit_*, samvit_*, *dinov2*, ...) with a segmentation head; weights from ``state_dict``.
+
+    ``frozen_blocks``: where the encoder is cut (None: no cut; -1: after the last block).
+    """
     import timm
 
     kwargs = {"img_size": image_size} | dict(model_kwargs or {})
-    encoder = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     if state_dict is not None:
-        load_encoder_state(encoder, state_dict, name)
-    cfg = getattr(encoder, "pretrained_cfg", {}) or {}
-    chans = encoder.patch_embed.proj.in_channels
-    img = encoder.patch_embed.img_size
+        load_encoder_state(net, state_dict, name)
+    cfg = getattr(net, "pretrained_cfg", {}) or {}
+    chans = net.patch_embed.proj.in_channels
+    img = net.patch_embed.img_size
     img = img[0] if isinstance(img, tuple | list) else img
-    depth = len(encoder.blocks)
+    depth = len(net.blocks)
     n_inter = 4 if decoder == "unetr" else 1
     indices = sorted({max(0, math.ceil((i + 1) * depth / n_inter) - 1) for i in range(n_inter)})
+    mean, std = cfg.get("mean"), cfg.get("std")
+    mean, std = (tuple(mean)[:chans] if mean else None), (tuple(std)[:chans] if std else None)
+    family = timm_sam if hasattr(net, "neck") else timm_vit
+    encoder = family(net, indices, img, mean, std)
     # probe once: channel counts and grid differ across families (SAM's neck, register tokens, ...)
     with torch.no_grad():
-        probe = encoder.forward_intermediates(
-            torch.zeros(1, chans, img, img), indices=indices, norm=True, intermediates_only=True
-        )
-    mean, std = cfg.get("mean"), cfg.get("std")
+        encoder.train(False)
+        probe = encoder(torch.zeros(1, chans, img, img))
+    frozen = encoder.n_blocks if frozen_blocks == -1 else frozen_blocks or 0
     return Segmenter(
         encoder,
         num_classes=num_classes,
         in_chans=in_chans,
-        encoder_chans=chans,
-        encoder_size=img,
         feature_dims=[f.shape[1] for f in probe],
-        stride=img // probe[-1].shape[-1],
+        grid=probe[-1].shape[-1],
+        out_size=image_size,
         decoder=decoder,
         decoder_channels=decoder_channels,
-        mean=tuple(mean)[:chans] if mean else None,
-        std=tuple(std)[:chans] if std else None,
-        intermediates=indices,
+        frozen=frozen,
+        freeze_encoder=freeze_encoder,
     )
 
 
