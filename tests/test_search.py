@@ -41,7 +41,7 @@ def searched(tmp_path_factory):
     # the second search is multi-objective (Dice up, latency down): same teacher key, so a cache hit
     second = run("launch", space, "--storage", tmp / "runs", "--name", "second", "--num-samples", "3",
                  "--set", "search.scheduler=fifo", "--set", "search.objectives={val_dice: max, student_latency_ms: min}",
-                 cwd=tmp)  # fmt: skip
+                 "--set", "search.baselines=[]", cwd=tmp)  # fmt: skip
     assert second.returncode == 0, second.stderr[-3000:]
     return tmp, raw, first, second
 
@@ -63,7 +63,14 @@ def test_mlflow_has_one_parent_per_search_and_a_child_per_trial(searched):
     assert parent.info.status == "FINISHED" and "best_val_dice" in parent.data.metrics
     assert parent.data.tags["search.space_file"].endswith("e2e.yaml")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 4
+    references = {r.data.tags["tskd.baseline"]: r for r in children if "tskd.baseline" in r.data.tags}
+    children = [r for r in children if "tskd.baseline" not in r.data.tags]
+    assert len(children) == 4 and sorted(references) == ["scratch", "teacher"]
+    for method, ref in references.items():  # reference trials: outside the study, scored on val and test
+        assert ref.info.status == "FINISHED" and ref.data.params["distill.method"] == method
+        assert {"final_val_dice", "final_test_dice"} <= set(ref.data.metrics)
+        assert parent.data.metrics[f"reference_{method}_val_dice"] == pytest.approx(ref.data.metrics["final_val_dice"])
+        assert ref.data.tags["teacher.pretrained"] == "false"
     for child in children:
         assert child.info.status in {"FINISHED", "KILLED"}  # never left RUNNING
         assert {"distill.temperature", "distill.kd_weight"} <= set(child.data.params)
@@ -76,7 +83,10 @@ def test_mlflow_has_one_parent_per_search_and_a_child_per_trial(searched):
             assert {"student.safetensors", "metrics.json", "val_overlays.png"} <= artifacts
             assert child.data.metrics["system/cpu_utilization_percentage"] >= 0  # MLflow's system metrics
             assert len(history) == 3
-            assert Path(child.data.tags["tskd.teacher_adapter"]).name == "adapter"
+            assert (Path(child.data.tags["tskd.teacher_adapter"]) / "head.safetensors").is_file()
+            scratch = parent.data.metrics["reference_scratch_val_dice"]
+            gain = child.data.metrics["gain_vs_scratch"]
+            assert gain == pytest.approx(child.data.metrics["val_dice"] - scratch, abs=1e-6)
         else:
             assert child.data.tags["tskd.status"] == "stopped_early" and len(history) < 3
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -85,8 +95,24 @@ def test_mlflow_has_one_parent_per_search_and_a_child_per_trial(searched):
 
 def test_search_folder_has_leaderboard_best_config_and_test_score(searched):
     tmp, _, first, _ = searched
+    import json
+
+    import pandas as pd
+
     folder = tmp / "runs" / "first"
-    assert (folder / "leaderboard.csv").read_text().count("\n") == 5  # header + 4 trials
+    board = pd.read_csv(folder / "leaderboard.csv")
+    assert len(board) == 4  # the trials; the reference trials are not among them
+    summary = json.loads((folder / "summary.json").read_text())
+    scratch = summary["reference_scratch_val_dice"]
+    assert board["gain_vs_scratch"].to_numpy() == pytest.approx((board["val_dice"] - scratch).to_numpy())
+    assert summary["best_gain_vs_scratch"] == pytest.approx(board.loc[board["trial_id"] == summary["best_trial"],
+                                                                      "gain_vs_scratch"].iloc[0])  # fmt: skip
+    assert "reference scratch: val_dice" in first.stdout and "val Dice over scratch" in first.stdout
+    # the references and every trial read the teacher features the driver filled before the trials
+    assert "teacher features (frozen 2 blocks) on the driver" in first.stdout  # tiny: not worth workers
+    assert summary["teacher_features_filled"] == 80  # every image of the tiny phantom, once
+    finished = [json.loads(p.read_text()) for p in folder.glob("*/outputs/metrics.json")]
+    assert finished and all(m["teacher_features_cached"] is True for m in finished)
     best = yaml.safe_load((folder / "best.yaml").read_text())
     assert 1.0 <= best["distill"]["temperature"] <= 8.0
     assert "test_dice" in (folder / "summary.json").read_text()
@@ -149,6 +175,7 @@ def test_status_and_report(searched):
     status = run("status", tmp / "runs" / "first", cwd=tmp)
     assert status.returncode == 0, status.stderr
     assert "4 trial(s)" in status.stdout and "best so far" in status.stdout
+    assert "reference scratch: val_dice" in status.stdout and "gain vs scratch" in status.stdout
     report = run("report", tmp / "runs" / "first", "--out", tmp / "report", cwd=tmp)
     assert report.returncode == 0, report.stderr
     assert (tmp / "report" / "history.png").read_bytes()[:4] == b"\x89PNG"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -37,6 +38,12 @@ SetOpt = Annotated[
         help="Override a config field by dotted path, e.g. --set distill.temperature=2.0 (repeatable).",
     ),
 ]
+
+
+def warn(line: str | None) -> None:
+    """One warning line on stderr (nothing for None)."""
+    if line:
+        Console(stderr=True, highlight=False, soft_wrap=True).print(line, style="yellow", markup=False)
 
 
 def _load(space: Path, overrides: list[str] | None):
@@ -131,9 +138,10 @@ def trial(
 
     # config and teacher first, the heavy trial imports (MONAI, diffusers) after: bad input fails fast
     cfg = _load(space, set_)
-    from tskd_tune.models.teacher import check_teacher
+    from tskd_tune.models.teacher import check_teacher, premise_warning
 
     check_teacher(cfg)
+    warn(premise_warning(cfg))
     from tskd_tune.cache import writable_dir
     from tskd_tune.train import CHECKPOINT
     from tskd_tune.trial import JsonlTracker, run_trial
@@ -159,8 +167,10 @@ def trial(
             markup=False,
         )
 
+    # a standalone trial has the machine: teacher features missing from the cache are computed on every core
     result = run_trial(cfg, report, JsonlTracker(out_dir / "history.jsonl"), out_dir=out_dir, resume_from=resume_from,
-                       test=test, use_cache=False if no_cache else None)  # fmt: skip
+                       test=test, use_cache=False if no_cache else None,
+                       fill_threads=cfg.resources.threads or os.cpu_count())  # fmt: skip
     if as_json:
         print(json.dumps(result, indent=2, default=float))
         return
@@ -334,11 +344,11 @@ def launch(
         args = {"name": name or cfg.name or space.stem, "storage": storage, "tracking_uri": tracking_uri,
                 "num_samples": num_samples, "max_concurrent": max_concurrent, "no_cache": no_cache}  # fmt: skip
         raise typer.Exit(cluster.submit(cfg, space, set_ or [], args, address, out, detach=detach))
-    from tskd_tune.models.teacher import check_teacher
+    from tskd_tune.models.teacher import check_teacher, premise_warning
 
-    check_teacher(
-        cfg
-    )  # on the driver (a job checks it on the cluster): otherwise every trial would fail on it, each after a retry
+    # on the driver (a job checks it on the cluster): otherwise every trial would fail on it, each after a retry
+    check_teacher(cfg)
+    warn(premise_warning(cfg))
     opts = SearchOptions(
         name or cfg.name or space.stem,
         storage,
@@ -410,6 +420,8 @@ def status(
     ] = None,
 ) -> None:
     """Table of a search's trials and the best so far (also while it runs); or a Ray Job's state and log tail."""
+    import pandas as pd
+
     from tskd_tune.report import objective_board
     from tskd_tune.search import load_search, resolve_search_path
 
@@ -428,14 +440,21 @@ def status(
     metric = objectives[0][0]
     extra = [m for m, _ in objectives[1:] if m != "val_hd95"]
     board = objective_board(path, objectives)
-    table = Table("trial", "state", "epoch", metric, "hd95", *extra, *(["pareto"] if len(objectives) > 1 else []),
-                  *cfg.search.space, title=f"search {path.name}", title_justify="left")  # fmt: skip
+    table = Table("trial", "state", "epoch", metric, "gain vs scratch", "hd95", *extra,
+                  *(["pareto"] if len(objectives) > 1 else []), *cfg.search.space, title=f"search {path.name}",
+                  title_justify="left")  # fmt: skip
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     for _, row in board.iterrows():
-        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
         front = ["yes" if row["pareto"] else ""] if len(objectives) > 1 else []
-        table.add_row(str(row["trial_id"]), row["state"], str(row["epoch"]), fmt(row[metric]), fmt(row["val_hd95"]),
-                      *(fmt(row[m]) for m in extra), *front, *(fmt(row.get(p, "")) for p in cfg.search.space))  # fmt: skip
+        gain = f"{row['gain_vs_scratch']:+.4f}" if pd.notna(row["gain_vs_scratch"]) else ""
+        table.add_row(str(row["trial_id"]), row["state"], str(row["epoch"]), fmt(row[metric]), gain,
+                      fmt(row["val_hd95"]), *(fmt(row[m]) for m in extra), *front,
+                      *(fmt(row.get(p, "")) for p in cfg.search.space))  # fmt: skip
     out.print(table)
+    from tskd_tune.search import reference_lines, reference_metrics
+
+    for line in reference_lines(reference_metrics(path)):
+        out.print(line, markup=False)
     done = board[board["state"] == "finished"]
     out.print(f"{len(board)} trial(s), {len(done)} finished; MLflow parent run {parent}", markup=False)
     if not board.empty and board[metric].notna().any():

@@ -54,6 +54,8 @@ def leaderboard(
                 metric: last.get(metric, np.nan),
                 "val_hd95": last.get("val_hd95", np.nan),
                 **{m: last.get(m, np.nan) for m in extra if m not in (metric, "val_hd95")},
+                "val_dice": last.get("val_dice", np.nan),
+                "mlflow_run_id": last.get("mlflow_run_id"),
                 **{k: v for k, v in params.items()},
                 "trial_dir": str(trial_dir),
             }
@@ -61,7 +63,8 @@ def leaderboard(
     board = pd.DataFrame(rows)
     if board.empty:
         extra = [m for m in extra if m not in (metric, "val_hd95")]
-        return pd.DataFrame(columns=["trial_id", "state", "epoch", metric, "val_hd95", *extra, "trial_dir"])
+        return pd.DataFrame(columns=list(dict.fromkeys(["trial_id", "state", "epoch", metric, "val_hd95", *extra,
+                                                        "val_dice", "mlflow_run_id", "trial_dir"])))  # fmt: skip
     return board.sort_values(metric, ascending=(mode == "min"), na_position="last").reset_index(drop=True)
 
 
@@ -81,12 +84,27 @@ def pareto_front(board: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.S
     return pd.Series(front, index=board.index, name="pareto")
 
 
+def references(search_path: Path) -> dict[str, dict]:
+    """The finished reference trials of a search (``scratch``, ``teacher``): method -> final metrics."""
+    out = {}
+    for f in sorted(Path(search_path).glob("baselines/*/outputs/metrics.json")):
+        try:
+            out[f.parent.parent.name] = json.loads(f.read_text())
+        except (OSError, ValueError):  # being written
+            continue
+    return out
+
+
 def objective_board(search_path: Path, objectives: list[tuple[str, str]]) -> pd.DataFrame:
-    """The leaderboard, best first in the first objective, with a column per other objective and, for
-    several objectives, a ``pareto`` column after ``epoch``."""
+    """The leaderboard, best first in the first objective, with a column per other objective, for
+    several objectives a ``pareto`` column after ``epoch``, and ``gain_vs_scratch`` (val Dice over the
+    scratch reference trial, once it has finished) after the first objective."""
     board = leaderboard(search_path, *objectives[0], extra=[m for m, _ in objectives[1:]])
     if len(objectives) > 1:
         board.insert(board.columns.get_loc("epoch") + 1, "pareto", pareto_front(board, objectives))
+    scratch = references(search_path).get("scratch", {}).get("val_dice", np.nan)
+    board.insert(board.columns.get_loc(objectives[0][0]) + 1, "gain_vs_scratch",
+                 pd.to_numeric(board["val_dice"], errors="coerce") - scratch)  # fmt: skip
     return board
 
 
@@ -137,7 +155,7 @@ def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list
         raise TskdError(f"{search_path}: no trials yet")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {"leaderboard": out_dir / "leaderboard.csv"}
-    board.drop(columns=["trial_dir"]).to_csv(written["leaderboard"], index=False)
+    board.drop(columns=["trial_dir", "mlflow_run_id"]).to_csv(written["leaderboard"], index=False)
     study = _study(board, space, objectives[:1])
     plots = {"history": (study, ovm.plot_optimization_history),
              "parallel_coordinates": (study, ovm.plot_parallel_coordinate)}  # fmt: skip
@@ -164,8 +182,14 @@ def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list
     images = "".join(
         f'<h2>{html.escape(k)}</h2><img src="{p.name}">' for k, p in written.items() if p.suffix == ".png"
     )
+    refs = references(search_path)
+    ref_rows = "".join(f"<li>reference <b>{html.escape(m)}</b>: val Dice {r.get('val_dice', float('nan')):.4f}, "
+                       f"test Dice {r.get('test_dice', float('nan')):.4f}</li>" for m, r in refs.items())  # fmt: skip
+    ref_html = (f"<p>Reference trials (outside the search; <code>gain_vs_scratch</code> is each trial's val Dice "
+                f"minus the scratch student's):</p><ul>{ref_rows}</ul>") if refs else ""  # fmt: skip
     page = (f"<html><head><meta charset='utf-8'><title>{html.escape(Path(search_path).name)}</title></head><body>"
-            f"<h1>search {html.escape(Path(search_path).name)}</h1>{board.drop(columns=['trial_dir']).to_html(index=False)}"
+            f"<h1>search {html.escape(Path(search_path).name)}</h1>{ref_html}"
+            f"{board.drop(columns=['trial_dir', 'mlflow_run_id']).to_html(index=False)}"
             f"{images}</body></html>")  # fmt: skip
     written["html"] = out_dir / "report.html"
     tmp = written["html"].with_name(".report.html.tmp")

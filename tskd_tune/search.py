@@ -26,6 +26,7 @@ from tskd_tune.cache import writable_dir
 from tskd_tune.cluster import mask_uri, mlflow_env
 from tskd_tune.config import END_OF_TRIAL_METRICS, Config, apply_values, to_yaml
 from tskd_tune.errors import TskdError
+from tskd_tune.models.teacher import is_pretrained
 
 SEARCH_FILE = "search.json"
 
@@ -93,7 +94,6 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
     from ray import tune
 
     from tskd_tune.config import validate
-    from tskd_tune.data.prepare import Prepared
     from tskd_tune.trial import resolve_device, run_trial
 
     for name in ("ray.tune", "ray.train"):  # one "checkpoint created" line per epoch is noise
@@ -127,16 +127,14 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
         watchdog = faults.Watchdog(limit, partial(_timed_out, marker, tracker, limit)).start()
     tracker.log_params(config | {"distill.method": cfg.distill.method, "student.model": cfg.student.model})
     tracker.set_tags({"ray.node_id": ray.get_runtime_context().get_node_id(), "ray.node_ip": ray.util.get_node_ip_address(),
-                      "device": str(resolve_device(cfg)), "resumed": resumed})  # fmt: skip
+                      "device": str(resolve_device(cfg)), "resumed": resumed,
+                      "teacher.pretrained": str(is_pretrained(cfg.teacher)).lower()})  # fmt: skip
     out_dir = trial_dir / "outputs"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(to_yaml(cfg))
     tracker.log_artifact(out_dir / "config.yaml")
 
-    prepared = Prepared(
-        data["images"], data["masks"], data["ids"], data["groups"], data["classes"], Path(data["path"]), True
-    )
-    splits = data["splits"]
+    prepared, splits = _prepared(data)
 
     last_epoch = 1 if cfg.distill.method == "teacher" else cfg.student.epochs
     at_end = [m for m, _ in cfg.search.objective_items() if m in END_OF_TRIAL_METRICS]
@@ -208,6 +206,82 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
     final |= {k: v for k, v in tracking.numeric(result).items() if k in END_OF_TRIAL_METRICS}
     ckpt = held.get("ckpt")
     tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None)
+
+
+def _prepared(data: dict):
+    """The Prepared dataset and its splits from the data payload in the object store."""
+    from tskd_tune.data.prepare import Prepared
+
+    prepared = Prepared(
+        data["images"], data["masks"], data["ids"], data["groups"], data["classes"], Path(data["path"]), True
+    )
+    return prepared, data["splits"]
+
+
+REFERENCES = "baselines"
+"""Folder of the search that holds the reference trials (``baselines/<method>/outputs``)."""
+
+
+def _reference_trial(method: str, data: dict, base: dict, run: dict) -> dict:
+    """One reference trial (a Ray task beside the search, outside the Optuna study): ``method`` on the
+    search's base config, evaluated on val and test, recorded as a child run tagged ``tskd.baseline``."""
+    import ray
+
+    from tskd_tune.config import validate
+    from tskd_tune.trial import run_trial
+
+    os.environ.update(run.get("mlflow_env", {}))
+    cfg = apply_values(validate(base, check_search_space=False), {"distill.method": method})
+    out_dir = Path(run["state_path"]) / REFERENCES / method / "outputs"
+    if (out_dir / "metrics.json").is_file():  # finished before the search was interrupted
+        return json.loads((out_dir / "metrics.json").read_text())
+    tracker = tracking.RunTracker(run["tracking_uri"], journal=tracking.journal_path(Path(run["state_path"]), f"baseline-{method}"),
+                                  parent_run_id=run["parent_run_id"], trial_id=f"baseline-{method}",
+                                  run_name=f"reference {method}")  # fmt: skip
+    tracker.start()
+    tracker.log_params({"distill.method": method, "student.model": cfg.student.model, "teacher.model": cfg.teacher.model})
+    tracker.set_tags({"tskd.baseline": method, "ray.node_ip": ray.util.get_node_ip_address(),
+                      "teacher.pretrained": str(is_pretrained(cfg.teacher)).lower()})  # fmt: skip
+    try:
+        result = run_trial(cfg, None, tracker, out_dir=out_dir, test=True, data=_prepared(data),
+                           use_cache=run["use_cache"])  # fmt: skip
+    except Exception as exc:
+        tracker.set_tags({"tskd.status": "failed", "tskd.error": f"{exc.__class__.__name__}: {str(exc)[:480]}"})
+        tracker.finish("FAILED")
+        tracker.flush()
+        raise
+    tracker.log_metrics({f"final_{k}": v for k, v in tracking.numeric(result).items()}, step=0)
+    for name in ("config.yaml", "metrics.json", "student.safetensors"):
+        if (out_dir / name).is_file():
+            tracker.log_artifact(out_dir / name)
+    tracker.set_tags({"tskd.status": "finished"})
+    tracker.finish("FINISHED")
+    tracker.flush()
+    return result
+
+
+def _start_references(cfg: Config, opts: SearchOptions, data_ref, run: dict) -> dict:
+    """Start the reference trials as Ray tasks with a trial's resources; method -> object ref."""
+    import ray
+
+    task = ray.remote(_reference_trial).options(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu,
+                                                max_retries=1)  # fmt: skip
+    return {m: task.remote(m, data_ref, cfg.model_dump(mode="json"), run) for m in cfg.search.baselines}
+
+
+def _finish_references(refs: dict, console) -> dict:
+    """Wait for the reference trials; a failed one is reported in one line, the search still ends."""
+    import ray
+
+    out = {}
+    for method, ref in refs.items():
+        try:
+            out[method] = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - a reference is context, not the search's result
+            cause = getattr(exc, "cause", exc)
+            console.print(f"reference trial {method} failed: {cause.__class__.__name__}: {str(cause)[:300]}",
+                          markup=False)  # fmt: skip
+    return out
 
 
 def _check_score(objectives: list[str], metrics: dict, out: dict, epoch: int) -> None:
@@ -320,7 +394,8 @@ def _sampler(cfg: Config):
     return optuna.samplers.TPESampler(seed=s.seed)
 
 
-def _data_payload(cfg: Config, use_cache: bool) -> dict:
+def _data_payload(cfg: Config, use_cache: bool):
+    """(the synthetic pool or None, the data for the object store)."""
     import numpy as np
 
     from tskd_tune.data.prepare import load
@@ -329,9 +404,9 @@ def _data_payload(cfg: Config, use_cache: bool) -> dict:
     from tskd_tune.synth import pool_for_search
 
     # the synthetic pool is built here, once, before trials start; trials then find it in the cache
-    pool_for_search(cfg, prepared, splits, use_cache=use_cache)
+    pool = pool_for_search(cfg, prepared, splits, use_cache=use_cache)
     # plain arrays: Ray's object store shares them read-only, zero-copy, with every trial on the node
-    return {
+    return pool, {
         "images": np.ascontiguousarray(prepared.images),
         "masks": np.ascontiguousarray(prepared.masks),
         "ids": prepared.ids,
@@ -396,6 +471,12 @@ def _study_storage(cfg: Config, name: str, fresh: bool):
     return storage
 
 
+def _run_info(opts: SearchOptions, parent_run_id: str) -> dict:
+    # MLflow credentials ride in the object store with the trainable: no runtime_env, dashboard or log shows them
+    return {"tracking_uri": opts.tracking_uri, "parent_run_id": parent_run_id, "use_cache": opts.use_cache,
+            "mlflow_env": mlflow_env(), "state_path": str(state_path(opts))}  # fmt: skip
+
+
 def _tuner(cfg: Config, opts: SearchOptions, parent_run_id: str, data_ref: dict, restore: bool = False,
            resume: bool = False):  # fmt: skip
     from ray import tune
@@ -406,9 +487,7 @@ def _tuner(cfg: Config, opts: SearchOptions, parent_run_id: str, data_ref: dict,
 
     from tskd_tune.space import to_optuna
 
-    # MLflow credentials ride in the object store with the trainable: no runtime_env, dashboard or log shows them
-    run = {"tracking_uri": opts.tracking_uri, "parent_run_id": parent_run_id, "use_cache": opts.use_cache,
-           "mlflow_env": mlflow_env(), "state_path": str(state_path(opts))}  # fmt: skip
+    run = _run_info(opts, parent_run_id)
     trainable = tune.with_parameters(_trainable, data=data_ref, base=cfg.model_dump(mode="json"), run=run)
     trainable = tune.with_resources(trainable, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     max_epochs = 1 if cfg.distill.method == "teacher" else cfg.student.epochs
@@ -488,11 +567,11 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
     # before the data: on a cluster the trial cache (and the synthetic pool built next) moves to shared storage
     cfg = cluster.prepare(cfg, opts, console)
     console.print(f"preparing data ({cfg.data.dataset}) ...", markup=False)
-    payload = _data_payload(cfg, opts.use_cache)
+    pool, payload = _data_payload(cfg, opts.use_cache)
     parent = tracking.parent_run(
         opts.tracking_uri, cfg.tracking.experiment, opts.location, opts.name,
         {"search.name": opts.name, "search.space_file": opts.space_file, "git.commit": _git_commit(),
-         "ray.address": opts.address or "local"},
+         "ray.address": opts.address or "local", "teacher.pretrained": str(is_pretrained(cfg.teacher)).lower()},
     )  # fmt: skip
     if not resume:
         _write_json(opts.path / SEARCH_FILE, {"config": cfg.model_dump(mode="json"), "options": {
@@ -515,6 +594,12 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
             markup=False,
         )
     data_ref = ray.put(payload)
+    fill: dict = {}
+    if opts.use_cache:  # every trial reads the teacher features: computed once, on every worker, first
+        from tskd_tune import search_features
+
+        fill = search_features.fill(cfg, _prepared(payload)[0], data_ref, pool, console)
+    references = _start_references(cfg, opts, data_ref, _run_info(opts, parent))
     tuner, _ = _tuner(cfg, opts, parent, data_ref, restore=resume and (opts.path / "tuner.pkl").exists(),
                       resume=resume)  # fmt: skip
     parent_client = tracking.BufferedClient(
@@ -524,12 +609,13 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
         results = tuner.fit()
     finally:
         parent_client.update_run(parent, status="RUNNING")
+    _finish_references(references, console)
     if cluster.is_uri(opts.storage):  # trial results and outputs went to the URI: fetch them to summarize
         cluster.pull(opts.location, opts.path)
     if resume:
         _close_lost_children(opts, parent, results, console)
     summary = summarize(cfg, opts, results, parent, payload, console)
-    summary["wall_s"] = time.perf_counter() - t0
+    summary |= fill | {"wall_s": time.perf_counter() - t0}
     _write_json(opts.path / "summary.json", summary)
     if cluster.is_uri(opts.storage):
         cluster.push(opts.path, opts.location, ["summary.json", "leaderboard.csv", "pareto.csv", "best.yaml"])
@@ -602,15 +688,44 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, payload: d
     test = evaluate_on_test(trial_dir / "outputs", payload)
     summary |= {"best_trial": best["trial_id"], "best_" + metric: float(best[metric]),
                 "best_config": str(best_cfg_path), **test}  # fmt: skip
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-    c.log_batch(parent, metrics=[Metric(k, v, ts, 0) for k, v in tracking.numeric(
-        {"best_" + metric: summary["best_" + metric], **test}).items()])  # fmt: skip
-    print(board.drop(columns=["trial_dir"]).head(10).to_string(index=False))
-    console.print(f"best trial {best['trial_id']}: {metric} {best[metric]:.4f}; "
+    refs = reference_metrics(opts.path)
+    summary |= refs
+    if "reference_scratch_val_dice" in refs:
+        summary["best_gain_vs_scratch"] = float(best["gain_vs_scratch"])
+        if "test_dice" in test and "reference_scratch_test_dice" in refs:
+            summary["best_test_gain_vs_scratch"] = test["test_dice"] - refs["reference_scratch_test_dice"]
+        for _, row in board.dropna(subset=["gain_vs_scratch", "mlflow_run_id"]).iterrows():
+            c.log_batch(row["mlflow_run_id"], metrics=[_metric("gain_vs_scratch", row["gain_vs_scratch"])])
+    c.log_batch(parent, metrics=[_metric(k, v) for k, v in tracking.numeric(
+        {k: v for k, v in summary.items() if k.startswith(("best_", "reference_"))} | test).items()])  # fmt: skip
+    print(board.drop(columns=["trial_dir", "mlflow_run_id"]).head(10).to_string(index=False))
+    for line in reference_lines(refs):
+        console.print(line, markup=False)
+    gain = f"; {summary['best_gain_vs_scratch']:+.4f} val Dice over scratch" if "best_gain_vs_scratch" in summary else ""
+    console.print(f"best trial {best['trial_id']}: {metric} {best[metric]:.4f}{gain}; "
                   f"test_dice {test.get('test_dice', float('nan')):.4f}; config {best_cfg_path}", markup=False)  # fmt: skip
     return summary
+
+
+def _metric(key: str, value: float):
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), 0)
+
+
+def reference_metrics(search_path: Path) -> dict:
+    """``reference_<method>_<metric>`` for the finished reference trials (val and test Dice, HD95)."""
+    from tskd_tune.report import references
+
+    return {f"reference_{method}_{k}": float(m[k]) for method, m in references(search_path).items()
+            for k in ("val_dice", "val_hd95", "test_dice", "test_hd95") if m.get(k) is not None}  # fmt: skip
+
+
+def reference_lines(refs: dict) -> list[str]:
+    """One line per reference trial: its val and test Dice."""
+    methods = dict.fromkeys(k.split("_")[1] for k in refs)
+    return [f"reference {m}: val_dice {refs.get(f'reference_{m}_val_dice', float('nan')):.4f}, "
+            f"test_dice {refs.get(f'reference_{m}_test_dice', float('nan')):.4f}" for m in methods]  # fmt: skip
 
 
 def evaluate_on_test(outputs: Path, payload: dict) -> dict:
