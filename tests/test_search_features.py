@@ -1,6 +1,8 @@
 """The search's feature fill: which teacher variants a space needs, and Ray workers filling an entry that
 equals the one a trial would compute itself."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -44,7 +46,7 @@ def test_workers_fill_the_same_entry_a_trial_would(tiny, tmp_path, local_ray, mo
     cfg = tiny(teacher={"adapt": "lora", "lora": {"last_blocks": 1}})
     prepared, _ = load(cfg)
     payload = {"images": np.ascontiguousarray(prepared.images)}
-    summary = sf.fill(cfg, prepared, local_ray.put(payload), None, Console(file=open(tmp_path / "log", "w")))
+    summary = sf.fill(cfg, prepared, local_ray.put(payload), None, Console(file=io.StringIO()))
     assert summary["teacher_features_workers"] == 2 and summary["teacher_features_filled"] == len(prepared)
     model = build_teacher(cfg.teacher, in_chans=1, num_classes=len(prepared.classes), image_size=32, seed=cfg.seed)
     assert model.frozen == 1
@@ -56,5 +58,5 @@ def test_workers_fill_the_same_entry_a_trial_would(tiny, tmp_path, local_ray, mo
     with torch.no_grad():
         expected = model.prefix(torch.from_numpy(np.asarray(prepared.images[:5], np.float32)))[0]
     torch.testing.assert_close(torch.from_numpy(np.asarray(filled[0][:5], np.float32)), expected, atol=2e-2, rtol=1e-2)
-    again = sf.fill(cfg, prepared, local_ray.put(payload), None, Console(file=open(tmp_path / "log2", "w")))
+    again = sf.fill(cfg, prepared, local_ray.put(payload), None, Console(file=io.StringIO()))
     assert again == {"teacher_features_filled": 0}
