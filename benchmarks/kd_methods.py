@@ -1,28 +1,34 @@
 """The paper's claim on real images: TS-KD vs TA-KD vs scratch vs the teacher, N labelled in {10, 20, 40}.
 
 Every cell is one ``run_trial(cfg, test=True)`` on the `mni152` dataset (axial slices of the MNI152 T1
-template that ships with nilearn; grey / white matter labels), with ``data.labeled=N`` and, for seed s,
-``seed=s`` and ``data.seed=s`` (the split, the labelled subset, model initialisation, augmentation and
-the synthetic generator all change with the seed; ``--fixed-split`` keeps ``data.seed=0`` so that only
-training randomness varies). Variants:
+template that ships with nilearn; grey / white matter labels) with the shipped `mni152.yaml` (64 px, the
+pretrained LiteMedSAM teacher, frozen, its head trained on cached encoder features), ``data.labeled=N``
+and, for seed s, ``seed=s`` and ``data.seed=s`` (the split, the labelled subset, model initialisation,
+augmentation and the synthetic generator all change with the seed; ``--fixed-split`` keeps ``data.seed=0``
+so that only training randomness varies). Variants:
 
-    teacher        the LoRA-fine-tuned teacher itself (the upper reference)
-    scratch        the student on the N labels only
-    ta_kd          task-agnostic KD (frozen teacher features, then the labels)
-    ts_kd          task-specific KD, the default config
-    ta_kd+synth    ta_kd with synthetic.ratio synthetic images per real transfer image (ddpm generator)
-    ts_kd+synth    ts_kd likewise
-    ts_kd searched ts_kd with the values a search found (--searched best.yaml, or --search-trials K runs
-                   one: `tskd-tune launch` at the smallest N, seed 0, selecting on val_dice)
+    teacher          the fine-tuned teacher itself (the upper reference)
+    scratch          the student on the N labels only
+    ta_kd            task-agnostic KD (the frozen teacher's features, then the labels)
+    ts_kd            task-specific KD, the default config
+    scratch 52k      scratch with the 52k-parameter U-Net (8-64 channels)
+    ts_kd 52k        ts_kd likewise
+    ta_kd+synth      ta_kd with synthetic.ratio synthetic images per real transfer image (ddpm generator)
+    ts_kd+synth      ts_kd likewise
+    ts_kd searched   ts_kd with the values a search found (--searched best.yaml, or --search-trials K runs
+                     one: `tskd-tune launch` at the smallest N, seed 0, selecting on val_dice)
+    teacher lora1    the teacher with LoRA in LiteMedSAM's last block (its other 11 blocks cached; slow on CPU)
+    ts_kd lora1      ts_kd from that teacher
 
 Every method runs the same number of optimisation steps per epoch (see README), so cells compare at
 equal student compute. Results go to benchmarks/results/kd_methods.json (and .png); each finished cell
-is appended to WORK/cells.jsonl, so an interrupted run continues where it stopped. Teachers, teacher
-outputs and synthetic pools are shared across variants with the same (N, seed) through the trial cache.
+is appended to WORK/cells.jsonl, so an interrupted run continues where it stopped. Teacher features
+(one entry for every seed and N), teachers, teacher outputs and synthetic pools are shared across cells
+through the trial cache.
 
     .venv/bin/python benchmarks/kd_methods.py                      # the grid of docs/BENCHMARKS.md
-    .venv/bin/python benchmarks/kd_methods.py --quick              # smoke run: 32 px, 1 seed, N=10
-    .venv/bin/python benchmarks/kd_methods.py --set teacher.model=litemedsam --set data.image_size=256
+    .venv/bin/python benchmarks/kd_methods.py --quick              # smoke run: 32 px, tiny random ViT teacher
+    .venv/bin/python benchmarks/kd_methods.py --variants teacher scratch ts_kd --n 10 --seeds 0
 """
 
 from __future__ import annotations
@@ -38,23 +44,23 @@ from _common import REPO, plot_path, provenance, run_cli, save_figure, spread, t
 
 from tskd_tune.config import load_config, parse_overrides, read_yaml
 
-# The grid's sizing: the shipped mni152.yaml, shrunk so that 9 (N, seed) cells x 7 variants fit in about
-# an hour on 2 shared CPU cores. The teacher is the shipped small ViT (no pretrained weights install
-# offline except LiteMedSAM, which costs about 2 s per 256x256 forward here).
+# The grid's sizing: the shipped mni152.yaml as it is (pretrained LiteMedSAM teacher, 64 px), with a small
+# synthetic generator for the +synth variants (trained per split and seed, so it is sized for CPUs).
 BASE = {
-    "data.image_size": 64,
-    "teacher.model_kwargs": {"img_size": 64, "patch_size": 8, "depth": 4},
-    "student.epochs": 30,
     "synthetic.image_size": 32,
     "synthetic.channels": [16, 32, 64],
     "synthetic.train_steps": 1000,
     "synthetic.pool_size": 128,
     "synthetic.sample_steps": 25,
 }
+# The smoke run cannot afford LiteMedSAM (75 GFLOP per image): a tiny, randomly initialised ViT stands in
+# (its numbers say nothing about the method; they only show that every variant runs).
 QUICK = {
     "data.image_size": 32,
+    "teacher.model": "vit_small_patch16_224",
     "teacher.model_kwargs": {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2},
     "teacher.decoder_channels": 16,
+    "teacher.augment_views": 2,
     "teacher.epochs": 3,
     "student.epochs": 2,
     "student.channels": [8, 16, 32],
@@ -66,11 +72,16 @@ QUICK = {
     "synthetic.pool_size": 16,
     "synthetic.sample_steps": 4,
 }
-ORDER = ["teacher", "scratch", "ta_kd", "ts_kd", "ta_kd+synth", "ts_kd+synth", "ts_kd searched"]
+SMALL_STUDENT = {"student.channels": [8, 16, 32, 64]}
+LORA1 = {"teacher.adapt": "lora", "teacher.lora.last_blocks": 1, "teacher.augment_views": 0, "teacher.epochs": 100}
+ORDER = ["teacher", "scratch", "ta_kd", "ts_kd", "scratch 52k", "ts_kd 52k", "ta_kd+synth", "ts_kd+synth",
+         "ts_kd searched", "teacher lora1", "ts_kd lora1"]  # fmt: skip
 # cells run group by group, so that an interrupted grid has its core comparison complete first
-# ta_kd+synth is opt-in (--variants): it costs a third of the grid's time again and is not the claim
-DEFAULT_VARIANTS = ["teacher", "scratch", "ta_kd", "ts_kd", "ts_kd+synth", "ts_kd searched"]
-GROUPS = [["teacher", "scratch", "ta_kd", "ts_kd"], ["ts_kd+synth"], ["ts_kd searched"], ["ta_kd+synth"]]
+# ta_kd+synth and the LoRA variants are opt-in (--variants): they cost a third of the grid's time again
+DEFAULT_VARIANTS = ["teacher", "scratch", "ta_kd", "ts_kd", "scratch 52k", "ts_kd 52k", "ts_kd+synth",
+                    "ts_kd searched"]  # fmt: skip
+GROUPS = [["teacher", "scratch", "ta_kd", "ts_kd"], ["scratch 52k", "ts_kd 52k"], ["ts_kd+synth"],
+          ["ts_kd searched"], ["ta_kd+synth"], ["teacher lora1", "ts_kd lora1"]]  # fmt: skip
 
 
 def variants(ratio: float, searched: bool) -> dict[str, dict | None]:
@@ -81,6 +92,10 @@ def variants(ratio: float, searched: bool) -> dict[str, dict | None]:
         "scratch": {"distill.method": "scratch"},
         "ta_kd": {"distill.method": "ta_kd"},
         "ts_kd": {"distill.method": "ts_kd"},
+        "scratch 52k": {"distill.method": "scratch"} | SMALL_STUDENT,
+        "ts_kd 52k": {"distill.method": "ts_kd"} | SMALL_STUDENT,
+        "teacher lora1": {"distill.method": "teacher"} | LORA1,
+        "ts_kd lora1": {"distill.method": "ts_kd"} | LORA1,
     }
     if ratio > 0:
         out |= {
@@ -111,8 +126,9 @@ def run_search(args, base: dict, n: int, work: Path) -> tuple[Path, float]:
     storage, name = work / "search", "kd-search"
     shutil.rmtree(storage / name, ignore_errors=True)
     (work / "search-mlflow.db").unlink(missing_ok=True)  # a rerun must not find the old parent run
+    # the grid has the reference cells already: the search runs without its own scratch/teacher references
     sets = base | {"data.labeled": n, "seed": 0, "data.seed": 0, "cache.dir": str(work / "cache"),
-                   "distill.method": "ts_kd"}  # fmt: skip
+                   "distill.method": "ts_kd", "search.baselines": []}  # fmt: skip
     cli = ["launch", args.space, "--name", name, "--storage", str(storage), "--num-samples", str(args.search_trials),
            "--max-concurrent", "1", "--tracking-uri", f"sqlite:///{work}/search-mlflow.db"]  # fmt: skip
     for k, v in sets.items():
@@ -124,7 +140,8 @@ def run_search(args, base: dict, n: int, work: Path) -> tuple[Path, float]:
 
 KEEP = ("test_dice", "test_hd95", "val_dice", "val_hd95", "teacher_val_dice", "teacher_val_hd95",
         "student_params", "teacher_params", "transfer_real", "transfer_synthetic", "synth_gate_passed",
-        "teacher_cached", "teacher_s", "transfer_s", "student_s", "synth_s", "total_s")  # fmt: skip
+        "teacher_cached", "teacher_features_cached", "teacher_features_s", "teacher_s", "transfer_s", "student_s",
+        "synth_s", "total_s")  # fmt: skip
 
 
 def run_cell(space: str, overrides: dict) -> dict:
@@ -155,8 +172,11 @@ def aggregate(cells: list[dict], labels: list[str], ns: list[int]) -> tuple[list
                 summary[-1][key.removeprefix("test_")] = spread([r.get(key) for r in rows])["mean"]
     paired = []
     by_key = {(c["variant"], c["n"], c["seed"]): c for c in cells}
-    for ours in ("ts_kd", "ts_kd+synth", "ts_kd searched"):
-        for other in ("scratch", "ta_kd", "teacher", "ts_kd"):
+    pairs = {"ts_kd": ("scratch", "ta_kd", "teacher"), "ts_kd+synth": ("ts_kd", "scratch", "teacher"),
+             "ts_kd searched": ("ts_kd", "scratch", "teacher"), "ts_kd 52k": ("scratch 52k", "ts_kd", "teacher"),
+             "ts_kd lora1": ("teacher lora1", "ts_kd", "scratch"), "teacher lora1": ("teacher",)}  # fmt: skip
+    for ours, others in pairs.items():
+        for other in others:
             if other == ours:
                 continue
             for n in ns:
@@ -343,7 +363,8 @@ def main() -> None:
     }
     out = write_result("kd_methods", result, args.quick)
     png = plot_path("kd_methods", args.quick)
-    plot(summary, labels, png, f"mni152 ({base['data.image_size']} px), teacher {teacher_name}, "
+    size = base.get("data.image_size") or load_config(args.space).data.image_size
+    plot(summary, labels, png, f"mni152 ({size} px), teacher {teacher_name}, "
          f"{len(args.seeds)} seed(s); error bars: std over seeds")  # fmt: skip
     print(f"\nwritten to {out.relative_to(REPO)} and {png.relative_to(REPO)}")
 

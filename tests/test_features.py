@@ -217,3 +217,18 @@ def test_encoder_features_cover_every_prepared_image_and_the_pool(tiny, weights,
     torch.testing.assert_close(f.rows(np.array([0, 1, 2]))[0], expected, atol=2e-2, rtol=1e-2)  # float16
     again = encoder_features(cfg, model, prepared, store, torch.device("cpu"), pool=("poolkey", pool_images))
     assert again.cached
+
+
+def test_augmented_views_train_the_teacher_and_are_shared_across_n(tiny, weights):
+    path = weights(0)
+    teacher = _teacher(path, augment_views=3)
+    first = run_trial(tiny(teacher=teacher, distill={"method": "teacher"}))
+    assert first["teacher_features_cached"] is False and first["teacher_val_dice"] > 0
+    # N=12 labels the N=8 images and 4 more: only the new images' views are computed
+    store = Store(tiny().cache.dir)
+    before = len(list(store.root.glob("features/*/masks.npy")))
+    second = run_trial(tiny(teacher=teacher, data={"labeled": 12}, distill={"method": "teacher"}))
+    assert before == 8 and len(list(store.root.glob("features/*/masks.npy"))) == 12
+    assert second["teacher_features_cached"] is False  # the 4 new images' views were computed now
+    without = run_trial(tiny(teacher=_teacher(path), distill={"method": "teacher"}))
+    assert without["teacher_val_dice"] != first["teacher_val_dice"]  # the views changed what the head saw

@@ -175,7 +175,7 @@ def test_status_and_report(searched):
     status = run("status", tmp / "runs" / "first", cwd=tmp)
     assert status.returncode == 0, status.stderr
     assert "4 trial(s)" in status.stdout and "best so far" in status.stdout
-    assert "reference scratch: val_dice" in status.stdout and "gain vs scratch" in status.stdout
+    assert "reference scratch: val_dice" in status.stdout and "gain: a trial's val_dice minus" in status.stdout
     report = run("report", tmp / "runs" / "first", "--out", tmp / "report", cwd=tmp)
     assert report.returncode == 0, report.stderr
     assert (tmp / "report" / "history.png").read_bytes()[:4] == b"\x89PNG"

@@ -440,7 +440,7 @@ def status(
     metric = objectives[0][0]
     extra = [m for m, _ in objectives[1:] if m != "val_hd95"]
     board = objective_board(path, objectives)
-    table = Table("trial", "state", "epoch", metric, "gain vs scratch", "hd95", *extra,
+    table = Table("trial", "state", "epoch", metric, "gain", "hd95", *extra,
                   *(["pareto"] if len(objectives) > 1 else []), *cfg.search.space, title=f"search {path.name}",
                   title_justify="left")  # fmt: skip
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -453,8 +453,11 @@ def status(
     out.print(table)
     from tskd_tune.search import reference_lines, reference_metrics
 
-    for line in reference_lines(reference_metrics(path)):
+    refs = reference_metrics(path)
+    for line in reference_lines(refs):
         out.print(line, markup=False)
+    if "reference_scratch_val_dice" in refs:
+        out.print("gain: a trial's val_dice minus the scratch reference's", markup=False)
     done = board[board["state"] == "finished"]
     out.print(f"{len(board)} trial(s), {len(done)} finished; MLflow parent run {parent}", markup=False)
     if not board.empty and board[metric].notna().any():

@@ -110,7 +110,10 @@ class TeacherConfig(Section):
     weight_decay: float = Field(0.01, ge=0)
     """AdamW weight decay."""
     epochs: int = Field(20, ge=1)
-    """Fine-tuning epochs over the labelled images."""
+    """Fine-tuning epochs over the labelled images (and their augmented views)."""
+    augment_views: int = Field(0, ge=0, le=64)
+    """With a cached prefix (no pixel augmentation there): augmented copies (data.augment) of each labelled
+    image whose features are cached too and train the teacher beside the originals. 0: none."""
     batch_size: int = Field(8, ge=1)
     """Fine-tuning batch size."""
     ce_weight: float = Field(0.2, ge=0)

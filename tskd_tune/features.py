@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tskd_tune.cache import Store
+from tskd_tune.cache import Store, digest
 from tskd_tune.config import Config
 from tskd_tune.data.prepare import Prepared, take_rows
 from tskd_tune.faults import beat
@@ -274,6 +274,73 @@ class FromState(nn.Module):
 
     def forward(self, state: list[torch.Tensor]) -> torch.Tensor:
         return self.teacher.from_state(state)
+
+
+@dataclass
+class Views:
+    """Cached states and masks of augmented views, ``views`` per image; row ``f`` is view ``f % views`` of
+    image ``f // views`` (memory-mapped per image, gathered per batch)."""
+
+    states: list[list[np.ndarray]]
+    masks: list[np.ndarray]
+    views: int
+    cached: bool = True
+
+    def __len__(self) -> int:
+        return len(self.masks) * self.views
+
+    def rows(self, flat: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(states, masks) of rows ``flat`` as float32 / int64 tensors."""
+        pairs = [(int(f) // self.views, int(f) % self.views) for f in flat]
+        states = [torch.from_numpy(np.stack([np.asarray(self.states[i][k][v], np.float32) for i, v in pairs]))
+                  for k in range(len(self.states[0]))]  # fmt: skip
+        return states, torch.from_numpy(np.stack([self.masks[i][v] for i, v in pairs]).astype(np.int64))
+
+
+def augmented_views(
+    cfg: Config,
+    model: Segmenter,
+    prepared: Prepared,
+    indices: np.ndarray,
+    store: Store,
+    device: torch.device,
+    *,
+    threads: int = 1,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Views:
+    """States and masks of ``teacher.augment_views`` augmented copies (``data.augment``) of each image in
+    ``indices`` (the labelled ones), computed where missing.
+
+    Each image's views are one cache entry, drawn with a seed of the image itself (not the trial's seed or
+    N), so the views of the N=10 images are reused at N=20 and by every seed that labels the same image.
+    """
+    from tskd_tune.data.transforms import train_transforms
+
+    views = cfg.teacher.augment_views
+    amp = cfg.resources.mixed_precision and device.type == "cuda"
+    filler = Filler(model, device, threads, store, feature_key(cfg, model, {}), amp, expected=views * len(indices))
+    out = Views([], [], views)
+    for j, i in enumerate(np.asarray(indices, np.int64).tolist()):
+
+        def build(tmp: Path, i=i) -> None:
+            tf = train_transforms(cfg.data.augment, seed=int(digest([prepared.ids[i], "views"])[:8], 16))
+            pairs = [tf({"image": torch.from_numpy(np.asarray(prepared.images[i], np.float32)),
+                         "label": torch.from_numpy(np.asarray(prepared.masks[i], np.float32))[None]})
+                     for _ in range(views)]  # fmt: skip
+            np.save(tmp / "masks.npy", np.stack([np.asarray(p["label"])[0].round().astype(np.uint8) for p in pairs]))
+            arrays = Arrays(tmp, views)
+            filler.run(np.stack([np.asarray(p["image"], np.float32) for p in pairs]), arrays.write)
+            arrays.close()
+
+        source = {"data": prepared.path.name, "image": prepared.ids[i], "views": views,
+                  "augment": cfg.data.augment.model_dump()}  # fmt: skip
+        hit = store.get_or_build("features", feature_key(cfg, model, source), build)
+        out.cached &= hit.cached
+        out.states.append(load_states(hit.path))
+        out.masks.append(np.load(hit.path / "masks.npy", mmap_mode="r"))
+        if progress:
+            progress("teacher features (augmented views)", (j + 1) * views, len(indices) * views)
+    return out
 
 
 def encoder_features(

@@ -25,7 +25,8 @@ from torch import nn
 from tskd_tune.cache import Store
 from tskd_tune.config import Config
 from tskd_tune.data.prepare import Prepared, Splits, take_rows
-from tskd_tune.features import Features, FromState, StateRows, encoder_features
+from tskd_tune.data.transforms import paired_transforms
+from tskd_tune.features import Features, FromState, StateRows, Views, augmented_views, encoder_features
 from tskd_tune.losses import FeatureLoss, kd_loss, supervised_loss
 from tskd_tune.metrics import evaluate, latency_ms
 from tskd_tune.models.students import build_student
@@ -88,6 +89,16 @@ class Stages:
         return build_teacher(cfg.teacher, in_chans=cfg.data.channels, num_classes=self.num_classes,
                              image_size=cfg.data.image_size, seed=cfg.seed, frozen=frozen)  # fmt: skip
 
+    def teacher_views(self, model: Segmenter, indices: np.ndarray) -> Views:
+        """Cached states of ``teacher.augment_views`` augmented views of images ``indices`` (counted into
+        ``teacher_features_cached`` / ``teacher_features_s`` like the other teacher features)."""
+        t0 = time.perf_counter()
+        views = augmented_views(self.cfg, model, self.prepared, indices, self.store, self.device,
+                                threads=self.fill_threads, progress=_log_progress)  # fmt: skip
+        self.info["teacher_features_cached"] = self.info.get("teacher_features_cached", True) and views.cached
+        self.info["teacher_features_s"] = self.info.get("teacher_features_s", 0.0) + time.perf_counter() - t0
+        return views
+
     def teacher_features(self, model: Segmenter) -> Features | None:
         """The cached states of ``model``'s frozen prefix for every image (and the synthetic pool), or None
         when nothing is frozen before its first adapted block. Adds ``teacher_features_cached`` (False if any
@@ -144,8 +155,9 @@ class Outcome:
 def fine_tuned_teacher(st: Stages) -> tuple[nn.Module, dict]:
     """The fine-tuned teacher (head, or LoRA + head), from the cache when this exact teacher was trained before.
 
-    With a frozen prefix it trains on the cached states of the labelled images (no pixel augmentation:
-    the prefix ran once per image); with LoRA in every block it trains on augmented images.
+    With a frozen prefix it trains on the cached states of the labelled images and of their
+    ``teacher.augment_views`` augmented views (pixel augmentation cannot happen after the prefix); with
+    LoRA in every block it trains on images augmented on the fly.
     """
     cfg, t = st.cfg, st.cfg.teacher
     feats = st.teacher_features(st.teacher_base())
@@ -156,16 +168,23 @@ def fine_tuned_teacher(st: Stages) -> tuple[nn.Module, dict]:
         labeled = np.sort(st.splits.labeled)
         masks = torch.from_numpy(np.asarray(st.prepared.masks[labeled], dtype=np.int64))
         images = LabeledBatches(st.prepared.images, st.prepared.masks, labeled, cfg.data.augment)
+        views = st.teacher_views(st.teacher_base(), labeled) if feats is not None and t.augment_views else None
+        n = len(labeled) + (len(views) if views is not None else 0)
 
         def step(g):
             if feats is None:
                 x, y = images.sample(t.batch_size, g)
                 return sup(model(x.to(st.device)), y.to(st.device))
-            i = torch.randint(len(labeled), (t.batch_size,), generator=g)
-            state = [s.to(st.device) for s in feats.rows(labeled[i.numpy()])]
-            return sup(model.from_state(state), masks[i].to(st.device))
+            i = torch.randint(n, (t.batch_size,), generator=g).numpy()
+            i.sort()  # originals first, then views: each part gathered in one go
+            orig, aug = i[i < len(labeled)], i[i >= len(labeled)] - len(labeled)
+            state, y = feats.rows(labeled[orig]), masks[orig]
+            if len(aug):
+                vs, vy = views.rows(aug)
+                state, y = [torch.cat([a, b]) for a, b in zip(state, vs, strict=True)], torch.cat([y, vy])
+            return sup(model.from_state([s.to(st.device) for s in state]), y.to(st.device))
 
-        steps = max(1, math.ceil(len(labeled) / t.batch_size))
+        steps = max(1, math.ceil(n / t.batch_size))
         loop = Loop("teacher", {"teacher": model}, _reseeding(images, step), t.epochs, steps, t.lr, t.weight_decay,
                     cfg.seed, autocast=st.amp)  # fmt: skip
         run_loop(loop, out_dir=None, report=None)
@@ -201,15 +220,6 @@ def _teacher_inputs(st: Stages, feats: Features | None, transfer: TransferSet):
     if feats is None:
         return lambda pos: transfer.read(st.prepared.images, pos)
     return lambda pos: feats.transfer_rows(transfer.real, transfer.synthetic, pos)
-
-
-def _flip_pairs(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random horizontal flips applied alike to transfer images and their cached teacher outputs."""
-    flip = torch.rand(x.shape[0], generator=g) < 0.5
-    x, y = x.clone(), y.clone()
-    x[flip] = x[flip].flip(-1)
-    y[flip] = y[flip].flip(-1)
-    return x, y
 
 
 def _student(st: Stages) -> nn.Module:
@@ -291,7 +301,7 @@ def ts_kd(st: Stages, report: Report | None) -> Outcome:
     def step(g):
         xl, yl = labeled.sample(bs, g)
         ti = torch.randint(len(transfer), (bs,), generator=g).numpy()
-        xt, lt = _flip_pairs(transfer.read(st.prepared.images, ti), rows(logits, ti), g)
+        xt, lt = paired_transforms(transfer.read(st.prepared.images, ti), rows(logits, ti), cfg.data.augment, g)
         xl, yl, xt, lt = (t.to(st.device) for t in (xl, yl, xt, lt))
         loss = d.sup_weight * sup(student(xl), yl) + d.kd_weight * kd_loss(student(xt), lt, d.temperature)
         if feat_loss is not None:
@@ -325,7 +335,7 @@ def ta_kd(st: Stages, report: Report | None) -> Outcome:
     def distil_step(g):
         ti = torch.randint(len(transfer), (bs,), generator=g).numpy()
         deepest = feats.transfer_rows(transfer.real, transfer.synthetic, ti)[-1]
-        x, tf = _flip_pairs(transfer.read(st.prepared.images, ti), deepest, g)
+        x, tf = paired_transforms(transfer.read(st.prepared.images, ti), deepest, cfg.data.augment, g)
         return proj(student.features(x.to(st.device))[-1], tf.to(st.device))
 
     steps = st.steps_per_epoch(transfer)

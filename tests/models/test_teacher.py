@@ -159,3 +159,20 @@ def test_litemedsam_one_lora_step_on_two_images():
     opt.step()
     assert torch.isfinite(loss)
     assert any(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_sam_weights_made_at_another_size_are_resampled(tmp_path):
+    """SAM ViT-B checkpoints are made at 1024 px; at 256 px their position embeddings and relative position
+    tables must be resampled. A tiny SAM made at 64 px stands in, loaded at 32 px, in SAM's own key names."""
+    import timm
+    from safetensors.torch import save_file
+
+    kw = {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2, "global_attn_indexes": (1,), "window_size": 2}
+    source = timm.create_model("samvit_base_patch16", pretrained=False, img_size=64, num_classes=0, **kw)
+    state = {f"image_encoder.{k}".replace("mlp.fc", "mlp.lin"): v for k, v in source.state_dict().items()}
+    save_file(state, str(tmp_path / "sam.safetensors"))
+    teacher = build_teacher(teacher_cfg(model="samvit_base_patch16", model_kwargs=kw, checkpoint=tmp_path / "sam.safetensors"),
+                            in_chans=3, num_classes=2, image_size=32)  # fmt: skip
+    net = teacher.encoder.net
+    torch.testing.assert_close(net.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    assert net.pos_embed.shape == (1, 4, 4, 64) and teacher(torch.rand(1, 3, 32, 32)).shape == (1, 2, 32, 32)

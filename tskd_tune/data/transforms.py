@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+import torch.nn.functional as F
 from monai.transforms import (
     Compose,
     RandAdjustContrastd,
@@ -45,3 +47,44 @@ def train_transforms(aug: AugmentConfig, seed: int = 0) -> Compose:
     compose = Compose(ts)
     compose.set_random_state(seed=seed)
     return compose
+
+
+def paired_transforms(
+    x: torch.Tensor, target: torch.Tensor, aug: AugmentConfig, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random transforms of a batch of transfer images (B, C, H, W) and the teacher's outputs on them
+    (B, K, h, w: soft labels or feature maps, any resolution), drawn from ``g``: flips, rotation and zoom move
+    both alike (the teacher's outputs are taken to follow the image, as a segmentation does); intensity
+    and noise change the images only. The same ``data.augment`` knobs as :func:`train_transforms`."""
+    if not aug.enabled:
+        return x, target
+    n = x.shape[0]
+
+    def coin() -> torch.Tensor:
+        return torch.rand(n, generator=g) < aug.prob
+
+    def uniform(half_width: float, on: torch.Tensor) -> torch.Tensor:
+        return (torch.rand(n, generator=g) * 2 - 1) * half_width * on
+
+    if aug.flip:
+        f = coin().view(-1, 1, 1, 1)
+        x, target = torch.where(f, x.flip(-1), x), torch.where(f, target.flip(-1), target)
+    if aug.rotate_deg > 0 or aug.scale > 0:
+        on = coin()
+        angle, zoom = uniform(math.radians(aug.rotate_deg), on), 1 + uniform(aug.scale, on)
+        cos, sin, zero = torch.cos(angle) / zoom, torch.sin(angle) / zoom, torch.zeros(n)
+        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+
+        def warp(t: torch.Tensor, padding: str) -> torch.Tensor:
+            grid = F.affine_grid(theta.to(t), list(t.shape), align_corners=False)
+            return F.grid_sample(t, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+
+        # images pad with black, as the labelled images' transforms do; outputs repeat their edge (background)
+        x, target = warp(x, "zeros"), warp(target, "border")
+    if aug.intensity > 0:
+        on = coin().view(-1, 1, 1, 1).float()
+        gain = 1 + uniform(aug.intensity, on.view(-1)).view(-1, 1, 1, 1)
+        x = x * gain + uniform(aug.intensity, on.view(-1)).view(-1, 1, 1, 1)
+    if aug.noise_std > 0:
+        x = x + torch.randn(x.shape, generator=g) * aug.noise_std * coin().view(-1, 1, 1, 1)
+    return x, target

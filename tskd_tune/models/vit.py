@@ -199,6 +199,26 @@ def timm_segmenter(
     )
 
 
+def _resample_sam(state: dict, encoder: nn.Module) -> dict:
+    """SAM checkpoints are made at 1024 px (a 64x64 grid): resample the absolute position embedding
+    (NHWC) and the relative position tables of each block to this encoder's grid, as SAM itself
+    interpolates them, so SAM ViT-B weights also run at 256 px. Other checkpoints pass unchanged."""
+    if not hasattr(encoder, "neck"):
+        return state
+    from timm.layers import resample_abs_pos_embed_nhwc
+
+    own = encoder.state_dict()
+    out = dict(state)
+    for k, v in state.items():
+        if k not in own or own[k].shape == v.shape:
+            continue
+        if k == "pos_embed" and v.ndim == 4:
+            out[k] = resample_abs_pos_embed_nhwc(v, own[k].shape[1:3])
+        elif k.endswith(("rel_pos_h", "rel_pos_w")) and v.ndim == 2:
+            out[k] = F.interpolate(v.T[None], size=own[k].shape[0], mode="linear", align_corners=False)[0].T
+    return out
+
+
 def load_encoder_state(encoder: nn.Module, state: dict, name: str) -> None:
     """Load a checkpoint into a timm encoder, resampling position embeddings as timm does; strict on the trunk."""
     import sys
@@ -211,6 +231,7 @@ def load_encoder_state(encoder: nn.Module, state: dict, name: str) -> None:
             state = filter_fn(state, encoder)
         except (RuntimeError, KeyError, ValueError) as exc:
             raise TskdError(f"teacher.checkpoint: does not fit {name}: {str(exc).splitlines()[0]}") from None
+    state = _resample_sam(state, encoder)
     # a classification head in the checkpoint is expected and dropped: we replace it by a decoder
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.", "head_drop."))}
     try:
