@@ -43,11 +43,11 @@ def test_workers_fill_the_same_entry_a_trial_would(tiny, tmp_path, local_ray, mo
     from tskd_tune.data.prepare import load
 
     monkeypatch.setattr(sf, "ON_DRIVER_S", 0.0)  # the tiny encoder would otherwise be filled on the driver
-    cfg = tiny(teacher={"adapt": "lora", "lora": {"last_blocks": 1}})
-    prepared, _ = load(cfg)
+    cfg = tiny(teacher={"adapt": "lora", "lora": {"last_blocks": 1}, "augment_views": 2})
+    prepared, splits = load(cfg)
     payload = {"images": np.ascontiguousarray(prepared.images)}
-    summary = sf.fill(cfg, prepared, local_ray.put(payload), None, Console(file=io.StringIO()))
-    assert summary["teacher_features_workers"] == 2 and summary["teacher_features_filled"] == len(prepared)
+    summary = sf.fill(cfg, prepared, splits, local_ray.put(payload), None, Console(file=io.StringIO()))
+    assert summary["teacher_features_workers"] == 2
     model = build_teacher(cfg.teacher, in_chans=1, num_classes=len(prepared.classes), image_size=32, seed=cfg.seed)
     assert model.frozen == 1
     store = Store(cfg.cache.dir)
@@ -58,5 +58,11 @@ def test_workers_fill_the_same_entry_a_trial_would(tiny, tmp_path, local_ray, mo
     with torch.no_grad():
         expected = model.prefix(torch.from_numpy(np.asarray(prepared.images[:5], np.float32)))[0]
     torch.testing.assert_close(torch.from_numpy(np.asarray(filled[0][:5], np.float32)), expected, atol=2e-2, rtol=1e-2)
-    again = sf.fill(cfg, prepared, local_ray.put(payload), None, Console(file=io.StringIO()))
+    # the labelled images' augmented views went to one entry per image, which the trial's teacher finds
+    from tskd_tune.features import augmented_views
+
+    views = augmented_views(cfg, model, prepared, splits.labeled, store, torch.device("cpu"))
+    assert views.cached and len(views) == 2 * len(splits.labeled)
+    assert summary["teacher_features_filled"] == len(prepared) + 2 * len(splits.labeled)
+    again = sf.fill(cfg, prepared, splits, local_ray.put(payload), None, Console(file=io.StringIO()))
     assert again == {"teacher_features_filled": 0}

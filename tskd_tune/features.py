@@ -297,6 +297,25 @@ class Views:
         return states, torch.from_numpy(np.stack([self.masks[i][v] for i, v in pairs]).astype(np.int64))
 
 
+def views_source(cfg: Config, prepared: Prepared, i: int) -> dict:
+    """What names the augmented views of prepared image ``i`` in their cache key."""
+    return {"data": prepared.path.name, "image": prepared.ids[i], "views": cfg.teacher.augment_views,
+            "augment": cfg.data.augment.model_dump()}  # fmt: skip
+
+
+def view_inputs(cfg: Config, prepared: Prepared, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``teacher.augment_views`` augmented copies of prepared image ``i`` (float32 images, uint8 masks),
+    drawn with a seed of the image itself: the same wherever and whenever they are made."""
+    from tskd_tune.data.transforms import train_transforms
+
+    tf = train_transforms(cfg.data.augment, seed=int(digest([prepared.ids[i], "views"])[:8], 16))
+    pairs = [tf({"image": torch.from_numpy(np.asarray(prepared.images[i], np.float32)),
+                 "label": torch.from_numpy(np.asarray(prepared.masks[i], np.float32))[None]})
+             for _ in range(cfg.teacher.augment_views)]  # fmt: skip
+    return (np.stack([np.asarray(p["image"], np.float32) for p in pairs]),
+            np.stack([np.asarray(p["label"])[0].round().astype(np.uint8) for p in pairs]))  # fmt: skip
+
+
 def augmented_views(
     cfg: Config,
     model: Segmenter,
@@ -314,8 +333,6 @@ def augmented_views(
     Each image's views are one cache entry, drawn with a seed of the image itself (not the trial's seed or
     N), so the views of the N=10 images are reused at N=20 and by every seed that labels the same image.
     """
-    from tskd_tune.data.transforms import train_transforms
-
     views = cfg.teacher.augment_views
     amp = cfg.resources.mixed_precision and device.type == "cuda"
     filler = Filler(model, device, threads, store, feature_key(cfg, model, {}), amp, expected=views * len(indices))
@@ -323,17 +340,13 @@ def augmented_views(
     for j, i in enumerate(np.asarray(indices, np.int64).tolist()):
 
         def build(tmp: Path, i=i) -> None:
-            tf = train_transforms(cfg.data.augment, seed=int(digest([prepared.ids[i], "views"])[:8], 16))
-            pairs = [tf({"image": torch.from_numpy(np.asarray(prepared.images[i], np.float32)),
-                         "label": torch.from_numpy(np.asarray(prepared.masks[i], np.float32))[None]})
-                     for _ in range(views)]  # fmt: skip
-            np.save(tmp / "masks.npy", np.stack([np.asarray(p["label"])[0].round().astype(np.uint8) for p in pairs]))
+            images, masks = view_inputs(cfg, prepared, i)
+            np.save(tmp / "masks.npy", masks)
             arrays = Arrays(tmp, views)
-            filler.run(np.stack([np.asarray(p["image"], np.float32) for p in pairs]), arrays.write)
+            filler.run(images, arrays.write)
             arrays.close()
 
-        source = {"data": prepared.path.name, "image": prepared.ids[i], "views": views,
-                  "augment": cfg.data.augment.model_dump()}  # fmt: skip
+        source = views_source(cfg, prepared, i)
         hit = store.get_or_build("features", feature_key(cfg, model, source), build)
         out.cached &= hit.cached
         out.states.append(load_states(hit.path))

@@ -598,7 +598,7 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
     if opts.use_cache:  # every trial reads the teacher features: computed once, on every worker, first
         from tskd_tune import search_features
 
-        fill = search_features.fill(cfg, _prepared(payload)[0], data_ref, pool, console)
+        fill = search_features.fill(cfg, *_prepared(payload), data_ref, pool, console)
     references = _start_references(cfg, opts, data_ref, _run_info(opts, parent))
     tuner, _ = _tuner(cfg, opts, parent, data_ref, restore=resume and (opts.path / "tuner.pkl").exists(),
                       resume=resume)  # fmt: skip

@@ -11,13 +11,14 @@ fills an entry in about half the time of one node; trials then find every entry 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from tskd_tune.cache import Store, digest, verify
 from tskd_tune.config import Config, apply_values
 from tskd_tune.data.prepare import Prepared
-from tskd_tune.features import KIND, Arrays, data_source, feature_key, pool_source
+from tskd_tune.features import KIND, Arrays, data_source, feature_key, pool_source, view_inputs, views_source
 from tskd_tune.models.teacher import ALL_FROZEN, build_teacher
 
 CHUNK = 4
@@ -29,10 +30,8 @@ ON_DRIVER_S = 20.0
 def needed_variants(cfg: Config) -> list[tuple[str, int | None]]:
     """The teacher variants, (adapt, lora.last_blocks), whose features the search's trials can read: from
     the methods (and reference trials), adaptation modes and ``last_blocks`` values the space can propose."""
-    space = cfg.search.space
-    methods = set(space["distill.method"].boundary_values()) if "distill.method" in space else {cfg.distill.method}
-    methods |= set(cfg.search.baselines)
-    out: list[int | None] = []
+    space, methods = cfg.search.space, _methods(cfg)
+    out: list[tuple[str, int | None]] = []
     if methods & {"ts_kd", "teacher"}:
         adapts = space["teacher.adapt"].boundary_values() if "teacher.adapt" in space else [cfg.teacher.adapt]
         blocks = (_all_values(space["teacher.lora.last_blocks"]) if "teacher.lora.last_blocks" in space
@@ -45,6 +44,13 @@ def needed_variants(cfg: Config) -> list[tuple[str, int | None]]:
     return sorted(set(out), key=str)
 
 
+def _methods(cfg: Config) -> set[str]:
+    """The methods the search's trials and reference trials can run."""
+    space = cfg.search.space
+    methods = set(space["distill.method"].boundary_values()) if "distill.method" in space else {cfg.distill.method}
+    return methods | set(cfg.search.baselines)
+
+
 def _all_values(dist) -> list:
     values = dist.boundary_values()
     if all(isinstance(v, int) for v in values) and len(values) == 2:
@@ -52,70 +58,150 @@ def _all_values(dist) -> list:
     return values
 
 
-def fill(cfg: Config, prepared: Prepared, data_ref, pool, console, workers: int | None = None) -> dict:
-    """Compute every missing feature entry the search needs on Ray actors; returns timings and counts."""
+@dataclass
+class Job:
+    """Missing cache entries of one teacher variant: ``n`` images to run through its prefix, written to
+    one entry (the prepared data, the pool) or split into one entry per image (augmented views)."""
+
+    variant: Config
+    frozen: int
+    what: str
+    images: object  # an array, or an object ref of one (or of the search's data payload)
+    n: int
+    keys: list[dict]  # one key: one entry of n rows; several: n / len(keys) rows each
+    masks: np.ndarray | None = None  # augmented views' masks, stored beside their states
+
+
+def _jobs(cfg: Config, prepared: Prepared, splits, data_ref, pool, store: Store) -> list[Job]:
     import ray
 
-    store = Store(cfg.cache.dir)
     jobs = []
     for adapt, k in needed_variants(cfg):
         variant = apply_values(cfg, {"teacher.adapt": adapt, "teacher.lora.last_blocks": k})
         model = _base(variant, len(prepared.classes), ALL_FROZEN if adapt == "head" else None)
         if model.frozen == 0:
             continue  # LoRA in every block: nothing frozen to cache
-        sources = [(data_source(prepared), data_ref, len(prepared), "teacher features")]
-        if pool is not None and len(pool):
-            sources.append((pool_source(pool.key), ray.put(np.ascontiguousarray(pool.images)), len(pool),
-                            "teacher features (synthetic)"))  # fmt: skip
-        for source, ref, n, what in sources:
-            key = feature_key(variant, model, source)
-            if not verify(store.path("features", digest(key))):
-                jobs.append((variant, model.frozen, key, ref, n, what))
+        missing = lambda src, v=variant, m=model: not verify(store.path("features", digest(feature_key(v, m, src))))  # noqa: E731
+        if missing(data_source(prepared)):
+            jobs.append(Job(variant, model.frozen, "teacher features", data_ref, len(prepared),
+                            [feature_key(variant, model, data_source(prepared))]))  # fmt: skip
+        if pool is not None and len(pool) and missing(pool_source(pool.key)):
+            jobs.append(Job(variant, model.frozen, "teacher features (synthetic)", ray.put(np.ascontiguousarray(pool.images)),
+                            len(pool), [feature_key(variant, model, pool_source(pool.key))]))  # fmt: skip
+        views = variant.teacher.augment_views
+        todo = [int(i) for i in splits.labeled if missing(views_source(variant, prepared, int(i)))]
+        if views and todo and _methods(cfg) & {"ts_kd", "teacher"}:  # views train a teacher; ta_kd has none
+            made = [view_inputs(variant, prepared, i) for i in todo]
+            jobs.append(Job(variant, model.frozen, "teacher features (augmented views)",
+                            ray.put(np.concatenate([m[0] for m in made])), views * len(todo),
+                            [feature_key(variant, model, views_source(variant, prepared, i)) for i in todo],
+                            np.stack([m[1] for m in made])))  # fmt: skip
+    return jobs
+
+
+def fill(cfg: Config, prepared: Prepared, splits, data_ref, pool, console, workers: int | None = None) -> dict:
+    """Compute every missing feature entry the search needs (the prepared images, the synthetic pool, the
+    labelled images' augmented views) on Ray actors, or on the driver for a small encoder."""
+    import ray
+
+    store = Store(cfg.cache.dir)
+    jobs = _jobs(cfg, prepared, splits, data_ref, pool, store)
     if not jobs:
         return {"teacher_features_filled": 0}
-    total = sum(n for *_, n, _ in jobs)
+    total = sum(j.n for j in jobs)
     t0 = time.perf_counter()
-    if _seconds_per_image(jobs[0][0], len(prepared.classes), jobs[0][1], prepared) * total < ON_DRIVER_S:
+    workers = 0
+    if _seconds_per_image(jobs[0].variant, len(prepared.classes), jobs[0].frozen, prepared) * total < ON_DRIVER_S:
         # a small encoder: starting workers would cost more than the work; the driver does it on every core
-        for variant, frozen, key, _, _, what in jobs:
-            model = _base(variant, len(prepared.classes), frozen)
-            images = prepared.images if "data" in key else pool.images
-            encoder_features_entry(variant, model, store, key, images, console, what)
-        return {"teacher_features_filled": total, "teacher_features_fill_s": time.perf_counter() - t0,
-                "teacher_features_workers": 0}  # fmt: skip
-    cpus = int(ray.available_resources().get("CPU", 1))
-    workers = max(1, min(workers or cpus, -(-total // CHUNK)))
-    actor = ray.remote(num_cpus=1)(FeatureWorker)
-    pool_of = [actor.remote(cfg.model_dump(mode="json"), len(prepared.classes), total // workers + 1)
-               for _ in range(workers)]  # fmt: skip
-    try:
-        with _progress(console) as bar:
-            for variant, frozen, key, ref, n, what in jobs:
-                task = bar.add_task(f"{what} (frozen {frozen} blocks) on {workers} worker(s)", total=n)
-
-                def build(tmp, frozen=frozen, ref=ref, n=n, task=task, variant=variant):
-                    arrays = Arrays(tmp, n)
-                    chunks = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
-                    pending = {}
-                    free = list(pool_of) * 2  # two chunks queued per worker: no idle gap between chunks
-                    while chunks or pending:
-                        while chunks and free:
-                            w = free.pop(0)
-                            a, b = chunks.pop(0)
-                            pending[w.run.remote(variant.model_dump(mode="json"), frozen, ref, a, b)] = (w, a, b)
-                        done, _ = ray.wait(list(pending), num_returns=1)
-                        w, a, b = pending.pop(done[0])
-                        arrays.write(a, ray.get(done[0]))
-                        free.append(w)
-                        bar.update(task, advance=b - a)
-                    arrays.close()
-
-                store.get_or_build("features", key, build)
-    finally:
-        for a in pool_of:
-            ray.kill(a)
+        for job in jobs:
+            _write(store, job, _on_driver(job, len(prepared.classes), console))
+    else:
+        cpus = int(ray.available_resources().get("CPU", 1))
+        workers = max(1, min(workers or cpus, -(-total // CHUNK)))
+        actor = ray.remote(num_cpus=1)(FeatureWorker)
+        pool_of = [actor.remote(len(prepared.classes), total // workers + 1) for _ in range(workers)]
+        try:
+            with _progress(console) as bar:
+                for job in jobs:
+                    task = bar.add_task(f"{job.what} (frozen {job.frozen} blocks) on {workers} worker(s)", total=job.n)
+                    _write(store, job, lambda write, job=job, task=task: _distribute(
+                        pool_of, job, write, lambda k: bar.update(task, advance=k)))  # fmt: skip
+        finally:
+            for a in pool_of:
+                ray.kill(a)
     return {"teacher_features_filled": total, "teacher_features_fill_s": time.perf_counter() - t0,
             "teacher_features_workers": workers}  # fmt: skip
+
+
+def _write(store: Store, job: Job, compute) -> None:
+    """``compute(write)`` produces the job's rows; one entry takes them as they come (memory-mapped), several
+    (views) are written from memory once all rows are there."""
+    if len(job.keys) == 1:
+
+        def build(tmp):
+            arrays = Arrays(tmp, job.n)
+            compute(arrays.write)
+            arrays.close()
+
+        store.get_or_build("features", job.keys[0], build)
+        return
+    rows: list = []
+
+    def collect(start: int, parts: list[np.ndarray]) -> None:
+        if not rows:
+            rows.extend(np.empty((job.n, *p.shape[1:]), np.float16) for p in parts)
+        for r, p in zip(rows, parts, strict=True):
+            r[start : start + len(p)] = p
+
+    compute(collect)
+    per = job.n // len(job.keys)
+    for j, key in enumerate(job.keys):
+
+        def build(tmp, j=j):
+            np.save(tmp / "masks.npy", job.masks[j])
+            arrays = Arrays(tmp, per)
+            arrays.write(0, [r[j * per : (j + 1) * per] for r in rows])
+            arrays.close()
+
+        store.get_or_build("features", key, build)
+
+
+def _distribute(pool_of: list, job: Job, write, advance) -> None:
+    """Chunks of CHUNK images handed to whichever worker is free, two queued per worker (no idle gap)."""
+    import ray
+
+    chunks = [(a, min(a + CHUNK, job.n)) for a in range(0, job.n, CHUNK)]
+    pending, free = {}, list(pool_of) * 2
+    variant = job.variant.model_dump(mode="json")
+    while chunks or pending:
+        while chunks and free:
+            w, (a, b) = free.pop(0), chunks.pop(0)
+            pending[w.run.remote(variant, job.frozen, job.images, a, b)] = (w, a, b)
+        done, _ = ray.wait(list(pending), num_returns=1)
+        w, a, b = pending.pop(done[0])
+        write(a, ray.get(done[0]))
+        free.append(w)
+        advance(b - a)
+
+
+def _on_driver(job: Job, num_classes: int, console):
+    import os
+
+    import ray
+    import torch
+
+    from tskd_tune.features import Filler
+
+    def compute(write):
+        images = ray.get(job.images) if isinstance(job.images, ray.ObjectRef) else job.images
+        images = images["images"] if isinstance(images, dict) else images
+        model = _base(job.variant, num_classes, job.frozen)
+        with _progress(console) as bar:
+            task = bar.add_task(f"{job.what} (frozen {job.frozen} blocks) on the driver", total=job.n)
+            Filler(model, torch.device("cpu"), os.cpu_count() or 1, Store(job.variant.cache.dir),
+                   feature_key(job.variant, model, {})).run(images, write, lambda d, n: bar.update(task, completed=d))  # fmt: skip
+
+    return compute
 
 
 def _seconds_per_image(cfg: Config, num_classes: int, frozen: int, prepared: Prepared) -> float:
@@ -131,25 +217,6 @@ def _seconds_per_image(cfg: Config, num_classes: int, frozen: int, prepared: Pre
     return time.perf_counter() - t0
 
 
-def encoder_features_entry(cfg: Config, model, store: Store, key: dict, images, console, what: str) -> None:
-    """Fill one entry on this process, every core, with a progress bar."""
-    import os
-
-    import torch
-
-    from tskd_tune.features import Filler
-
-    def build(tmp):
-        arrays = Arrays(tmp, len(images))
-        with _progress(console) as bar:
-            task = bar.add_task(f"{what} (frozen {model.frozen} blocks) on the driver", total=len(images))
-            Filler(model, torch.device("cpu"), os.cpu_count() or 1, store, feature_key(cfg, model, {})).run(
-                images, arrays.write, lambda done, n: bar.update(task, completed=done))
-        arrays.close()
-
-    store.get_or_build("features", key, build)
-
-
 def _base(cfg: Config, num_classes: int, frozen: int | None):
     return build_teacher(cfg.teacher, in_chans=cfg.data.channels, num_classes=num_classes,
                          image_size=cfg.data.image_size, seed=cfg.seed, frozen=frozen)  # fmt: skip
@@ -158,10 +225,8 @@ def _base(cfg: Config, num_classes: int, frozen: int | None):
 class FeatureWorker:
     """A Ray actor: one teacher prefix per frozen depth, one thread, chunk after chunk of images."""
 
-    def __init__(self, base: dict, num_classes: int, expected: int):
-        from tskd_tune.config import validate
-
-        self.cfg, self.num_classes, self.expected = validate(base, check_search_space=False), num_classes, expected
+    def __init__(self, num_classes: int, expected: int):
+        self.num_classes, self.expected = num_classes, expected
         self.fillers: dict = {}
 
     def run(self, variant: dict, frozen: int, images, start: int, end: int) -> list[np.ndarray]:

