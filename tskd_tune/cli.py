@@ -138,7 +138,7 @@ def trial(
 
     # config and teacher first, the heavy trial imports (MONAI, diffusers) after: bad input fails fast
     cfg = _load(space, set_)
-    from tskd_tune.models.teacher import check_teacher, premise_warning
+    from tskd_tune.methods.checks import check_teacher, premise_warning
 
     check_teacher(cfg)
     warn(premise_warning(cfg))
@@ -156,7 +156,9 @@ def trial(
         shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     err = Console(stderr=True, highlight=False)
-    epochs = 1 if cfg.distill.method == "teacher" else cfg.student.epochs
+    from tskd_tune.methods import get_method
+
+    epochs = get_method(cfg.distill.method).reported_epochs(cfg)
 
     def report(epoch: int, m: dict, _ckpt) -> None:
         shown = "  ".join(
@@ -344,7 +346,7 @@ def launch(
         args = {"name": name or cfg.name or space.stem, "storage": storage, "tracking_uri": tracking_uri,
                 "num_samples": num_samples, "max_concurrent": max_concurrent, "no_cache": no_cache}  # fmt: skip
         raise typer.Exit(cluster.submit(cfg, space, set_ or [], args, address, out, detach=detach))
-    from tskd_tune.models.teacher import check_teacher, premise_warning
+    from tskd_tune.methods.checks import check_teacher, premise_warning
 
     # on the driver (a job checks it on the cluster): otherwise every trial would fail on it, each after a retry
     check_teacher(cfg)

@@ -26,6 +26,7 @@ from tskd_tune.cache import writable_dir
 from tskd_tune.cluster import mask_uri, mlflow_env
 from tskd_tune.config import END_OF_TRIAL_METRICS, Config, apply_values, to_yaml
 from tskd_tune.errors import TskdError
+from tskd_tune.methods import get_method
 from tskd_tune.models.teacher import is_pretrained
 
 SEARCH_FILE = "search.json"
@@ -136,7 +137,7 @@ def _trainable(config: dict, data: dict, base: dict, run: dict) -> None:
 
     prepared, splits = _prepared(data)
 
-    last_epoch = 1 if cfg.distill.method == "teacher" else cfg.student.epochs
+    last_epoch = get_method(cfg.distill.method).reported_epochs(cfg)
     at_end = [m for m, _ in cfg.search.objective_items() if m in END_OF_TRIAL_METRICS]
     held: dict = {}
 
@@ -490,7 +491,7 @@ def _tuner(cfg: Config, opts: SearchOptions, parent_run_id: str, data_ref: dict,
     run = _run_info(opts, parent_run_id)
     trainable = tune.with_parameters(_trainable, data=data_ref, base=cfg.model_dump(mode="json"), run=run)
     trainable = tune.with_resources(trainable, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
-    max_epochs = 1 if cfg.distill.method == "teacher" else cfg.student.epochs
+    max_epochs = get_method(cfg.distill.method).reported_epochs(cfg)
     finalizer = _finalizer(opts.tracking_uri, parent_run_id, max_epochs, state_path(opts))
     if restore:
         return tune.Tuner.restore(

@@ -19,6 +19,8 @@ from tskd_tune.cache import Store, digest, verify
 from tskd_tune.config import Config, apply_values
 from tskd_tune.data.prepare import Prepared
 from tskd_tune.features import KIND, Arrays, data_source, feature_key, pool_source, view_inputs, views_source
+from tskd_tune.methods.checks import search_methods
+from tskd_tune.methods.registry import METHODS
 from tskd_tune.models.teacher import ALL_FROZEN, build_teacher
 
 CHUNK = 4
@@ -30,25 +32,23 @@ ON_DRIVER_S = 20.0
 def needed_variants(cfg: Config) -> list[tuple[str, int | None]]:
     """The teacher variants, (adapt, lora.last_blocks), whose features the search's trials can read: from
     the methods (and reference trials), adaptation modes and ``last_blocks`` values the space can propose."""
-    space, methods = cfg.search.space, _methods(cfg)
+    space, teachers = cfg.search.space, _teachers(cfg)
     out: list[tuple[str, int | None]] = []
-    if methods & {"ts_kd", "teacher"}:
+    if "fine_tuned" in teachers:
         adapts = space["teacher.adapt"].boundary_values() if "teacher.adapt" in space else [cfg.teacher.adapt]
         blocks = (_all_values(space["teacher.lora.last_blocks"]) if "teacher.lora.last_blocks" in space
                   else [cfg.teacher.lora.last_blocks])  # fmt: skip
         for adapt in adapts:
             for k in blocks if adapt == "lora" else [None]:
                 out.append((adapt, k))
-    if "ta_kd" in methods:
+    if "frozen" in teachers:  # the whole frozen encoder's output is what such a method distils
         out.append(("head", None))
     return sorted(set(out), key=str)
 
 
-def _methods(cfg: Config) -> set[str]:
-    """The methods the search's trials and reference trials can run."""
-    space = cfg.search.space
-    methods = set(space["distill.method"].boundary_values()) if "distill.method" in space else {cfg.distill.method}
-    return methods | set(cfg.search.baselines)
+def _teachers(cfg: Config) -> set[str]:
+    """The kinds of teacher the search's trials and reference trials use (fine_tuned, frozen)."""
+    return {METHODS[m].teacher for m in search_methods(cfg) | set(cfg.search.baselines)} - {None}
 
 
 def _all_values(dist) -> list:
@@ -90,7 +90,7 @@ def _jobs(cfg: Config, prepared: Prepared, splits, data_ref, pool, store: Store)
                             len(pool), [feature_key(variant, model, pool_source(pool.key))]))  # fmt: skip
         views = variant.teacher.augment_views
         todo = [int(i) for i in splits.labeled if missing(views_source(variant, prepared, int(i)))]
-        if views and todo and _methods(cfg) & {"ts_kd", "teacher"}:  # views train a teacher; ta_kd has none
+        if views and todo and "fine_tuned" in _teachers(cfg):  # views train a teacher
             made = [view_inputs(variant, prepared, i) for i in todo]
             jobs.append(Job(variant, model.frozen, "teacher features (augmented views)",
                             ray.put(np.concatenate([m[0] for m in made])), views * len(todo),

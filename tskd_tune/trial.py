@@ -20,7 +20,7 @@ from tskd_tune.cache import Store, atomic_write, writable_dir
 from tskd_tune.config import Config, to_yaml
 from tskd_tune.data.prepare import Prepared, Splits, load
 from tskd_tune.errors import StorageError
-from tskd_tune.methods import METHODS, Stages
+from tskd_tune.methods import TrialContext, get_method
 from tskd_tune.metrics import count_params, evaluate, latency_ms
 from tskd_tune.models.teacher import is_pretrained
 from tskd_tune.synth import build_pool, uses_pool
@@ -106,11 +106,12 @@ def run_trial(
         t0 = time.perf_counter()
         pool = build_pool(cfg, prepared, splits, store, device)
         timings["synth_s"] = time.perf_counter() - t0
-    st = Stages(cfg, prepared, splits, store, device, out_dir, resume, timings, pool=pool,
-                fill_threads=fill_threads or threads)  # fmt: skip
+    spec = get_method(cfg.distill.method)
+    st = TrialContext(cfg, prepared, splits, store, device, out_dir, resume, timings, pool=pool,
+                      fill_threads=fill_threads or threads)  # fmt: skip
     if pool is not None:
         st.info |= pool.metrics()
-    outcome = METHODS[cfg.distill.method](st, on_epoch)
+    outcome = spec.run(st, on_epoch)
 
     image_size, chans = cfg.data.image_size, cfg.data.channels
     result = dict(outcome.metrics)
@@ -122,7 +123,7 @@ def run_trial(
         else latency_ms(outcome.model, chans, image_size, device=device, repeats=5),
         "teacher_params": count_params(outcome.teacher) if outcome.teacher is not None else None,
         "teacher_latency_ms": outcome.metrics.get("teacher_latency_ms"),
-        "teacher_pretrained": is_pretrained(cfg.teacher) if cfg.distill.method != "scratch" else None,
+        "teacher_pretrained": is_pretrained(cfg.teacher) if spec.teacher else None,
         "teacher_features_cached": None,
         "teacher_features_s": None,
         **st.info,
@@ -134,7 +135,7 @@ def run_trial(
             prefix="test_")  # fmt: skip
     result |= timings | {"total_s": time.perf_counter() - t_start}
     if out_dir is not None:
-        if cfg.distill.method != "teacher":
+        if spec.student:
             from safetensors.torch import save
 
             state = {k: v.detach().cpu().contiguous() for k, v in outcome.model.state_dict().items()}

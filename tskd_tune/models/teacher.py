@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tskd_tune.cache import file_sha256
-from tskd_tune.config import Config, LoraConfig, TeacherConfig
+from tskd_tune.config import LoraConfig, TeacherConfig
 from tskd_tune.errors import TskdError
 from tskd_tune.models.encoders import tiny_vit
 from tskd_tune.models.vit import Segmenter, timm_segmenter
@@ -53,18 +53,6 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 def is_pretrained(cfg: TeacherConfig) -> bool:
     """Whether the teacher's encoder carries pretrained weights (the method's premise)."""
     return not cfg.random_init and (cfg.model == LITEMEDSAM or cfg.checkpoint is not None)
-
-
-def premise_warning(cfg: Config) -> str | None:
-    """One line when a distillation method would distil a teacher without pretrained weights."""
-    methods = {cfg.distill.method}
-    if "distill.method" in cfg.search.space:
-        methods |= set(cfg.search.space["distill.method"].boundary_values())
-    if not methods & {"ts_kd", "ta_kd"} or is_pretrained(cfg.teacher):
-        return None
-    why = "teacher.random_init is set" if cfg.teacher.random_init else f"{cfg.teacher.model} has no teacher.checkpoint"
-    return (f"warning: the teacher has no pretrained weights ({why}), so the method's premise is not met: "
-            f"this distils a random encoder (an ablation); use teacher.model: {LITEMEDSAM} or pass teacher.checkpoint")
 
 
 def weights_path(cfg: TeacherConfig) -> Path | None:
@@ -130,21 +118,6 @@ def frozen_depth(cfg: TeacherConfig, n_blocks: int) -> int:
     if k > n_blocks:
         raise TskdError(f"teacher.lora.last_blocks: {cfg.model} has {n_blocks} blocks, got {k}")
     return n_blocks - k
-
-
-def check_teacher(cfg: Config) -> None:
-    """Build the configured teacher once, LoRA included, and drop it: an unknown model, a missing or
-    mismatched checkpoint, bad model_kwargs or LoRA targets fail in one line before data preparation or
-    any trial starts (in a search, each trial would otherwise fail on it, after retries)."""
-    if cfg.distill.method == "scratch":
-        return
-    from tskd_tune.data.registry import class_names
-
-    model = build_teacher(cfg.teacher, in_chans=cfg.data.channels, num_classes=len(class_names(cfg.data)),
-                          image_size=cfg.data.image_size, seed=cfg.seed)  # fmt: skip
-    if cfg.distill.method != "ta_kd":  # ta_kd distils the frozen teacher, without LoRA
-        adapted(model, cfg.teacher)
-    weights_identity(cfg.teacher, cfg.seed)
 
 
 def _build(cfg: TeacherConfig, in_chans: int, num_classes: int, image_size: int) -> Segmenter:

@@ -1,0 +1,132 @@
+"""The stages methods share: the fine-tuned teacher, the student, its loops, and what the teacher reads."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tskd_tune.features import Features
+from tskd_tune.losses import FeatureLoss, supervised_loss
+from tskd_tune.methods.context import TrialContext
+from tskd_tune.metrics import latency_ms
+from tskd_tune.models.students import build_student
+from tskd_tune.models.teacher import adapted, load_adapted, save_adapted
+from tskd_tune.train import LabeledBatches, Loop, run_loop, seeded
+from tskd_tune.transfer import TransferSet, teacher_key
+
+
+def fine_tuned_teacher(st: TrialContext) -> tuple[nn.Module, dict]:
+    """The fine-tuned teacher (head, or LoRA + head), from the cache when this exact teacher was trained before.
+
+    With a frozen prefix it trains on the cached states of the labelled images and of their
+    ``teacher.augment_views`` augmented views (pixel augmentation cannot happen after the prefix); with
+    LoRA in every block it trains on images augmented on the fly.
+    """
+    cfg, t = st.cfg, st.cfg.teacher
+    feats = st.teacher_features(st.teacher_base())
+
+    def build(tmp: Path) -> None:
+        model = adapted(st.teacher_base(), t).to(st.device)
+        sup = supervised_loss(t.ce_weight, t.dice_weight)
+        labeled = np.sort(st.splits.labeled)
+        masks = torch.from_numpy(np.asarray(st.prepared.masks[labeled], dtype=np.int64))
+        images = LabeledBatches(st.prepared.images, st.prepared.masks, labeled, cfg.data.augment)
+        views = st.teacher_views(st.teacher_base(), labeled) if feats is not None and t.augment_views else None
+        n = len(labeled) + (len(views) if views is not None else 0)
+
+        def step(g):
+            if feats is None:
+                x, y = images.sample(t.batch_size, g)
+                return sup(model(x.to(st.device)), y.to(st.device))
+            i = torch.randint(n, (t.batch_size,), generator=g).numpy()
+            i.sort()  # originals first, then views: each part gathered in one go
+            orig, aug = i[i < len(labeled)], i[i >= len(labeled)] - len(labeled)
+            state, y = feats.rows(labeled[orig]), masks[orig]
+            if len(aug):
+                vs, vy = views.rows(aug)
+                state, y = [torch.cat([a, b]) for a, b in zip(state, vs, strict=True)], torch.cat([y, vy])
+            return sup(model.from_state([s.to(st.device) for s in state]), y.to(st.device))
+
+        steps = max(1, math.ceil(n / t.batch_size))
+        loop = Loop("teacher", {"teacher": model}, reseeding(images, step), t.epochs, steps, t.lr, t.weight_decay,
+                    cfg.seed, autocast=st.amp)  # fmt: skip
+        run_loop(loop, out_dir=None, report=None)
+        metrics = {f"teacher_{k}": v for k, v in st.teacher_validator(model, feats)().items()}
+        # the whole teacher on one image, as it would be deployed (measured once, with the teacher)
+        metrics["teacher_latency_ms"] = latency_ms(model, cfg.data.channels, cfg.data.image_size,
+                                                   device=st.device, repeats=3, warmup=1)  # fmt: skip
+        save_adapted(model, tmp)
+        (tmp / "metrics.json").write_text(json.dumps(metrics))
+
+    with st.timed("teacher"):
+        hit = st.store.get_or_build("teacher", teacher_key(cfg, st.prepared, st.splits), build)
+        model = load_adapted(st.teacher_base(), hit.path).to(st.device).eval()
+    st.info["teacher_cached"] = hit.cached
+    st.info["teacher_adapter"] = str(hit.path)  # where the trained head / LoRA adapter lives (a reference)
+    return model, json.loads((hit.path / "metrics.json").read_text())
+
+
+def cut(teacher: nn.Module) -> bool:
+    """Whether the teacher's frozen prefix is cut off (its trainable part then reads cached states)."""
+    return teacher.frozen > 0
+
+
+def teacher_inputs(st: TrialContext, feats: Features | None, transfer: TransferSet):
+    """What the teacher reads at transfer positions: cached prefix states, or the images themselves."""
+    if feats is None:
+        return lambda pos: transfer.read(st.prepared.images, pos)
+    return lambda pos: feats.transfer_rows(transfer.real, transfer.synthetic, pos)
+
+
+def student(st: TrialContext) -> nn.Module:
+    cfg = st.cfg
+    with seeded(cfg.seed):
+        return build_student(cfg.student, cfg.data.channels, st.num_classes, cfg.data.image_size).to(
+            st.device
+        )
+
+
+def projection(st: TrialContext, student_dim: int, teacher_dim: int) -> FeatureLoss:
+    with seeded(st.cfg.seed + 1):
+        return FeatureLoss(student_dim, teacher_dim).to(st.device)
+
+
+def labeled_batches(st: TrialContext) -> LabeledBatches:
+    return LabeledBatches(st.prepared.images, st.prepared.masks, st.splits.labeled, st.cfg.data.augment)
+
+
+def student_loop(
+    st: TrialContext, phase: str, modules: dict, step, epochs: int, steps: int, evaluate_fn=None
+) -> Loop:
+    s = st.cfg.student
+    return Loop(
+        phase,
+        modules,
+        step,
+        epochs,
+        steps,
+        s.lr,
+        s.weight_decay,
+        st.cfg.seed,
+        evaluate_fn,
+        s.checkpoint_every,
+        autocast=st.amp,
+    )
+
+
+def reseeding(labeled: LabeledBatches, step_fn):
+    """Wrap a step so that augmentation is reseeded from each epoch's generator (exact resume)."""
+    state = {}
+
+    def step(g):
+        if state.get("g") is not g:
+            state["g"] = g
+            labeled.reseed(int(torch.randint(2**31 - 1, (1,), generator=g)))
+        return step_fn(g)
+
+    return step

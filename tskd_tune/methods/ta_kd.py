@@ -1,0 +1,57 @@
+"""Task-agnostic KD (the baseline): distil the frozen pretrained encoder's features on the transfer set,
+then fine-tune the student on the labels."""
+
+from __future__ import annotations
+
+import torch
+
+from tskd_tune.data.transforms import paired_transforms
+from tskd_tune.losses import supervised_loss
+from tskd_tune.methods import common
+from tskd_tune.methods.context import Outcome, TrialContext
+from tskd_tune.methods.registry import MethodSpec, register_method
+from tskd_tune.models.teacher import ALL_FROZEN
+from tskd_tune.train import Report, run_loop
+from tskd_tune.transfer import build_transfer_set
+
+
+def ta_kd(st: TrialContext, report: Report | None) -> Outcome:
+    """Task-agnostic KD: match the frozen teacher's encoder features, then fine-tune on the labels."""
+    cfg = st.cfg
+    transfer = build_transfer_set(st.splits, st.pool, cfg)
+    # the whole pretrained encoder, frozen: its cached output is exactly the features distilled here
+    teacher = st.teacher_base(frozen=ALL_FROZEN).to(st.device).eval()
+    st.info["teacher_cached"] = None
+    feats = st.teacher_features(teacher)
+    st.info |= transfer.counts
+    student = common.student(st)
+    proj = common.projection(st, student.feature_dim, teacher.feature_dim)
+    bs = cfg.student.batch_size
+
+    def distil_step(g):
+        ti = torch.randint(len(transfer), (bs,), generator=g).numpy()
+        deepest = feats.transfer_rows(transfer.real, transfer.synthetic, ti)[-1]
+        x, tf = paired_transforms(transfer.read(st.prepared.images, ti), deepest, cfg.data.augment, g)
+        return proj(student.features(x.to(st.device))[-1], tf.to(st.device))
+
+    steps = st.steps_per_epoch(transfer)
+    with st.timed("student"):
+        if st.resume is None or st.resume.get("phase") == "pretrain":
+            pre = common.student_loop(st, "pretrain", {"student": student, "projection": proj}, distil_step,
+                                cfg.distill.pretrain_epochs, steps)  # fmt: skip
+            # pretraining epochs are not reported: the scheduler compares trials on the fine-tuning epochs
+            run_loop(pre, st.out_dir, None, st.resume)
+        labeled, sup = common.labeled_batches(st), supervised_loss(cfg.teacher.ce_weight, cfg.teacher.dice_weight)
+
+        def sup_step(g):
+            x, y = labeled.sample(bs, g)
+            return sup(student(x.to(st.device)), y.to(st.device))
+
+        fine = common.student_loop(st, "finetune", {"student": student}, common.reseeding(labeled, sup_step), cfg.student.epochs,
+                             steps, st.validator(student))  # fmt: skip
+        metrics = run_loop(fine, st.out_dir, report, st.resume)
+    # the frozen encoder has no trained head: it is not a segmenter to time or score
+    return Outcome(student, metrics)
+
+
+SPEC = register_method(MethodSpec("ta_kd", ta_kd, teacher="frozen", transfer=True, student=True))

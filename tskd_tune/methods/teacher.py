@@ -1,0 +1,22 @@
+"""The fine-tuned teacher itself, evaluated as the model (the upper reference; reported once)."""
+
+from __future__ import annotations
+
+from tskd_tune.methods import common
+from tskd_tune.methods.context import Outcome, TrialContext
+from tskd_tune.methods.registry import MethodSpec, register_method
+from tskd_tune.train import Report
+
+
+def teacher(st: TrialContext, report: Report | None) -> Outcome:
+    """The fine-tuned teacher evaluated as the model (reported once, after fine-tuning)."""
+    model, teacher_metrics = common.fine_tuned_teacher(st)
+    metrics = {k.removeprefix("teacher_"): v for k, v in teacher_metrics.items() if k.startswith("teacher_val_")}
+    metrics |= teacher_metrics
+    if report is not None:
+        report(1, metrics | {"epoch": 1}, None)
+    feats = st.teacher_features(model)
+    return Outcome(model, metrics, model, lambda split: st.teacher_validator(model, feats, split)())
+
+
+SPEC = register_method(MethodSpec("teacher", teacher, teacher="fine_tuned", transfer=False, student=False, reports_once=True))
