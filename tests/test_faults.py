@@ -84,9 +84,8 @@ def test_injected_nan_is_caught_by_the_real_check_and_keeps_the_last_checkpoint(
     _inject(monkeypatch, {"fault": "nan", "phase": "student", "epoch": 2})
     seen = []
     with pytest.raises(TrialFailed, match=r"student: loss became nan at epoch 2, step 1"):
-        run_trial(
-            tiny(distill={"method": "scratch"}), lambda e, m, c: seen.append(e), out_dir=tmp_path / "out"
-        )
+        run_trial(tiny(distill={"method": "scratch"}), lambda e, m, c: seen.append(e), out_dir=tmp_path / "out",
+                  hooks=faults.trial_hooks())  # fmt: skip
     assert seen == [1]  # epoch 2 never reached the searcher
     assert load_checkpoint(tmp_path / "out" / "checkpoint")["epoch"] == 1
 
@@ -94,14 +93,14 @@ def test_injected_nan_is_caught_by_the_real_check_and_keeps_the_last_checkpoint(
 def test_injected_cuda_oom_propagates_as_the_real_exception(tiny, monkeypatch):
     _inject(monkeypatch, {"fault": "oom", "phase": "student", "epoch": 1})
     with pytest.raises(torch.cuda.OutOfMemoryError, match="CUDA out of memory"):
-        run_trial(tiny(distill={"method": "scratch"}, student={"epochs": 1}))
+        run_trial(tiny(distill={"method": "scratch"}, student={"epochs": 1}), hooks=faults.trial_hooks())
 
 
 def test_disk_full_mid_checkpoint_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
     _inject(monkeypatch, {"fault": "enospc", "phase": "student", "epoch": 2})
     out = tmp_path / "out"
     with pytest.raises(StorageError) as info:
-        run_trial(tiny(distill={"method": "scratch"}), out_dir=out)
+        run_trial(tiny(distill={"method": "scratch"}), out_dir=out, hooks=faults.trial_hooks())
     msg = str(info.value)
     assert "\n" not in msg and "No space left on device" in msg and "state.safetensors" in msg
     assert "previous state.safetensors is kept" in msg
@@ -109,6 +108,12 @@ def test_disk_full_mid_checkpoint_keeps_the_previous_checkpoint(tiny, tmp_path, 
     assert sorted(p.name for p in (out / "checkpoint").iterdir()) == [
         "state.safetensors"
     ]  # no half-written file
+
+
+def test_without_the_trial_hooks_nothing_is_injected(tiny, monkeypatch):
+    # the engine knows nothing of fault injection: only the hooks a search's trials get carry it
+    _inject(monkeypatch, {"fault": "oom", "phase": "student", "epoch": 1})
+    assert run_trial(tiny(distill={"method": "scratch"}, student={"epochs": 1}))["val_dice"] >= 0
 
 
 def test_atomic_write_never_leaves_half_a_file(tmp_path):

@@ -83,7 +83,7 @@ def test_a_frozen_encoder_stays_in_eval_mode_through_fine_tuning():
     frozen_before = {n: p.clone() for n, p in model.encoder.named_parameters()}
     x, y = torch.rand(4, 1, 32, 32), torch.randint(0, 3, (4, 32, 32))
     loss = lambda g: torch.nn.functional.cross_entropy(model(x), y)  # noqa: E731
-    run_loop(Loop("teacher", {"teacher": model}, loss, epochs=2, steps_per_epoch=2, lr=1e-2, weight_decay=0.0,
+    run_loop(Loop(phase="teacher", modules={"teacher": model}, step=loss, epochs=2, steps_per_epoch=2, lr=1e-2, weight_decay=0.0,
                   seed=0), None, None)  # fmt: skip
     assert model.head.training and not any(b.training for b in bns)
     for b, (mean, var) in zip(bns, before, strict=True):

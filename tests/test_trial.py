@@ -155,6 +155,7 @@ def test_mixed_precision_runs_training_steps_under_bf16_autocast():
         dtypes.append(y.dtype)
         return y.float().pow(2).mean()
 
-    run_loop(Loop("amp", {"m": model}, step, 1, 2, 1e-3, 0.0, 0, autocast=True), None, None)
-    run_loop(Loop("fp32", {"m": model}, step, 1, 1, 1e-3, 0.0, 0), None, None)
+    settings = {"modules": {"m": model}, "step": step, "epochs": 1, "lr": 1e-3, "weight_decay": 0.0, "seed": 0}
+    run_loop(Loop(phase="amp", steps_per_epoch=2, autocast=True, **settings), None, None)
+    run_loop(Loop(phase="fp32", steps_per_epoch=1, **settings), None, None)
     assert dtypes == [torch.bfloat16, torch.bfloat16, torch.float32]

@@ -25,7 +25,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from tskd_tune.errors import StorageError, TskdError
-from tskd_tune.faults import beat
+from tskd_tune.heartbeat import beat
 
 MANIFEST = "MANIFEST.json"
 # what a full disk or an unwritable folder raises; other OSErrors are not storage problems

@@ -141,12 +141,12 @@ def trial(
     from tskd_tune.methods.checks import check_teacher, premise_warning
 
     check_teacher(cfg)
-    warn(premise_warning(cfg))
     from tskd_tune.cache import writable_dir
     from tskd_tune.train import CHECKPOINT
     from tskd_tune.trial import JsonlTracker, run_trial
 
     out_dir = writable_dir(out_dir or Path("runs") / "trials" / (cfg.name or "trial"), "--out")
+    warn(premise_warning(cfg))  # once the input is known to be good: bad input gets its one error line
     resume_from = (
         out_dir / "checkpoint" if resume and (out_dir / "checkpoint" / CHECKPOINT).is_file() else None
     )
@@ -346,11 +346,10 @@ def launch(
         args = {"name": name or cfg.name or space.stem, "storage": storage, "tracking_uri": tracking_uri,
                 "num_samples": num_samples, "max_concurrent": max_concurrent, "no_cache": no_cache}  # fmt: skip
         raise typer.Exit(cluster.submit(cfg, space, set_ or [], args, address, out, detach=detach))
-    from tskd_tune.methods.checks import check_teacher, premise_warning
+    from tskd_tune.methods.checks import check_teacher
 
     # on the driver (a job checks it on the cluster): otherwise every trial would fail on it, each after a retry
     check_teacher(cfg)
-    warn(premise_warning(cfg))
     opts = SearchOptions(
         name or cfg.name or space.stem,
         storage,

@@ -31,3 +31,9 @@ class DataError(TskdError):
 
 class StorageError(TskdError):
     """A folder that cannot be written (full disk, read-only, no permission); names the path."""
+
+
+class TrialFailed(TskdError):
+    """A trial that cannot go on (non-finite loss, hang, ...); recorded as failed, never as a score."""
+
+    exit_code = 3

@@ -30,6 +30,7 @@ outside tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -37,7 +38,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tskd_tune.errors import TskdError
+from tskd_tune.errors import TrialFailed
+from tskd_tune.heartbeat import beat, idle_s
 
 INJECT_ENV = "TSKD_FAULT_INJECT"
 STATE_ENV = "TSKD_FAULT_STATE"
@@ -46,22 +48,7 @@ _STEP_FAULTS = {"nan", "raise", "oom", "sleep"}
 _POINTS = {"step": _STEP_FAULTS, "checkpoint": {"enospc"}}
 
 
-class TrialFailed(TskdError):
-    """A trial that cannot go on (non-finite loss, hang, ...); recorded as failed, never as a score."""
-
-    exit_code = 3
-
-
 # ---------------------------------------------------------------------------------------- watchdog
-_last_beat = time.monotonic()
-
-
-def beat() -> None:
-    """Record progress: the watchdog measures the time since the last call."""
-    global _last_beat
-    _last_beat = time.monotonic()
-
-
 class Watchdog:
     """Calls ``on_timeout(idle_s)`` once, from a daemon thread, when no :func:`beat` came for ``timeout_s``."""
 
@@ -81,10 +68,21 @@ class Watchdog:
     def _watch(self) -> None:
         tick = min(1.0, self.timeout_s / 10)
         while not self._stop.wait(tick):
-            idle = time.monotonic() - _last_beat
+            idle = idle_s()
             if idle > self.timeout_s:
                 self.on_timeout(idle)
                 return
+
+
+@contextlib.contextmanager
+def watchdog(timeout_s: float | None, on_timeout: Callable[[float], None]):
+    """A :class:`Watchdog` around a block (none when ``timeout_s`` is None)."""
+    dog = Watchdog(timeout_s, on_timeout).start() if timeout_s else None
+    try:
+        yield dog
+    finally:
+        if dog is not None:
+            dog.stop()
 
 
 # ---------------------------------------------------------------------------------- no-retry marker
@@ -188,3 +186,18 @@ def write_half_then_enospc(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2])
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def trial_hooks():
+    """The training-loop hooks of a trial in a search: a heartbeat after every step, and the faults
+    ``TSKD_FAULT_INJECT`` asks for (none unless it is set: a test hook)."""
+    from tskd_tune.train import Hooks
+
+    def on_loss(phase: str, epoch: int, step: int, loss):
+        spec = injected("step", phase, epoch) if step == 0 else None
+        return apply_step_fault(spec, loss) if spec is not None else loss
+
+    def checkpoint_writer(phase: str, epoch: int):
+        return write_half_then_enospc if injected("checkpoint", phase, epoch) else None
+
+    return Hooks(on_loss=on_loss, after_step=beat, checkpoint_writer=checkpoint_writer)

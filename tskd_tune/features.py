@@ -31,7 +31,7 @@ from torch import nn
 from tskd_tune.cache import Store, digest
 from tskd_tune.config import Config
 from tskd_tune.data.prepare import Prepared, take_rows
-from tskd_tune.faults import beat
+from tskd_tune.heartbeat import beat
 from tskd_tune.models.teacher import weights_identity
 from tskd_tune.models.vit import Segmenter
 

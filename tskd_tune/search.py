@@ -27,6 +27,7 @@ from tskd_tune.cluster import mask_uri, mlflow_env
 from tskd_tune.config import END_OF_TRIAL_METRICS, Config, apply_values, to_yaml
 from tskd_tune.errors import TskdError
 from tskd_tune.methods import get_method
+from tskd_tune.methods.checks import premise_warning
 from tskd_tune.models.teacher import is_pretrained
 
 SEARCH_FILE = "search.json"
@@ -561,6 +562,9 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
             f"{opts.path}: a search named {opts.name!r} exists; `tskd-tune resume {opts.path}` or pick --name"
         )
     writable_dir(opts.path, "--storage")
+    warning = premise_warning(cfg)  # once the input is known to be good: bad input gets its one error line
+    if warning:
+        console.print(warning, style="yellow", markup=False)
     if resume:  # a resumed search gives its failed trials one more attempt (see faults.py)
         shutil.rmtree(state_path(opts) / faults.FAILED_DIR, ignore_errors=True)
     t0 = time.perf_counter()

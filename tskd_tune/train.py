@@ -1,4 +1,4 @@
-"""Training loops: batches, the epoch loop with resumable checkpoints, and teacher fine-tuning.
+"""Training loops: labelled batches, and the epoch loop with resumable checkpoints.
 
 A loop reseeds every random source at the start of each epoch from (seed, phase, epoch), so a run
 resumed from the checkpoint of epoch e continues exactly as the uninterrupted run would have.
@@ -19,14 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from tskd_tune import faults
 from tskd_tune.cache import atomic_write
 from tskd_tune.config import AugmentConfig
 from tskd_tune.data.transforms import train_transforms
-from tskd_tune.errors import TskdError
-from tskd_tune.faults import TrialFailed
+from tskd_tune.errors import TrialFailed, TskdError
 
-__all__ = ["TrialFailed"]  # raised here; defined with the other fault handling
+__all__ = ["TrialFailed"]  # raised here; defined with the other errors
 
 CHECKPOINT = "state.safetensors"
 """The resumable state in a checkpoint folder."""
@@ -78,7 +76,32 @@ class LabeledBatches:
         return x, y
 
 
-@dataclass
+def _same_loss(phase: str, epoch: int, step: int, loss: torch.Tensor) -> torch.Tensor:
+    return loss
+
+
+def _nothing() -> None:
+    return None
+
+
+def _plain_write(phase: str, epoch: int) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What an adapter hooks into the loop (the loop knows nothing of watchdogs or fault injection);
+    the defaults do nothing. A search's trials get :func:`tskd_tune.faults.trial_hooks`."""
+
+    on_loss: Callable[[str, int, int, torch.Tensor], torch.Tensor] = _same_loss
+    """``on_loss(phase, epoch, step, loss)``: the loss of each step, before its finiteness check."""
+    after_step: Callable[[], None] = _nothing
+    """Called after every optimiser step (progress)."""
+    checkpoint_writer: Callable[[str, int], Callable[[Path, bytes], None] | None] = _plain_write
+    """``checkpoint_writer(phase, epoch)``: a function that writes the checkpoint file instead of the plain write."""
+
+
+@dataclass(kw_only=True)
 class Loop:
     """One optimisation phase: modules, optimiser settings, epochs and the per-step loss."""
 
@@ -92,9 +115,9 @@ class Loop:
     seed: int
     evaluate: Callable[[], dict] | None = None
     checkpoint_every: int = 1
-    extra: dict = field(default_factory=dict)
     autocast: bool = False
     """Run each step's forward pass under CUDA bf16 autocast (backward and the optimiser stay outside)."""
+    hooks: Hooks = field(default_factory=Hooks)
 
 
 def run_loop(loop: Loop, out_dir: Path | None, report: Report | None, resume: dict | None = None) -> dict:
@@ -121,12 +144,9 @@ def run_loop(loop: Loop, out_dir: Path | None, report: Report | None, resume: di
         for m in loop.modules.values():
             m.train()
         losses = []
-        fault = faults.injected("step", loop.phase, epoch)  # test hook: None unless TSKD_FAULT_INJECT is set
         for i in range(loop.steps_per_epoch):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=loop.autocast):
-                loss = loop.step(g)
-            if fault is not None and i == 0:
-                loss = faults.apply_step_fault(fault, loss)
+                loss = loop.hooks.on_loss(loop.phase, epoch, i, loop.step(g))
             if not torch.isfinite(loss):
                 # a NaN would poison the weights and reach the searcher as a score: the trial fails instead
                 raise TrialFailed(
@@ -138,7 +158,7 @@ def run_loop(loop: Loop, out_dir: Path | None, report: Report | None, resume: di
             opt.step()
             sched.step()
             losses.append(loss.item())
-            faults.beat()
+            loop.hooks.after_step()
         metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0]}
         if loop.evaluate is not None:
             metrics |= loop.evaluate()
@@ -166,14 +186,13 @@ def save_checkpoint(folder: Path, loop: Loop, opt, sched, epoch: int) -> Path:
         "modules": {k: m.state_dict() for k, m in loop.modules.items()},
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
-    } | loop.extra
+    }
     tensors: dict[str, torch.Tensor] = {}
     skeleton = json.dumps(_encode(state, tensors))
     # serialised in memory, then written by Python: a library writing straight to the file turns a
     # full disk into an opaque error
     data = save(tensors, metadata={"tskd.state": skeleton})
-    fault = faults.injected("checkpoint", loop.phase, epoch)  # test hook: a disk that fills up mid-write
-    atomic_write(folder / CHECKPOINT, data, faults.write_half_then_enospc if fault else None)
+    atomic_write(folder / CHECKPOINT, data, loop.hooks.checkpoint_writer(loop.phase, epoch))
     return folder
 
 
@@ -220,7 +239,3 @@ def _decode(obj, tensors: dict[str, torch.Tensor]):
             return tuple(_decode(v, tensors) for v in obj["__tuple__"])
         return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__dict__"]}
     return obj
-
-
-def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
-    return tuple(t.to(device, non_blocking=True) for t in batch)

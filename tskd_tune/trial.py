@@ -24,7 +24,7 @@ from tskd_tune.methods import TrialContext, get_method
 from tskd_tune.metrics import count_params, evaluate, latency_ms
 from tskd_tune.models.teacher import is_pretrained
 from tskd_tune.synth import build_pool, uses_pool
-from tskd_tune.train import Report, load_checkpoint, seed_all
+from tskd_tune.train import Hooks, Report, load_checkpoint, seed_all
 
 
 class Tracker(Protocol):
@@ -71,6 +71,7 @@ def run_trial(
     use_cache: bool | None = None,
     data: tuple[Prepared, Splits] | None = None,
     fill_threads: int | None = None,
+    hooks: Hooks | None = None,
 ) -> dict:
     """Run one trial of ``cfg.distill.method``; returns the final metrics (also in ``out_dir/metrics.json``).
 
@@ -108,7 +109,7 @@ def run_trial(
         timings["synth_s"] = time.perf_counter() - t0
     spec = get_method(cfg.distill.method)
     st = TrialContext(cfg, prepared, splits, store, device, out_dir, resume, timings, pool=pool,
-                      fill_threads=fill_threads or threads)  # fmt: skip
+                      fill_threads=fill_threads or threads, hooks=hooks or Hooks())  # fmt: skip
     if pool is not None:
         st.info |= pool.metrics()
     outcome = spec.run(st, on_epoch)

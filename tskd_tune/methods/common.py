@@ -53,8 +53,9 @@ def fine_tuned_teacher(st: TrialContext) -> tuple[nn.Module, dict]:
             return sup(model.from_state([s.to(st.device) for s in state]), y.to(st.device))
 
         steps = max(1, math.ceil(n / t.batch_size))
-        loop = Loop("teacher", {"teacher": model}, reseeding(images, step), t.epochs, steps, t.lr, t.weight_decay,
-                    cfg.seed, autocast=st.amp)  # fmt: skip
+        loop = Loop(phase="teacher", modules={"teacher": model}, step=reseeding(images, step), epochs=t.epochs,
+                    steps_per_epoch=steps, lr=t.lr, weight_decay=t.weight_decay, seed=cfg.seed, autocast=st.amp,
+                    hooks=st.hooks)  # fmt: skip
         run_loop(loop, out_dir=None, report=None)
         metrics = {f"teacher_{k}": v for k, v in st.teacher_validator(model, feats)().items()}
         # the whole teacher on one image, as it would be deployed (measured once, with the teacher)
@@ -103,20 +104,11 @@ def labeled_batches(st: TrialContext) -> LabeledBatches:
 def student_loop(
     st: TrialContext, phase: str, modules: dict, step, epochs: int, steps: int, evaluate_fn=None
 ) -> Loop:
+    """A student phase with the student's optimiser settings, checkpoints and the trial's hooks."""
     s = st.cfg.student
-    return Loop(
-        phase,
-        modules,
-        step,
-        epochs,
-        steps,
-        s.lr,
-        s.weight_decay,
-        st.cfg.seed,
-        evaluate_fn,
-        s.checkpoint_every,
-        autocast=st.amp,
-    )
+    return Loop(phase=phase, modules=modules, step=step, epochs=epochs, steps_per_epoch=steps, lr=s.lr,
+                weight_decay=s.weight_decay, seed=st.cfg.seed, evaluate=evaluate_fn,
+                checkpoint_every=s.checkpoint_every, autocast=st.amp, hooks=st.hooks)  # fmt: skip
 
 
 def reseeding(labeled: LabeledBatches, step_fn):

@@ -21,6 +21,7 @@ from tskd_tune.metrics import evaluate
 from tskd_tune.models.teacher import build_teacher
 from tskd_tune.models.vit import Segmenter
 from tskd_tune.synth import Pool
+from tskd_tune.train import Hooks
 from tskd_tune.transfer import TransferSet
 
 
@@ -41,6 +42,8 @@ class TrialContext:
     pool: Pool | None = None
     fill_threads: int = 1
     """Threads for computing teacher features that are not in the cache yet."""
+    hooks: Hooks = field(default_factory=Hooks)
+    """What the adapter running the trial hooks into every training loop (heartbeat, fault injection)."""
     _features: dict = field(default_factory=dict)
 
     @property
