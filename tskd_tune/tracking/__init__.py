@@ -8,6 +8,7 @@ second one.
 
 - ``runs``: the client, the preflight check, parent and child runs (lookup, creation, lost ones closed)
 - ``journal``: :class:`RunTracker`, whose writes wait in a journal while MLflow is unreachable
+- ``lifecycle``: :func:`trial_run`, a trial's child run from start to FINISHED or FAILED
 - ``system``: MLflow's system-metrics sampler on a trial's run
 - ``registry``: exported students in the model registry
 """
@@ -22,6 +23,7 @@ from tskd_tune.tracking.journal import (
     sync_journals,
     unreachable,
 )
+from tskd_tune.tracking.lifecycle import TrialRun, failure_reason, trial_run
 from tskd_tune.tracking.registry import register_export
 from tskd_tune.tracking.runs import (
     SEARCH_TAG,
@@ -46,11 +48,13 @@ __all__ = [
     "TRIAL_TAG",
     "BufferedClient",
     "RunTracker",
+    "TrialRun",
     "absolute_uri",
     "child_run",
     "client",
     "close_lost_children",
     "experiment_id",
+    "failure_reason",
     "find_child",
     "journal_path",
     "mask_secrets",
@@ -61,5 +65,6 @@ __all__ = [
     "stop_monitor",
     "sync_journals",
     "system_monitor",
+    "trial_run",
     "unreachable",
 ]
