@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tskd_tune import tracking
+from tskd_tune.config import TrackingConfig
 
 
 def free_port() -> int:
@@ -138,3 +139,65 @@ def test_runs_of_trials_lost_with_a_killed_driver_are_closed(store):
     assert lost.info.status == "KILLED" and lost.data.tags["tskd.status"] == "lost"
     assert client.get_run(ids["known1"]).info.status == "RUNNING"  # the resumed search continues it
     assert client.get_run(ids["done33"]).info.status == "FINISHED"
+
+
+# ------------------------------------------------------------------- a trial's run as one `with` block
+def test_a_trial_run_that_raises_ends_failed_with_its_masked_error_and_re_raises(
+    store, tmp_path, monkeypatch
+):
+    uri, client, parent = store
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter22")
+    message = "diverged at http://bob:hunter22@host/ " + "x" * 1000
+    with (
+        pytest.raises(RuntimeError, match="diverged"),
+        tracking.trial_run(uri, parent, "t1", "trial-1", search_path=tmp_path) as run,
+    ):
+        assert run.resumed is False and run.run_id is not None
+        run.tracker.log_params({"distill.temperature": 2.0})
+        raise RuntimeError(message)
+    child = _child(client, parent)
+    assert child.info.run_id == run.run_id and child.info.status == "FAILED"
+    assert child.data.tags["tskd.status"] == "failed"
+    # cut to 480 characters as raised, then masked
+    assert child.data.tags["tskd.error"] == "RuntimeError: " + message[:480].replace("hunter22", "***")
+    assert child.data.params == {"distill.temperature": "2.0"}
+
+
+def test_a_trial_run_that_raises_while_mlflow_is_down_is_journaled_and_replayed_failed(store, tmp_path):
+    uri, client, parent = store
+    down = f"http://127.0.0.1:{free_port()}"
+    with (
+        pytest.raises(ValueError, match="bad batch"),
+        tracking.trial_run(
+            down, parent, "t1", "trial-1", search_path=tmp_path, tracking_cfg=TrackingConfig()
+        ) as run,
+    ):
+        assert run.run_id is None and run.monitor is None  # the sampler needs a run id
+        raise ValueError("bad batch")
+    journal = tracking.journal_path(tmp_path, "t1")
+    ops = [json.loads(line)["op"] for line in journal.read_text().splitlines()[1:]]
+    assert ops == ["start", "tags", "finish"]  # the flush at the end found MLflow still down
+    assert tracking.sync_journals(tmp_path, uri=uri) == (1, 3, 0)
+    child = _child(client, parent)
+    assert child.info.status == "FAILED" and child.data.tags["tskd.error"] == "ValueError: bad batch"
+
+
+def test_a_trial_run_ends_finished_and_a_second_entry_continues_it(store, tmp_path):
+    uri, client, parent = store
+    sampled = TrackingConfig(system_metrics_interval_s=1)
+    with tracking.trial_run(uri, parent, "t1", "trial-1", search_path=tmp_path, tracking_cfg=sampled) as run:
+        assert run.resumed is False and run.monitor is not None
+        run.tracker.log_metrics({"epoch": 1, "val_dice": 0.5}, step=1)
+        run.stop_monitor()  # before the final metrics and artifacts, as a trial does
+        assert run.monitor is None
+    first = client.get_run(run.run_id)
+    assert first.info.status == "FINISHED" and first.data.tags["tskd.status"] == "finished"
+    # the same trial id again (a retried trial): the same run, reopened, then finished again
+    with tracking.trial_run(uri, parent, "t1", "trial-1", search_path=tmp_path) as again:
+        assert again.resumed is True and again.run_id == run.run_id and again.monitor is None
+        assert client.get_run(run.run_id).info.status == "RUNNING"
+        again.tracker.log_metrics({"epoch": 2, "val_dice": 0.6}, step=2)
+    child = _child(client, parent)  # still one run for the trial
+    assert child.info.run_id == run.run_id and child.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.run_id, "val_dice")] == [1, 2]
+    assert not tracking.journal_path(tmp_path, "t1").exists()  # nothing was left queued

@@ -108,6 +108,17 @@ def objective_board(search_path: Path, objectives: list[tuple[str, str]]) -> pd.
     return board
 
 
+def best_trial(board: pd.DataFrame) -> pd.Series:
+    """The search's best trial: the first row of ``board`` (best first, as :func:`objective_board` sorts
+    it) whose ``state`` is ``finished``, or the first row when no trial ran to the end.
+
+    A trial stopped early (by ASHA) scored after fewer epochs and has no student to test or export, so
+    it is passed over while a finished one exists. ``board`` must have a row.
+    """
+    done = board[board["state"] == "finished"]
+    return (done if not done.empty else board).iloc[0]
+
+
 def _study(board: pd.DataFrame, space: dict, objectives: list[tuple[str, str]]):
     """An in-memory Optuna study holding the finished trials, for Optuna's own plots."""
     import optuna

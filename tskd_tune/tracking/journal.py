@@ -1,19 +1,16 @@
-"""MLflow records: one parent run per search, one nested child run per trial.
+"""The outage journal: MLflow writes that wait in a file while the store is unreachable, then replay.
 
-Runs are created with ``MlflowClient`` and an explicit ``mlflow.parentRunId`` tag rather than Ray's
-MLflowLoggerCallback (which cannot nest runs and whose artifact logging is broken, ray#46569), and
-without MLflow's global "active run", so trials in one worker process never mix up their runs.
-A retried trial finds and continues its own child run (tag ``ray.trial_id``) instead of opening a
-second one.
+A trial's writes (and the driver's, to the parent run) go through a :class:`RunTracker`. When MLflow is
+down they are appended to ``<search>/mlflow_journal/<name>.jsonl`` (a header line naming the store and
+the run, then one JSON line per write) and delivered, in order, once it is back: by the tracker itself,
+by the driver's periodic :func:`sync_journals`, or by ``tskd-tune sync`` after the search has ended.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import re
 import shutil
 import threading
 import time
@@ -23,131 +20,8 @@ from pathlib import Path
 from filelock import FileLock
 
 from tskd_tune.errors import TskdError
-
-SEARCH_TAG = "tskd.search"
-TRIAL_TAG = "ray.trial_id"
-# where secrets come from: never from a config file, only from these environment variables
-SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_AUTH_ADMIN_PASSWORD",
-              "MLFLOW_FLASK_SERVER_SECRET_KEY", "AWS_SECRET_ACCESS_KEY", "PGPASSWORD", "RAY_AUTH_TOKEN")  # fmt: skip
-_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/:@\s]*):[^/@\s]*@")
-
-
-def mask_secrets(text: str) -> str:
-    """``text`` with URI passwords (``scheme://user:***@host``) and secret environment values as ``***``."""
-    text = _URI_PASSWORD.sub(r"\g<head>:***@", text)
-    for name in SECRET_ENV:
-        value = os.environ.get(name, "")
-        if len(value) >= 4:  # a one-letter "secret" would mask half the text
-            text = text.replace(value, "***")
-    return text
-
-
-def absolute_uri(uri: str) -> str:
-    """Make a relative ``sqlite:///runs/mlflow.db`` absolute: trials run in other working directories."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        path = Path(uri[len(prefix) :]).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return prefix + str(path)
-    return uri
-
-
-def client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def preflight(uri: str) -> None:
-    """Fail in one line, before any trial starts, when the tracking store cannot be reached.
-
-    Trials keep MLflow's patient retry policy; this one check answers within seconds instead.
-    """
-    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    saved = {k: os.environ.get(k) for k in quick}
-    os.environ.update({k: v for k, v in quick.items() if saved[k] is None})
-    try:
-        client(uri).search_experiments(max_results=1)
-    except Exception as exc:  # noqa: BLE001 - any failure here means "MLflow unusable"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise TskdError(mask_secrets(f"tracking.uri: cannot use MLflow at {uri}: {first[:200]}")) from None
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-
-
-def experiment_id(uri: str, name: str) -> str:
-    c = client(uri)
-    exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else c.create_experiment(name)
-
-
-def parent_run(uri: str, experiment: str, search_path: str, run_name: str, tags: dict) -> str:
-    """The search's parent run: reused when the same search (its storage folder) is resumed."""
-    c = client(uri)
-    exp_id = experiment_id(uri, experiment)
-    found = c.search_runs([exp_id], filter_string=f"tags.`{SEARCH_TAG}` = '{search_path}'", max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-        c.update_run(run_id, status="RUNNING")
-        return run_id
-    run = c.create_run(exp_id, run_name=run_name, tags={SEARCH_TAG: search_path, **tags})
-    return run.info.run_id
-
-
-def child_run(uri: str, parent_run_id: str, trial_id: str, run_name: str) -> tuple[str, bool]:
-    """The trial's child run under ``parent_run_id``; (run id, whether it already existed)."""
-    c = client(uri)
-    parent = c.get_run(parent_run_id)
-    exp_id = parent.info.experiment_id
-    flt = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'"
-    found = c.search_runs([exp_id], filter_string=flt, max_results=1)
-    if found:
-        c.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id, True
-    run = c.create_run(
-        exp_id, run_name=run_name, tags={"mlflow.parentRunId": parent_run_id, TRIAL_TAG: trial_id}
-    )
-    return run.info.run_id, False
-
-
-def find_child(uri: str, parent_run_id: str, trial_id: str) -> str | None:
-    c = client(uri)
-    exp_id = c.get_run(parent_run_id).info.experiment_id
-    flt = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'"
-    found = c.search_runs([exp_id], filter_string=flt, max_results=1)
-    return found[0].info.run_id if found else None
-
-
-def close_lost_children(uri: str, parent_run_id: str, known) -> list[str]:
-    """End the RUNNING child runs of trials the search does not know (``known(trial_id)`` is False).
-
-    A driver killed right after a trial opened its run, before Ray saved the trial in its experiment
-    state, leaves that run behind; the resumed search proposes a new trial instead. The run is ended
-    KILLED with ``tskd.status=lost``, so that none is left RUNNING. Returns the trial ids.
-    """
-    c = client(uri)
-    exp_id = c.get_run(parent_run_id).info.experiment_id
-    flt = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
-    lost = []
-    for run in c.search_runs([exp_id], filter_string=flt, max_results=10000):
-        trial_id = run.data.tags.get(TRIAL_TAG)
-        if trial_id is not None and not known(trial_id):
-            c.set_tag(run.info.run_id, "tskd.status", "lost")
-            c.set_terminated(run.info.run_id, status="KILLED")
-            lost.append(trial_id)
-    return lost
-
-
-def numeric(metrics: dict) -> dict[str, float]:
-    """The finite numeric entries of a metrics dict (MLflow stores floats only)."""
-    out = {}
-    for k, v in metrics.items():
-        if isinstance(v, bool) or isinstance(v, int | float) and math.isfinite(v):
-            out[k] = float(v)
-    return out
-
+from tskd_tune.secrets import mask_secrets
+from tskd_tune.tracking.runs import child_run, client, find_child, numeric
 
 JOURNAL_DIR = "mlflow_journal"  # <search>/mlflow_journal/<trial_id>.jsonl and parent.jsonl
 # MLflow's default HTTP policy retries a request for minutes; in a search a down server must not stall
@@ -162,6 +36,7 @@ QUICK_HTTP = {
 # MLflow error codes that mean "not now" rather than "never": the write is kept and retried
 _TRANSIENT = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
 
+# the tracking layer's one logger, under the name it had before it was split into modules
 log = logging.getLogger("tskd_tune.tracking")
 
 
@@ -227,6 +102,7 @@ class RunTracker:
         return self.resumed
 
     def log_metrics(self, metrics: dict, step: int) -> None:
+        """Log the finite numeric ``metrics`` at ``step`` (an epoch batch is logged once per epoch)."""
         values = numeric(metrics)
         if values:
             self._submit(
@@ -234,22 +110,28 @@ class RunTracker:
             )
 
     def log_params(self, params: dict) -> None:
+        """Log ``params`` (values as text, secrets masked); those the run has already are skipped."""
         # masked: a param or tag (an error text) may quote a URI with its password
         self._submit({"op": "params", "params": {k: mask_secrets(str(v))[:6000] for k, v in params.items()}})
 
     def set_tags(self, tags: dict) -> None:
+        """Set ``tags`` (values as text, secrets masked)."""
         self._submit({"op": "tags", "tags": {k: mask_secrets(str(v)) for k, v in tags.items()}})
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        """Log the file ``path`` (under ``folder`` in the run's artifacts)."""
         self._submit({"op": "artifact", "path": str(Path(path).resolve()), "folder": folder})
 
     def log_text(self, text: str, artifact_file: str) -> None:
+        """Log ``text`` as the artifact ``artifact_file``."""
         self._submit({"op": "text", "text": text, "file": artifact_file})
 
     def set_status(self, status: str) -> None:
+        """Set the run's status (e.g. RUNNING) without ending it."""
         self._submit({"op": "status", "status": status})
 
     def finish(self, status: str = "FINISHED") -> None:
+        """End the run as ``status`` (FINISHED, FAILED, KILLED)."""
         self._submit({"op": "finish", "status": status})
 
     def finalize(self, status: str, tags: dict) -> None:
@@ -484,43 +366,3 @@ def sync_journals(search_path: Path, uri: str | None = None, probe: bool = False
         if left and probe:
             break
     return len(journals), delivered, queued
-
-
-def system_monitor(tracking_cfg, uri: str, run_id: str, resumed: bool):
-    """MLflow's own system-metrics sampler on ``run_id`` (``system/cpu_utilization_percentage``,
-    ``system/gpu_0_utilization_percentage`` with pynvml, ...), or None when switched off."""
-    if not tracking_cfg.system_metrics:
-        return None
-    import logging
-
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    # its per-start "Started monitoring" info lines would fill every trial's log
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=tracking_cfg.system_metrics_interval_s,
-                                   resume_logging=resumed, tracking_uri=uri)  # fmt: skip
-    monitor.start()
-    return monitor
-
-
-def stop_monitor(monitor) -> None:
-    """Stop sampling and flush what was sampled (before the run is marked finished)."""
-    if monitor is not None:
-        monitor.finish()
-
-
-def register_export(uri: str, export_dir: Path, card: dict, name: str) -> str:
-    """Log an exported student as an MLflow model and register it as ``name``; returns the version."""
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(card["config"]["tracking"]["experiment"])
-    with mlflow.start_run(run_name=f"register-{name}") as run:
-        mlflow.log_dict(card, "model_card.json")
-        mlflow.log_metrics(numeric(card.get("metrics", {})))
-        import onnx
-
-        model = onnx.load(str(Path(export_dir) / card["file"]))
-        info = mlflow.onnx.log_model(model, name="student", registered_model_name=name)
-    client(uri).set_tag(run.info.run_id, "tskd.registered_model", name)
-    return str(info.registered_model_version)
