@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -140,7 +141,7 @@ def read_trials(search_dir: Path) -> list[dict]:
     """
     trials = []
     for d in Path(search_dir).iterdir():
-        if not (d.is_dir() and d.name.startswith("_trainable_") and (d / "result.json").is_file()):
+        if not (d.is_dir() and re.fullmatch(r"t\d+_\w+", d.name) and (d / "result.json").is_file()):
             continue
         rows = []
         for line in (d / "result.json").read_text().splitlines():
@@ -150,7 +151,7 @@ def read_trials(search_dir: Path) -> list[dict]:
                 break
         if not rows:
             continue
-        index = int(d.name.split("_")[3])  # _trainable_<id>_<index>_<params>
+        index = int(d.name[1:].split("_")[0])  # t<index>_<trial id>
         trials.append({
             "index": index, "trial_id": rows[0].get("trial_id"), "epochs": max(r.get("epoch", 0) for r in rows),
             "first_ts": rows[0]["timestamp"], "last_ts": rows[-1]["timestamp"],

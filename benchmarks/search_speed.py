@@ -63,7 +63,7 @@ def main() -> None:
     off_wall, _ = launch("cache-off", work / "cache-off", "--no-cache")
 
     # the same configs again, as standalone trials in launch order, on a fresh cache
-    trial_dirs = sorted((work / "runs" / "cache-on").glob("_trainable_*"), key=lambda p: p.stat().st_mtime)
+    trial_dirs = sorted((work / "runs" / "cache-on").glob("t[0-9]*_*"), key=lambda p: p.stat().st_mtime)
     standalone = []
     for i, d in enumerate(trial_dirs):
         cfg = d / "outputs" / "config.yaml"

@@ -126,25 +126,25 @@ def test_study_storage_journal_and_rdb(tmp, tiny):
     import optuna
     from optuna.storages import JournalStorage, RDBStorage
 
-    from tskd_tune.search import _study_storage
+    from tskd_tune.search import study_storage
 
     journal = tmp / "shared" / "study.journal"
     cfg = tiny(search={"study_storage": str(journal)})
-    storage = _study_storage(cfg, "s1", fresh=True)
+    storage = study_storage(cfg, "s1", fresh=True)
     assert isinstance(storage, JournalStorage) and journal.parent.is_dir()
     optuna.create_study(study_name="s1", storage=storage).optimize(
         lambda t: t.suggest_float("x", 0, 1), n_trials=2
     )
     with pytest.raises(TskdError, match="already holds a study named 's1'; pick another --name"):
-        _study_storage(cfg, "s1", fresh=True)
-    again = pickle.loads(pickle.dumps(_study_storage(cfg, "s1", fresh=False)))  # Tune pickles the searcher
+        study_storage(cfg, "s1", fresh=True)
+    again = pickle.loads(pickle.dumps(study_storage(cfg, "s1", fresh=False)))  # Tune pickles the searcher
     assert len(optuna.load_study(study_name="s1", storage=again).trials) == 2
 
     rdb = tiny(search={"study_storage": f"sqlite:///{tmp}/optuna.db"})
-    assert isinstance(_study_storage(rdb, "s2", fresh=True), RDBStorage)
+    assert isinstance(study_storage(rdb, "s2", fresh=True), RDBStorage)
     bad = tiny(search={"study_storage": "nosuchdialect://x/y"})
     with pytest.raises(TskdError, match=r"^search.study_storage: cannot use nosuchdialect://x/y: "):
-        _study_storage(bad, "s3", fresh=True)
+        study_storage(bad, "s3", fresh=True)
 
 
 @pytest.fixture

@@ -89,7 +89,7 @@ def wait_for(what: str, predicate, timeout: float = 600, every: float = 0.5):
 def results(search: Path) -> dict[str, list[dict]]:
     """Ray's result.json of every trial folder: trial id -> reported results (epoch, pid, ...)."""
     out = {}
-    for f in search.glob("_trainable_*/result.json"):
+    for f in search.glob("t[0-9]*_*/result.json"):
         rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip().endswith("}")]
         if rows:
             out[rows[0]["trial_id"]] = rows
@@ -165,7 +165,7 @@ def test_failing_trials_are_recorded_with_the_reason_and_told_to_optuna_as_faile
     assert board.count(",error,") == 3 and board.count(",finished,") == 1
     # the disk-full trial's last good checkpoint is what Ray holds for it: epoch 1, whole
     disk = next(t for t, r in kids.items() if r.data.tags.get("tskd.error", "").startswith("StorageError"))
-    trial_dir = next(search.glob(f"_trainable_{disk}_*"))
+    trial_dir = next(search.glob(f"t*_{disk}"))
     from tskd_tune.train import load_checkpoint
 
     assert load_checkpoint(next(trial_dir.glob("checkpoint_*")))["epoch"] == 1

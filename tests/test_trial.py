@@ -54,12 +54,12 @@ def test_student_only_knobs_reuse_the_cached_teacher(tiny, tmp_path):
 
 
 def test_same_config_and_seed_give_the_same_metrics(tiny):
-    cfg = tiny(student={"epochs": 2})
-    a = run_trial(cfg, use_cache=False)
-    b = run_trial(cfg, use_cache=False)
+    cfg = tiny(student={"epochs": 2}, cache={"enabled": False})
+    a = run_trial(cfg)
+    b = run_trial(cfg)
     keys = ["val_dice", "val_hd95", "train_loss", "teacher_val_dice"]
     assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
-    c = run_trial(tiny(student={"epochs": 2}, seed=1), use_cache=False)
+    c = run_trial(tiny(student={"epochs": 2}, seed=1, cache={"enabled": False}))
     assert c["train_loss"] != a["train_loss"]
 
 
@@ -88,7 +88,7 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny, tmp_path, met
 
 def test_non_finite_loss_fails_the_trial_with_a_reason(tiny):
     with pytest.raises(TrialFailed, match=r"loss became (nan|inf)"):
-        run_trial(tiny(distill={"method": "scratch"}, student={"lr": 1e12, "epochs": 2}), use_cache=False)
+        run_trial(tiny(distill={"method": "scratch"}, student={"lr": 1e12, "epochs": 2}, cache={"enabled": False}))
 
 
 def test_test_split_only_when_asked(tiny):

@@ -133,6 +133,11 @@ def atomic_write(path: Path, data: bytes | str, write: Callable[[Path, bytes], N
         raise StorageError(f"{path}: cannot write it ({exc.strerror or exc}){kept}") from None
 
 
+def write_json(path: Path, obj: Any) -> None:
+    """:func:`atomic_write` of ``obj`` as indented JSON (what the product writes is never half a file)."""
+    atomic_write(path, json.dumps(obj, indent=2, default=str))
+
+
 def writable_dir(path: Path, what: str) -> Path:
     """Create ``path`` if needed and check that a file can be written in it, before any work starts;
     otherwise a one-line StorageError naming ``what`` (a flag or YAML path) and the folder."""

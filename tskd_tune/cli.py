@@ -46,10 +46,12 @@ def warn(line: str | None) -> None:
         Console(stderr=True, highlight=False, soft_wrap=True).print(line, style="yellow", markup=False)
 
 
-def _load(space: Path, overrides: list[str] | None):
+def _load(space: Path, overrides: list[str] | None, no_cache: bool = False):
+    """The config of ``space`` with ``--set`` overrides; ``--no-cache`` is ``cache.enabled: false``."""
     from tskd_tune.config import load_config, parse_overrides
 
-    return load_config(space, parse_overrides(overrides))
+    values = parse_overrides(overrides) | ({"cache.enabled": False} if no_cache else {})
+    return load_config(space, values)
 
 
 @app.command()
@@ -137,7 +139,7 @@ def trial(
     import shutil
 
     # config and teacher first, the heavy trial imports (MONAI, diffusers) after: bad input fails fast
-    cfg = _load(space, set_)
+    cfg = _load(space, set_, no_cache)
     from tskd_tune.methods.checks import check_teacher, premise_warning
 
     check_teacher(cfg)
@@ -171,10 +173,9 @@ def trial(
 
     # a standalone trial has the machine: teacher features missing from the cache are computed on every core
     result = run_trial(cfg, report, JsonlTracker(out_dir / "history.jsonl"), out_dir=out_dir, resume_from=resume_from,
-                       test=test, use_cache=False if no_cache else None,
-                       fill_threads=cfg.resources.threads or os.cpu_count())  # fmt: skip
+                       test=test, fill_threads=cfg.resources.threads or os.cpu_count())  # fmt: skip
     if as_json:
-        print(json.dumps(result, indent=2, default=float))
+        print(json.dumps(result.metrics, indent=2, default=float))
         return
     table = Table("metric", "value", title=f"trial {cfg.name} ({cfg.distill.method})", title_justify="left")
     for k, v in result.items():
@@ -263,9 +264,9 @@ def _trial_folder(path: Path) -> Path:
         raise TskdError(f"{path}: the search has no leaderboard yet; it writes one when it ends")
     import pandas as pd
 
-    rows = pd.read_csv(board)
-    done = rows[rows["state"] == "finished"]  # as the search's best: a trial that ran to the end
-    return Path((done if not done.empty else rows)["trial_dir"].iloc[0]) / "outputs"
+    from tskd_tune.report import best_trial
+
+    return Path(best_trial(pd.read_csv(board))["trial_dir"]) / "outputs"
 
 
 @app.command()
@@ -334,7 +335,7 @@ def launch(
     from tskd_tune.search import SearchOptions
     from tskd_tune.search import launch as run_search
 
-    cfg = apply_search_overrides(_load(space, set_), num_samples, max_concurrent)
+    cfg = apply_search_overrides(_load(space, set_, no_cache), num_samples, max_concurrent)
     if not cfg.search.space:
         raise ConfigError(
             ["search.space: empty; a search needs at least one dimension to search"], str(space)
@@ -350,14 +351,7 @@ def launch(
 
     # on the driver (a job checks it on the cluster): otherwise every trial would fail on it, each after a retry
     check_teacher(cfg)
-    opts = SearchOptions(
-        name or cfg.name or space.stem,
-        storage,
-        tracking_uri or cfg.tracking.uri,
-        address,
-        not no_cache,
-        str(space),
-    )
+    opts = SearchOptions(name or cfg.name or space.stem, storage, tracking_uri or cfg.tracking.uri, address, str(space))
     run_search(cfg, opts, out)
 
 

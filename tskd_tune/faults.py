@@ -102,6 +102,16 @@ def mark_failed(marker: Path, status: str, error: str) -> None:
         pass  # a full disk must not hide the original error; the retry then just runs again
 
 
+@contextlib.contextmanager
+def recorded(marker: Path):
+    """Record an exception of the block as the trial's deterministic failure (its retries then fail at once)."""
+    try:
+        yield
+    except Exception as exc:
+        mark_failed(marker, "failed", f"{exc.__class__.__name__}: {str(exc)[:480]}")
+        raise
+
+
 def fail_if_failed_before(marker: Path) -> None:
     """Raise :class:`TrialFailed` when an earlier attempt of this trial failed deterministically."""
     try:

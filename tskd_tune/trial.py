@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -68,26 +70,28 @@ def run_trial(
     out_dir: Path | None = None,
     resume_from: Path | None = None,
     test: bool = False,
-    use_cache: bool | None = None,
     data: tuple[Prepared, Splits] | None = None,
     fill_threads: int | None = None,
     hooks: Hooks | None = None,
-) -> dict:
-    """Run one trial of ``cfg.distill.method``; returns the final metrics (also in ``out_dir/metrics.json``).
+) -> TrialResult:
+    """Run one trial of ``cfg.distill.method``; returns what it measured and wrote.
 
-    ``report(epoch, metrics, checkpoint_dir)`` is called after every student epoch. ``resume_from`` is a
+    ``report(epoch, metrics, checkpoint_dir)`` is called after every reported epoch. With ``out_dir`` the
+    trial writes all its outputs there: ``config.yaml``, ``metrics.json``, ``student.safetensors`` and
+    ``val_overlays.png`` (methods that train a student) and ``checkpoint/``. ``resume_from`` is a
     checkpoint folder of an interrupted run of the same config. The test split is evaluated only with
-    ``test=True``, never during a search. ``fill_threads``: threads for teacher features missing from the
-    cache (default: the trial's threads; a standalone trial has the whole machine).
+    ``test=True``, never during a search. ``data``: the prepared data and splits, when the caller has
+    them (a search passes them through Ray's object store). ``fill_threads``: threads for teacher features
+    missing from the cache (default: the trial's threads; a standalone trial has the whole machine).
+    ``hooks``: what the caller hooks into the training loops (a search: heartbeat and fault injection).
     """
     t_start = time.perf_counter()
     threads = cfg.resources.threads or max(1, math.ceil(cfg.resources.cpu))
     torch.set_num_threads(threads)
     seed_all(cfg.seed)
     device = resolve_device(cfg)
-    enabled = cfg.cache.enabled if use_cache is None else use_cache
     t0 = time.perf_counter()
-    prepared, splits = data if data is not None else load(cfg, use_cache=enabled)
+    prepared, splits = data if data is not None else load(cfg)
     timings = {"data_s": time.perf_counter() - t0}
     if out_dir is not None:
         out_dir = writable_dir(Path(out_dir), "trial output folder")
@@ -100,7 +104,7 @@ def run_trial(
         if report is not None:
             report(epoch, metrics, ckpt)
 
-    store = Store(cfg.cache.dir, enabled)
+    store = Store(cfg.cache.dir, cfg.cache.enabled)
     pool = None
     if uses_pool(cfg):
         # built once and cached (file-locked), so concurrent trials of a search share one pool
@@ -135,12 +139,68 @@ def run_trial(
             outcome.model, prepared.images[splits.test], prepared.masks[splits.test], prepared.classes, 32, device,
             prefix="test_")  # fmt: skip
     result |= timings | {"total_s": time.perf_counter() - t_start}
+    files = []
     if out_dir is not None:
+        files.append(out_dir / "config.yaml")
         if spec.student:
             from safetensors.torch import save
 
             state = {k: v.detach().cpu().contiguous() for k, v in outcome.model.state_dict().items()}
             meta = {"method": cfg.distill.method, "model": cfg.student.model}
             atomic_write(out_dir / "student.safetensors", save(state, metadata=meta))
+            files += [out_dir / "student.safetensors", overlays(outcome.model, prepared, splits, out_dir, device)]
         atomic_write(out_dir / "metrics.json", json.dumps(result, indent=2, default=float))
-    return result
+        files.append(out_dir / "metrics.json")
+    return TrialResult(result, files, teacher_cached=st.info.get("teacher_cached"),
+                       teacher_entry=st.info.get("teacher_adapter"))  # fmt: skip
+
+
+@dataclass
+class TrialResult(Mapping):
+    """What a trial measured and wrote. Reads like its metrics (``result["val_dice"]``), which are also
+    what ``metrics.json`` holds."""
+
+    metrics: dict
+    files: list[Path] = field(default_factory=list)
+    """The outputs written to ``out_dir``, in the order they were written (what a tracker logs)."""
+    teacher_cached: bool | None = None
+    """Whether the fine-tuned teacher came from the cache (None: the method has none)."""
+    teacher_entry: str | None = None
+    """The cache folder of the fine-tuned teacher (its head or LoRA adapter): a reference, not a copy."""
+
+    def __getitem__(self, key: str):
+        return self.metrics[key]
+
+    def __iter__(self):
+        return iter(self.metrics)
+
+    def __len__(self) -> int:
+        return len(self.metrics)
+
+    def tags(self) -> dict[str, str]:
+        """What identifies the trial's reused parts, as run tags."""
+        return {"tskd.teacher_cached": str(self.teacher_cached), "tskd.teacher_adapter": str(self.teacher_entry)}
+
+
+def overlays(model: torch.nn.Module, prepared: Prepared, splits: Splits, out_dir: Path, device, n: int = 6) -> Path:
+    """``val_overlays.png``: for a few validation images, the truth (top) and the model's prediction (bottom)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tskd_tune.data.inspect import overlay
+
+    idx = np.sort(splits.val[:n])
+    images = np.asarray(prepared.images[idx], dtype=np.float32)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        pred = model(torch.from_numpy(images).to(device)).argmax(1).cpu().numpy().astype(np.uint8)
+    model.train(was_training)
+    top = np.concatenate([overlay(im, np.asarray(m)) for im, m in zip(images, prepared.masks[idx], strict=True)], axis=1)
+    bottom = np.concatenate([overlay(im, p) for im, p in zip(images, pred, strict=True)], axis=1)
+    buf = io.BytesIO()
+    Image.fromarray(np.concatenate([top, bottom], axis=0)).save(buf, format="PNG")
+    atomic_write(out_dir / "val_overlays.png", buf.getvalue())
+    return out_dir / "val_overlays.png"

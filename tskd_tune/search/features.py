@@ -99,7 +99,7 @@ def _jobs(cfg: Config, prepared: Prepared, splits, data_ref, pool, store: Store)
     return jobs
 
 
-def fill(cfg: Config, prepared: Prepared, splits, data_ref, pool, console, workers: int | None = None) -> dict:
+def fill_features(cfg: Config, prepared: Prepared, splits, data_ref, pool, console, workers: int | None = None) -> dict:
     """Compute every missing feature entry the search needs (the prepared images, the synthetic pool, the
     labelled images' augmented views) on Ray actors, or on the driver for a small encoder."""
     import ray
@@ -194,7 +194,7 @@ def _on_driver(job: Job, num_classes: int, console):
 
     def compute(write):
         images = ray.get(job.images) if isinstance(job.images, ray.ObjectRef) else job.images
-        images = images["images"] if isinstance(images, dict) else images
+        images = images[0].images if isinstance(images, tuple) else images  # the search's (prepared, splits)
         model = _base(job.variant, num_classes, job.frozen)
         with _progress(console) as bar:
             task = bar.add_task(f"{job.what} (frozen {job.frozen} blocks) on the driver", total=job.n)
@@ -249,8 +249,8 @@ class FeatureWorker:
             for o, p in zip(out, parts, strict=True):
                 o[at : at + len(p)] = p
 
-        self.fillers[frozen].run(images[start:end] if not isinstance(images, dict) else images["images"][start:end],
-                                 write)  # fmt: skip
+        images = images[0].images if isinstance(images, tuple) else images  # the search's (prepared, splits)
+        self.fillers[frozen].run(images[start:end], write)
         return out
 
 
@@ -261,4 +261,4 @@ def _progress(console):
                     console=console, transient=False)  # fmt: skip
 
 
-__all__ = ["KIND", "fill", "needed_variants"]
+__all__ = ["KIND", "fill_features", "needed_variants"]

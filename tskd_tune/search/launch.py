@@ -1,0 +1,223 @@
+"""Launching (or resuming) a search: checks, Ray, the data in the object store, the teacher features,
+the MLflow parent run, the reference trials, the Tuner, and the summary at the end."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tskd_tune import cluster, faults, tracking
+from tskd_tune.cache import writable_dir, write_json
+from tskd_tune.cluster import mask_uri, mlflow_env
+from tskd_tune.config import Config, to_yaml
+from tskd_tune.errors import TskdError
+from tskd_tune.methods.checks import premise_warning
+from tskd_tune.models.teacher import is_pretrained
+from tskd_tune.search.folder import SEARCH_FILE, SearchOptions, git_commit, state_path
+from tskd_tune.search.summary import summarize
+from tskd_tune.search.tuner import build_tuner, trial_id_of
+
+
+def absolutize(cfg: Config) -> Config:
+    """Relative paths resolved against the driver's working directory (trials run elsewhere)."""
+    upd = {
+        "cache": cfg.cache.model_copy(update={"dir": cfg.cache.dir.resolve()}),
+        "tracking": cfg.tracking.model_copy(update={"uri": tracking.absolute_uri(cfg.tracking.uri)}),
+    }
+    if cfg.data.root is not None:
+        upd["data"] = cfg.data.model_copy(update={"root": cfg.data.root.resolve()})
+    if cfg.search.study_storage and "://" not in cfg.search.study_storage:  # a journal file
+        upd["search"] = cfg.search.model_copy(
+            update={"study_storage": str(Path(cfg.search.study_storage).resolve())}
+        )
+    if cfg.teacher.checkpoint is not None:
+        upd["teacher"] = cfg.teacher.model_copy(update={"checkpoint": cfg.teacher.checkpoint.resolve()})
+    return cfg.model_copy(update=upd)
+
+
+def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -> dict:
+    """Run (or resume) a search; returns the summary also written to the search folder."""
+    import ray
+
+    cfg = _check(cfg, opts, resume, console)
+    t0 = time.perf_counter()
+    init_ray(opts.address, console)
+    # before the data: on a cluster the trial cache (and the synthetic pool built next) moves to shared storage
+    cfg = cluster.prepare(cfg, opts, console)
+    console.print(f"preparing data ({cfg.data.dataset}) ...", markup=False)
+    pool, data = _data(cfg)
+    parent = _parent_run(cfg, opts, resume, console)
+    data_ref = ray.put(data)
+    fill: dict = {}
+    if cfg.cache.enabled:  # every trial reads the teacher features: computed once, on every worker, first
+        from tskd_tune.search.features import fill_features
+
+        fill = fill_features(cfg, *data, data_ref, pool, console)
+    run = run_info(opts, parent)
+    references = _start_references(cfg, data_ref, run)
+    tuner = build_tuner(cfg, opts, run, data_ref, restore=resume and (opts.path / "tuner.pkl").exists(), resume=resume)
+    parent_client = tracking.BufferedClient(opts.tracking_uri, tracking.journal_path(state_path(opts), "parent"))
+    try:
+        results = tuner.fit()
+    finally:
+        parent_client.update_run(parent, status="RUNNING")
+    _finish_references(references, console)
+    if cluster.is_uri(opts.storage):  # trial results and outputs went to the URI: fetch them to summarize
+        cluster.pull(opts.location, opts.path)
+    if resume:
+        _close_lost_children(opts, parent, results, console)
+    summary = summarize(cfg, opts, results, parent, data, console)
+    summary |= fill | {"wall_s": time.perf_counter() - t0}
+    write_json(opts.path / "summary.json", summary)
+    if cluster.is_uri(opts.storage):
+        cluster.push(opts.path, opts.location, ["summary.json", "leaderboard.csv", "pareto.csv", "best.yaml"])
+    parent_client.set_terminated(parent, status="FINISHED")
+    # writes queued during an MLflow outage that has ended go now; the rest wait for `tskd-tune sync`
+    _, _, queued = tracking.sync_journals(state_path(opts))
+    if queued:
+        console.print(f"MLflow is unreachable: {queued} write(s) are kept in {state_path(opts) / tracking.JOURNAL_DIR}; "
+                      f"`tskd-tune sync {opts.path}` delivers them", markup=False)  # fmt: skip
+    return summary
+
+
+def _check(cfg: Config, opts: SearchOptions, resume: bool, console) -> Config:
+    """Everything that needs no Ray, before Ray starts: MLflow, storage, the search folder."""
+    cluster.check_tracking_uri(opts.tracking_uri)
+    cluster.refuse_embedded_password(cfg.search.study_storage, "search.study_storage",
+                                     "let the driver read it from the environment (e.g. PGPASSWORD or ~/.pgpass)")  # fmt: skip
+    cfg = absolutize(cfg)
+    opts.tracking_uri = tracking.absolute_uri(opts.tracking_uri)
+    cluster.check_storage(str(opts.storage))
+    if cluster.is_uri(opts.storage):
+        # the checks below and Tuner.restore read these; the rest of the folder is fetched after the search
+        cluster.pull(opts.location, opts.path, only=(SEARCH_FILE, "tuner.pkl"))
+    else:
+        opts.storage = Path(opts.storage).resolve()
+    tracking.preflight(opts.tracking_uri)
+    if resume and not (opts.path / SEARCH_FILE).is_file():
+        raise TskdError(f"{opts.path}: no search to resume here (no {SEARCH_FILE})")
+    if not resume and (opts.path / SEARCH_FILE).is_file():
+        raise TskdError(
+            f"{opts.path}: a search named {opts.name!r} exists; `tskd-tune resume {opts.path}` or pick --name"
+        )
+    writable_dir(opts.path, "--storage")
+    warning = premise_warning(cfg)  # once the input is known to be good: bad input gets its one error line
+    if warning:
+        console.print(warning, style="yellow", markup=False)
+    if resume:  # a resumed search gives its failed trials one more attempt (see faults.py)
+        shutil.rmtree(state_path(opts) / faults.FAILED_DIR, ignore_errors=True)
+    return cfg
+
+
+def _parent_run(cfg: Config, opts: SearchOptions, resume: bool, console) -> str:
+    """The search's MLflow parent run (reused on resume), with search.json written beside it."""
+    parent = tracking.parent_run(
+        opts.tracking_uri, cfg.tracking.experiment, opts.location, opts.name,
+        {"search.name": opts.name, "search.space_file": opts.space_file, "git.commit": git_commit(),
+         "ray.address": opts.address or "local", "teacher.pretrained": str(is_pretrained(cfg.teacher)).lower()},
+    )  # fmt: skip
+    if not resume:
+        write_json(opts.path / SEARCH_FILE, {"config": cfg.model_dump(mode="json"), "options": opts.to_json(),
+                                             "parent_run_id": parent})  # fmt: skip
+        if cluster.is_uri(opts.storage):
+            cluster.push(opts.path, opts.location, [SEARCH_FILE])
+        tracking.client(opts.tracking_uri).log_text(parent, to_yaml(cfg), "search_config.yaml")
+    console.print(f"MLflow: {tracking.mask_secrets(opts.tracking_uri)} (experiment {cfg.tracking.experiment!r}, "
+                  f"parent run {parent})", markup=False)  # fmt: skip
+    if cfg.search.study_storage:
+        console.print(f"Optuna study {opts.name!r} in {mask_uri(cfg.search.study_storage)} "
+                      f"(optuna-dashboard {mask_uri(cfg.search.study_storage)})", markup=False)  # fmt: skip
+    if opts.tracking_uri.startswith("sqlite:///"):
+        console.print(f"  open it with: mlflow ui --backend-store-uri {opts.tracking_uri} --host 127.0.0.1", markup=False)
+    return parent
+
+
+def _data(cfg: Config):
+    """(the synthetic pool or None, (prepared data, splits)): preprocessed once, for the object store."""
+    from tskd_tune.data.prepare import load
+    from tskd_tune.synth import pool_for_search
+
+    prepared, splits = load(cfg)
+    # the synthetic pool is built here, once, before trials start; trials then find it in the cache
+    pool = pool_for_search(cfg, prepared, splits, use_cache=cfg.cache.enabled)
+    # plain arrays: Ray's object store shares them read-only, zero-copy, with every trial on the node
+    prepared = dataclasses.replace(prepared, images=np.ascontiguousarray(prepared.images),
+                                   masks=np.ascontiguousarray(prepared.masks))  # fmt: skip
+    return pool, (prepared, splits)
+
+
+def run_info(opts: SearchOptions, parent_run_id: str) -> dict:
+    """What every trial needs to know of the search. MLflow credentials ride in the object store with the
+    trainable: no runtime_env, dashboard or log shows them."""
+    return {"tracking_uri": opts.tracking_uri, "parent_run_id": parent_run_id, "mlflow_env": mlflow_env(),
+            "state_path": str(state_path(opts))}  # fmt: skip
+
+
+def init_ray(address: str | None, console) -> None:
+    """Start a local Ray or join a cluster (``auto``, ``HOST:PORT``, ``ray://HOST:10001``); print the dashboard URL."""
+    import ray
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table reporter shows our columns
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    if ray.is_initialized():
+        return
+    try:
+        if address and address.startswith("ray://"):
+            # Ray Client takes no dashboard options: the cluster has its own dashboard
+            ctx = ray.init(address=address, logging_level="ERROR")
+        else:
+            # "local" rather than None: None would silently join the last `ray start` cluster on this machine
+            ctx = ray.init(address=address or "local", include_dashboard=True, dashboard_host="127.0.0.1",
+                           logging_level="ERROR", log_to_driver=True)  # fmt: skip
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        if not address:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise TskdError(f"--address: cannot join the Ray cluster at {address}: {first[:200]}") from None
+    url = getattr(ctx, "dashboard_url", None)
+    if url:
+        console.print(f"Ray dashboard: http://{url}  (token auth: the token is in ~/.ray/auth_token)", markup=False)
+
+
+def _start_references(cfg: Config, data_ref, run: dict) -> dict:
+    """Start the reference trials as Ray tasks with a trial's resources; method -> object ref."""
+    import ray
+
+    from tskd_tune.search.trainable import reference_trial
+
+    task = ray.remote(reference_trial).options(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu, max_retries=1)
+    return {m: task.remote(m, data_ref, cfg, run) for m in cfg.search.baselines}
+
+
+def _finish_references(refs: dict, console) -> dict:
+    """Wait for the reference trials; a failed one is reported in one line, the search still ends."""
+    import ray
+
+    out = {}
+    for method, ref in refs.items():
+        try:
+            out[method] = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - a reference is context, not the search's result
+            cause = getattr(exc, "cause", exc)
+            console.print(f"reference trial {method} failed: {cause.__class__.__name__}: {str(cause)[:300]}",
+                          markup=False)  # fmt: skip
+    return out
+
+
+def _close_lost_children(opts: SearchOptions, parent: str, results, console) -> None:
+    """After a resume: end the child runs of trials the killed driver started but Ray never recorded."""
+    known = {trial_id_of(Path(r.path).name) for r in results if r.path}
+    try:
+        lost = tracking.close_lost_children(opts.tracking_uri, parent, lambda t: t in known)
+    except Exception as exc:  # noqa: BLE001 - MLflow down now: they stay RUNNING until the next resume
+        if not tracking.unreachable(exc):
+            raise
+        return
+    if lost:
+        console.print(f"MLflow: {len(lost)} run(s) of trials lost with the killed driver ended as KILLED "
+                      f"(tskd.status=lost): {', '.join(lost)}", markup=False)  # fmt: skip

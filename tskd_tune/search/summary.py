@@ -1,0 +1,97 @@
+"""The end of a search: the leaderboard, the best trial (its config and its test score), the reference
+trials and every trial's gain over the scratch student, logged to the MLflow parent run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tskd_tune import tracking
+from tskd_tune.cache import atomic_write
+from tskd_tune.config import Config
+from tskd_tune.report import best_trial, objective_board, references
+from tskd_tune.search.folder import SearchOptions, state_path
+
+
+def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tuple, console) -> dict:
+    """Leaderboard, best config and the best trial evaluated once on the test split; logged to the parent."""
+    c = tracking.BufferedClient(opts.tracking_uri, tracking.journal_path(state_path(opts), "parent"))
+    objectives = cfg.search.objective_items()
+    metric, _ = objectives[0]
+    board = objective_board(opts.path, objectives)
+    board_path = opts.path / "leaderboard.csv"
+    board.to_csv(board_path, index=False)
+    c.log_artifact(parent, str(board_path))
+    errors = sum(1 for r in results if r.error is not None)
+    summary = {"trials": len(board), "errored": errors, "leaderboard": str(board_path)}
+    if board.empty or board[metric].isna().all():
+        console.print("no trial produced a result", markup=False)
+        return summary
+    if len(objectives) > 1:
+        front = board[board["pareto"]]
+        front_path = opts.path / "pareto.csv"
+        front.to_csv(front_path, index=False)
+        c.log_artifact(parent, str(front_path))
+        summary["pareto_front"] = front["trial_id"].tolist()
+        console.print(f"Pareto front ({', '.join(f'{m} {d}' for m, d in objectives)}): "
+                      f"{len(front)} of {len(board)} trials, in {front_path}", markup=False)  # fmt: skip
+        print(front[["trial_id", *[m for m, _ in objectives]]].to_string(index=False))
+    # the best trial that ran to the end: an ASHA-stopped trial's score is from fewer epochs and it has no
+    # student to test (with several objectives every trial ends, and the best in the first is on the front)
+    best = best_trial(board)
+    trial_dir = Path(best["trial_dir"])
+    best_cfg_path = opts.path / "best.yaml"
+    atomic_write(best_cfg_path, (trial_dir / "outputs" / "config.yaml").read_text())
+    c.log_artifact(parent, str(best_cfg_path))
+    test = evaluate_on_test(trial_dir / "outputs", data)
+    summary |= {"best_trial": best["trial_id"], "best_" + metric: float(best[metric]),
+                "best_config": str(best_cfg_path), **test}  # fmt: skip
+    refs = reference_metrics(opts.path)
+    summary |= refs
+    if "reference_scratch_val_dice" in refs:
+        summary["best_gain_vs_scratch"] = float(best["gain_vs_scratch"])
+        if "test_dice" in test and "reference_scratch_test_dice" in refs:
+            summary["best_test_gain_vs_scratch"] = test["test_dice"] - refs["reference_scratch_test_dice"]
+        for _, row in board.dropna(subset=["gain_vs_scratch", "mlflow_run_id"]).iterrows():
+            c.log_batch(row["mlflow_run_id"], metrics=[_metric("gain_vs_scratch", row["gain_vs_scratch"])])
+    c.log_batch(parent, metrics=[_metric(k, v) for k, v in tracking.numeric(
+        {k: v for k, v in summary.items() if k.startswith(("best_", "reference_"))} | test).items()])  # fmt: skip
+    print(board.drop(columns=["trial_dir", "mlflow_run_id"]).head(10).to_string(index=False))
+    for line in reference_lines(refs):
+        console.print(line, markup=False)
+    gain = f"; {summary['best_gain_vs_scratch']:+.4f} val Dice over scratch" if "best_gain_vs_scratch" in summary else ""
+    console.print(f"best trial {best['trial_id']}: {metric} {best[metric]:.4f}{gain}; "
+                  f"test_dice {test.get('test_dice', float('nan')):.4f}; config {best_cfg_path}", markup=False)  # fmt: skip
+    return summary
+
+
+def _metric(key: str, value: float):
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), 0)
+
+
+def reference_metrics(search_path: Path) -> dict:
+    """``reference_<method>_<metric>`` for the finished reference trials (val and test Dice, HD95)."""
+    return {f"reference_{method}_{k}": float(m[k]) for method, m in references(search_path).items()
+            for k in ("val_dice", "val_hd95", "test_dice", "test_hd95") if m.get(k) is not None}  # fmt: skip
+
+
+def reference_lines(refs: dict) -> list[str]:
+    """One line per reference trial: its val and test Dice."""
+    methods = dict.fromkeys(k.split("_")[1] for k in refs)
+    return [f"reference {m}: val_dice {refs.get(f'reference_{m}_val_dice', float('nan')):.4f}, "
+            f"test_dice {refs.get(f'reference_{m}_test_dice', float('nan')):.4f}" for m in methods]  # fmt: skip
+
+
+def evaluate_on_test(outputs: Path, data: tuple) -> dict:
+    """The best trial's student on the test split, once, after the search."""
+    from tskd_tune.export import load_trial_student
+    from tskd_tune.metrics import evaluate
+
+    if not (outputs / "student.safetensors").is_file():
+        return {}
+    model, _, _ = load_trial_student(outputs)
+    prepared, splits = data
+    idx = splits.test
+    return evaluate(model, prepared.images[idx], prepared.masks[idx], prepared.classes, prefix="test_")

@@ -1,0 +1,168 @@
+"""The Ray Tune trainable: a thin adapter from a trial's sampled values to :func:`~tskd_tune.trial.run_trial`.
+
+It builds the trial's config once, opens its MLflow child run, installs the watchdog and the loop hooks,
+calls the engine, and reports to Tune; everything the trial measures and writes is ``run_trial``'s.
+Reference trials (the scratch student, the teacher) run through :func:`reference_trial`, a Ray task
+beside the search.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+
+from tskd_tune import faults, tracking
+from tskd_tune.config import END_OF_TRIAL_METRICS, Config, apply_values
+from tskd_tune.methods import get_method
+from tskd_tune.models.teacher import is_pretrained
+from tskd_tune.search.folder import REFERENCES
+from tskd_tune.trial import TrialResult, resolve_device, run_trial
+
+
+def trial(config: dict, data: tuple, base: Config, run: dict) -> None:
+    """One Ray Tune trial: sampled values -> config -> child MLflow run -> ``run_trial``, reporting every epoch."""
+    from ray import tune
+
+    os.environ.update(run["mlflow_env"])  # before the first MLflow call: credentials this worker lacks
+    cfg = apply_values(base, config)
+    _cap_gpu_memory(cfg)
+    ctx, state = tune.get_context(), Path(run["state_path"])
+    marker = faults.marker_path(state, ctx.get_trial_id())
+    faults.fail_if_failed_before(marker)  # a trial that raised would fail the same way again: no retry
+    report = TuneReport(cfg)
+    with (faults.recorded(marker),
+          tracking.trial_run(run["tracking_uri"], run["parent_run_id"], ctx.get_trial_id(), ctx.get_trial_name(),
+                             search_path=state, tracking_cfg=cfg.tracking) as mlflow_run,
+          faults.watchdog(cfg.search.trial_timeout_s, partial(_timed_out, marker, mlflow_run.tracker,
+                                                              cfg.search.trial_timeout_s))):  # fmt: skip
+        tracker = report.tracker = mlflow_run.tracker
+        tracker.log_params(config | {"distill.method": cfg.distill.method, "student.model": cfg.student.model})
+        tracker.set_tags(_run_tags(cfg) | {"resumed": mlflow_run.resumed})
+        result = run_trial(cfg, report, tracker, out_dir=_working_dir() / "outputs", resume_from=_restored(),
+                           data=data, hooks=faults.trial_hooks())  # fmt: skip
+        mlflow_run.stop_monitor()
+        tracker.log_metrics({f"final_{k}": v for k, v in tracking.numeric(result).items()}, step=cfg.student.epochs)
+        for path in result.files:
+            tracker.log_artifact(path)
+        tracker.set_tags(result.tags())
+    report.final(result)  # after the run is ended: the scheduler may stop the trial at any report
+
+
+class TuneReport:
+    """``report(epoch, metrics, checkpoint)`` for ``run_trial``: finite numbers to Tune with a checkpoint; the
+    last epoch's report is held back until the trial has written its outputs (:meth:`final`)."""
+
+    def __init__(self, cfg: Config):
+        self.objectives = [m for m, _ in cfg.search.objective_items()]
+        self.at_end = [m for m in self.objectives if m in END_OF_TRIAL_METRICS]
+        self.last_epoch = get_method(cfg.distill.method).reported_epochs(cfg)
+        self.tracker, self.held = None, {}
+
+    def __call__(self, epoch: int, metrics: dict, ckpt: Path | None) -> None:
+        faults.beat()
+        out = {k: v for k, v in tracking.numeric(metrics).items() if math.isfinite(v)}
+        for name in self.objectives:  # a non-finite score would reach ASHA and Optuna as a result
+            if name in metrics and name not in out:
+                raise faults.TrialFailed(f"{name} is {metrics[name]} at epoch {epoch}; not reported to the searcher")
+        out |= {"epoch": epoch} | self._run_id()
+        # Tune wants every objective in every result; end-of-trial ones (latency, size) are not known yet.
+        # A multi-objective OptunaSearch ignores intermediate results, so these NaNs never reach Optuna.
+        out |= {m: float("nan") for m in self.at_end if m not in out}
+        if epoch == self.last_epoch:
+            self.held = {"metrics": out, "ckpt": ckpt}
+            return
+        self._send(out, ckpt)
+
+    def final(self, result: TrialResult) -> None:
+        """The held-back last report, with the trial's final metrics (``final_*``, end-of-trial objectives)."""
+        numbers = tracking.numeric(result)
+        out = self.held.get("metrics", {"epoch": self.last_epoch} | self._run_id())
+        out |= {f"final_{k}": v for k, v in numbers.items()} | {k: v for k, v in numbers.items() if k in self.at_end}
+        self._send(out, self.held.get("ckpt"))
+
+    def _run_id(self) -> dict:
+        return {"mlflow_run_id": self.tracker.run_id} if self.tracker is not None and self.tracker.run_id else {}
+
+    @staticmethod
+    def _send(metrics: dict, ckpt: Path | None) -> None:
+        from ray import tune
+
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None)
+
+
+def reference_trial(method: str, data: tuple, base: Config, run: dict) -> dict:
+    """One reference trial (a Ray task beside the search, outside the Optuna study): ``method`` on the
+    search's base config, evaluated on val and test, recorded as a child run tagged ``tskd.baseline``."""
+    import json
+
+    os.environ.update(run["mlflow_env"])
+    cfg = apply_values(base, {"distill.method": method})
+    out_dir = Path(run["state_path"]) / REFERENCES / method / "outputs"
+    if (out_dir / "metrics.json").is_file():  # finished before the search was interrupted
+        return json.loads((out_dir / "metrics.json").read_text())
+    with tracking.trial_run(run["tracking_uri"], run["parent_run_id"], f"baseline-{method}", f"reference {method}",
+                            search_path=Path(run["state_path"])) as mlflow_run:  # fmt: skip
+        tracker = mlflow_run.tracker
+        tracker.log_params({"distill.method": method, "student.model": cfg.student.model, "teacher.model": cfg.teacher.model})
+        tracker.set_tags(_run_tags(cfg) | {"tskd.baseline": method})
+        result = run_trial(cfg, None, tracker, out_dir=out_dir, test=True, data=data)
+        tracker.log_metrics({f"final_{k}": v for k, v in tracking.numeric(result).items()}, step=0)
+        for path in result.files:
+            tracker.log_artifact(path)
+    return dict(result)
+
+
+def _run_tags(cfg: Config) -> dict:
+    import ray
+
+    return {"ray.node_id": ray.get_runtime_context().get_node_id(), "ray.node_ip": ray.util.get_node_ip_address(),
+            "device": str(resolve_device(cfg)), "teacher.pretrained": str(is_pretrained(cfg.teacher)).lower()}  # fmt: skip
+
+
+def _cap_gpu_memory(cfg: Config) -> None:
+    """Ray's fractional GPUs are bookkeeping only: cap this trial's share of the memory ourselves."""
+    if cfg.resources.gpu and 0 < cfg.resources.gpu < 1 and resolve_device(cfg).type == "cuda":
+        import torch
+
+        torch.cuda.set_per_process_memory_fraction(cfg.resources.gpu)
+
+
+def _restored() -> Path | None:
+    """The checkpoint a retried or restored trial continues from (outside the working dir, which is
+    uploaded to storage: a restored copy need not go back there)."""
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    return Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="tskd-restored-"))) if checkpoint else None
+
+
+def _timed_out(marker: Path, tracker, limit: float, idle: float) -> None:
+    """The watchdog fired: record the hang, then end this worker process (a hung step cannot be interrupted).
+
+    Ray sees the worker die and retries the trial; the retry finds the record and fails at once.
+    """
+    msg = f"no progress for {idle:.0f} s (search.trial_timeout_s: {limit:g}): stopped as hung"
+    print(f"tskd-tune: {msg}", file=sys.stderr, flush=True)
+    faults.mark_failed(marker, "timeout", msg)
+    try:
+        tracker.set_tags({"tskd.status": "timeout", "tskd.error": msg})
+        tracker.finish("KILLED")
+    finally:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _working_dir() -> Path:
+    """The trial's working folder on the node where it runs, which Ray uploads to the trial's folder in storage.
+
+    Uploaded at every checkpoint and when the trial ends (``SyncConfig(sync_artifacts=True)``), from
+    whichever node runs the trial. ``get_trial_dir()`` names a staging folder on the driver's node
+    instead, which files written on another node never reach. (A private Ray API: Ray is pinned.)
+    """
+    from ray.train._internal.session import get_session
+
+    return Path(get_session().storage.trial_working_directory)

@@ -1,0 +1,184 @@
+"""The Ray Tune side of a search: samplers and schedulers by name, the Optuna study's storage, readable
+trial names, the callback that gives every child run its final status, and the Tuner itself."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tskd_tune import tracking
+from tskd_tune.cluster import mask_uri
+from tskd_tune.config import Config
+from tskd_tune.errors import TskdError
+from tskd_tune.methods import get_method
+from tskd_tune.search.folder import SearchOptions, state_path
+
+
+def _optuna():
+    import optuna
+
+    return optuna
+
+
+SAMPLERS = {
+    "tpe": lambda seed: _optuna().samplers.TPESampler(seed=seed),
+    "random": lambda seed: _optuna().samplers.RandomSampler(seed=seed),
+    "cmaes": lambda seed: _optuna().samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
+    "gp": lambda seed: _optuna().samplers.GPSampler(seed=seed),
+}
+"""``search.algorithm`` -> the Optuna sampler, seeded by ``search.seed``."""
+
+
+def _asha(cfg: Config, max_t: int):
+    from ray.tune.schedulers import ASHAScheduler
+
+    s = cfg.search  # config validation refuses ASHA with several objectives
+    return ASHAScheduler(metric=s.metric, mode=s.mode, max_t=max_t, grace_period=min(s.grace_period, max_t),
+                         reduction_factor=s.reduction_factor)  # fmt: skip
+
+
+def _fifo(cfg: Config, max_t: int):
+    from ray.tune.schedulers import FIFOScheduler
+
+    return FIFOScheduler()
+
+
+SCHEDULERS = {"asha": _asha, "fifo": _fifo}
+"""``search.scheduler`` -> the Tune scheduler over ``max_t`` reported epochs."""
+
+SHORT_NAMES = {"distill.temperature": "T", "distill.kd_weight": "kd", "distill.sup_weight": "sup",
+               "distill.feature_weight": "feat", "student.lr": "lr", "teacher.lr": "t.lr", "synthetic.ratio": "synth",
+               "teacher.lora.rank": "rank", "teacher.lora.alpha": "alpha", "teacher.lora.last_blocks": "blocks"}  # fmt: skip
+
+
+def trial_name(trial) -> str:
+    """``t007 T=3.7 kd=1.6 lr=0.0026``: the trial's number and its sampled values, readable and unique
+    within the search (Tune's display name, the MLflow run name)."""
+    number = str(trial.experiment_tag).split("_", 1)[0]
+    values = [f"{SHORT_NAMES.get(k, k.rsplit('.', 1)[-1])}={_short(v)}" for k, v in (trial.evaluated_params or {}).items()]
+    return " ".join([f"t{int(number):03d}" if number.isdigit() else "t", *values])
+
+
+def trial_dirname(trial) -> str:
+    """``t007_<trial id>``: the trial's folder in the search folder."""
+    number = str(trial.experiment_tag).split("_", 1)[0]
+    return f"t{int(number):03d}_{trial.trial_id}" if number.isdigit() else f"t_{trial.trial_id}"
+
+
+def trial_id_of(folder_name: str) -> str:
+    """The trial id in a folder named by :func:`trial_dirname`."""
+    return folder_name.rsplit("_", 1)[-1]
+
+
+def _short(value) -> str:
+    return f"{value:.2g}" if isinstance(value, float) else str(value)
+
+
+def study_storage(cfg: Config, name: str, fresh: bool):
+    """The Optuna storage of ``search.study_storage`` (None: in memory); a fresh search must not reuse a study."""
+    value = cfg.search.study_storage
+    if not value:
+        return None
+    optuna = _optuna()
+    try:
+        if "://" in value:
+            storage = optuna.storages.RDBStorage(value)
+        else:
+            from optuna.storages.journal import JournalFileBackend
+
+            Path(value).parent.mkdir(parents=True, exist_ok=True)
+            storage = optuna.storages.JournalStorage(JournalFileBackend(str(value)))
+        exists = name in optuna.study.get_all_study_names(storage)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "storage unusable"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise TskdError(f"search.study_storage: cannot use {mask_uri(value)}: {first[:200]}") from None
+    if fresh and exists:
+        raise TskdError(
+            f"search.study_storage: {mask_uri(value)} already holds a study named {name!r}; pick another --name"
+        )
+    return storage
+
+
+def finalizer(tracking_uri: str, parent_run_id: str, search_path: Path):
+    """A Tune callback that gives every child run a final MLflow status: none is left RUNNING.
+
+    Its writes go through the trial's journal, behind any the trial queued while MLflow was down.
+    """
+    from ray import tune
+
+    class MlflowFinalizer(tune.Callback):
+        next_sync = 0.0
+
+        def on_step_end(self, iteration, trials, **info):
+            # journals of trials that ended while MLflow was down are delivered soon after it is back
+            if time.monotonic() >= self.next_sync:
+                self.next_sync = time.monotonic() + 15
+                if (search_path / tracking.JOURNAL_DIR).is_dir():
+                    tracking.sync_journals(search_path, probe=True)
+
+        def _tracker(self, trial) -> tracking.RunTracker:
+            return tracking.RunTracker(tracking_uri, journal=tracking.journal_path(search_path, trial.trial_id),
+                                       run_id=(trial.last_result or {}).get("mlflow_run_id"),
+                                       parent_run_id=parent_run_id, trial_id=trial.trial_id)  # fmt: skip
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            # only a run the trial did not finish itself is changed: the scheduler stopped that trial
+            epoch = (trial.last_result or {}).get("epoch", 0)
+            self._tracker(trial).finalize(
+                "KILLED", {"tskd.status": "stopped_early", "tskd.stopped_at_epoch": epoch}
+            )
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._tracker(trial).finalize("FAILED", {"tskd.status": "failed"})
+
+    return MlflowFinalizer()
+
+
+def build_tuner(cfg: Config, opts: SearchOptions, run: dict, data_ref, *, restore: bool = False, resume: bool = False):
+    """The Tuner of the search (or, with ``restore``, the interrupted one restored from its folder)."""
+    from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tskd_tune.search.trainable import trial
+    from tskd_tune.space import to_optuna
+
+    trainable = tune.with_parameters(trial, data=data_ref, base=cfg, run=run)
+    trainable = tune.with_resources(trainable, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+    if restore:
+        return tune.Tuner.restore(opts.location, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    s = cfg.search
+    # metric and mode go to searcher and scheduler themselves: ConcurrencyLimiter does not pass them on
+    objectives = s.objective_items()
+    metric, mode = objectives[0]
+    if len(objectives) > 1:  # Optuna's multi-objective study: every trial's final result carries all of them
+        metric, mode = [m for m, _ in objectives], [d for _, d in objectives]
+    searcher = OptunaSearch(space=to_optuna(s.space), metric=metric, mode=mode, sampler=SAMPLERS[s.algorithm](s.seed),
+                            points_to_evaluate=s.points_to_evaluate or None, study_name=opts.name,
+                            storage=study_storage(cfg, opts.name, fresh=not resume))  # fmt: skip
+    reporter = tune.CLIReporter(
+        metric_columns={"epoch": "epoch", s.metric: s.metric, "val_hd95": "hd95"} | {m: m for m, _ in objectives},
+        parameter_columns={p: p.split(".")[-1] if len(p) > 24 else p for p in s.space},
+        max_report_frequency=15,
+        sort_by_metric=True,
+    )
+    max_t = get_method(cfg.distill.method).reported_epochs(cfg)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent),
+                                    scheduler=SCHEDULERS[s.scheduler](cfg, max_t), num_samples=s.num_samples,
+                                    trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),  # fmt: skip
+        run_config=tune.RunConfig(
+            name=opts.name,
+            storage_path=str(opts.storage),
+            failure_config=tune.FailureConfig(max_failures=2),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # each trial uploads its outputs (config, metrics, student) from its own node
+            sync_config=tune.SyncConfig(sync_artifacts=True),
+            # JSON only (not CSV/TensorBoard): result.json and params.json are what `status` and `report` read
+            callbacks=[finalizer(opts.tracking_uri, run["parent_run_id"], state_path(opts)), JsonLoggerCallback()],
+            progress_reporter=reporter,
+            verbose=1,
+        ),
+    )
