@@ -9,12 +9,9 @@ writes its outputs to ``out_dir``: ``config.yaml`` (the resolved config, so the 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Protocol
-
-import torch
 
 from tskd_tune.cache import Store, atomic_write, writable_dir
 from tskd_tune.config import Config, to_yaml
@@ -23,6 +20,7 @@ from tskd_tune.errors import StorageError
 from tskd_tune.methods import METHODS, Stages
 from tskd_tune.metrics import count_params, evaluate, latency_ms
 from tskd_tune.models.teacher import is_pretrained
+from tskd_tune.runtime import resolve_device, set_threads
 from tskd_tune.synth import build_pool, uses_pool
 from tskd_tune.train import Report, load_checkpoint, seed_all
 
@@ -48,18 +46,6 @@ class JsonlTracker:
             raise StorageError(f"{self.path}: cannot append to it ({exc.strerror})") from None
 
 
-def resolve_device(cfg: Config) -> torch.device:
-    """CUDA when asked for or available (``resources.device: auto``), else CPU."""
-    want = cfg.resources.device
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available() and cfg.resources.gpu > 0):
-        if not torch.cuda.is_available():
-            from tskd_tune.errors import TskdError
-
-            raise TskdError("resources.device: cuda requested but no CUDA device is visible")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def run_trial(
     cfg: Config,
     report: Report | None = None,
@@ -80,8 +66,7 @@ def run_trial(
     cache (default: the trial's threads; a standalone trial has the whole machine).
     """
     t_start = time.perf_counter()
-    threads = cfg.resources.threads or max(1, math.ceil(cfg.resources.cpu))
-    torch.set_num_threads(threads)
+    threads = set_threads(cfg)
     seed_all(cfg.seed)
     device = resolve_device(cfg)
     enabled = cfg.cache.enabled if use_cache is None else use_cache
