@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from tskd_tune.cache import Store, digest
 from tskd_tune.config import validate
 from tskd_tune.data.prepare import load
 from tskd_tune.errors import ConfigError, TskdError
 from tskd_tune.synth import (
+    GATE_FIGURES,
     Pool,
     build_pool,
     generator_key,
@@ -36,6 +38,23 @@ TINY_SYNTH = {
     "ratio": 1.0,
 }
 CPU = torch.device("cpu")
+# each of the gate's reasons starts with the check that failed; the figure it is about
+CHECKS = {
+    "mean intensity distance": "mean_distance",
+    "intensity std distance": "std_distance",
+    "histogram distance": "hist_distance",
+    "roughness ratio": "roughness_ratio",
+    "nearest-real distance": "nn_ratio",
+}
+
+
+def _failed(gate: dict) -> list[str]:
+    """The figures a gate's reasons name, in order (``copies`` for the memorisation reason)."""
+    out = []
+    for reason in gate["reasons"]:
+        named = [figure for check, figure in CHECKS.items() if reason.startswith(check + " ")]
+        out += named or (["copies"] if reason.endswith("(memorised)") else [reason])
+    return out
 
 
 def _pool(cfg, store=None):
@@ -50,9 +69,18 @@ def test_pool_has_the_data_shape_and_range_and_gate_figures(tiny):
     assert pool.images.min() >= 0 and pool.images.max() <= 1
     assert isinstance(pool.images, np.memmap) and (pool.path / "images.npy").is_file()
     assert not pool.cached and pool.info["generator_cached"] is False
-    assert isinstance(pool.gate["passed"], bool) and pool.gate["n_synthetic"] == 8
+    assert pool.gate["n_synthetic"] == 8 and pool.gate["size"] == 16  # compared at the generator's 16 px
+    # two training steps make noise, not phantoms: too bright, and far from every real image
+    assert pool.gate["passed"] is False
+    assert _failed(pool.gate) == ["mean_distance", "hist_distance", "nn_ratio"], pool.gate["reasons"]
+    assert pool.gate == json.loads((pool.path / "gate.json").read_text())
     metrics = pool.metrics()
-    assert {"synth_gate_passed", "synth_hist_distance", "synth_nn_distance", "synth_copies"} <= set(metrics)
+    assert metrics == {
+        "synth_pool": 8,
+        "synth_cached": False,
+        "synth_gate_passed": False,
+        "synth_gate_reasons": "; ".join(pool.gate["reasons"]),
+    } | {f"synth_{k}": pool.gate[k] for k in GATE_FIGURES}
     (training_json,) = (cfg.cache.dir / "generator").glob("*/training.json")
     training = json.loads(training_json.read_text())
     assert training["steps"] == 2 and training["image_size"] == 16
@@ -141,27 +169,47 @@ def test_transfer_set_reads_real_then_synthetic_images(tiny):
     assert np.array_equal(x[2].numpy(), images[transfer.synthetic[-1]].astype(np.float32))
     # no pool: the real transfer set, with the same cache key as before synthetic data existed
     plain = build_transfer_set(splits)
-    assert plain.counts["transfer_synthetic"] == 0 and set(plain.key()) == {"transfer"}
-    assert set(transfer.key()) == {"transfer", "pool", "synthetic"}
+    assert plain.counts["transfer_synthetic"] == 0 and np.array_equal(plain.real, transfer.real)
+    assert plain.key() == {"transfer": digest(plain.real.tolist())}
+    assert transfer.key() == plain.key() | {"pool": "k", "synthetic": digest(transfer.synthetic.tolist())}
 
 
 def test_gate_passes_real_images_and_rejects_noise_flat_images_and_copies(tiny):
     prepared, splits = load(tiny())
     train = np.asarray(prepared.images[training_indices(splits)], np.float32)
     held_out = np.asarray(prepared.images[np.concatenate([splits.val, splits.test])], np.float32)
-    assert quality_gate(held_out, train)["passed"], quality_gate(held_out, train)["reasons"]
+    real = quality_gate(held_out, train)
+    assert real["passed"] is True and real["reasons"] == [] and real["copies"] == 0, real["reasons"]
+    assert (real["n_synthetic"], real["n_real"], real["size"]) == (len(held_out), len(train), 32)
+    assert max(real["mean_distance"], real["std_distance"], real["hist_distance"]) < 0.02
+    assert 0.9 < real["roughness_ratio"] < 1.1 and 0.9 < real["nn_ratio"] < 1.1
 
     rng = np.random.default_rng(0)
     uniform = rng.random((64, 1, 32, 32), dtype=np.float32)
     gaussian = np.clip(rng.normal(0.5, 0.5, (64, 1, 32, 32)), 0, 1).astype(np.float32)
     flat = np.full((64, 1, 32, 32), train.mean(), np.float32)
-    for name, fake in [("uniform noise", uniform), ("gaussian noise", gaussian), ("flat", flat)]:
+    for name, fake, failed in [
+        ("uniform noise", uniform, ["mean_distance", "hist_distance", "roughness_ratio", "nn_ratio"]),
+        ("gaussian noise", gaussian,
+         ["mean_distance", "std_distance", "hist_distance", "roughness_ratio", "nn_ratio"]),
+        ("flat", flat, ["std_distance", "hist_distance", "roughness_ratio"]),
+    ]:  # fmt: skip
         gate = quality_gate(fake, train)
-        assert not gate["passed"] and gate["reasons"], name
+        assert gate["passed"] is False and _failed(gate) == failed, (name, gate["reasons"])
     noise = quality_gate(uniform, train)
-    assert any("histogram" in r for r in noise["reasons"]) and any("roughness" in r for r in noise["reasons"])
+    assert noise["reasons"] == [
+        f"mean intensity distance {noise['mean_distance']:.3f} > 0.08",
+        f"histogram distance {noise['hist_distance']:.3f} > 0.08",
+        f"roughness ratio {noise['roughness_ratio']:.2f} outside [0.4, 2.0]",
+        f"nearest-real distance {noise['nn_ratio']:.2f}x the real images' own > 2.0x",
+    ]
+    # uniform noise is mid-grey on average, much rougher than the phantoms and far from each of them
+    assert abs(noise["mean_synth"] - 0.5) < 0.01 and noise["roughness_ratio"] > 4 and noise["nn_ratio"] > 3
+    flat_gate = quality_gate(flat, train)  # no structure at all: no contrast, no roughness
+    assert flat_gate["std_synth"] == 0.0 and flat_gate["roughness_ratio"] == 0.0
     copies = quality_gate(train[:40], train)
-    assert not copies["passed"] and copies["copies"] == 40 and "memorised" in copies["reasons"][-1]
+    assert copies["reasons"] == ["40 of 40 images are near-copies of training images (memorised)"]
+    assert copies["copies"] == 40 and copies["nn_distance"] == 0.0
 
 
 def test_pretrained_pipeline_round_trip(tiny, tmp_path):
@@ -184,11 +232,12 @@ def test_pretrained_pipeline_round_trip(tiny, tmp_path):
     (tmp_path / "empty").mkdir()
     for path, message in [
         (tmp_path / "missing", "not found"),
-        (tmp_path / "empty", "not a diffusers pipeline folder"),
+        (tmp_path / "empty", "not a diffusers pipeline folder (no model_index.json)"),
     ]:
         bad = tiny(synthetic={"generator": "pretrained", "pretrained_path": str(path), "ratio": 1.0})
-        with pytest.raises(TskdError, match=f"^synthetic.pretrained_path: .*{message}"):
+        with pytest.raises(TskdError) as raised:
             _pool(bad)
+        assert str(raised.value) == f"synthetic.pretrained_path: {path}: {message}"
 
 
 def test_config_checks():
@@ -206,13 +255,22 @@ def test_trial_with_ratio_1_distils_on_synthetic_images_and_caches_their_logits(
     n_real = result["transfer_real"]
     assert result["transfer_synthetic"] == min(64, n_real) > 0
     assert result["synth_s"] > 0 and result["synth_cached"] is False
-    assert isinstance(result["synth_gate_passed"], bool) and "synth_hist_distance" in result
+    # the trial reports its pool's gate as it is cached (the 2-step generator's pool fails it)
+    prepared, splits = load(cfg)
+    pool = build_pool(cfg, prepared, splits, Store(cfg.cache.dir), CPU)
+    assert pool.cached and result["synth_gate_passed"] is False and result["synth_pool"] == 64
+    expected = pool.metrics() | {"synth_cached": False}  # the first trial built it
+    assert {k: result[k] for k in expected} == expected
     logits = [p for p in (tmp_path / "cache" / "logits").iterdir() if not p.name.endswith(".lock")]
     (entry,) = logits
     assert np.load(entry / "outputs.npy", mmap_mode="r").shape[0] == n_real + result["transfer_synthetic"]
-    assert "synthetic" in json.loads((entry / "MANIFEST.json").read_text())["key"]
+    # the logits are keyed by this pool and by the synthetic images drawn from it
+    transfer = build_transfer_set(splits, pool, cfg)
+    assert transfer.key()["pool"] == pool.key and len(transfer.synthetic) == result["transfer_synthetic"]
+    key = json.loads((entry / "MANIFEST.json").read_text())["key"]
+    assert {k: key[k] for k in ("transfer", "pool", "synthetic")} == transfer.key()
     again = run_trial(cfg)
-    assert again["synth_cached"] and again["logits_cached"] and again["teacher_cached"]
+    assert (again["synth_cached"], again["logits_cached"], again["teacher_cached"]) == (True, True, True)
     assert again["val_dice"] == result["val_dice"]
     assert not uses_pool(tiny(synthetic=TINY_SYNTH | {"ratio": 0.0}))  # ratio 0: no pool is even loaded
     assert not uses_pool(tiny(synthetic=TINY_SYNTH, distill={"method": "scratch"}))
@@ -226,12 +284,23 @@ def test_cli_synth_writes_the_grid_and_the_gate(tmp_path, capsys):
     space.write_text(yaml.safe_dump(tiny_raw(tmp_path, synthetic=TINY_SYNTH)))
     assert main(["synth", str(space), "--out", str(tmp_path / "synth"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["images"] == 8 and summary["generator_image_size"] == 16 and not summary["cached"]
-    assert (tmp_path / "synth" / "grid.png").is_file() and (tmp_path / "synth" / "gate.json").is_file()
+    assert (summary["images"], summary["shape"], summary["generator"]) == (8, [1, 32, 32], "ddpm")
+    assert summary["generator_image_size"] == 16 and summary["cached"] is False
+    assert summary["training"]["steps"] == 2 and summary["gate"]["passed"] is False
+    # gate.json holds what --json printed; the grid is 4x4 synthetic | gap | 4x4 real tiles of 32 px,
+    # drawn 4x larger under a 14 px title line
+    assert json.loads((tmp_path / "synth" / "gate.json").read_text()) == summary
+    grid = tmp_path / "synth" / "grid.png"
+    assert summary["grid"] == str(grid) and Image.open(grid).size == ((128 + 4 + 128) * 4, 128 * 4 + 14)
     assert main(["synth", str(space), "--out", str(tmp_path / "synth")]) == 0
-    assert "reused from the cache" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"pool: 8 synthetic images (1x32x32), reused from the cache: {summary['pool']}"
+    assert f"warning: quality gate FAILED: {'; '.join(summary['gate']['reasons'])}" in lines
+    assert lines[-1] == f"grid (synthetic | real): {grid}"
 
     assert main(["synth", str(space), "--set", "synthetic.generator=pretrained",
                  "--set", f"synthetic.pretrained_path={tmp_path}"]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "not a diffusers pipeline folder" in err[0], err
+    assert err == [
+        f"error: synthetic.pretrained_path: {tmp_path}: not a diffusers pipeline folder (no model_index.json)"
+    ]

@@ -199,7 +199,7 @@ def synth(
 ) -> None:
     """Train (or load) the synthetic-image generator, fill the cached pool, write a sample grid and the gate."""
     cfg = _load(space, set_)
-    from tskd_tune.synth import print_summary, synth_command
+    from tskd_tune.cli_synth import print_summary, synth_command
 
     out_dir = out_dir or Path("runs") / "synth" / (cfg.name or "synth")
     summary = synth_command(cfg, out_dir, use_cache=not no_cache, console=Console(stderr=True))

@@ -9,14 +9,11 @@ writes its outputs to ``out_dir``: ``config.yaml`` (the resolved config, so the 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
-
-import torch
 
 from tskd_tune.cache import Store, atomic_write, writable_dir
 from tskd_tune.config import Config, to_yaml
@@ -25,6 +22,7 @@ from tskd_tune.errors import StorageError
 from tskd_tune.methods import TrialContext, get_method
 from tskd_tune.metrics import count_params, evaluate, latency_ms
 from tskd_tune.models.teacher import is_pretrained
+from tskd_tune.runtime import resolve_device, set_threads
 from tskd_tune.synth import build_pool, uses_pool
 from tskd_tune.train import Hooks, Report, load_checkpoint, seed_all
 
@@ -48,18 +46,6 @@ class JsonlTracker:
                 f.write(json.dumps({"step": step} | metrics, default=float) + "\n")
         except OSError as exc:
             raise StorageError(f"{self.path}: cannot append to it ({exc.strerror})") from None
-
-
-def resolve_device(cfg: Config) -> torch.device:
-    """CUDA when asked for or available (``resources.device: auto``), else CPU."""
-    want = cfg.resources.device
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available() and cfg.resources.gpu > 0):
-        if not torch.cuda.is_available():
-            from tskd_tune.errors import TskdError
-
-            raise TskdError("resources.device: cuda requested but no CUDA device is visible")
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def run_trial(
@@ -86,8 +72,7 @@ def run_trial(
     ``hooks``: what the caller hooks into the training loops (a search: heartbeat and fault injection).
     """
     t_start = time.perf_counter()
-    threads = cfg.resources.threads or max(1, math.ceil(cfg.resources.cpu))
-    torch.set_num_threads(threads)
+    threads = set_threads(cfg)
     seed_all(cfg.seed)
     device = resolve_device(cfg)
     t0 = time.perf_counter()

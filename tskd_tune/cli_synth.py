@@ -1,0 +1,160 @@
+"""`tskd-tune synth`: train or load the generator, fill the cached pool with a progress bar, write a grid of
+synthetic next to real images and the gate's figures, and print them."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from tskd_tune.cache import Store
+from tskd_tune.config import Config
+from tskd_tune.data.prepare import Prepared, Splits, load, take_rows
+from tskd_tune.errors import TskdError
+from tskd_tune.runtime import resolve_device, set_threads
+from tskd_tune.synth import (
+    GATE_FIGURES,
+    Pool,
+    Progress,
+    build_pool,
+    generator_size,
+    pool_key,
+    training_indices,
+)
+from tskd_tune.synth.gate import spread
+from tskd_tune.synth.pool import pretrained_folder
+
+
+@contextmanager
+def progress_bar(console=None) -> Iterator[Progress]:
+    """A rich progress bar (one line per phase) as a ``Progress`` callback."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.progress import Progress as Bar
+
+    labels = {"train": "training generator", "sample": "sampling pool"}
+    with Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+             TimeRemainingColumn(), console=console) as bar:  # fmt: skip
+        tasks: dict[str, int] = {}
+
+        def update(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(labels.get(phase, phase), total=total)
+            bar.update(tasks[phase], completed=done)
+
+        yield update
+
+
+def sample_grid(
+    pool: Pool, prepared: Prepared, splits: Splits, path: Path, n: int = 16, columns: int = 4
+) -> Path:
+    """A PNG: ``n`` synthetic images (left) next to ``n`` real training images (right); written atomically."""
+    from PIL import Image, ImageDraw
+
+    def tiles(images: np.ndarray) -> np.ndarray:
+        rgb = np.repeat(images, 3, axis=1) if images.shape[1] == 1 else images
+        rgb = (np.clip(np.asarray(rgb, np.float32), 0, 1) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        rows = []
+        for start in range(0, n, columns):
+            row = list(rgb[start : start + columns])
+            row += [np.zeros_like(rgb[0])] * (columns - len(row))
+            rows.append(np.concatenate(row, axis=1))
+        return np.concatenate(rows, axis=0)
+
+    synth = tiles(np.asarray(pool.images[spread(np.arange(len(pool)), n)]))
+    real = tiles(take_rows(prepared.images, spread(training_indices(splits), n)))
+    gap = np.full((synth.shape[0], max(4, synth.shape[1] // 32), 3), 255, np.uint8)
+    grid = np.concatenate([synth, gap, real], axis=1)
+    scale = max(1, 128 // prepared.images.shape[-1])
+    picture = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    head = 14
+    canvas = Image.new("RGB", (picture.width, picture.height + head), "white")
+    canvas.paste(picture, (0, head))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 1), f"synthetic ({len(pool)} in the pool)", fill="black")
+    draw.text(((synth.shape[1] + gap.shape[1]) * scale + 2, 1), "real (training images)", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    canvas.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def synth_command(cfg: Config, out_dir: Path, use_cache: bool = True, console=None) -> dict:
+    """`tskd-tune synth`: train or load the generator, fill the pool (progress bar), write grid.png and gate.json."""
+    gc = cfg.synthetic
+    if gc.generator == "none":
+        raise TskdError(
+            "synthetic.generator: is none, so there is nothing to generate (set ddpm or pretrained)"
+        )
+    if gc.pool_size == 0:
+        raise TskdError("synthetic.pool_size: is 0, so there is nothing to generate")
+    set_threads(cfg)
+    if gc.generator == "pretrained":
+        pretrained_folder(gc)  # a bad path fails before the data is prepared
+    t0 = time.perf_counter()
+    prepared, splits = load(cfg, use_cache=use_cache)
+    store = Store(cfg.cache.dir, enabled=use_cache)
+    pool_key(cfg, prepared, splits)  # a bad pretrained_path fails here, before the progress bar starts
+    with progress_bar(console) as progress:
+        pool = build_pool(cfg, prepared, splits, store, resolve_device(cfg), progress)
+    assert pool is not None
+    grid = sample_grid(pool, prepared, splits, Path(out_dir) / "grid.png")
+    summary = {
+        "pool": str(pool.path),
+        "images": len(pool),
+        "shape": list(pool.images.shape[1:]),
+        "cached": pool.cached,
+        "generator": gc.generator,
+        "generator_image_size": generator_size(cfg) if gc.generator == "ddpm" else None,
+        "grid": str(grid),
+        "gate": pool.gate,
+        "synth_s": time.perf_counter() - t0,
+    } | {k: v for k, v in pool.info.items() if k != "generator"}
+    training = Path(pool.info.get("generator", "")) / "training.json"
+    if gc.generator == "ddpm" and training.is_file():
+        summary["training"] = json.loads(training.read_text())
+    path = Path(out_dir) / "gate.json"
+    tmp = path.with_name(".gate.json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, path)
+    return summary
+
+
+def print_summary(summary: dict, console) -> None:
+    """Human-readable `tskd-tune synth` output: the pool, the gate's figures, and a warning if it failed."""
+    from rich.table import Table
+
+    gate = summary["gate"]
+    state = "reused from the cache" if summary["cached"] else "built now"
+    c, s, _ = summary["shape"]
+    console.print(f"pool: {summary['images']} synthetic images ({c}x{s}x{s}), {state}: {summary['pool']}")
+    if summary.get("training"):
+        t = summary["training"]
+        console.print(
+            f"generator: {t['params'] / 1e6:.2f}M-parameter UNet2DModel trained {t['steps']} steps at "
+            f"{t['image_size']}x{t['image_size']} on {t['images']} training images in {t['train_s']:.0f}s "
+            f"(loss {t['loss_first']:.3f} -> {t['loss_last']:.3f})"
+        )
+    table = Table(
+        "figure", "value", title="quality gate (synthetic vs real training images)", title_justify="left"
+    )
+    for k in GATE_FIGURES:
+        v = gate[k]
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(table)
+    if gate["passed"]:
+        console.print("[green]quality gate passed[/green]")
+    else:
+        console.print(f"[yellow]warning: quality gate FAILED: {'; '.join(gate['reasons'])}[/yellow]")
+    console.print(f"grid (synthetic | real): {summary['grid']}")

@@ -1,0 +1,36 @@
+"""Per-process set-up shared by a trial and `tskd-tune synth`: the device and the CPU thread count.
+
+A leaf: it imports only the config, the errors and torch, so any stage may use it without an import cycle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tskd_tune.config import Config
+from tskd_tune.errors import TskdError
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    """CUDA when asked for or available (``resources.device: auto``), else CPU."""
+    want = cfg.resources.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available() and cfg.resources.gpu > 0):
+        if not torch.cuda.is_available():
+            raise TskdError("resources.device: cuda requested but no CUDA device is visible")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def trial_threads(cfg: Config) -> int:
+    """CPU threads of one trial (or one `tskd-tune synth`): ``resources.threads``, else ``resources.cpu``
+    rounded up, so a process never runs more threads than the CPUs Ray reserved for it."""
+    return cfg.resources.threads or max(1, math.ceil(cfg.resources.cpu))
+
+
+def set_threads(cfg: Config) -> int:
+    """Set torch's intra-op threads of this process to ``trial_threads(cfg)``; returns that count."""
+    threads = trial_threads(cfg)
+    torch.set_num_threads(threads)
+    return threads

@@ -1,0 +1,271 @@
+"""The synthetic pool: its cache keys, and building it (training or loading the generator, sampling, gating).
+
+Generator and pool are entries of the content-addressed store (kinds ``generator`` and ``synth_pool``),
+keyed by the data identity, the training images, the generator config and the seed; ``synthetic.ratio``
+is not in the key, so trials with any ratio share one pool. A pool that fails the quality gate
+(``gate.py``) is returned all the same, with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tskd_tune.cache import Store, digest
+from tskd_tune.config import Config, SyntheticConfig
+from tskd_tune.data.prepare import Prepared, Splits, take_rows
+from tskd_tune.errors import TskdError
+from tskd_tune.faults import beat
+from tskd_tune.runtime import resolve_device
+from tskd_tune.synth.gate import GATE_FIGURES, GATE_MAX_IMAGES, quality_gate, spread
+from tskd_tune.synth.generator import (
+    BETA_SCHEDULE,
+    PREDICTION,
+    TRAIN_TIMESTEPS,
+    VERSION,
+    Progress,
+    load_pipeline,
+    sample_images,
+    train_generator,
+    unet_size,
+)
+
+# the name the log lines carried before synth.py became a package
+log = logging.getLogger("tskd_tune.synth")
+
+
+@dataclass
+class Pool:
+    """A pool of synthetic images (N, C, S, S) float16 in [0, 1], memory-mapped, with its gate figures."""
+
+    images: np.ndarray
+    path: Path
+    key: str
+    cached: bool
+    gate: dict
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def metrics(self) -> dict:
+        """The pool's figures as flat ``synth_*`` trial metrics."""
+        g = self.gate
+        out = {
+            "synth_pool": len(self),
+            "synth_cached": self.cached,
+            "synth_gate_passed": bool(g["passed"]),
+            "synth_gate_reasons": "; ".join(g["reasons"]),
+        }
+        out |= {f"synth_{k}": g[k] for k in GATE_FIGURES}
+        return out
+
+
+# ---------------------------------------------------------------------------------------- keys
+def training_indices(splits: Splits) -> np.ndarray:
+    """The images a generator may learn from: every training image (labelled and unlabelled), sorted."""
+    return np.sort(np.concatenate([splits.labeled, splits.unlabeled])).astype(np.int64)
+
+
+def generator_size(cfg: Config) -> int:
+    """Side length the ``ddpm`` generator trains and samples at."""
+    return cfg.synthetic.image_size or cfg.data.image_size
+
+
+def generator_key(cfg: Config, prepared: Prepared, splits: Splits) -> dict:
+    """Exactly what determines the generator: data, training images, generator config, seed."""
+    gc = cfg.synthetic
+    key = {
+        "kind": "generator",
+        "version": VERSION,
+        "data": prepared.path.name,
+        "train": digest(training_indices(splits).tolist()),
+        "generator": gc.generator,
+        "seed": cfg.seed,
+    }
+    if gc.generator == "pretrained":
+        return key | {"pretrained": pipeline_fingerprint(pretrained_folder(gc))}
+    train_fields = {
+        "channels",
+        "attention",
+        "batch_size",
+        "lr",
+        "ema_decay",
+        "train_steps",
+        "mixed_precision",
+    }
+    return key | {
+        "ddpm": gc.model_dump(mode="json", include=train_fields),
+        "image_size": generator_size(cfg),
+        "timesteps": TRAIN_TIMESTEPS,
+        "beta_schedule": BETA_SCHEDULE,
+        "prediction": PREDICTION,
+    }
+
+
+def pool_key(cfg: Config, prepared: Prepared, splits: Splits) -> dict:
+    """The generator's key plus what sampling adds; ``synthetic.ratio`` is deliberately not in it."""
+    gc = cfg.synthetic
+    return generator_key(cfg, prepared, splits) | {
+        "kind": "synth_pool",
+        "pool_size": gc.pool_size,
+        "sampler": gc.sampler,
+        "sample_steps": gc.sample_steps,
+        "out": [cfg.data.channels, cfg.data.image_size],
+    }
+
+
+def pipeline_fingerprint(path: Path) -> list:
+    """Names, sizes and modification times of a pipeline folder's files (an edit changes the pool)."""
+    rows = []
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            rows.append((str(p.relative_to(path)), st.st_size, st.st_mtime_ns))
+    return [str(path.resolve()), digest(rows)]
+
+
+def pretrained_folder(gc: SyntheticConfig) -> Path:
+    """The ``pretrained`` generator's pipeline folder, checked; errors name ``synthetic.pretrained_path``."""
+    where = "synthetic.pretrained_path"
+    if gc.pretrained_path is None:
+        raise TskdError(f"{where}: required when synthetic.generator is pretrained")
+    path = Path(gc.pretrained_path)
+    if not path.exists():
+        raise TskdError(f"{where}: {path}: not found")
+    if not (path / "model_index.json").is_file():
+        raise TskdError(f"{where}: {path}: not a diffusers pipeline folder (no model_index.json)")
+    return path
+
+
+# ---------------------------------------------------------------------------------------- pool
+def uses_pool(cfg: Config) -> bool:
+    """Whether a trial of ``cfg`` draws synthetic images (a transfer-set method with ratio > 0)."""
+    gc = cfg.synthetic
+    return (
+        cfg.distill.method in ("ts_kd", "ta_kd")
+        and gc.generator != "none"
+        and gc.pool_size > 0
+        and gc.ratio > 0
+    )
+
+
+def pool_for_search(
+    cfg: Config, prepared: Prepared, splits: Splits, use_cache: bool = True, progress: Progress | None = None
+) -> Pool | None:
+    """Build a search's pool once, before its trials start, when any trial may draw from it (a transfer-set
+    method, and ``synthetic.ratio`` > 0 or searched up to > 0); trials then find it in the cache.
+
+    Trials whose generator knobs are themselves searched build their own pools (once each, under a lock).
+    """
+    gc, space = cfg.synthetic, cfg.search.space
+    methods = (
+        set(space["distill.method"].boundary_values()) if "distill.method" in space else {cfg.distill.method}
+    )
+    ratios = space["synthetic.ratio"].boundary_values() if "synthetic.ratio" in space else [gc.ratio]
+    if not methods & {"ts_kd", "ta_kd"} or max(ratios) <= 0:
+        return None
+    return build_pool(cfg, prepared, splits, Store(cfg.cache.dir, use_cache), progress=progress)
+
+
+def build_pool(
+    cfg: Config,
+    prepared: Prepared,
+    splits: Splits,
+    store: Store,
+    device: torch.device | None = None,
+    progress: Progress | None = None,
+) -> Pool | None:
+    """The synthetic pool for ``cfg`` from the cache, or generated now (training the generator if needed).
+
+    Returns None when ``synthetic.generator`` is none or ``synthetic.pool_size`` is 0. A pool that fails
+    the quality gate is returned all the same, with a warning; its ``gate["passed"]`` is False.
+    """
+    gc = cfg.synthetic
+    if gc.generator == "none" or gc.pool_size == 0:
+        return None
+    if device is None:
+        device = resolve_device(cfg)
+    progress = progress or _log_progress
+    key_obj = pool_key(cfg, prepared, splits)
+    info: dict = {}
+
+    def build(tmp: Path) -> None:
+        folder, info["generator_cached"] = _generator(cfg, prepared, splits, store, device, progress)
+        unet, sched_config = load_pipeline(folder, _where(gc))
+        t0 = time.perf_counter()
+        images = np.lib.format.open_memmap(
+            tmp / "images.npy",
+            mode="w+",
+            dtype=np.float16,
+            shape=(gc.pool_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
+        )
+        sample_images(unet, sched_config, images, gc, seed=cfg.seed, device=device, progress=progress)
+        images.flush()
+        info["sample_s"] = time.perf_counter() - t0
+        real = take_rows(prepared.images, spread(training_indices(splits), GATE_MAX_IMAGES))
+        gate = quality_gate(np.asarray(images), real, size=min(unet_size(unet), cfg.data.image_size))
+        del images
+        (tmp / "gate.json").write_text(json.dumps(gate, indent=1))
+        (tmp / "meta.json").write_text(json.dumps(info | {"generator": str(folder)}, indent=1))
+
+    hit = store.get_or_build("synth_pool", key_obj, build)
+    gate = json.loads((hit.path / "gate.json").read_text())
+    meta = json.loads((hit.path / "meta.json").read_text())
+    pool = Pool(
+        np.load(hit.path / "images.npy", mmap_mode="r"), hit.path, digest(key_obj), hit.cached, gate, meta
+    )
+    if not gate["passed"]:
+        log.warning(
+            "synthetic pool %s FAILED the quality gate (%s): its images do not look like the training "
+            "images; train the generator longer (synthetic.train_steps) or set synthetic.ratio: 0",
+            hit.path,
+            "; ".join(gate["reasons"]),
+        )
+    return pool
+
+
+def _where(gc: SyntheticConfig) -> str:
+    return "synthetic.pretrained_path" if gc.generator == "pretrained" else "synthetic (trained generator)"
+
+
+def _generator(
+    cfg: Config, prepared: Prepared, splits: Splits, store: Store, device: torch.device, progress: Progress
+) -> tuple[Path, bool]:
+    """The generator's pipeline folder: the user's (``pretrained``) or a cached, trained ``ddpm``."""
+    gc = cfg.synthetic
+    if gc.generator == "pretrained":
+        return pretrained_folder(gc), True
+
+    def build(tmp: Path) -> None:
+        from diffusers import DDPMPipeline
+
+        size = generator_size(cfg)
+        real = take_rows(prepared.images, training_indices(splits))
+        x = torch.from_numpy(real)
+        if size != x.shape[-1]:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        unet, scheduler, stats = train_generator(
+            x.clamp(0, 1), gc, seed=cfg.seed, device=device, progress=progress
+        )
+        DDPMPipeline(unet=unet.cpu(), scheduler=scheduler).save_pretrained(str(tmp))
+        (tmp / "training.json").write_text(json.dumps(stats, indent=1))
+
+    hit = store.get_or_build("generator", generator_key(cfg, prepared, splits), build)
+    return hit.path, hit.cached
+
+
+def _log_progress(phase: str, done: int, total: int) -> None:
+    """Default progress in logs (trials, searches): a line every 10%."""
+    beat()  # a trial building the pool is making progress (hang watchdog)
+    step = max(1, total // 10)
+    if done == total or done % step == 0:
+        what = "generator training step" if phase == "train" else "synthetic image"
+        log.info("synthetic: %s %d/%d", what, done, total)
