@@ -12,6 +12,7 @@ from tskd_tune.cache import Store, digest
 from tskd_tune.config import validate
 from tskd_tune.data.prepare import load
 from tskd_tune.errors import ConfigError, TskdError
+from tskd_tune.methods.checks import search_uses_transfer, uses_pool
 from tskd_tune.synth import (
     GATE_FIGURES,
     Pool,
@@ -21,7 +22,6 @@ from tskd_tune.synth import (
     pool_for_search,
     quality_gate,
     training_indices,
-    uses_pool,
 )
 from tskd_tune.transfer import build_transfer_set, draw_synthetic, synthetic_count
 from tskd_tune.trial import run_trial
@@ -131,9 +131,7 @@ def test_a_search_builds_the_pool_before_its_trials_when_the_ratio_is_searched(t
     cfg = tiny(synthetic=TINY_SYNTH | {"ratio": 0.0}, search={"space": space})
     prepared, splits = load(cfg)
     assert pool_for_search(tiny(synthetic=TINY_SYNTH | {"ratio": 0.0}), prepared, splits) is None
-    assert (
-        pool_for_search(tiny(synthetic=TINY_SYNTH, distill={"method": "scratch"}), prepared, splits) is None
-    )
+    assert not search_uses_transfer(tiny(synthetic=TINY_SYNTH, distill={"method": "scratch"}))  # none asked
     pool = pool_for_search(cfg, prepared, splits)
     assert pool is not None and not pool.cached
     trial_cfg = tiny(synthetic=TINY_SYNTH | {"ratio": 1.0})  # what a trial with ratio 1 finds

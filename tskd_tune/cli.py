@@ -198,11 +198,11 @@ def synth(
     ] = False,
 ) -> None:
     """Train (or load) the synthetic-image generator, fill the cached pool, write a sample grid and the gate."""
-    cfg = _load(space, set_)
+    cfg = _load(space, set_, no_cache)
     from tskd_tune.cli_synth import print_summary, synth_command
 
     out_dir = out_dir or Path("runs") / "synth" / (cfg.name or "synth")
-    summary = synth_command(cfg, out_dir, use_cache=not no_cache, console=Console(stderr=True))
+    summary = synth_command(cfg, out_dir, console=Console(stderr=True))
     if as_json:
         print(json.dumps(summary, indent=2, default=float))
         return

@@ -11,12 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from tskd_tune.cache import Store
 from tskd_tune.config import Config
 from tskd_tune.data.prepare import Prepared, Splits, load, take_rows
 from tskd_tune.errors import TskdError
-from tskd_tune.runtime import resolve_device, set_threads
+from tskd_tune.runtime import resolve_device
 from tskd_tune.synth import (
     GATE_FIGURES,
     Pool,
@@ -90,7 +91,7 @@ def sample_grid(
     return path
 
 
-def synth_command(cfg: Config, out_dir: Path, use_cache: bool = True, console=None) -> dict:
+def synth_command(cfg: Config, out_dir: Path, console=None) -> dict:
     """`tskd-tune synth`: train or load the generator, fill the pool (progress bar), write grid.png and gate.json."""
     gc = cfg.synthetic
     if gc.generator == "none":
@@ -99,12 +100,13 @@ def synth_command(cfg: Config, out_dir: Path, use_cache: bool = True, console=No
         )
     if gc.pool_size == 0:
         raise TskdError("synthetic.pool_size: is 0, so there is nothing to generate")
-    set_threads(cfg)
+    # a standalone command has the machine, as `trial` computes teacher features on every core
+    torch.set_num_threads(cfg.resources.threads or os.cpu_count() or 1)
     if gc.generator == "pretrained":
         pretrained_folder(gc)  # a bad path fails before the data is prepared
     t0 = time.perf_counter()
-    prepared, splits = load(cfg, use_cache=use_cache)
-    store = Store(cfg.cache.dir, enabled=use_cache)
+    prepared, splits = load(cfg)
+    store = Store(cfg.cache.dir, enabled=cfg.cache.enabled)
     pool_key(cfg, prepared, splits)  # a bad pretrained_path fails here, before the progress bar starts
     with progress_bar(console) as progress:
         pool = build_pool(cfg, prepared, splits, store, resolve_device(cfg), progress)

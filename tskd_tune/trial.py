@@ -15,15 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
 from tskd_tune.cache import Store, atomic_write, writable_dir
 from tskd_tune.config import Config, to_yaml
 from tskd_tune.data.prepare import Prepared, Splits, load
 from tskd_tune.errors import StorageError
 from tskd_tune.methods import TrialContext, get_method
+from tskd_tune.methods.checks import uses_pool
 from tskd_tune.metrics import count_params, evaluate, latency_ms
 from tskd_tune.models.teacher import is_pretrained
 from tskd_tune.runtime import resolve_device, set_threads
-from tskd_tune.synth import build_pool, uses_pool
+from tskd_tune.synth import build_pool
 from tskd_tune.train import Hooks, Report, load_checkpoint, seed_all
 
 

@@ -227,10 +227,9 @@ def take_rows(array: np.ndarray, indices: np.ndarray) -> np.ndarray:
     return out
 
 
-def load(cfg: Config, use_cache: bool | None = None) -> tuple[Prepared, Splits]:
-    """Preprocess (or load from cache) ``cfg.data`` and split it."""
-    enabled = cfg.cache.enabled if use_cache is None else use_cache
-    prepared = prepare(cfg.data, Store(cfg.cache.dir, enabled=enabled))
+def load(cfg: Config) -> tuple[Prepared, Splits]:
+    """Preprocess (or load from cache, unless ``cache.enabled`` is false) ``cfg.data`` and split it."""
+    prepared = prepare(cfg.data, Store(cfg.cache.dir, enabled=cfg.cache.enabled))
     return prepared, make_splits(prepared, cfg.data)
 
 

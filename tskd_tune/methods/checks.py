@@ -5,12 +5,24 @@ from __future__ import annotations
 from tskd_tune.config import Config
 from tskd_tune.methods.registry import METHODS, get_method
 from tskd_tune.models.teacher import LITEMEDSAM, adapted, build_teacher, is_pretrained, weights_identity
+from tskd_tune.synth.pool import draws_synthetic
 
 
 def search_methods(cfg: Config) -> set[str]:
     """The methods a trial of ``cfg`` (or of its search space) can run."""
     space = cfg.search.space
     return set(space["distill.method"].boundary_values()) if "distill.method" in space else {cfg.distill.method}
+
+
+def uses_pool(cfg: Config) -> bool:
+    """Whether a trial of ``cfg`` draws synthetic images: its method distils on the transfer set and the
+    synthetic settings give images (a generator, a pool, ratio > 0)."""
+    return get_method(cfg.distill.method).transfer and draws_synthetic(cfg)
+
+
+def search_uses_transfer(cfg: Config) -> bool:
+    """Whether any trial of the search (or of its space) distils on a transfer set (so may draw synthetic images)."""
+    return any(METHODS[m].transfer for m in search_methods(cfg))
 
 
 def check_teacher(cfg: Config) -> None:
@@ -31,7 +43,7 @@ def check_teacher(cfg: Config) -> None:
 
 def premise_warning(cfg: Config) -> str | None:
     """One line when a distillation method would distil a teacher without pretrained weights."""
-    if not any(METHODS[m].transfer for m in search_methods(cfg)) or is_pretrained(cfg.teacher):
+    if not search_uses_transfer(cfg) or is_pretrained(cfg.teacher):
         return None
     why = "teacher.random_init is set" if cfg.teacher.random_init else f"{cfg.teacher.model} has no teacher.checkpoint"
     return (f"warning: the teacher has no pretrained weights ({why}), so the method's premise is not met: "

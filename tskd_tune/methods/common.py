@@ -56,8 +56,9 @@ def fine_tuned_teacher(st: TrialContext) -> tuple[nn.Module, dict]:
         loop = Loop(phase="teacher", modules={"teacher": model}, step=reseeding(images, step), epochs=t.epochs,
                     steps_per_epoch=steps, lr=t.lr, weight_decay=t.weight_decay, seed=cfg.seed, autocast=st.amp,
                     hooks=st.hooks)  # fmt: skip
-        run_loop(loop, out_dir=None, report=None)
+        trained = run_loop(loop, out_dir=None, report=None)
         metrics = {f"teacher_{k}": v for k, v in st.teacher_validator(model, feats)().items()}
+        metrics["teacher_train_loss"] = trained["train_loss"]
         # the whole teacher on one image, as it would be deployed (measured once, with the teacher)
         metrics["teacher_latency_ms"] = latency_ms(model, cfg.data.channels, cfg.data.image_size,
                                                    device=st.device, repeats=3, warmup=1)  # fmt: skip

@@ -16,7 +16,7 @@ from tskd_tune.cache import writable_dir, write_json
 from tskd_tune.cluster import mask_uri, mlflow_env
 from tskd_tune.config import Config, to_yaml
 from tskd_tune.errors import TskdError
-from tskd_tune.methods.checks import premise_warning
+from tskd_tune.methods.checks import premise_warning, search_uses_transfer
 from tskd_tune.models.teacher import is_pretrained
 from tskd_tune.search.folder import SEARCH_FILE, SearchOptions, git_commit, state_path
 from tskd_tune.search.summary import summarize
@@ -144,7 +144,7 @@ def _data(cfg: Config):
 
     prepared, splits = load(cfg)
     # the synthetic pool is built here, once, before trials start; trials then find it in the cache
-    pool = pool_for_search(cfg, prepared, splits, use_cache=cfg.cache.enabled)
+    pool = pool_for_search(cfg, prepared, splits) if search_uses_transfer(cfg) else None
     # plain arrays: Ray's object store shares them read-only, zero-copy, with every trial on the node
     prepared = dataclasses.replace(prepared, images=np.ascontiguousarray(prepared.images),
                                    masks=np.ascontiguousarray(prepared.masks))  # fmt: skip

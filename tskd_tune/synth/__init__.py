@@ -33,13 +33,13 @@ from tskd_tune.synth.generator import (
 from tskd_tune.synth.pool import (
     Pool,
     build_pool,
+    draws_synthetic,
     generator_key,
     generator_size,
     pipeline_fingerprint,
     pool_for_search,
     pool_key,
     training_indices,
-    uses_pool,
 )
 
 __all__ = [
@@ -72,5 +72,5 @@ __all__ = [
     "sample_images",
     "train_generator",
     "training_indices",
-    "uses_pool",
+    "draws_synthetic",
 ]

@@ -146,33 +146,25 @@ def pretrained_folder(gc: SyntheticConfig) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- pool
-def uses_pool(cfg: Config) -> bool:
-    """Whether a trial of ``cfg`` draws synthetic images (a transfer-set method with ratio > 0)."""
+def draws_synthetic(cfg: Config) -> bool:
+    """Whether ``cfg``'s synthetic settings give images to draw: a generator, a pool, a ratio > 0 (whether
+    its method distils on a transfer set at all is the method's to say: ``methods.checks.uses_pool``)."""
     gc = cfg.synthetic
-    return (
-        cfg.distill.method in ("ts_kd", "ta_kd")
-        and gc.generator != "none"
-        and gc.pool_size > 0
-        and gc.ratio > 0
-    )
+    return gc.generator != "none" and gc.pool_size > 0 and gc.ratio > 0
 
 
-def pool_for_search(
-    cfg: Config, prepared: Prepared, splits: Splits, use_cache: bool = True, progress: Progress | None = None
-) -> Pool | None:
-    """Build a search's pool once, before its trials start, when any trial may draw from it (a transfer-set
-    method, and ``synthetic.ratio`` > 0 or searched up to > 0); trials then find it in the cache.
+def pool_for_search(cfg: Config, prepared: Prepared, splits: Splits, progress: Progress | None = None) -> Pool | None:
+    """Build a search's pool once, before its trials start, when its trials may draw from it
+    (``synthetic.ratio`` > 0, or searched up to > 0); trials then find it in the cache. The caller asks
+    only for a search whose methods distil on a transfer set.
 
     Trials whose generator knobs are themselves searched build their own pools (once each, under a lock).
     """
     gc, space = cfg.synthetic, cfg.search.space
-    methods = (
-        set(space["distill.method"].boundary_values()) if "distill.method" in space else {cfg.distill.method}
-    )
     ratios = space["synthetic.ratio"].boundary_values() if "synthetic.ratio" in space else [gc.ratio]
-    if not methods & {"ts_kd", "ta_kd"} or max(ratios) <= 0:
+    if max(ratios) <= 0:
         return None
-    return build_pool(cfg, prepared, splits, Store(cfg.cache.dir, use_cache), progress=progress)
+    return build_pool(cfg, prepared, splits, Store(cfg.cache.dir, cfg.cache.enabled), progress=progress)
 
 
 def build_pool(

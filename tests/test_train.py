@@ -1,0 +1,61 @@
+"""The epoch loop on its own: the hooks an adapter installs, checkpoint cadence, reseeding."""
+
+import torch
+
+from tskd_tune.train import Hooks, Loop, load_checkpoint, run_loop
+
+
+def _loop(tmp=None, **kw) -> tuple[Loop, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.rand(16, 3), torch.rand(16, 1)
+
+    def step(g):
+        i = torch.randint(16, (4,), generator=g)
+        return torch.nn.functional.mse_loss(model(x[i]), y[i])
+
+    settings = {"phase": "p", "modules": {"m": model}, "step": step, "epochs": 3, "steps_per_epoch": 2, "lr": 1e-2,
+                "weight_decay": 0.0, "seed": 0} | kw  # fmt: skip
+    return Loop(**settings), model
+
+
+def test_hooks_see_every_step_and_can_change_its_loss():
+    seen, beats = [], []
+
+    def on_loss(phase, epoch, step, loss):
+        seen.append((phase, epoch, step))
+        return loss * 0  # a hook that zeroes the loss: nothing is learnt
+
+    loop, model = _loop(hooks=Hooks(on_loss=on_loss, after_step=lambda: beats.append(1)))
+    before = model.weight.detach().clone()
+    metrics = run_loop(loop, None, None)
+    assert seen == [("p", e, s) for e in (1, 2, 3) for s in (0, 1)] and len(beats) == 6
+    assert metrics["train_loss"] == 0.0 and torch.equal(model.weight, before)
+
+
+def test_default_hooks_do_nothing_and_the_loop_learns():
+    loop, _ = _loop()
+    first = run_loop(_loop(epochs=1)[0], None, None)["train_loss"]
+    assert run_loop(loop, None, None)["train_loss"] < first
+
+
+def test_checkpoints_follow_checkpoint_every_and_the_last_epoch(tmp_path):
+    reports = []
+    loop, _ = _loop(epochs=5, checkpoint_every=2)
+    run_loop(loop, tmp_path, lambda e, m, c: reports.append((e, c is not None)))
+    assert reports == [(1, False), (2, True), (3, False), (4, True), (5, True)]
+    assert load_checkpoint(tmp_path / "checkpoint")["epoch"] == 5
+
+
+def test_the_checkpoint_writer_hook_writes_the_file(tmp_path):
+    written = []
+
+    def writer(phase, epoch):
+        def write(path, data):
+            written.append((phase, epoch))
+            path.write_bytes(data)
+
+        return write
+
+    run_loop(_loop(epochs=2, hooks=Hooks(checkpoint_writer=writer))[0], tmp_path, None)
+    assert written == [("p", 1), ("p", 2)] and load_checkpoint(tmp_path / "checkpoint")["epoch"] == 2
