@@ -1,8 +1,10 @@
-"""Dataset adapters: each one reads a dataset's published on-disk layout into records.
+"""The adapter registry: what a dataset adapter is, the table of adapters, and file-reading helpers.
 
 An adapter is data, not a subclass: a name, a pydantic schema of its options, its class names, a
-``scan`` function and the text that tells a user which layout was expected. Adapters register
-themselves with :func:`register`; :mod:`tskd_tune.data` imports them all.
+``scan`` function and the text that tells a user which layout was expected. Each adapter module calls
+:func:`register` when it is imported; :mod:`tskd_tune.data.adapters` imports every adapter module. This
+module imports none of them (they import it), and the package ``tskd_tune.data`` imports
+``tskd_tune.data.adapters``, so the table is full once anything under ``tskd_tune.data`` is imported.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class Record:
 
 @dataclass(frozen=True)
 class Adapter:
+    """A dataset adapter: how to find, read and describe one dataset's published layout."""
+
     name: str
     options: type[Options]
     classes: Callable[[Any], list[str]]
@@ -71,8 +75,7 @@ def register(adapter: Adapter) -> Adapter:
 
 
 def get_adapter(name: str) -> Adapter:
-    import tskd_tune.data  # noqa: F401  (imports every adapter module, which registers itself)
-
+    """The registered adapter called ``name``; an unknown name lists the known ones."""
     try:
         return ADAPTERS[name]
     except KeyError:

@@ -138,7 +138,7 @@ def check_teacher(cfg: Config) -> None:
     any trial starts (in a search, each trial would otherwise fail on it, after retries)."""
     if cfg.distill.method == "scratch":
         return
-    from tskd_tune.data.registry import class_names
+    from tskd_tune.data.adapters import class_names
 
     model = build_teacher(cfg.teacher, in_chans=cfg.data.channels, num_classes=len(class_names(cfg.data)),
                           image_size=cfg.data.image_size, seed=cfg.seed)  # fmt: skip
