@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from tskd_tune.errors import DataError
 
 if TYPE_CHECKING:
-    from tskd_tune.config import DataConfig
+    from tskd_tune.config.schema import DataConfig
 
 
 class Options(BaseModel):
@@ -82,34 +82,6 @@ def get_adapter(name: str) -> Adapter:
         raise DataError(
             f"data.dataset: unknown dataset {name!r} (known: {', '.join(sorted(ADAPTERS))})"
         ) from None
-
-
-def check_data_config(data: DataConfig) -> list[str]:
-    """Cross-field problems of ``data``: unknown adapter, bad options, class count, missing root."""
-    from tskd_tune.config import format_error
-
-    try:
-        adapter = get_adapter(data.dataset)
-    except DataError as exc:
-        return [str(exc)]
-    try:
-        opts = adapter.options.model_validate(data.options)
-    except ValidationError as exc:
-        return [format_error(e, prefix="data.options.") for e in exc.errors()]
-    problems = []
-    default = adapter.classes(opts)
-    if data.classes is not None and len(data.classes) != len(default):
-        problems.append(
-            f"data.classes: {data.dataset} with these options has {len(default)} classes "
-            f"({', '.join(default)}), got {len(data.classes)} ({', '.join(data.classes)})"
-        )
-    if data.classes is not None and len(set(data.classes)) != len(data.classes):
-        problems.append(f"data.classes: names must be distinct, got {data.classes}")
-    if adapter.needs_root and data.root is None:
-        problems.append(
-            f"data.root: required for dataset {data.dataset!r} (expected layout: {adapter.layout})"
-        )
-    return problems
 
 
 def adapter_options(data: DataConfig) -> Options:
