@@ -12,6 +12,7 @@ the validation itself depends on (the data layer, the models, the search space) 
 from tskd_tune.config.schema import (
     END_OF_TRIAL_METRICS,
     OBJECTIVE_METRICS,
+    PATH_FIELDS,
     AugmentConfig,
     CacheConfig,
     Config,
@@ -27,6 +28,7 @@ from tskd_tune.config.schema import (
     TrackingConfig,
 )
 from tskd_tune.config.validate import (
+    absolutize,
     apply_search_overrides,
     apply_values,
     check_data_config,
@@ -40,6 +42,7 @@ from tskd_tune.config.yaml_io import parse_overrides, read_yaml, set_by_path, to
 __all__ = [
     "END_OF_TRIAL_METRICS",
     "OBJECTIVE_METRICS",
+    "PATH_FIELDS",
     "AugmentConfig",
     "CacheConfig",
     "Config",
@@ -53,6 +56,7 @@ __all__ = [
     "SyntheticConfig",
     "TeacherConfig",
     "TrackingConfig",
+    "absolutize",
     "apply_search_overrides",
     "apply_values",
     "check_data_config",

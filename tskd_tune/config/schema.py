@@ -293,3 +293,15 @@ class Config(Section):
 # metrics every finished trial reports (per epoch or at its end) that a search may optimise
 OBJECTIVE_METRICS = ("val_dice", "val_hd95", "student_latency_ms", "student_params")
 END_OF_TRIAL_METRICS = ("student_latency_ms", "student_params")
+
+# Every field that names a file or folder, as a dotted path. Relative values are read against the working
+# directory, which a Ray trial or a cluster job does not share, so they are resolved (see `absolutize`)
+# before a config leaves the driver. search.study_storage is a path only when it is a journal file (no
+# "://"); an RDB URL is left as it is. A test checks that every Path-typed field is listed here.
+PATH_FIELDS = (
+    "data.root",
+    "teacher.checkpoint",
+    "synthetic.pretrained_path",
+    "cache.dir",
+    "search.study_storage",
+)

@@ -3,7 +3,8 @@
 Every problem is reported as ``yaml.path: message, got value`` so that a user can find it in the file.
 Validation runs in two phases: pydantic checks each field, then the checks that need the whole tree
 (dataset options and class names, loss weights, the generator, the search objectives and the search
-space). Loading a file and applying sampled values both end in :func:`validate`.
+space). Loading a file, applying sampled values and resolving path fields all end in :func:`validate`
+or keep its result valid.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from tskd_tune.config.schema import OBJECTIVE_METRICS, Config, DataConfig, SearchConfig
+from tskd_tune.config.schema import OBJECTIVE_METRICS, PATH_FIELDS, Config, DataConfig, SearchConfig
 from tskd_tune.config.yaml_io import read_yaml, set_by_path
 from tskd_tune.errors import ConfigError, DataError
 from tskd_tune.space import DISTRIBUTION_TYPES
@@ -242,3 +243,32 @@ def apply_search_overrides(cfg: Config, num_samples: int | None, max_concurrent:
     if max_concurrent is not None:
         values["search.max_concurrent"] = max_concurrent
     return apply_values(cfg, values) if values else cfg
+
+
+def absolutize(cfg: Config) -> Config:
+    """A copy of ``cfg`` with every path in PATH_FIELDS made absolute against the working directory.
+
+    Unset fields and URLs (search.study_storage on a database) are left as they are; nothing is re-validated.
+    """
+    out = cfg
+    for dotted in PATH_FIELDS:
+        value = _get(out, dotted)
+        if not value or (isinstance(value, str) and "://" in value):
+            continue
+        resolved = Path(value).resolve()
+        out = _replace(out, dotted, resolved if isinstance(value, Path) else str(resolved))
+    return out
+
+
+def _get(model: BaseModel, dotted: str) -> Any:
+    for key in dotted.split("."):
+        model = getattr(model, key)
+    return model
+
+
+def _replace(model: BaseModel, dotted: str, value: Any) -> BaseModel:
+    # model_copy, not apply_values: a resolved path is as valid as the relative one, and re-validating
+    # would re-read the data adapter's options and the search space for nothing
+    key, _, rest = dotted.partition(".")
+    new = _replace(getattr(model, key), rest, value) if rest else value
+    return model.model_copy(update={key: new})
