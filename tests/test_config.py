@@ -173,3 +173,65 @@ def test_pareto_front_keeps_only_non_dominated_trials():
     front = pareto_front(board, [("val_dice", "max"), ("lat", "min")])
     # 0.7@3 is beaten by 0.8@2, 0.85@6 by 0.9@5; a trial with no result is never on the front
     assert front.tolist() == [True, True, False, False, False]
+
+
+def _path_typed_fields(model, prefix: str = "") -> set[str]:
+    """Dotted names of every field whose type mentions Path (Path, Path | None, list[Path], ...)."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    def mentions_path(ann) -> bool:
+        return (isinstance(ann, type) and issubclass(ann, Path)) or any(
+            mentions_path(a) for a in get_args(ann)
+        )
+
+    out = set()
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out |= _path_typed_fields(ann, f"{prefix}{name}.")
+        elif mentions_path(ann):
+            out.add(f"{prefix}{name}")
+    return out
+
+
+def test_every_path_typed_field_is_a_path_field():
+    from tskd_tune.config import PATH_FIELDS
+
+    assert _path_typed_fields(Config) <= set(PATH_FIELDS)
+    assert len(set(PATH_FIELDS)) == len(PATH_FIELDS)
+    for dotted in PATH_FIELDS:  # each entry names a real field
+        node = Config
+        for key in dotted.split("."):
+            node = node.model_fields[key].annotation
+        assert node is not None
+
+
+def test_absolutize_resolves_every_path_field(tmp_path, monkeypatch):
+    from tskd_tune.config import PATH_FIELDS, absolutize
+
+    monkeypatch.chdir(tmp_path)
+    relative = {
+        "data.root": "data/set",
+        "teacher.checkpoint": "weights/teacher.pth",
+        "synthetic.pretrained_path": "pipelines/ddpm",
+        "cache.dir": "my-cache",
+        "search.study_storage": "runs/study.journal",
+    }
+    assert set(relative) == set(PATH_FIELDS)  # a new path field gets a case here
+    cfg = apply_values(Config(), relative)
+    out = absolutize(cfg)
+    for dotted, rel in relative.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(out, section), key)
+        assert str(value) == str(tmp_path / rel), dotted
+        assert type(value) is type(getattr(getattr(cfg, section), key)), dotted  # a str stays a str
+    assert out.synthetic.pretrained_path == tmp_path / "pipelines" / "ddpm"
+    assert cfg.data.root == Path("data/set")  # the original is untouched
+    # unset paths stay unset; URLs and absolute paths are left as they are
+    url = "postgresql://optuna@db/optuna"
+    out = absolutize(apply_values(Config(), {"search.study_storage": url, "data.root": "/abs/root"}))
+    assert out.search.study_storage == url and out.data.root == Path("/abs/root")
+    assert out.teacher.checkpoint is None and out.synthetic.pretrained_path is None
+    assert out.cache.dir == tmp_path / "runs" / "cache"

@@ -118,7 +118,7 @@ def test_static_guard_catches_what_it_looks_for(tmp_path):
 
 
 def test_yaml_loader_is_safe():
-    from tskd_tune.config import _StrictLoader
+    from tskd_tune.config.yaml_io import _StrictLoader
 
     assert issubclass(_StrictLoader, yaml.SafeLoader)
     with pytest.raises(yaml.constructor.ConstructorError):

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tskd_tune.cache import Store, digest
-from tskd_tune.config import Config
+from tskd_tune.config.schema import Config
 from tskd_tune.data.prepare import Prepared, take_rows
 from tskd_tune.heartbeat import beat
 from tskd_tune.models.teacher import weights_identity

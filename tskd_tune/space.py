@@ -1,4 +1,4 @@
-"""The search space as data: YAML distributions -> ``optuna.distributions``, checked against the config.
+"""The search space as data: YAML distributions -> ``optuna.distributions``.
 
 A space maps dotted config paths to distributions::
 
@@ -9,6 +9,9 @@ A space maps dotted config paths to distributions::
         student.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}
         teacher.lora.alpha: {type: int, low: 4, high: 32, step: 4}
         synthetic.ratio: {type: quniform, low: 0.0, high: 2.0, q: 0.5}
+
+This module is a leaf: the config schema uses its distributions as a field type, and the checks of a
+space against the config (``tskd_tune.config.validate.check_space``) live with the other config checks.
 """
 
 from __future__ import annotations
@@ -20,8 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
     import optuna
-
-    from tskd_tune.config import Config
 
 
 class _Dist(BaseModel):
@@ -162,60 +163,6 @@ DISTRIBUTION_TYPES = ("uniform", "loguniform", "quniform", "int", "choice")
 def to_optuna(space: dict[str, Any]) -> dict[str, optuna.distributions.BaseDistribution]:
     """The search space as the ``{path: optuna distribution}`` mapping that OptunaSearch takes."""
     return {path: dist.to_optuna() for path, dist in space.items()}
-
-
-def _field_exists(cfg: BaseModel, dotted: str) -> str | None:
-    """None when ``dotted`` names a config field (or a key inside a free-form mapping); else the problem."""
-    node: Any = cfg
-    keys = dotted.split(".")
-    for i, key in enumerate(keys):
-        if isinstance(node, BaseModel):
-            if key not in type(node).model_fields:
-                where = ".".join(keys[:i]) or "the config"
-                known = ", ".join(type(node).model_fields)
-                return f"no field {key!r} in {where} (fields: {known})"
-            node = getattr(node, key)
-        elif isinstance(node, dict):
-            return None  # free-form mappings (model_kwargs, data.options) accept any key
-        else:
-            return f"{'.'.join(keys[:i])} is a value, not a section"
-    if isinstance(node, BaseModel):
-        return f"{dotted} is a section; search a field inside it"
-    return None
-
-
-def check_space(cfg: Config) -> list[str]:
-    """Problems of ``cfg.search.space``: unknown paths, and range ends or choices the config rejects."""
-    from tskd_tune.config import apply_values
-    from tskd_tune.errors import ConfigError
-
-    problems = []
-    if "search" in {p.split(".")[0] for p in cfg.search.space}:
-        problems.append("search.space: the search section itself cannot be searched")
-        return problems
-    for path, dist in cfg.search.space.items():
-        missing = _field_exists(cfg, path)
-        if missing:
-            problems.append(f"search.space.{path}: {missing}")
-            continue
-        for value in dist.boundary_values():
-            try:
-                apply_values(cfg, {path: value})
-            except ConfigError as exc:
-                problems.append(
-                    f"search.space.{path}: {dist.describe()} allows {value!r}, but {exc.problems[0]}"
-                )
-                break
-    for i, point in enumerate(cfg.search.points_to_evaluate):
-        unknown = sorted(set(point) - set(cfg.search.space))
-        if unknown:
-            problems.append(f"search.points_to_evaluate[{i}]: {', '.join(unknown)} not in search.space")
-            continue
-        try:
-            apply_values(cfg, point)
-        except ConfigError as exc:
-            problems.append(f"search.points_to_evaluate[{i}]: {exc.problems[0]}")
-    return problems
 
 
 def describe_space(space: dict[str, Any]) -> list[tuple[str, str]]:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from tskd_tune.cache import atomic_write
-from tskd_tune.config import AugmentConfig
+from tskd_tune.config.schema import AugmentConfig
 from tskd_tune.data.transforms import train_transforms
 from tskd_tune.errors import TrialFailed, TskdError
 

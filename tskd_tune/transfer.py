@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from tskd_tune.cache import Hit, Store, digest
-from tskd_tune.config import Config
+from tskd_tune.config.schema import Config
 from tskd_tune.data.prepare import Prepared, Splits, take_rows
 from tskd_tune.heartbeat import beat
 from tskd_tune.models.teacher import weights_identity

@@ -17,8 +17,9 @@ import numpy as np
 from PIL import Image
 
 from tskd_tune.cache import Hit, Store, digest
-from tskd_tune.config import Config, DataConfig
-from tskd_tune.data.registry import Record, adapter_options, class_names, get_adapter
+from tskd_tune.config.schema import Config, DataConfig
+from tskd_tune.data.adapters import adapter_options, class_names, get_adapter
+from tskd_tune.data.registry import Record
 from tskd_tune.errors import DataError
 
 

@@ -1,8 +1,10 @@
-"""Dataset adapters: each one reads a dataset's published on-disk layout into records.
+"""The adapter registry: what a dataset adapter is, the table of adapters, and file-reading helpers.
 
 An adapter is data, not a subclass: a name, a pydantic schema of its options, its class names, a
-``scan`` function and the text that tells a user which layout was expected. Adapters register
-themselves with :func:`register`; :mod:`tskd_tune.data` imports them all.
+``scan`` function and the text that tells a user which layout was expected. Each adapter module calls
+:func:`register` when it is imported; :mod:`tskd_tune.data.adapters` imports every adapter module. This
+module imports none of them (they import it), and the package ``tskd_tune.data`` imports
+``tskd_tune.data.adapters``, so the table is full once anything under ``tskd_tune.data`` is imported.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from tskd_tune.errors import DataError
 
 if TYPE_CHECKING:
-    from tskd_tune.config import DataConfig
+    from tskd_tune.config.schema import DataConfig
 
 
 class Options(BaseModel):
@@ -46,6 +48,8 @@ class Record:
 
 @dataclass(frozen=True)
 class Adapter:
+    """A dataset adapter: how to find, read and describe one dataset's published layout."""
+
     name: str
     options: type[Options]
     classes: Callable[[Any], list[str]]
@@ -71,42 +75,13 @@ def register(adapter: Adapter) -> Adapter:
 
 
 def get_adapter(name: str) -> Adapter:
-    import tskd_tune.data  # noqa: F401  (imports every adapter module, which registers itself)
-
+    """The registered adapter called ``name``; an unknown name lists the known ones."""
     try:
         return ADAPTERS[name]
     except KeyError:
         raise DataError(
             f"data.dataset: unknown dataset {name!r} (known: {', '.join(sorted(ADAPTERS))})"
         ) from None
-
-
-def check_data_config(data: DataConfig) -> list[str]:
-    """Cross-field problems of ``data``: unknown adapter, bad options, class count, missing root."""
-    from tskd_tune.config import format_error
-
-    try:
-        adapter = get_adapter(data.dataset)
-    except DataError as exc:
-        return [str(exc)]
-    try:
-        opts = adapter.options.model_validate(data.options)
-    except ValidationError as exc:
-        return [format_error(e, prefix="data.options.") for e in exc.errors()]
-    problems = []
-    default = adapter.classes(opts)
-    if data.classes is not None and len(data.classes) != len(default):
-        problems.append(
-            f"data.classes: {data.dataset} with these options has {len(default)} classes "
-            f"({', '.join(default)}), got {len(data.classes)} ({', '.join(data.classes)})"
-        )
-    if data.classes is not None and len(set(data.classes)) != len(data.classes):
-        problems.append(f"data.classes: names must be distinct, got {data.classes}")
-    if adapter.needs_root and data.root is None:
-        problems.append(
-            f"data.root: required for dataset {data.dataset!r} (expected layout: {adapter.layout})"
-        )
-    return problems
 
 
 def adapter_options(data: DataConfig) -> Options:

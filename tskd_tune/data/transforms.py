@@ -15,7 +15,7 @@ from monai.transforms import (
     RandShiftIntensityd,
 )
 
-from tskd_tune.config import AugmentConfig
+from tskd_tune.config.schema import AugmentConfig
 
 KEYS = ("image", "label")
 

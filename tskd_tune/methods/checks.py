@@ -32,7 +32,7 @@ def check_teacher(cfg: Config) -> None:
     spec = get_method(cfg.distill.method)
     if spec.teacher is None:
         return
-    from tskd_tune.data.registry import class_names
+    from tskd_tune.data.adapters import class_names
 
     model = build_teacher(cfg.teacher, in_chans=cfg.data.channels, num_classes=len(class_names(cfg.data)),
                           image_size=cfg.data.image_size, seed=cfg.seed)  # fmt: skip

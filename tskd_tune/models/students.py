@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tskd_tune.config import StudentConfig
+from tskd_tune.config.schema import StudentConfig
 from tskd_tune.errors import TskdError
 
 StudentFactory = Callable[[StudentConfig, int, int, int], nn.Module]

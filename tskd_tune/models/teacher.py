@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tskd_tune.cache import file_sha256
-from tskd_tune.config import LoraConfig, TeacherConfig
+from tskd_tune.config.schema import LoraConfig, TeacherConfig
 from tskd_tune.errors import TskdError
 from tskd_tune.models.encoders import tiny_vit
 from tskd_tune.models.vit import Segmenter, timm_segmenter

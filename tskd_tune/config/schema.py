@@ -1,20 +1,18 @@
-"""The one typed config tree, loaded from a search-space YAML, with dotted-path overrides.
+"""The config tree: one pydantic model per YAML section, and the constants that describe it.
 
-Every problem is reported as ``yaml.path: message, got value`` so that a user can find it in the file.
-Validation runs in two phases: pydantic checks each field, then cross-field checks (dataset options,
-class names, search-space paths) that need the whole tree.
+Field docstrings are the fields' descriptions. Beside :mod:`tskd_tune.space` (whose distributions are a
+field type) this module imports nothing of the package, so the layers below validation (data, models,
+training) take their config types from here.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tskd_tune.errors import ConfigError
 from tskd_tune.space import Distribution
 
 
@@ -244,8 +242,6 @@ class TrackingConfig(Section):
     @field_validator("uri")
     @classmethod
     def _no_password(cls, v: str) -> str:
-        from urllib.parse import urlsplit
-
         if urlsplit(v).password:
             # the message must not repeat the URI: errors are printed and configs are logged
             raise ValueError(
@@ -271,7 +267,7 @@ class ResourcesConfig(Section):
 
 class CacheConfig(Section):
     dir: Path = Path("runs/cache")
-    """Content-addressed cache of preprocessed data, teachers and teacher outputs."""
+    """Content-addressed cache: preprocessed data, teachers, teacher outputs, generators, synthetic pools."""
     enabled: bool = True
     """Reuse cached entries (False: recompute everything, as with --no-cache)."""
 
@@ -294,239 +290,18 @@ class Config(Section):
     cache: CacheConfig = Field(default_factory=CacheConfig)
 
 
-# ---------------------------------------------------------------------------------- error messages
-_RULES = {
-    "greater_than": "must be > {gt}",
-    "greater_than_equal": "must be >= {ge}",
-    "less_than": "must be < {lt}",
-    "less_than_equal": "must be <= {le}",
-    "too_short": "must have at least {min_length} item(s)",
-    "too_long": "must have at most {max_length} item(s)",
-}
-
-
-def _path(loc: tuple) -> str:
-    parts: list[str] = []
-    for item in loc:
-        # discriminated unions add the tag name (e.g. 'uniform') to the location; it is not a YAML key
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        else:
-            parts.append(("." if parts else "") + str(item))
-    return "".join(parts)
-
-
-def _strip_tags(loc: tuple, value_tags: set[str]) -> tuple:
-    return tuple(x for x in loc if not (isinstance(x, str) and x in value_tags))
-
-
-def _num(v: Any) -> Any:
-    return int(v) if isinstance(v, float) and v.is_integer() else v
-
-
-def format_error(err: dict, prefix: str = "") -> str:
-    """One line for one pydantic error: ``path: message, got value``."""
-    from tskd_tune.space import DISTRIBUTION_TYPES
-
-    loc = _strip_tags(tuple(err["loc"]), set(DISTRIBUTION_TYPES))
-    path = prefix + _path(loc) if loc else prefix.rstrip(".") or "(top level)"
-    kind, ctx = err["type"], err.get("ctx") or {}
-    if kind == "extra_forbidden":
-        return f"{path}: unknown key"
-    if kind == "missing":
-        return f"{path}: required"
-    if kind in _RULES:
-        msg = _RULES[kind].format(**{k: _num(v) for k, v in ctx.items()})
-    elif kind == "literal_error":
-        msg = f"must be one of {ctx.get('expected')}"
-    elif kind == "value_error":
-        msg = str(ctx.get("error", err["msg"]))
-        return f"{path}: {msg}"
-    else:
-        msg = err["msg"][0].lower() + err["msg"][1:]
-    return f"{path}: {msg}, got {err.get('input')!r}"
-
-
-# -------------------------------------------------------------------------------------- YAML & --set
-class _StrictLoader(yaml.SafeLoader):
-    """Safe YAML loader that rejects duplicate keys instead of silently keeping the last one."""
-
-
-def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: set = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            mark = key_node.start_mark
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (line {mark.line + 1})", mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
-
-
-def read_yaml(path: Path) -> dict:
-    """Read a YAML mapping safely; any problem becomes a one-line ConfigError naming the file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(["file not found"], str(path)) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"cannot read: {exc.__class__.__name__}"], str(path)) from None
-    try:
-        raw = yaml.load(text, Loader=_StrictLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError([f"invalid YAML: {where}{problem}"], str(path)) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError([f"top level must be a mapping, got {type(raw).__name__}"], str(path))
-    return raw
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """Parse ``--set key.path=value`` items; values are YAML (so lists and numbers get their types)."""
-    out: dict[str, Any] = {}
-    problems = []
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. distill.temperature=2.0")
-            continue
-        try:
-            out[key] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            problems.append(f"--set {key}: value {value!r} is not valid YAML")
-    if problems:
-        raise ConfigError(problems)
-    return out
-
-
-def set_by_path(raw: dict, dotted: str, value: Any) -> None:
-    """Set ``raw[a][b][c] = value`` for ``a.b.c``, creating intermediate mappings."""
-    keys = dotted.split(".")
-    node, i = raw, 0
-    while True:
-        # search-space keys contain dots themselves ("search.space.student.lr.low"): prefer the longest
-        # existing key, so such a key is addressed as one step
-        j = next((j for j in range(len(keys), i, -1) if ".".join(keys[i:j]) in node), i + 1)
-        key = ".".join(keys[i:j])
-        if j == len(keys):
-            node[key] = value
-            return
-        nxt = node.get(key)
-        if nxt is None:
-            nxt = node[key] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError([f"{'.'.join(keys[:j])}: is a value, not a section; cannot set {dotted}"])
-        node, i = nxt, j
-
-
-# ------------------------------------------------------------------------------------------ loading
-def validate(raw: dict, source: str | None = None, *, check_search_space: bool = True) -> Config:
-    """Validate a raw mapping into a Config; raise ConfigError listing every problem with its path."""
-    try:
-        cfg = Config.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError([format_error(e) for e in exc.errors()], source) from None
-    problems = _cross_checks(cfg, check_search_space)
-    if problems:
-        raise ConfigError(problems, source)
-    return cfg
-
-
-def _cross_checks(cfg: Config, check_search_space: bool) -> list[str]:
-    from tskd_tune.data.registry import check_data_config
-    from tskd_tune.space import check_space
-
-    problems = check_data_config(cfg.data)
-    d = cfg.distill
-    if d.method == "ts_kd" and d.kd_weight == 0 and d.sup_weight == 0:
-        problems.append("distill: kd_weight and sup_weight are both 0, so the student learns nothing")
-    if cfg.teacher.ce_weight == 0 and cfg.teacher.dice_weight == 0:
-        problems.append("teacher: ce_weight and dice_weight are both 0, so the teacher learns nothing")
-    gc = cfg.synthetic
-    if gc.generator == "pretrained" and gc.pretrained_path is None:
-        problems.append("synthetic.pretrained_path: required when synthetic.generator is pretrained")
-    levels = 2 ** (len(gc.channels) - 1)
-    if gc.generator == "ddpm" and (gc.image_size or cfg.data.image_size) % levels:
-        problems.append(
-            f"synthetic.image_size: must be divisible by {levels} (the UNet halves it {len(gc.channels) - 1} "
-            f"time(s)), got {gc.image_size or cfg.data.image_size}"
-        )
-    if cfg.search.scheduler == "asha" and cfg.search.grace_period > cfg.student.epochs:
-        problems.append(
-            f"search.grace_period: must be <= student.epochs ({cfg.student.epochs}), "
-            f"got {cfg.search.grace_period}"
-        )
-    problems += _objective_checks(cfg.search)
-    if check_search_space and not problems:
-        problems += check_space(cfg)
-    return problems
-
-
 # metrics every finished trial reports (per epoch or at its end) that a search may optimise
 OBJECTIVE_METRICS = ("val_dice", "val_hd95", "student_latency_ms", "student_params")
 END_OF_TRIAL_METRICS = ("student_latency_ms", "student_params")
 
-
-def _objective_checks(s: SearchConfig) -> list[str]:
-    problems = [f"search.objectives.{m}: not a reported metric (one of {', '.join(OBJECTIVE_METRICS)})"
-                for m in s.objectives if m not in OBJECTIVE_METRICS]  # fmt: skip
-    if s.objectives and len(s.objectives) < 2:
-        problems.append(
-            "search.objectives: needs at least two metrics; for one, use search.metric and search.mode"
-        )
-    elif s.objectives and s.scheduler == "asha":
-        problems.append(
-            "search.scheduler: ASHA needs a single objective; use fifo with search.objectives, got 'asha'"
-        )
-    elif s.objectives and "metric" in s.model_fields_set and s.metric != next(iter(s.objectives)):
-        problems.append(
-            f"search.metric: the first of search.objectives sorts a multi-objective search, got {s.metric!r}"
-        )
-    return problems
-
-
-def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> Config:
-    """Load a search-space YAML, apply ``--set`` overrides by dotted path and validate the result."""
-    path = Path(path)
-    raw = read_yaml(path)
-    for key, value in (overrides or {}).items():
-        set_by_path(raw, key, value)
-    cfg = validate(raw, str(path))
-    if cfg.name is None:
-        cfg = cfg.model_copy(update={"name": path.stem})
-    return cfg
-
-
-def apply_values(cfg: Config, values: dict[str, Any]) -> Config:
-    """Return a copy of ``cfg`` with sampled values set by dotted path, re-validated."""
-    raw = copy.deepcopy(cfg.model_dump(mode="json", exclude_none=False))
-    for key, value in values.items():
-        set_by_path(raw, key, value)
-    # the space itself is unchanged by applying values from it, so it is not re-checked
-    return validate(raw, check_search_space=False)
-
-
-def apply_search_overrides(cfg: Config, num_samples: int | None, max_concurrent: int | None) -> Config:
-    """Apply `launch --num-samples/--max-concurrent` (they override search.* like --set would)."""
-    values = {}
-    if num_samples is not None:
-        values["search.num_samples"] = num_samples
-    if max_concurrent is not None:
-        values["search.max_concurrent"] = max_concurrent
-    return apply_values(cfg, values) if values else cfg
-
-
-def to_yaml(cfg: Config) -> str:
-    """The resolved config as YAML (what a trial records so that it can be re-run)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False, width=120)
+# Every field that names a file or folder, as a dotted path. Relative values are read against the working
+# directory, which a Ray trial or a cluster job does not share, so they are resolved (see `absolutize`)
+# before a config leaves the driver. search.study_storage is a path only when it is a journal file (no
+# "://"); an RDB URL is left as it is. A test checks that every Path-typed field is listed here.
+PATH_FIELDS = (
+    "data.root",
+    "teacher.checkpoint",
+    "synthetic.pretrained_path",
+    "cache.dir",
+    "search.study_storage",
+)
