@@ -34,8 +34,9 @@ def test_validate_prints_resolved_config_and_space():
     proc = cli("validate", DEMO, "--set", "distill.temperature=2.5")
     assert proc.returncode == 0, proc.stderr
     assert "temperature: 2.5" in proc.stdout
-    assert "teacher.lora.rank" in proc.stdout and "choice(values=[4, 8])" in proc.stdout
-    assert "classes: background, central_echo_complex, medulla, cortex" in proc.stdout
+    assert "distill.kd_weight" in proc.stdout and "uniform(low=0.5, high=2.0)" in proc.stdout
+    assert "model: litemedsam" in proc.stdout  # the demo distils the pretrained teacher
+    assert "classes: background, grey_matter, white_matter" in proc.stdout
 
 
 def test_validate_lists_every_problem_one_per_line(write_yaml):
@@ -81,19 +82,17 @@ def test_data_inspect_demo_writes_preview_and_summary(tmp_path):
         "--set",
         f"cache.dir={tmp_path / 'cache'}",
         "--set",
-        "data.options.num_images=60",
-        "--set",
-        "data.unlabeled=null",
+        "data.options.stride=2",
     )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
-    assert summary["images"] == 60 and summary["splits"]["labeled"] == 10
-    assert sum(summary["splits"][k] for k in ("labeled", "unlabeled", "val", "test")) == 60
-    assert set(summary["class_frequency"]) == {"background", "central_echo_complex", "medulla", "cortex"}
+    assert summary["images"] == 67 and summary["splits"]["labeled"] == 10  # every other axial slice
+    assert sum(summary["splits"][k] for k in ("labeled", "unlabeled", "val", "test")) == 67
+    assert set(summary["class_frequency"]) == {"background", "grey_matter", "white_matter"}
     assert 0.5 < summary["class_frequency"]["background"] < 0.99
     png = out / "preview.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((out / "summary.json").read_text())["images"] == 60
+    assert json.loads((out / "summary.json").read_text())["images"] == 67
     again = cli(
         "data",
         "inspect",
@@ -103,9 +102,7 @@ def test_data_inspect_demo_writes_preview_and_summary(tmp_path):
         "--set",
         f"cache.dir={tmp_path / 'cache'}",
         "--set",
-        "data.options.num_images=60",
-        "--set",
-        "data.unlabeled=null",
+        "data.options.stride=2",
     )
     assert again.returncode == 0 and "(reused)" in again.stdout
 

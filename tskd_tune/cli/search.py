@@ -1,0 +1,228 @@
+"""Commands on a search: launch, resume, sync, status, report, ui."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from tskd_tune.cli.app import SetOpt, SpaceArg, app, load_cfg, out
+from tskd_tune.errors import TskdError
+
+
+@app.command()
+def launch(
+    space: SpaceArg,
+    set_: SetOpt = None,
+    num_samples: Annotated[
+        int | None, typer.Option("--num-samples", help="Trials (default search.num_samples).")
+    ] = None,
+    max_concurrent: Annotated[
+        int | None, typer.Option("--max-concurrent", help="Trials at once (default search.max_concurrent).")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Search name (default: the config's name).")
+    ] = None,
+    storage: Annotated[
+        str,
+        typer.Option(
+            "--storage",
+            help="Folder that holds searches (shared by every node on a cluster), or s3://, gs:// URI.",
+        ),
+    ] = "runs",
+    tracking_uri: Annotated[
+        str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default tracking.uri).")
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            help="Ray cluster: auto (this node's cluster), HOST:PORT, ray://HOST:10001 (Ray Client), or "
+            "http(s)://HOST:8265 (submit as a Ray Job). Default: a local Ray instance.",
+        ),
+    ] = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Recompute data, teachers and teacher outputs in every trial.")
+    ] = False,
+    detach: Annotated[
+        bool,
+        typer.Option("--detach", help="With --address http(s)://...: print the job id and return at once."),
+    ] = False,
+) -> None:
+    """Run a hyperparameter search: Ray Tune trials, Optuna proposals, ASHA early stopping, MLflow records."""
+    from tskd_tune import cluster
+    from tskd_tune.config import apply_search_overrides
+    from tskd_tune.errors import ConfigError
+    from tskd_tune.search import SearchOptions
+    from tskd_tune.search import launch as run_search
+
+    cfg = apply_search_overrides(load_cfg(space, set_, no_cache), num_samples, max_concurrent)
+    if not cfg.search.space:
+        raise ConfigError(
+            ["search.space: empty; a search needs at least one dimension to search"], str(space)
+        )
+    if detach and not cluster.is_job_address(address):
+        raise TskdError("--detach: only with --address http(s)://HOST:8265 (a search submitted as a Ray Job)")
+    if cluster.is_job_address(address):
+        cluster.check_tracking_uri(tracking_uri or cfg.tracking.uri)
+        args = {"name": name or cfg.name or space.stem, "storage": storage, "tracking_uri": tracking_uri,
+                "num_samples": num_samples, "max_concurrent": max_concurrent, "no_cache": no_cache}  # fmt: skip
+        raise typer.Exit(cluster.submit(cfg, space, set_ or [], args, address, out, detach=detach))
+    from tskd_tune.methods.checks import check_teacher
+
+    # on the driver (a job checks it on the cluster): otherwise every trial would fail on it, each after a retry
+    check_teacher(cfg)
+    opts = SearchOptions(name or cfg.name or space.stem, storage, tracking_uri or cfg.tracking.uri, address, str(space))
+    run_search(cfg, opts, out)
+
+
+@app.command()
+def resume(
+    name_or_path: Annotated[
+        str, typer.Argument(help="Search name (under runs/) or folder.", show_default=False)
+    ],
+) -> None:
+    """Continue an interrupted search: unfinished and errored trials go on from their checkpoints."""
+    from tskd_tune.search import launch as run_search
+    from tskd_tune.search import load_search, resolve_search_path
+
+    cfg, opts, _ = load_search(resolve_search_path(name_or_path))
+    run_search(cfg, opts, out, resume=True)
+
+
+@app.command()
+def sync(
+    name_or_path: Annotated[
+        str, typer.Argument(help="Search name (under runs/) or folder.", show_default=False)
+    ],
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri", help="The MLflow store's address, if it moved (default: the search's)."
+        ),
+    ] = None,
+) -> None:
+    """Deliver the MLflow writes a search kept while MLflow was unreachable (a search also does it when it ends)."""
+    from tskd_tune import tracking
+    from tskd_tune.search import load_search, resolve_search_path, state_path
+
+    path = resolve_search_path(name_or_path)
+    _, opts, _ = load_search(path)
+    folder = state_path(opts) if (state_path(opts) / tracking.JOURNAL_DIR).is_dir() else path  # moved?
+    uri = tracking.absolute_uri(tracking_uri) if tracking_uri else opts.tracking_uri
+    tracking.preflight(uri)
+    journals, delivered, queued = tracking.sync_journals(folder, uri if tracking_uri else None)
+    if queued:
+        raise TskdError(
+            f"{folder / tracking.JOURNAL_DIR}: {queued} write(s) still queued, MLflow at {uri} "
+            "failed again; run `tskd-tune sync` once it is steady"
+        )
+    out.print(f"delivered {delivered} queued write(s) from {journals} journal(s) to {uri}", markup=False)
+
+
+@app.command()
+def status(
+    name_or_path: Annotated[
+        str,
+        typer.Argument(
+            help="Search name (under runs/) or folder; with --address, a Ray Job id.", show_default=False
+        ),
+    ],
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address", help="Ray dashboard (http(s)://HOST:8265) of a search submitted as a Ray Job."
+        ),
+    ] = None,
+) -> None:
+    """Table of a search's trials and the best so far (also while it runs); or a Ray Job's state and log tail."""
+    import pandas as pd
+
+    from tskd_tune.report import objective_board
+    from tskd_tune.search import load_search, resolve_search_path
+
+    if address is not None:
+        from tskd_tune import cluster
+
+        if not cluster.is_job_address(address):
+            raise TskdError(
+                f"--address {address}: status reads Ray Jobs through the dashboard, http(s)://HOST:8265"
+            )
+        cluster.job_status(address, name_or_path, out)
+        return
+    path = resolve_search_path(name_or_path)
+    cfg, _, parent = load_search(path)
+    objectives = cfg.search.objective_items()
+    metric = objectives[0][0]
+    extra = [m for m, _ in objectives[1:] if m != "val_hd95"]
+    board = objective_board(path, objectives)
+    table = Table("trial", "state", "epoch", metric, "gain", "hd95", *extra,
+                  *(["pareto"] if len(objectives) > 1 else []), *cfg.search.space, title=f"search {path.name}",
+                  title_justify="left")  # fmt: skip
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    for _, row in board.iterrows():
+        front = ["yes" if row["pareto"] else ""] if len(objectives) > 1 else []
+        gain = f"{row['gain_vs_scratch']:+.4f}" if pd.notna(row["gain_vs_scratch"]) else ""
+        table.add_row(str(row["trial_id"]), row["state"], str(row["epoch"]), fmt(row[metric]), gain,
+                      fmt(row["val_hd95"]), *(fmt(row[m]) for m in extra), *front,
+                      *(fmt(row.get(p, "")) for p in cfg.search.space))  # fmt: skip
+    out.print(table)
+    from tskd_tune.search import reference_lines, reference_metrics
+
+    refs = reference_metrics(path)
+    for line in reference_lines(refs):
+        out.print(line, markup=False)
+    if "reference_scratch_val_dice" in refs:
+        out.print("gain: a trial's val_dice minus the scratch reference's", markup=False)
+    done = board[board["state"] == "finished"]
+    out.print(f"{len(board)} trial(s), {len(done)} finished; MLflow parent run {parent}", markup=False)
+    if not board.empty and board[metric].notna().any():
+        best = board.iloc[0]
+        out.print(f"best so far: {best['trial_id']} {metric} {best[metric]:.4f}", markup=False)
+    if len(objectives) > 1 and board["pareto"].any():
+        front = ", ".join(board.loc[board["pareto"], "trial_id"].astype(str))
+        names = ", ".join(f"{m} {d}" for m, d in objectives)
+        out.print(f"Pareto front ({names}): {front}", markup=False)
+
+
+@app.command()
+def report(
+    name_or_path: Annotated[
+        str, typer.Argument(help="Search name (under runs/) or folder.", show_default=False)
+    ],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Output folder (default SEARCH/report).")
+    ] = None,
+) -> None:
+    """Leaderboard CSV and plots (optimisation history, importances, parallel coordinates, Pareto front) as PNG + HTML."""
+    from tskd_tune.report import write_report
+    from tskd_tune.search import load_search, resolve_search_path
+
+    path = resolve_search_path(name_or_path)
+    cfg, _, _ = load_search(path)
+    written = write_report(path, out_dir or path / "report", cfg.search.space, cfg.search.objective_items())
+    for kind, p in written.items():
+        out.print(f"{kind}: {p}", markup=False)
+
+
+@app.command()
+def ui(
+    uri: Annotated[str, typer.Option("--uri", help="MLflow store to browse.")] = "sqlite:///runs/mlflow.db",
+    port: Annotated[int, typer.Option("--port")] = 5000,
+) -> None:
+    """Open the MLflow UI on the local store, bound to 127.0.0.1."""
+    import subprocess
+
+    out.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)", markup=False)
+    raise typer.Exit(subprocess.call(ui_command(uri, port)))
+
+
+def ui_command(uri: str, port: int) -> list[str]:
+    """The `mlflow ui` command line: loopback only, as the MLflow UI has no login (see SECURITY.md)."""
+    from tskd_tune.tracking import absolute_uri
+
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", absolute_uri(uri),
+            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
