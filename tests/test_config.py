@@ -235,3 +235,16 @@ def test_absolutize_resolves_every_path_field(tmp_path, monkeypatch):
     assert out.search.study_storage == url and out.data.root == Path("/abs/root")
     assert out.teacher.checkpoint is None and out.synthetic.pretrained_path is None
     assert out.cache.dir == tmp_path / "runs" / "cache"
+
+
+def test_a_search_resolves_every_path_and_the_tracking_uri(tmp_path, monkeypatch):
+    """Trials run in other folders (and on other nodes): the search hands them absolute paths only. A
+    relative synthetic.pretrained_path used to be left relative and would have failed in every trial."""
+    from tskd_tune.search import absolutize
+
+    monkeypatch.chdir(tmp_path)
+    cfg = validate({"synthetic": {"generator": "pretrained", "pretrained_path": "pipe"},
+                    "teacher": {"checkpoint": "w.safetensors"}, "tracking": {"uri": "sqlite:///runs/m.db"}})  # fmt: skip
+    out = absolutize(cfg)
+    assert out.synthetic.pretrained_path == tmp_path / "pipe" and out.teacher.checkpoint == tmp_path / "w.safetensors"
+    assert out.cache.dir == tmp_path / "runs" / "cache" and out.tracking.uri == f"sqlite:///{tmp_path}/runs/m.db"

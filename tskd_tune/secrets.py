@@ -28,6 +28,9 @@ MLFLOW_CLIENT_ENV = MLFLOW_CREDENTIAL_ENV + (
 )
 """What MLflow's client reads from the environment to reach a remote server."""
 
+WHERE_PASSWORDS_GO = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD for an MLflow server, PGPASSWORD for PostgreSQL"
+"""Where a user puts the password a URI must not carry (said in the errors that refuse one)."""
+
 _URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/:@\s]*):[^/@\s]*@")
 
 

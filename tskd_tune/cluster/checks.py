@@ -88,7 +88,7 @@ def prepare(cfg, opts, console):
     ``STORAGE/cache`` so a teacher fine-tuned (or a synthetic pool generated) on one node is reused on
     every node; an explicit ``cache.dir`` must itself be shared.
     """
-    from tskd_tune.config import CacheConfig
+    from tskd_tune.config import CacheConfig, path_values
 
     nodes = alive_nodes()
     if len(nodes) <= 1:
@@ -113,11 +113,8 @@ def prepare(cfg, opts, console):
         cfg = cfg.model_copy(update={"cache": cfg.cache.model_copy(update={"dir": folder / "cache"})})
     else:
         dirs["cache.dir"] = cfg.cache.dir
-    files = {}
-    if cfg.teacher.checkpoint is not None:
-        files["teacher.checkpoint"] = cfg.teacher.checkpoint
-    if cfg.synthetic.pretrained_path is not None:
-        files["synthetic.pretrained_path"] = cfg.synthetic.pretrained_path.resolve()
+    # every other path a trial reads must be there on every node (a journal study storage the driver writes)
+    files = {k: Path(v).resolve() for k, v in path_values(cfg).items() if k not in ("cache.dir", "search.study_storage")}
     check_visible(dirs, files, nodes)
     gpus = sum(n.get("Resources", {}).get("GPU", 0) for n in nodes)
     cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in nodes)

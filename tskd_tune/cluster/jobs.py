@@ -89,13 +89,12 @@ def _relative_paths(cfg, storage: str) -> list[str]:
     bad = []
     if not is_bucket(storage) and not storage_dir(storage).is_absolute():
         bad.append(f"--storage {storage}")
-    for label, value in (
-        ("data.root", cfg.data.root),
-        ("teacher.checkpoint", cfg.teacher.checkpoint),
-        ("synthetic.pretrained_path", cfg.synthetic.pretrained_path),
-        ("cache.dir", None if _default_cache(cfg) else cfg.cache.dir),
-    ):
-        if value is not None and not Path(value).is_absolute():
+    from tskd_tune.config import path_values
+
+    for label, value in path_values(cfg).items():
+        if label == "cache.dir" and _default_cache(cfg):
+            continue  # the default cache moves under --storage on the cluster
+        if not Path(value).is_absolute():
             bad.append(f"{label} {value}")
     return bad
 

@@ -35,6 +35,7 @@ from tskd_tune.config.validate import (
     check_space,
     format_error,
     load_config,
+    path_values,
     validate,
 )
 from tskd_tune.config.yaml_io import parse_overrides, read_yaml, set_by_path, to_yaml
@@ -64,6 +65,7 @@ __all__ = [
     "format_error",
     "load_config",
     "parse_overrides",
+    "path_values",
     "read_yaml",
     "set_by_path",
     "to_yaml",

@@ -1,7 +1,7 @@
 """The config tree: one pydantic model per YAML section, and the constants that describe it.
 
 Field docstrings are the fields' descriptions. Beside :mod:`tskd_tune.space` (whose distributions are a
-field type) this module imports nothing of the package, so the layers below validation (data, models,
+field type) and :mod:`tskd_tune.secrets` (where passwords go) this module imports nothing of the package, so the layers below validation (data, models,
 training) take their config types from here.
 """
 
@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tskd_tune.secrets import WHERE_PASSWORDS_GO
 from tskd_tune.space import Distribution
 
 
@@ -141,6 +142,10 @@ class StudentConfig(Section):
     """Optimisation steps per epoch (default: one pass over the transfer set, for every method alike)."""
     checkpoint_every: int = Field(1, ge=1)
     """Save a resumable checkpoint every this many epochs (and after the last)."""
+    ce_weight: float = Field(0.2, ge=0)
+    """Weight of cross-entropy in the student's supervised loss on labelled images."""
+    dice_weight: float = Field(0.8, ge=0)
+    """Weight of Dice in the student's supervised loss on labelled images."""
 
 
 class SyntheticConfig(Section):
@@ -245,8 +250,7 @@ class TrackingConfig(Section):
         if urlsplit(v).password:
             # the message must not repeat the URI: errors are printed and configs are logged
             raise ValueError(
-                "holds a password; put it in the environment instead (MLFLOW_TRACKING_USERNAME and "
-                "MLFLOW_TRACKING_PASSWORD for an MLflow server, PGPASSWORD for PostgreSQL): "
+                f"holds a password; put it in the environment instead ({WHERE_PASSWORDS_GO}): "
                 "the config is logged with every run"
             )
         return v

@@ -90,8 +90,10 @@ def _cross_checks(cfg: Config, check_search_space: bool) -> list[str]:
     d = cfg.distill
     if d.method == "ts_kd" and d.kd_weight == 0 and d.sup_weight == 0:
         problems.append("distill: kd_weight and sup_weight are both 0, so the student learns nothing")
-    if cfg.teacher.ce_weight == 0 and cfg.teacher.dice_weight == 0:
-        problems.append("teacher: ce_weight and dice_weight are both 0, so the teacher learns nothing")
+    for section in ("teacher", "student"):
+        weights = getattr(cfg, section)
+        if weights.ce_weight == 0 and weights.dice_weight == 0:
+            problems.append(f"{section}: ce_weight and dice_weight are both 0, so the {section} learns nothing from labels")
     synthetic = cfg.synthetic
     if synthetic.generator == "pretrained" and synthetic.pretrained_path is None:
         problems.append("synthetic.pretrained_path: required when synthetic.generator is pretrained")
@@ -251,12 +253,19 @@ def absolutize(cfg: Config) -> Config:
     Unset fields and URLs (search.study_storage on a database) are left as they are; nothing is re-validated.
     """
     out = cfg
-    for dotted in PATH_FIELDS:
-        value = _get(out, dotted)
-        if not value or (isinstance(value, str) and "://" in value):
-            continue
+    for dotted, value in path_values(cfg).items():
         resolved = Path(value).resolve()
         out = _replace(out, dotted, resolved if isinstance(value, Path) else str(resolved))
+    return out
+
+
+def path_values(cfg: Config) -> dict[str, Path | str]:
+    """The set path fields of ``cfg`` (PATH_FIELDS order), URLs left out: what must resolve on every node."""
+    out = {}
+    for dotted in PATH_FIELDS:
+        value = _get(cfg, dotted)
+        if value and not (isinstance(value, str) and "://" in value):
+            out[dotted] = value
     return out
 
 

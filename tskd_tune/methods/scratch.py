@@ -14,7 +14,7 @@ def scratch(st: TrialContext, report: Report | None) -> Outcome:
     """The student trained on the labelled images only (same steps per epoch as the KD methods)."""
     cfg = st.cfg
     student = common.student(st)
-    labeled, sup = common.labeled_batches(st), supervised_loss(cfg.teacher.ce_weight, cfg.teacher.dice_weight)
+    labeled, sup = common.labeled_batches(st), supervised_loss(cfg.student.ce_weight, cfg.student.dice_weight)
     st.info |= {"transfer_real": 0, "transfer_synthetic": 0}
 
     def step(g):

@@ -41,7 +41,7 @@ def ts_kd(st: TrialContext, report: Report | None) -> Outcome:
     if feats is not None:
         feat_loss = common.projection(st, student.feature_dim, feats.shape[1])
         modules["projection"] = feat_loss
-    labeled, sup = common.labeled_batches(st), supervised_loss(cfg.teacher.ce_weight, cfg.teacher.dice_weight)
+    labeled, sup = common.labeled_batches(st), supervised_loss(cfg.student.ce_weight, cfg.student.dice_weight)
     bs = cfg.student.batch_size
 
     def step(g):

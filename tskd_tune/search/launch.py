@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tskd_tune import cluster, faults, tracking
+from tskd_tune import cluster, config, faults, tracking
 from tskd_tune.cache import writable_dir, write_json
 from tskd_tune.cluster import mask_uri, mlflow_env
 from tskd_tune.config import Config, to_yaml
@@ -24,20 +24,10 @@ from tskd_tune.search.tuner import build_tuner, trial_id_of
 
 
 def absolutize(cfg: Config) -> Config:
-    """Relative paths resolved against the driver's working directory (trials run elsewhere)."""
-    upd = {
-        "cache": cfg.cache.model_copy(update={"dir": cfg.cache.dir.resolve()}),
-        "tracking": cfg.tracking.model_copy(update={"uri": tracking.absolute_uri(cfg.tracking.uri)}),
-    }
-    if cfg.data.root is not None:
-        upd["data"] = cfg.data.model_copy(update={"root": cfg.data.root.resolve()})
-    if cfg.search.study_storage and "://" not in cfg.search.study_storage:  # a journal file
-        upd["search"] = cfg.search.model_copy(
-            update={"study_storage": str(Path(cfg.search.study_storage).resolve())}
-        )
-    if cfg.teacher.checkpoint is not None:
-        upd["teacher"] = cfg.teacher.model_copy(update={"checkpoint": cfg.teacher.checkpoint.resolve()})
-    return cfg.model_copy(update=upd)
+    """Every path field resolved against the driver's working directory (trials run elsewhere, on other
+    nodes), and the tracking URI made absolute."""
+    cfg = config.absolutize(cfg)
+    return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": tracking.absolute_uri(cfg.tracking.uri)})})
 
 
 def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -> dict:
