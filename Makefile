@@ -19,7 +19,7 @@ demo: $(STAMP)  ## the main job on the embedded default: a search on the phantom
 	$(BIN)/tskd-tune launch search_spaces/demo.yaml --name demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)  ## the default test suite (slow tests excluded)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 test-slow: $(STAMP)  ## only the slow tests
 	$(BIN)/python -m pytest -q -m slow
