@@ -32,6 +32,11 @@ class _Dist(BaseModel):
         """Values that must all be valid for the config field (ends of ranges, every choice)."""
         return [self.low, self.high]  # type: ignore[attr-defined]
 
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is one this distribution can propose (a warm start's trials must be)."""
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        return number and self.low <= value <= self.high  # type: ignore[attr-defined]
+
     def describe(self) -> str:
         fields = self.model_dump(exclude={"type"}, exclude_defaults=True)
         return f"{self.type}(" + ", ".join(f"{k}={v}" for k, v in fields.items()) + ")"  # type: ignore[attr-defined]
@@ -97,6 +102,11 @@ class QUniform(_Dist):
             )
         return self
 
+    def contains(self, value: Any) -> bool:
+        on_grid = super().contains(value) and math.isclose((value - self.low) / self.q, round((value - self.low) / self.q),
+                                                          abs_tol=1e-9)  # fmt: skip
+        return bool(on_grid)
+
     def to_optuna(self):
         import optuna
 
@@ -127,6 +137,10 @@ class IntRange(_Dist):
             )
         return self
 
+    def contains(self, value: Any) -> bool:
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        return whole and super().contains(value) and (int(value) - self.low) % self.step == 0
+
     def to_optuna(self):
         import optuna
 
@@ -149,6 +163,10 @@ class Choice(_Dist):
 
     def boundary_values(self) -> list[Any]:
         return list(self.values)
+
+    def contains(self, value: Any) -> bool:
+        return any(value == v and type(value) is type(v) or (value == v and {type(value), type(v)} <= {int, float})
+                   for v in self.values)  # fmt: skip
 
     def to_optuna(self):
         import optuna

@@ -51,6 +51,11 @@ def launch(
         bool,
         typer.Option("--detach", help="With --address http(s)://...: print the job id and return at once."),
     ] = False,
+    warm_start: Annotated[
+        list[str] | None,
+        typer.Option("--warm-start", help="An earlier search (name or folder) whose finished trials join the "
+                     "study before any new proposal (repeatable)."),
+    ] = None,
 ) -> None:
     """Run a hyperparameter search: Ray Tune trials, Optuna proposals, ASHA early stopping, MLflow records."""
     from tskd_tune import cluster
@@ -75,7 +80,8 @@ def launch(
 
     # on the driver (a job checks it on the cluster): otherwise every trial would fail on it, each after a retry
     check_teacher(cfg)
-    opts = SearchOptions(name or cfg.name or space.stem, storage, tracking_uri or cfg.tracking.uri, address, str(space))
+    opts = SearchOptions(name or cfg.name or space.stem, storage, tracking_uri or cfg.tracking.uri, address, str(space),
+                         list(warm_start or []))  # fmt: skip
     run_search(cfg, opts, out)
 
 

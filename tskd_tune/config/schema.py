@@ -226,6 +226,17 @@ class SearchConfig(Section):
     baselines: list[Literal["scratch", "teacher"]] = Field(default_factory=lambda: ["scratch", "teacher"])
     """Reference trials run once beside the search (outside the Optuna study): the `scratch` student (same
     student config) and the fine-tuned `teacher`; every trial's Dice gain over scratch is shown. []: none."""
+    strategy: Literal["joint", "staged"] = "joint"
+    """`joint`: one study over the whole space. `staged`: first the teacher.* knobs alone (each trial a
+    teacher, judged on its val Dice), then every other knob with the best teachers as one more choice."""
+    teacher_trials: int = Field(8, ge=1)
+    """Staged search: trials of the teacher stage."""
+    top_teachers: int = Field(2, ge=1)
+    """Staged search: how many of the best teachers the student stage chooses from."""
+    time_budget_s: float | None = Field(None, gt=0)
+    """Wall-clock budget of the search (each stage of a staged one): no new trial is proposed once it is
+    spent, and running trials are stopped at their next report; the leaderboard, best.yaml and the best
+    trial's test score are still written. None: no budget."""
     trial_timeout_s: float | None = Field(None, gt=0)
     """Stop a trial that makes no progress (no training step, no report) for this many seconds (None: never)."""
 

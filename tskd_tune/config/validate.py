@@ -110,6 +110,7 @@ def _cross_checks(cfg: Config, check_search_space: bool) -> list[str]:
             f"got {cfg.search.grace_period}"
         )
     problems += _objective_checks(cfg.search)
+    problems += _strategy_checks(cfg)
     if check_search_space and not problems:
         problems += check_space(cfg)
     return problems
@@ -143,6 +144,19 @@ def check_data_config(data: DataConfig) -> list[str]:
         problems.append(
             f"data.root: required for dataset {data.dataset!r} (expected layout: {adapter.layout})"
         )
+    return problems
+
+
+def _strategy_checks(cfg: Config) -> list[str]:
+    s = cfg.search
+    if s.strategy != "staged":
+        return []
+    problems = []
+    if not any(k.startswith("teacher.") for k in s.space):
+        problems.append("search.strategy: staged searches the teacher.* knobs first, but search.space has none; use joint")
+    if cfg.distill.method != "ts_kd" or "distill.method" in s.space:
+        problems.append(f"search.strategy: staged distils the best fine-tuned teachers, so distill.method must be ts_kd "
+                        f"(and not searched), got {cfg.distill.method!r}")  # fmt: skip
     return problems
 
 

@@ -16,16 +16,18 @@ from tskd_tune.methods.context import TrialContext
 from tskd_tune.metrics import latency_ms
 from tskd_tune.models.students import build_student
 from tskd_tune.models.teacher import adapted, load_adapted, save_adapted
-from tskd_tune.train import LabeledBatches, Loop, run_loop, seeded
+from tskd_tune.train import LabeledBatches, Loop, Report, run_loop, seeded
 from tskd_tune.transfer import TransferSet, teacher_key
 
 
-def fine_tuned_teacher(st: TrialContext) -> tuple[nn.Module, dict]:
+def fine_tuned_teacher(st: TrialContext, report: Report | None = None) -> tuple[nn.Module, dict]:
     """The fine-tuned teacher (head, or LoRA + head), from the cache when this exact teacher was trained before.
 
     With a frozen prefix it trains on the cached states of the labelled images and of their
     ``teacher.augment_views`` augmented views (pixel augmentation cannot happen after the prefix); with
-    LoRA in every block it trains on images augmented on the fly.
+    LoRA in every block it trains on images augmented on the fly. ``report`` gets every fine-tuning epoch's
+    val scores (a teacher search's scheduler compares teachers on them); a cached teacher is not trained,
+    so it reports nothing here.
     """
     cfg, t = st.cfg, st.cfg.teacher
     feats = st.teacher_features(st.teacher_base())
@@ -53,10 +55,11 @@ def fine_tuned_teacher(st: TrialContext) -> tuple[nn.Module, dict]:
             return sup(model.from_state([s.to(st.device) for s in state]), y.to(st.device))
 
         steps = max(1, math.ceil(n / t.batch_size))
+        validate = st.teacher_validator(model, feats) if report is not None else None
         loop = Loop(phase="teacher", modules={"teacher": model}, step=reseeding(images, step), epochs=t.epochs,
                     steps_per_epoch=steps, lr=t.lr, weight_decay=t.weight_decay, seed=cfg.seed, autocast=st.amp,
-                    hooks=st.hooks)  # fmt: skip
-        trained = run_loop(loop, out_dir=None, report=None)
+                    hooks=st.hooks, evaluate=validate)  # fmt: skip
+        trained = run_loop(loop, out_dir=None, report=report)
         metrics = {f"teacher_{k}": v for k, v in st.teacher_validator(model, feats)().items()}
         metrics["teacher_train_loss"] = trained["train_loss"]
         # the whole teacher on one image, as it would be deployed (measured once, with the teacher)

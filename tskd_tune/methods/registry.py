@@ -32,12 +32,12 @@ class MethodSpec:
     """It distils on the transfer set (unlabelled and synthetic images): it draws from the synthetic pool."""
     student: bool
     """It trains a student, which the trial saves (and a search exports)."""
-    reports_once: bool = False
-    """It reports once, after the teacher is fine-tuned, instead of after every student epoch."""
+    reports: Literal["student", "teacher"] = "student"
+    """Whose epochs it reports to the search: the student's, or the teacher's fine-tuning epochs."""
 
     def reported_epochs(self, cfg: Config) -> int:
         """How many epochs a trial of this method reports (what a scheduler's max_t is)."""
-        return 1 if self.reports_once else cfg.student.epochs
+        return cfg.teacher.epochs if self.reports == "teacher" else cfg.student.epochs
 
 
 METHODS: dict[str, MethodSpec] = {}

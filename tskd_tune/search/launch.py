@@ -18,9 +18,11 @@ from tskd_tune.config import Config, to_yaml
 from tskd_tune.errors import TskdError
 from tskd_tune.methods.checks import premise_warning, search_uses_transfer
 from tskd_tune.models.teacher import is_pretrained
+from tskd_tune.search import staged
 from tskd_tune.search.folder import SEARCH_FILE, SearchOptions, git_commit, state_path
 from tskd_tune.search.summary import summarize
 from tskd_tune.search.tuner import build_tuner, trial_id_of
+from tskd_tune.search.warm import warm_trials
 
 
 def absolutize(cfg: Config) -> Config:
@@ -35,6 +37,11 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
     import ray
 
     cfg = _check(cfg, opts, resume, console)
+    warm: list = []
+    if opts.warm_start and not resume:  # a resumed study already holds them
+        warm, lines, opts.warm_start = warm_trials(cfg, opts.warm_start)
+        for line in lines:
+            console.print(line, markup=False)
     t0 = time.perf_counter()
     init_ray(opts.address, console)
     # before the data: on a cluster the trial cache (and the synthetic pool built next) moves to shared storage
@@ -50,10 +57,12 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
         fill = fill_features(cfg, *data, data_ref, pool, console)
     run = run_info(opts, parent)
     references = _start_references(cfg, data_ref, run)
-    tuner = build_tuner(cfg, opts, run, data_ref, restore=resume and (opts.path / "tuner.pkl").exists(), resume=resume)
     parent_client = tracking.BufferedClient(opts.tracking_uri, tracking.journal_path(state_path(opts), "parent"))
     try:
-        results = tuner.fit()
+        if cfg.search.strategy == "staged":
+            results, staged_summary = _staged(cfg, opts, run, data_ref, resume, console)
+        else:
+            results, staged_summary = _fit(cfg, opts, run, data_ref, resume, warm=warm), {}
     finally:
         parent_client.update_run(parent, status="RUNNING")
     _finish_references(references, console)
@@ -62,7 +71,7 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
     if resume:
         _close_lost_children(opts, parent, results, console)
     summary = summarize(cfg, opts, results, parent, data, console)
-    summary |= fill | {"wall_s": time.perf_counter() - t0}
+    summary |= fill | staged_summary | {"wall_s": time.perf_counter() - t0}
     write_json(opts.path / "summary.json", summary)
     if cluster.is_uri(opts.storage):
         cluster.push(opts.path, opts.location, ["summary.json", "leaderboard.csv", "pareto.csv", "best.yaml"])
@@ -73,6 +82,29 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
         console.print(f"MLflow is unreachable: {queued} write(s) are kept in {state_path(opts) / tracking.JOURNAL_DIR}; "
                       f"`tskd-tune sync {opts.path}` delivers them", markup=False)  # fmt: skip
     return summary
+
+
+def _fit(cfg: Config, opts: SearchOptions, run: dict, data_ref, resume: bool, study: str | None = None,
+         warm: list = ()):  # fmt: skip
+    """Run (or, when it was interrupted, restore and continue) one Ray Tune experiment to its end."""
+    restore = resume and (opts.path / "tuner.pkl").exists()
+    return build_tuner(cfg, opts, run, data_ref, restore=restore, resume=resume, study=study, warm=warm).fit()
+
+
+def _staged(cfg: Config, opts: SearchOptions, run: dict, data_ref, resume: bool, console):
+    """Both stages of a staged search (see :mod:`.staged`); returns the student stage's results."""
+    teachers = staged.chosen_teachers(opts) if resume else None
+    if teachers is None:
+        console.print(f"teacher stage: {cfg.search.teacher_trials} teacher(s) over {', '.join(staged.teacher_knobs(cfg))}",
+                      markup=False)  # fmt: skip
+        _fit(staged.teacher_stage(cfg), staged.stage_options(opts, "teacher"), run | {"stage": "teacher"}, data_ref,
+             resume, study=f"{opts.name}-teacher")  # fmt: skip
+        teachers = staged.choose_teachers(cfg, opts)
+    console.print(f"student stage: distilling the best {len(teachers)} teacher(s): {'; '.join(teachers)}", markup=False)
+    student_cfg = staged.student_stage(cfg, teachers)
+    results = _fit(student_cfg, opts, run | {"stage": "student", "teachers": teachers}, data_ref, resume,
+                   study=f"{opts.name}-student")  # fmt: skip
+    return results, {"teachers": list(teachers)}
 
 
 def _check(cfg: Config, opts: SearchOptions, resume: bool, console) -> Config:
@@ -109,7 +141,8 @@ def _parent_run(cfg: Config, opts: SearchOptions, resume: bool, console) -> str:
     parent = tracking.parent_run(
         opts.tracking_uri, cfg.tracking.experiment, opts.location, opts.name,
         {"search.name": opts.name, "search.space_file": opts.space_file, "git.commit": git_commit(),
-         "ray.address": opts.address or "local", "teacher.pretrained": str(is_pretrained(cfg.teacher)).lower()},
+         "ray.address": opts.address or "local", "teacher.pretrained": str(is_pretrained(cfg.teacher)).lower()}
+        | ({"tskd.warm_start": ", ".join(opts.warm_start)} if opts.warm_start else {}),
     )  # fmt: skip
     if not resume:
         write_json(opts.path / SEARCH_FILE, {"config": cfg.model_dump(mode="json"), "options": opts.to_json(),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tskd_tune import tracking
+from tskd_tune import fidelity, tracking
 from tskd_tune.cache import atomic_write
 from tskd_tune.config import Config
 from tskd_tune.report import best_trial, objective_board, references
@@ -54,15 +54,41 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
             summary["best_test_gain_vs_scratch"] = test["test_dice"] - refs["reference_scratch_test_dice"]
         for _, row in board.dropna(subset=["gain_vs_scratch", "mlflow_run_id"]).iterrows():
             c.log_batch(row["mlflow_run_id"], metrics=[_metric("gain_vs_scratch", row["gain_vs_scratch"])])
+    trust = early_stopping(cfg, opts.path)
+    summary |= {"rank_correlation": trust} if trust else {}
     c.log_batch(parent, metrics=[_metric(k, v) for k, v in tracking.numeric(
-        {k: v for k, v in summary.items() if k.startswith(("best_", "reference_"))} | test).items()])  # fmt: skip
+        {k: v for k, v in summary.items() if k.startswith(("best_", "reference_"))} | test
+        | {f"rank_corr_epoch_{r['epoch']}": r["spearman"] for r in trust}).items()])  # fmt: skip
     print(board.drop(columns=["trial_dir", "mlflow_run_id"]).head(10).to_string(index=False))
     for line in reference_lines(refs):
         console.print(line, markup=False)
     gain = f"; {summary['best_gain_vs_scratch']:+.4f} val Dice over scratch" if "best_gain_vs_scratch" in summary else ""
     console.print(f"best trial {best['trial_id']}: {metric} {best[metric]:.4f}{gain}; "
                   f"test_dice {test.get('test_dice', float('nan')):.4f}; config {best_cfg_path}", markup=False)  # fmt: skip
+    for line in trust_lines(trust, metric):
+        console.print(line, markup=False)
     return summary
+
+
+def early_stopping(cfg: Config, search_path: Path) -> list[dict]:
+    """The rank correlation of each ASHA rung's score with the final score (none without ASHA)."""
+    if cfg.search.scheduler != "asha":
+        return []
+    from tskd_tune.methods import get_method
+
+    s, max_t = cfg.search, get_method(cfg.distill.method).reported_epochs(cfg)
+    return fidelity.rank_correlations(search_path, s.metric, fidelity.rungs(s.grace_period, s.reduction_factor, max_t),
+                                      max_t)  # fmt: skip
+
+
+def trust_lines(trust: list[dict], metric: str) -> list[str]:
+    """What the rank correlations say: one line of figures, and a warning line when they are low."""
+    if not trust:
+        return []
+    figures = ", ".join(f"epoch {r['epoch']}: {r['spearman']:.2f} ({r['trials']} trials)" for r in trust)
+    warning = fidelity.warning(trust, metric)
+    return [f"early stopping: rank correlation of {metric} with its final value at each rung: {figures}"] + (
+        [warning] if warning else [])  # fmt: skip
 
 
 def _metric(key: str, value: float):

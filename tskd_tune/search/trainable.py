@@ -21,6 +21,7 @@ from tskd_tune.config import END_OF_TRIAL_METRICS, Config, apply_values
 from tskd_tune.methods import get_method
 from tskd_tune.models.teacher import is_pretrained
 from tskd_tune.search.folder import REFERENCES
+from tskd_tune.search.staged import CHOICE
 from tskd_tune.trial import TrialResult, resolve_device, run_trial
 
 
@@ -29,7 +30,10 @@ def trial(config: dict, data: tuple, base: Config, run: dict) -> None:
     from ray import tune
 
     os.environ.update(run["mlflow_env"])  # before the first MLflow call: credentials this worker lacks
-    cfg = apply_values(base, config)
+    values = dict(config)
+    if CHOICE in values:  # a staged search's student stage: the chosen teacher's values
+        values |= run["teachers"][values.pop(CHOICE)]
+    cfg = apply_values(base, values)
     _cap_gpu_memory(cfg)
     ctx, state = tune.get_context(), Path(run["state_path"])
     marker = faults.marker_path(state, ctx.get_trial_id())
@@ -42,11 +46,11 @@ def trial(config: dict, data: tuple, base: Config, run: dict) -> None:
                                                               cfg.search.trial_timeout_s))):  # fmt: skip
         tracker = report.tracker = mlflow_run.tracker
         tracker.log_params(config | {"distill.method": cfg.distill.method, "student.model": cfg.student.model})
-        tracker.set_tags(_run_tags(cfg) | {"resumed": mlflow_run.resumed})
+        tracker.set_tags(_run_tags(cfg) | {"resumed": mlflow_run.resumed} | ({"tskd.stage": run["stage"]} if "stage" in run else {}))
         result = run_trial(cfg, report, tracker, out_dir=_working_dir() / "outputs", resume_from=_restored(),
                            data=data, hooks=faults.trial_hooks())  # fmt: skip
         mlflow_run.stop_monitor()
-        tracker.log_metrics({f"final_{k}": v for k, v in tracking.numeric(result).items()}, step=cfg.student.epochs)
+        tracker.log_metrics({f"final_{k}": v for k, v in tracking.numeric(result).items()}, step=report.last_epoch)
         for path in result.files:
             tracker.log_artifact(path)
         tracker.set_tags(result.tags())

@@ -11,7 +11,7 @@ from tskd_tune.cluster import mask_uri
 from tskd_tune.config import Config
 from tskd_tune.errors import TskdError
 from tskd_tune.methods import get_method
-from tskd_tune.search.folder import SearchOptions, state_path
+from tskd_tune.search.folder import SearchOptions
 
 
 def _optuna():
@@ -48,7 +48,8 @@ SCHEDULERS = {"asha": _asha, "fifo": _fifo}
 
 SHORT_NAMES = {"distill.temperature": "T", "distill.kd_weight": "kd", "distill.sup_weight": "sup",
                "distill.feature_weight": "feat", "student.lr": "lr", "teacher.lr": "t.lr", "synthetic.ratio": "synth",
-               "teacher.lora.rank": "rank", "teacher.lora.alpha": "alpha", "teacher.lora.last_blocks": "blocks"}  # fmt: skip
+               "teacher.lora.rank": "rank", "teacher.lora.alpha": "alpha", "teacher.lora.last_blocks": "blocks",
+               "stage.teacher": "teacher"}  # fmt: skip
 
 
 def trial_name(trial) -> str:
@@ -134,20 +135,14 @@ def finalizer(tracking_uri: str, parent_run_id: str, search_path: Path):
     return MlflowFinalizer()
 
 
-def build_tuner(cfg: Config, opts: SearchOptions, run: dict, data_ref, *, restore: bool = False, resume: bool = False):
-    """The Tuner of the search (or, with ``restore``, the interrupted one restored from its folder)."""
-    from ray import tune
-    from ray.tune.logger import JsonLoggerCallback
-    from ray.tune.search import ConcurrencyLimiter
+def make_searcher(cfg: Config, opts: SearchOptions, *, resume: bool = False, study: str | None = None,
+                  warm: list[tuple[dict, float]] = ()):  # fmt: skip
+    """OptunaSearch over the space (the sampler by name, seeded), its study named ``study`` (default: the
+    search) in ``search.study_storage``, with the ``warm`` trials added as completed before any proposal."""
     from ray.tune.search.optuna import OptunaSearch
 
-    from tskd_tune.search.trainable import trial
     from tskd_tune.space import to_optuna
 
-    trainable = tune.with_parameters(trial, data=data_ref, base=cfg, run=run)
-    trainable = tune.with_resources(trainable, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
-    if restore:
-        return tune.Tuner.restore(opts.location, trainable=trainable, resume_unfinished=True, resume_errored=True)
     s = cfg.search
     # metric and mode go to searcher and scheduler themselves: ConcurrencyLimiter does not pass them on
     objectives = s.objective_items()
@@ -155,8 +150,31 @@ def build_tuner(cfg: Config, opts: SearchOptions, run: dict, data_ref, *, restor
     if len(objectives) > 1:  # Optuna's multi-objective study: every trial's final result carries all of them
         metric, mode = [m for m, _ in objectives], [d for _, d in objectives]
     searcher = OptunaSearch(space=to_optuna(s.space), metric=metric, mode=mode, sampler=SAMPLERS[s.algorithm](s.seed),
-                            points_to_evaluate=s.points_to_evaluate or None, study_name=opts.name,
-                            storage=study_storage(cfg, opts.name, fresh=not resume))  # fmt: skip
+                            points_to_evaluate=s.points_to_evaluate or None, study_name=study or opts.name,
+                            storage=study_storage(cfg, study or opts.name, fresh=not resume))  # fmt: skip
+    for params, value in warm:
+        searcher.add_evaluated_point(params, value)
+    return searcher
+
+
+def build_tuner(cfg: Config, opts: SearchOptions, run: dict, data_ref, *, restore: bool = False, resume: bool = False,
+                study: str | None = None, warm: list[tuple[dict, float]] = ()):  # fmt: skip
+    """The Tuner of the search, or of one stage of it (or, with ``restore``, the interrupted one restored from
+    its folder). ``study``: the Optuna study's name (default: the search's); ``warm``: (params, value) of
+    earlier trials that join the study as completed before any proposal."""
+    from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
+    from ray.tune.search import ConcurrencyLimiter
+
+    from tskd_tune.search.trainable import trial
+
+    trainable = tune.with_parameters(trial, data=data_ref, base=cfg, run=run)
+    trainable = tune.with_resources(trainable, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+    if restore:
+        return tune.Tuner.restore(opts.location, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    s = cfg.search
+    searcher = make_searcher(cfg, opts, resume=resume, study=study, warm=warm)
+    objectives = s.objective_items()
     reporter = tune.CLIReporter(
         metric_columns={"epoch": "epoch", s.metric: s.metric, "val_hd95": "hd95"} | {m: m for m, _ in objectives},
         parameter_columns={p: p.split(".")[-1] if len(p) > 24 else p for p in s.space},
@@ -168,7 +186,8 @@ def build_tuner(cfg: Config, opts: SearchOptions, run: dict, data_ref, *, restor
         trainable,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent),
                                     scheduler=SCHEDULERS[s.scheduler](cfg, max_t), num_samples=s.num_samples,
-                                    trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),  # fmt: skip
+                                    time_budget_s=s.time_budget_s, trial_name_creator=trial_name,
+                                    trial_dirname_creator=trial_dirname),  # fmt: skip
         run_config=tune.RunConfig(
             name=opts.name,
             storage_path=str(opts.storage),
@@ -177,7 +196,7 @@ def build_tuner(cfg: Config, opts: SearchOptions, run: dict, data_ref, *, restor
             # each trial uploads its outputs (config, metrics, student) from its own node
             sync_config=tune.SyncConfig(sync_artifacts=True),
             # JSON only (not CSV/TensorBoard): result.json and params.json are what `status` and `report` read
-            callbacks=[finalizer(opts.tracking_uri, run["parent_run_id"], state_path(opts)), JsonLoggerCallback()],
+            callbacks=[finalizer(opts.tracking_uri, run["parent_run_id"], Path(run["state_path"])), JsonLoggerCallback()],
             progress_reporter=reporter,
             verbose=1,
         ),

@@ -1,0 +1,143 @@
+"""Parts of the search that need no Ray run: the early-stopping rank correlation, warm starts, the staged
+search's two configs and its choice of teachers. Search folders are written here as Ray Tune and the
+trials write them (params.json, result.json, outputs/metrics.json)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tskd_tune import fidelity
+from tskd_tune.errors import TskdError
+
+
+def write_trial(search: Path, number: int, params: dict, curve: list[float], finished: bool = True) -> Path:
+    """A trial folder as Ray Tune and run_trial leave it: params, one result line per epoch, outputs."""
+    folder = search / f"t{number:03d}_id{number}"
+    folder.mkdir(parents=True)
+    (folder / "params.json").write_text(json.dumps(params))
+    rows = [{"trial_id": f"id{number}", "epoch": e, "val_dice": v, "timestamp": 1000 + number * 100 + e}
+            for e, v in enumerate(curve, 1)]  # fmt: skip
+    (folder / "result.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    if finished:
+        (folder / "outputs").mkdir()
+        (folder / "outputs" / "metrics.json").write_text(json.dumps({"val_dice": curve[-1]}))
+    return folder
+
+
+def test_rungs_are_asha_milestones():
+    assert fidelity.rungs(2, 3, 30) == [2, 6, 18]
+    assert fidelity.rungs(4, 2, 8) == [4]
+
+
+def test_rank_correlation_at_each_rung_over_finished_trials(tmp_path):
+    # early ranks agree with final ranks at epoch 2, and are reversed at epoch 1
+    finals = [0.5, 0.6, 0.7, 0.8]
+    for i, final in enumerate(finals):
+        write_trial(tmp_path, i + 1, {"x": i}, [1.0 - final, final - 0.1, final - 0.05, final])
+    write_trial(tmp_path, 9, {"x": 9}, [0.9], finished=False)  # stopped at the first rung: not counted
+    out = fidelity.rank_correlations(tmp_path, "val_dice", [1, 2], max_t=4)
+    assert out == [{"epoch": 1, "spearman": pytest.approx(-1.0), "trials": 4},
+                   {"epoch": 2, "spearman": pytest.approx(1.0), "trials": 4}]  # fmt: skip
+    line = fidelity.warning(out, "val_dice")
+    assert line.startswith("warning: early stopping may stop the wrong trials here") and "-1.00 over 4" in line
+    assert fidelity.warning(out[1:], "val_dice") is None
+    few = fidelity.rank_correlations(tmp_path, "val_dice", [1], max_t=9)
+    assert math.isnan(few[0]["spearman"]) and few[0]["trials"] == 0
+
+
+def _earlier_search(tmp_path: Path) -> Path:
+    folder = tmp_path / "runs" / "old"
+    folder.mkdir(parents=True)
+    (folder / "search.json").write_text("{}")
+    write_trial(folder, 1, {"distill.temperature": 2.0, "student.lr": 0.001}, [0.5, 0.6])
+    write_trial(folder, 2, {"distill.temperature": 9.0, "student.lr": 0.001}, [0.5, 0.7])  # outside the new range
+    write_trial(folder, 3, {"distill.temperature": 3.0}, [0.5, 0.65])  # lacks student.lr
+    write_trial(folder, 4, {"distill.temperature": 4.0, "student.lr": 0.002}, [0.4], finished=False)
+    return folder
+
+
+def test_warm_start_takes_the_finished_trials_that_fit_the_new_space(tiny, tmp_path):
+    from tskd_tune.search.warm import warm_trials
+
+    folder = _earlier_search(tmp_path)
+    space = {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
+             "student.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}  # fmt: skip
+    joined, lines, folders = warm_trials(tiny(search={"space": space}), [str(folder)])
+    assert joined == [({"distill.temperature": 2.0, "student.lr": 0.001}, 0.6)] and folders == [str(folder)]
+    assert lines == [f"warm start from {folder}: 1 finished trial(s) added to the study; skipped 2: "
+                     "id2 (distill.temperature=9.0 outside uniform(low=1.0, high=8.0)), id3 (no student.lr)"]  # fmt: skip
+    with pytest.raises(TskdError, match=r"^.*no search found"):
+        warm_trials(tiny(search={"space": space}), [str(tmp_path / "nothing")])
+
+
+def test_warm_trials_join_the_study_before_any_proposal(tiny, tmp_path):
+    import optuna
+
+    from tskd_tune.search.folder import SearchOptions
+    from tskd_tune.search.tuner import make_searcher
+
+    journal = tmp_path / "study.log"
+    cfg = tiny(search={"space": {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}},
+                       "study_storage": str(journal)})  # fmt: skip
+    opts = SearchOptions("warm", tmp_path, "sqlite:///x.db")
+    make_searcher(cfg, opts, resume=False, warm=[({"distill.temperature": 2.5}, 0.61), ({"distill.temperature": 7.0}, 0.4)])
+    study = optuna.load_study(study_name="warm", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))))  # fmt: skip
+    assert [(t.params, t.value, t.state.name) for t in study.trials] == [
+        ({"distill.temperature": 2.5}, 0.61, "COMPLETE"), ({"distill.temperature": 7.0}, 0.4, "COMPLETE")]  # fmt: skip
+
+
+def test_distribution_contains():
+    from pydantic import TypeAdapter
+
+    from tskd_tune.space import Distribution
+
+    dist = lambda d: TypeAdapter(Distribution).validate_python(d)  # noqa: E731
+    q = dist({"type": "quniform", "low": 0.0, "high": 2.0, "q": 0.5})
+    assert q.contains(1.5) and not q.contains(1.2) and not q.contains(2.5)
+    n = dist({"type": "int", "low": 4, "high": 32, "step": 4})
+    assert n.contains(8) and n.contains(8.0) and not n.contains(9) and not n.contains(36)
+    c = dist({"type": "choice", "values": [2, "x", True]})
+    assert c.contains(2) and c.contains(2.0) and c.contains("x") and not c.contains(1) and not c.contains(3)
+
+
+def test_staged_search_configs(tiny):
+    from tskd_tune.search import staged
+
+    space = {"teacher.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+             "distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}}  # fmt: skip
+    cfg = tiny(teacher={"epochs": 2}, student={"epochs": 4}, search={"strategy": "staged", "space": space, "teacher_trials": 5,
+                                             "grace_period": 3, "baselines": ["scratch"]})  # fmt: skip
+    first = staged.teacher_stage(cfg)
+    assert first.distill.method == "teacher" and list(first.search.space) == ["teacher.lr"]
+    assert first.search.num_samples == 5 and first.search.grace_period == 2 and first.search.baselines == []
+    second = staged.student_stage(cfg, {"t002 lr=0.001": {"teacher.lr": 0.001}, "t004 lr=0.003": {"teacher.lr": 0.003}})
+    assert list(second.search.space) == ["distill.temperature", staged.CHOICE]
+    assert second.search.space[staged.CHOICE].values == ["t002 lr=0.001", "t004 lr=0.003"]
+
+
+def test_staged_search_chooses_the_best_finished_teachers(tiny, tmp_path):
+    from tskd_tune.search import staged
+    from tskd_tune.search.folder import SearchOptions
+
+    space = {"teacher.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+             "distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}}  # fmt: skip
+    cfg = tiny(search={"strategy": "staged", "space": space, "top_teachers": 2})
+    opts = SearchOptions("s", tmp_path, "sqlite:///x.db")
+    stage = opts.path / staged.TEACHER_STAGE
+    write_trial(stage, 1, {"teacher.lr": 0.001}, [0.3, 0.5])
+    write_trial(stage, 2, {"teacher.lr": 0.002}, [0.4, 0.8])
+    write_trial(stage, 3, {"teacher.lr": 0.003}, [0.9], finished=False)  # stopped early: not a teacher to use
+    write_trial(stage, 4, {"teacher.lr": 0.004}, [0.2, 0.6])
+    assert staged.chosen_teachers(opts) is None
+    teachers = staged.choose_teachers(cfg, opts)
+    assert teachers == {"t002 lr=0.002": {"teacher.lr": 0.002}, "t004 lr=0.004": {"teacher.lr": 0.004}}
+    assert staged.chosen_teachers(opts) == teachers  # what a resumed search reads back
+    assert (opts.path / "teacher_leaderboard.csv").read_text().count("\n") == 5
+
+
+def test_staged_needs_teacher_knobs_and_ts_kd(tiny):
+    with pytest.raises(TskdError, match="search.strategy: staged searches the teacher.. knobs first"):
+        tiny(search={"strategy": "staged", "space": {"student.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}})

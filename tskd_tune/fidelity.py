@@ -1,0 +1,69 @@
+"""Can early stopping be trusted here? The rank correlation between each rung's score and the final score.
+
+ASHA stops a trial at a rung (the grace period, then every ``reduction_factor`` times more epochs) when
+its score there ranks low. That is only as good as the agreement between early and final ranks
+(ASHA, arXiv 1810.05934; practitioners call it unreliable below about 0.6): over the trials that ran to
+the end, the Spearman rank correlation between their score at each rung and their final score says how
+far a rung's ranking can be trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+TRUST = 0.6
+"""Below this rank correlation at the grace period, early stopping is likely to stop the wrong trials."""
+
+
+def rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
+    """ASHA's milestones below ``max_t``: grace, grace * rf, grace * rf^2, ..."""
+    out, t = [], float(grace_period)
+    while t < max_t:
+        out.append(int(round(t)))
+        t *= reduction_factor
+    return sorted(set(out))
+
+
+def histories(search_path: Path, metric: str) -> dict[str, dict[int, float]]:
+    """Each trial's reported ``metric`` per epoch (from Ray Tune's result.json), by trial folder name."""
+    out = {}
+    for result in sorted(Path(search_path).glob("*/result.json")):
+        curve = {}
+        for line in result.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the line being written right now
+                break
+            if isinstance(row.get(metric), int | float) and "epoch" in row:
+                curve[int(row["epoch"])] = float(row[metric])
+        if curve:
+            out[result.parent.name] = curve
+    return out
+
+
+def rank_correlations(search_path: Path, metric: str, rung_epochs: list[int], max_t: int) -> list[dict]:
+    """Per rung: ``{"epoch", "spearman", "trials"}`` over the trials that reported ``max_t`` epochs (nan with
+    fewer than 3 such trials, or when every trial scored the same)."""
+    from scipy.stats import spearmanr
+
+    done = [c for c in histories(search_path, metric).values() if max_t in c]
+    out = []
+    for epoch in rung_epochs:
+        pairs = [(c[epoch], c[max_t]) for c in done if epoch in c]
+        rho = math.nan
+        if len(pairs) >= 3 and len({a for a, _ in pairs}) > 1 and len({b for _, b in pairs}) > 1:
+            rho = float(spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic)
+        out.append({"epoch": epoch, "spearman": rho, "trials": len(pairs)})
+    return out
+
+
+def warning(correlations: list[dict], metric: str) -> str | None:
+    """One line when the grace period's rank correlation is measured and below :data:`TRUST`."""
+    if not correlations or math.isnan(correlations[0]["spearman"]) or correlations[0]["spearman"] >= TRUST:
+        return None
+    c = correlations[0]
+    return (f"warning: early stopping may stop the wrong trials here: the rank correlation between {metric} at "
+            f"epoch {c['epoch']} (the grace period) and at the end is {c['spearman']:.2f} over {c['trials']} "
+            f"finished trials (below {TRUST}); raise search.grace_period or use search.scheduler: fifo")  # fmt: skip
