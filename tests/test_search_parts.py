@@ -113,6 +113,7 @@ def test_staged_search_configs(tiny):
     first = staged.teacher_stage(cfg)
     assert first.distill.method == "teacher" and list(first.search.space) == ["teacher.lr"]
     assert first.search.num_samples == 5 and first.search.grace_period == 2 and first.search.baselines == []
+    assert first.search.strategy == "joint"  # each stage is a plain search of its own space
     second = staged.student_stage(cfg, {"t002 lr=0.001": {"teacher.lr": 0.001}, "t004 lr=0.003": {"teacher.lr": 0.003}})
     assert list(second.search.space) == ["distill.temperature", staged.CHOICE]
     assert second.search.space[staged.CHOICE].values == ["t002 lr=0.001", "t004 lr=0.003"]

@@ -51,6 +51,9 @@ def launch(
         bool,
         typer.Option("--detach", help="With --address http(s)://...: print the job id and return at once."),
     ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Ray Tune's periodic status block instead of the live trial table.")
+    ] = False,
     warm_start: Annotated[
         list[str] | None,
         typer.Option("--warm-start", help="An earlier search (name or folder) whose finished trials join the "
@@ -81,7 +84,7 @@ def launch(
     # on the driver (a job checks it on the cluster): otherwise every trial would fail on it, each after a retry
     check_teacher(cfg)
     opts = SearchOptions(name or cfg.name or space.stem, storage, tracking_uri or cfg.tracking.uri, address, str(space),
-                         list(warm_start or []))  # fmt: skip
+                         list(warm_start or []), verbose)  # fmt: skip
     run_search(cfg, opts, out)
 
 
@@ -143,12 +146,14 @@ def status(
             "--address", help="Ray dashboard (http(s)://HOST:8265) of a search submitted as a Ray Job."
         ),
     ] = None,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Keep the table up to date (every 5 s) until the search ends.")
+    ] = False,
 ) -> None:
     """Table of a search's trials and the best so far (also while it runs); or a Ray Job's state and log tail."""
-    import pandas as pd
+    import time
 
-    from tskd_tune.report import objective_board
-    from tskd_tune.search import load_search, resolve_search_path
+    from tskd_tune.search import resolve_search_path
 
     if address is not None:
         from tskd_tune import cluster
@@ -160,6 +165,26 @@ def status(
         cluster.job_status(address, name_or_path, out)
         return
     path = resolve_search_path(name_or_path)
+    if not watch:
+        out.print(status_view(path))
+        return
+    from rich.live import Live
+
+    with Live(status_view(path), console=out, refresh_per_second=1) as live:
+        while not (path / "summary.json").is_file():
+            time.sleep(5)
+            live.update(status_view(path))
+        live.update(status_view(path))
+
+
+def status_view(path: Path):
+    """The status of the search in ``path``: its trials, the reference trials, the best so far."""
+    import pandas as pd
+    from rich.console import Group
+
+    from tskd_tune.report import objective_board
+    from tskd_tune.search import load_search, reference_lines, reference_metrics
+
     cfg, _, parent = load_search(path)
     objectives = cfg.search.objective_items()
     metric = objectives[0][0]
@@ -175,23 +200,23 @@ def status(
         table.add_row(str(row["trial_id"]), row["state"], str(row["epoch"]), fmt(row[metric]), gain,
                       fmt(row["val_hd95"]), *(fmt(row[m]) for m in extra), *front,
                       *(fmt(row.get(p, "")) for p in cfg.search.space))  # fmt: skip
-    out.print(table)
-    from tskd_tune.search import reference_lines, reference_metrics
-
+    lines = []
     refs = reference_metrics(path)
-    for line in reference_lines(refs):
-        out.print(line, markup=False)
+    lines += reference_lines(refs)
     if "reference_scratch_val_dice" in refs:
-        out.print("gain: a trial's val_dice minus the scratch reference's", markup=False)
+        lines.append("gain: a trial's val_dice minus the scratch reference's")
     done = board[board["state"] == "finished"]
-    out.print(f"{len(board)} trial(s), {len(done)} finished; MLflow parent run {parent}", markup=False)
+    lines.append(f"{len(board)} trial(s), {len(done)} finished; MLflow parent run {parent}")
     if not board.empty and board[metric].notna().any():
         best = board.iloc[0]
-        out.print(f"best so far: {best['trial_id']} {metric} {best[metric]:.4f}", markup=False)
+        lines.append(f"best so far: {best['trial_id']} {metric} {best[metric]:.4f}")
     if len(objectives) > 1 and board["pareto"].any():
         front = ", ".join(board.loc[board["pareto"], "trial_id"].astype(str))
         names = ", ".join(f"{m} {d}" for m, d in objectives)
-        out.print(f"Pareto front ({names}): {front}", markup=False)
+        lines.append(f"Pareto front ({names}): {front}")
+    from rich.text import Text
+
+    return Group(table, *(Text(line) for line in lines))
 
 
 @app.command()

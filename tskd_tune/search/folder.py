@@ -27,6 +27,8 @@ class SearchOptions:
     space_file: str = ""
     warm_start: list[str] = field(default_factory=list)
     """Earlier searches whose finished trials join the study first (--warm-start)."""
+    verbose: bool = False
+    """Ray Tune's own periodic status block instead of the live table (--verbose; not saved)."""
 
     @property
     def path(self) -> Path:

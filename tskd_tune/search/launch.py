@@ -15,6 +15,7 @@ from tskd_tune import cluster, config, faults, tracking
 from tskd_tune.cache import writable_dir, write_json
 from tskd_tune.cluster import mask_uri, mlflow_env
 from tskd_tune.config import Config, to_yaml
+from tskd_tune.data.prepare import scan
 from tskd_tune.errors import TskdError
 from tskd_tune.methods.checks import premise_warning, search_uses_transfer
 from tskd_tune.models.teacher import is_pretrained
@@ -36,6 +37,7 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
     """Run (or resume) a search; returns the summary also written to the search folder."""
     import ray
 
+    _quiet_libraries()
     cfg = _check(cfg, opts, resume, console)
     warm: list = []
     if opts.warm_start and not resume:  # a resumed study already holds them
@@ -62,7 +64,7 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
         if cfg.search.strategy == "staged":
             results, staged_summary = _staged(cfg, opts, run, data_ref, resume, console)
         else:
-            results, staged_summary = _fit(cfg, opts, run, data_ref, resume, warm=warm), {}
+            results, staged_summary = _fit(cfg, opts, run, data_ref, resume, console, warm=warm), {}
     finally:
         parent_client.update_run(parent, status="RUNNING")
     _finish_references(references, console)
@@ -84,11 +86,12 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
     return summary
 
 
-def _fit(cfg: Config, opts: SearchOptions, run: dict, data_ref, resume: bool, study: str | None = None,
+def _fit(cfg: Config, opts: SearchOptions, run: dict, data_ref, resume: bool, console, study: str | None = None,
          warm: list = ()):  # fmt: skip
     """Run (or, when it was interrupted, restore and continue) one Ray Tune experiment to its end."""
     restore = resume and (opts.path / "tuner.pkl").exists()
-    return build_tuner(cfg, opts, run, data_ref, restore=restore, resume=resume, study=study, warm=warm).fit()
+    return build_tuner(cfg, opts, run, data_ref, restore=restore, resume=resume, study=study, warm=warm,
+                       console=console).fit()  # fmt: skip
 
 
 def _staged(cfg: Config, opts: SearchOptions, run: dict, data_ref, resume: bool, console):
@@ -98,13 +101,24 @@ def _staged(cfg: Config, opts: SearchOptions, run: dict, data_ref, resume: bool,
         console.print(f"teacher stage: {cfg.search.teacher_trials} teacher(s) over {', '.join(staged.teacher_knobs(cfg))}",
                       markup=False)  # fmt: skip
         _fit(staged.teacher_stage(cfg), staged.stage_options(opts, "teacher"), run | {"stage": "teacher"}, data_ref,
-             resume, study=f"{opts.name}-teacher")  # fmt: skip
+             resume, console, study=f"{opts.name}-teacher")  # fmt: skip
         teachers = staged.choose_teachers(cfg, opts)
     console.print(f"student stage: distilling the best {len(teachers)} teacher(s): {'; '.join(teachers)}", markup=False)
     student_cfg = staged.student_stage(cfg, teachers)
-    results = _fit(student_cfg, opts, run | {"stage": "student", "teachers": teachers}, data_ref, resume,
+    results = _fit(student_cfg, opts, run | {"stage": "student", "teachers": teachers}, data_ref, resume, console,
                    study=f"{opts.name}-student")  # fmt: skip
     return results, {"teachers": list(teachers)}
+
+
+def _quiet_libraries() -> None:
+    """No library INFO lines in a search's output (MLflow creating its tables, Optuna creating a study)."""
+    import logging
+
+    import optuna
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def _check(cfg: Config, opts: SearchOptions, resume: bool, console) -> Config:
@@ -121,6 +135,7 @@ def _check(cfg: Config, opts: SearchOptions, resume: bool, console) -> Config:
     else:
         opts.storage = Path(opts.storage).resolve()
     tracking.preflight(opts.tracking_uri)
+    scan(cfg.data)  # the dataset's root and layout, before Ray starts (the preprocessing comes later)
     if resume and not (opts.path / SEARCH_FILE).is_file():
         raise TskdError(f"{opts.path}: no search to resume here (no {SEARCH_FILE})")
     if not resume and (opts.path / SEARCH_FILE).is_file():
@@ -204,7 +219,8 @@ def init_ray(address: str | None, console) -> None:
         raise TskdError(f"--address: cannot join the Ray cluster at {address}: {first[:200]}") from None
     url = getattr(ctx, "dashboard_url", None)
     if url:
-        console.print(f"Ray dashboard: http://{url}  (token auth: the token is in ~/.ray/auth_token)", markup=False)
+        console.print(f"Ray dashboard: http://{url}  (it asks for a token: paste what `ray get-auth-token` prints)",
+                      markup=False)  # fmt: skip
 
 
 def _start_references(cfg: Config, data_ref, run: dict) -> dict:

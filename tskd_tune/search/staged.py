@@ -40,6 +40,7 @@ def teacher_stage(cfg: Config) -> Config:
                                   "grace_period": min(s.grace_period, cfg.teacher.epochs),
                                   "points_to_evaluate": [{k: v for k, v in p.items() if k.startswith("teacher.")}
                                                          for p in s.points_to_evaluate if any(k.startswith("teacher.") for k in p)]})  # fmt: skip
+    search = search.model_copy(update={"strategy": "joint"})  # each stage is a plain search of its own space
     return cfg.model_copy(update={"search": search, "distill": cfg.distill.model_copy(update={"method": "teacher"})})
 
 
@@ -50,7 +51,8 @@ def student_stage(cfg: Config, teachers: dict[str, dict]) -> Config:
     choice = TypeAdapter(Distribution).validate_python({"type": "choice", "values": list(teachers)})
     space = {k: v for k, v in cfg.search.space.items() if not k.startswith("teacher.")} | {CHOICE: choice}
     points = [{k: v for k, v in p.items() if not k.startswith("teacher.")} for p in cfg.search.points_to_evaluate]
-    search = cfg.search.model_copy(update={"space": space, "points_to_evaluate": [p for p in points if p]})
+    search = cfg.search.model_copy(update={"space": space, "points_to_evaluate": [p for p in points if p],
+                                           "strategy": "joint"})  # fmt: skip
     return cfg.model_copy(update={"search": search})
 
 

@@ -105,7 +105,8 @@ def reference_trial(method: str, data: tuple, base: Config, run: dict) -> dict:
     import json
 
     os.environ.update(run["mlflow_env"])
-    cfg = apply_values(base, {"distill.method": method})
+    # a reference is one trial, not a search: the search's strategy does not apply to it
+    cfg = apply_values(base, {"distill.method": method, "search.strategy": "joint"})
     out_dir = Path(run["state_path"]) / REFERENCES / method / "outputs"
     if (out_dir / "metrics.json").is_file():  # finished before the search was interrupted
         return json.loads((out_dir / "metrics.json").read_text())

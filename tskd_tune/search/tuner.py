@@ -158,7 +158,7 @@ def make_searcher(cfg: Config, opts: SearchOptions, *, resume: bool = False, stu
 
 
 def build_tuner(cfg: Config, opts: SearchOptions, run: dict, data_ref, *, restore: bool = False, resume: bool = False,
-                study: str | None = None, warm: list[tuple[dict, float]] = ()):  # fmt: skip
+                study: str | None = None, warm: list[tuple[dict, float]] = (), console=None):  # fmt: skip
     """The Tuner of the search, or of one stage of it (or, with ``restore``, the interrupted one restored from
     its folder). ``study``: the Optuna study's name (default: the search's); ``warm``: (params, value) of
     earlier trials that join the study as completed before any proposal."""
@@ -175,13 +175,17 @@ def build_tuner(cfg: Config, opts: SearchOptions, run: dict, data_ref, *, restor
     s = cfg.search
     searcher = make_searcher(cfg, opts, resume=resume, study=study, warm=warm)
     objectives = s.objective_items()
-    reporter = tune.CLIReporter(
-        metric_columns={"epoch": "epoch", s.metric: s.metric, "val_hd95": "hd95"} | {m: m for m, _ in objectives},
-        parameter_columns={p: p.split(".")[-1] if len(p) > 24 else p for p in s.space},
-        max_report_frequency=15,
-        sort_by_metric=True,
-    )
     max_t = get_method(cfg.distill.method).reported_epochs(cfg)
+    if opts.verbose:  # Ray's own status block, every 15 s
+        reporter = tune.CLIReporter(
+            metric_columns={"epoch": "epoch", s.metric: s.metric, "val_hd95": "hd95"} | {m: m for m, _ in objectives},
+            parameter_columns={p: p.split(".")[-1] if len(p) > 24 else p for p in s.space}, max_report_frequency=15,
+            sort_by_metric=True, metric=s.metric, mode=s.mode)  # fmt: skip
+    else:
+        from tskd_tune.search.progress import SearchProgress
+
+        reporter = SearchProgress(console, s.metric, s.mode, list(s.space), max_t, s.num_samples, s.max_concurrent,
+                                  Path(run["state_path"]))  # fmt: skip
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent),
