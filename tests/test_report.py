@@ -1,8 +1,32 @@
-"""The leaderboard's one "best trial" rule: the best trial that ran to the end."""
+"""The report of a search: the leaderboard's one "best trial" rule, the trials in the order they ran,
+the plots' axes, and report.html, from small search folders written as a real search writes them."""
 
+import json
+import socket
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+from types import SimpleNamespace
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 import pandas as pd
+from PIL import Image
 
-from tskd_tune.report import best_trial
+from tskd_tune.report import (
+    best_trial,
+    curves_axes,
+    objective_board,
+    optuna_axes,
+    references,
+    run_links,
+    run_order,
+    study,
+    trial_number,
+    write_report,
+)
 
 
 def board(*rows: tuple[str, str, float]) -> pd.DataFrame:
@@ -29,3 +53,223 @@ def test_with_no_finished_trial_the_first_row_is_best():
     b = board(("a", "stopped early", 0.9), ("b", "error", 0.8), ("c", "stopped early", 0.5))
     assert best_trial(b)["trial_id"] == "a"
     assert best_trial(board(("only", "running or stopped", float("nan"))))["trial_id"] == "only"
+
+
+# --- a search folder as Ray Tune, the trials and the search's end write it --------------------------------
+
+SCRATCH = {"val_dice": 0.50, "test_dice": 0.52, "val_hd95": 9.0, "test_hd95": 9.5, "student_params": 12462}
+TEACHER = {"val_dice": 0.80, "test_dice": 0.81, "val_hd95": 4.0, "test_hd95": 4.2, "student_params": 124068}
+SPACE = {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
+         "distill.kd_weight": {"type": "uniform", "low": 0.1, "high": 2.0}}  # fmt: skip
+# (number, trial id, val Dice per epoch, finished): run order t001..t005; best first t003, t005, t004, t001, t002
+TRIALS = [(1, "aa01", [0.40, 0.55, 0.60], True), (2, "bb02", [0.45, 0.50, 0.55], True),
+          (3, "cc03", [0.50, 0.65, 0.72], True), (4, "dd04", [0.65], False), (5, "ee05", [0.52, 0.66, 0.70], True)]  # fmt: skip
+
+
+def space():
+    from pydantic import TypeAdapter
+
+    from tskd_tune.space import Distribution
+
+    return {k: TypeAdapter(Distribution).validate_python(v) for k, v in SPACE.items()}
+
+
+def write_search(root: Path, trials=TRIALS, uri: str = "sqlite:////srv/runs/mlflow.db", dirname=None) -> Path:
+    """A small search folder in the layout a real search leaves: search.json, one folder per trial with
+    Ray Tune's params.json and result.json, the trial's outputs, the reference trials and summary.json."""
+    root.mkdir(parents=True)
+    (root / "search.json").write_text(json.dumps({"config": {}, "parent_run_id": "p" * 32, "options": {
+        "name": root.name, "storage": str(root.parent), "tracking_uri": uri, "address": None, "space_file": ""}}))  # fmt: skip
+    for number, tid, dice, finished in trials:
+        d = root / (dirname(number, tid) if dirname else f"t{number:03d}_{tid}")
+        params = {"distill.temperature": 1.0 + 0.6 * number % 7, "distill.kd_weight": 0.1 * (1 + number * 3 % 7)}
+        (d / "outputs").mkdir(parents=True)
+        (d / "params.json").write_text(json.dumps(params))
+        start = 1_796_000_000 + 100 * number
+        rows = [{"epoch": e, "train_loss": 1.0 / e, "val_dice": v, "val_dice_kidney": v, "val_hd95": 10 - 5 * v,
+                 "mlflow_run_id": f"{tid}{'0' * 28}", "timestamp": start + 30 * e, "trial_id": tid,
+                 "config": params} for e, v in enumerate(dice, start=1)]  # fmt: skip
+        (d / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if finished:
+            (d / "outputs" / "metrics.json").write_text(json.dumps({"val_dice": dice[-1], "method": "ts_kd"}))
+            Image.new("RGB", (408, 64), (number * 40, 90, 200)).save(d / "outputs" / "val_overlays.png")
+    for method, metrics in (("scratch", SCRATCH), ("teacher", TEACHER)):
+        (root / "baselines" / method / "outputs").mkdir(parents=True)
+        (root / "baselines" / method / "outputs" / "metrics.json").write_text(json.dumps(metrics))
+    (root / "summary.json").write_text(json.dumps({"best_trial": "cc03", "test_dice": 0.71}))
+    return root
+
+
+def tables(page: str) -> list[list[list[str]]]:
+    """Every table of an HTML page: rows of cell texts."""
+
+    class Tables(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tables, self.cell = [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table":
+                self.tables.append([])
+            elif tag == "tr":
+                self.tables[-1].append([])
+            elif tag in ("td", "th"):
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                self.tables[-1][-1].append(self.cell.strip())
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+    parser = Tables()
+    parser.feed(page)
+    return parser.tables
+
+
+def test_trials_are_numbered_by_their_folder_names():
+    assert trial_number("t007_ab12cd34") == 7 and trial_number("t012_ab12cd34") == 12
+    assert trial_number("_trainable_7de5caa3_12_distill_kd_weight=1.1879_2026-12-02_02-44-57") == 12
+    assert trial_number("t_ab12cd34") is None
+
+
+def test_the_study_holds_the_trials_in_the_order_they_ran(tmp_path):
+    board = objective_board(write_search(tmp_path / "s"), [("val_dice", "max")])
+    assert list(board["trial_id"]) == ["cc03", "ee05", "dd04", "aa01", "bb02"]  # best first
+    st = study(board, space(), [("val_dice", "max")])
+    assert [t.value for t in st.trials] == [0.60, 0.55, 0.72, 0.65, 0.70]
+    assert [t.user_attrs["name"] for t in st.trials] == ["t001", "t002", "t003", "t004", "t005"]
+
+
+def test_without_numbers_the_first_report_orders_the_trials(tmp_path):
+    # ids that sort against the run order, in folders without a number: only the timestamps tell
+    trials = [(1, "zz", [0.3], True), (2, "mm", [0.9], True), (3, "aa", [0.6], True)]
+    board = objective_board(write_search(tmp_path / "s", trials, dirname=lambda n, t: f"t_{t}"), [("val_dice", "max")])
+    assert list(run_order(board)["trial_id"]) == ["zz", "mm", "aa"]
+    assert [t.value for t in study(board, space(), [("val_dice", "max")]).trials] == [0.3, 0.9, 0.6]
+
+
+def test_a_trial_without_a_value_keeps_its_place_in_the_history(tmp_path):
+    trials = [*TRIALS[:2], (3, "cc03", [], False), *TRIALS[3:]]  # t003 has not reported yet
+    st = study(objective_board(write_search(tmp_path / "s", trials), [("val_dice", "max")]), space(),
+               [("val_dice", "max")])  # fmt: skip
+    assert [t.state.name for t in st.trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert [t.value for t in st.trials if t.value is not None] == [0.60, 0.55, 0.65, 0.70]
+
+
+def test_plots_name_their_axes_after_the_metric_and_trials(tmp_path):
+    objectives = [("val_dice", "max"), ("val_hd95", "min")]
+    axes = optuna_axes(objective_board(write_search(tmp_path / "s"), objectives), space(), objectives)
+    try:
+        history = axes["history"]
+        assert history.get_ylabel() == "val_dice"
+        history.figure.canvas.draw()
+        assert [t.get_text() for t in history.get_xticklabels() if t.get_text()] == ["t001", "t002", "t003", "t004",
+                                                                                     "t005"]  # fmt: skip
+        importances = axes["importances"]
+        assert "from 5 trials" in importances.get_title("left") and "fewer than 10" in importances.get_title("left")
+        assert [t.get_text() for t in importances.get_legend().get_texts()] == ["val_dice"]
+        assert (axes["pareto_front"].get_xlabel(), axes["pareto_front"].get_ylabel()) == ("val_dice", "val_hd95")
+    finally:
+        plt.close("all")
+
+
+def test_ten_trials_lift_the_importance_caveat(tmp_path):
+    trials = [(n, f"{n:04x}", [0.3 + 0.04 * (n % 7)], True) for n in range(1, 11)]
+    path = write_search(tmp_path / "s", trials)
+    axes = optuna_axes(objective_board(path, [("val_dice", "max")]), space(), [("val_dice", "max")])
+    title = axes["importances"].get_title("left")
+    plt.close("all")
+    assert "from 10 trials" in title and "fewer" not in title
+    page = (write_report(path, tmp_path / "report", space(), [("val_dice", "max")])["html"]).read_text()
+    assert "Hyperparameter importances (from 10 trials)" in page and "Only 10 trials" not in page
+
+
+def test_curves_show_every_trial_by_name_with_the_best_highlighted(tmp_path):
+    path = write_search(tmp_path / "s")
+    board = objective_board(path, [("val_dice", "max")])
+    ax = curves_axes(board, best_trial(board)["trial_id"], references(path))
+    try:
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert labels == ["t001  0.6000", "t002  0.5500", "t003  0.7200  (best)", "t004  0.6500", "t005  0.7000",
+                          "scratch reference  0.5000", "teacher reference  0.8000"]  # fmt: skip
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert list(lines["t003  0.7200  (best)"].get_ydata()) == [0.50, 0.65, 0.72]
+        assert list(lines["t004  0.6500"].get_xdata()) == [1]  # stopped after one epoch
+        widths = {label: line.get_linewidth() for label, line in lines.items()}
+        assert widths["t003  0.7200  (best)"] > 2 * max(w for k, w in widths.items() if "best" not in k)
+        assert ax.get_ylabel() == "val_dice" and ax.get_xlabel() == "epoch"
+    finally:
+        plt.close("all")
+
+
+def test_the_report_page_has_the_leaderboard_references_curves_overlays_and_runs(tmp_path):
+    path = write_search(tmp_path / "s")
+    out = tmp_path / "report"
+    written = write_report(path, out, space(), [("val_dice", "max")])
+    assert {"leaderboard", "curves", "overlays", "history", "parallel_coordinates", "importances", "html"} <= set(written)
+    assert all(p.is_file() and p.parent == out for p in written.values())
+    page = written["html"].read_text()
+    board, refs = tables(page)
+    head = board[0]
+    assert head[:4] == ["trial", "state", "epochs", "val_dice"] and "gain_vs_scratch" in head
+    col = {name: head.index(name) for name in ("trial", "state", "gain_vs_scratch", "test Dice", "MLflow run")}
+    rows = {r[col["trial"]].rstrip(" ★"): r for r in board[1:]}
+    assert [r[col["trial"]] for r in board[1:]] == ["t003 ★", "t005", "t004", "t001", "t002"]
+    assert rows["t003"][col["gain_vs_scratch"]] == "+0.2200" and rows["t002"][col["gain_vs_scratch"]] == "+0.0500"
+    assert rows["t003"][col["test Dice"]] == "0.7100" and rows["t005"][col["test Dice"]] == "–"
+    assert rows["t004"][col["state"]] == "stopped early" and rows["t001"][col["state"]] == "finished"
+    assert rows["t001"][col["MLflow run"]] == "aa01" + "0" * 28
+    assert '<tr class="best"><td class="l">t003 ★' in page
+    assert refs[1][:3] == ["scratch", "0.5000", "0.5200"] and refs[2][:3] == ["teacher", "0.8000", "0.8100"]
+    assert "<img src='curves.png'" in page and Image.open(out / "curves.png").size[0] >= 900
+    best = path / "t003_cc03" / "outputs" / "val_overlays.png"
+    assert "<img src='best_overlays.png'" in page and (out / "best_overlays.png").read_bytes() == best.read_bytes()
+    assert "mlflow ui --backend-store-uri sqlite:////srv/runs/mlflow.db --host 127.0.0.1" in page
+    assert "Only 5 trials" in page  # the importance caveat, under the plot
+    assert page.index("importances.png") < page.index("Only 5 trials") < page.index("parallel_coordinates.png")
+    assert "http" not in page.replace("http-equiv", "")  # nothing to fetch: the page opens offline
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_mlflow_server_leaves_the_run_ids(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    written = write_report(write_search(tmp_path / "s", uri=uri), tmp_path / "report", space(), [("val_dice", "max")])
+    assert time.monotonic() - t0 < 60
+    page = written["html"].read_text()
+    assert f"MLflow at <code>{uri}</code> did not answer" in page
+    assert "<code>cc03" + "0" * 28 + "</code>" in page and "#/experiments/" not in page
+
+
+def test_a_reachable_mlflow_server_gets_links_to_each_run(monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    asked = []
+    monkeypatch.setattr(MlflowClient, "get_run", lambda self, run_id: asked.append(run_id)
+                        or SimpleNamespace(info=SimpleNamespace(experiment_id="7")))  # fmt: skip
+    links, note = run_links("https://mlflow.example.org/", ["a" * 32, "b" * 32])
+    assert links["b" * 32].startswith(f'<a href="https://mlflow.example.org/#/experiments/7/runs/{"b" * 32}">')
+    assert asked == ["a" * 32] and "experiment 7" in note  # one question for all runs: they share the experiment
+
+
+def test_without_search_json_the_run_ids_stand_alone():
+    links, note = run_links(None, ["abc"])
+    assert links == {"abc": "<code>abc</code>"} and "no <code>search.json</code>" in note
+
+
+def test_a_search_whose_trials_have_not_reported_yet_gets_a_page(tmp_path):
+    path = write_search(tmp_path / "s", [(1, "aa01", [], False), (2, "bb02", [], False)])
+    (path / "summary.json").unlink()  # still running
+    written = write_report(path, tmp_path / "report", space(), [("val_dice", "max")])
+    assert set(written) == {"leaderboard", "html"}
+    board = tables(written["html"].read_text())[0]
+    assert [r[:2] for r in board[1:]] == [["t001", "pending"], ["t002", "pending"]]  # no best yet

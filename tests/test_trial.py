@@ -159,3 +159,34 @@ def test_mixed_precision_runs_training_steps_under_bf16_autocast():
     run_loop(Loop(phase="amp", steps_per_epoch=2, autocast=True, **settings), None, None)
     run_loop(Loop(phase="fp32", steps_per_epoch=1, **settings), None, None)
     assert dtypes == [torch.bfloat16, torch.bfloat16, torch.float32]
+
+
+def test_val_overlays_are_a_readable_grid_of_image_truth_and_prediction(tiny, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tskd_tune.data.inspect import COLUMNS, PALETTE, TILE_MIN, overlay, tile_box
+    from tskd_tune.trial import overlays
+
+    cfg = tiny()
+    prepared, splits = load(cfg)
+    model = build_student(cfg.student, cfg.data.channels, len(prepared.classes), cfg.data.image_size)
+    picture = np.asarray(Image.open(overlays(model, prepared, splits, tmp_path, "cpu")).convert("RGB"))
+    assert picture.shape[0] > picture.shape[1]  # one row per image, not a strip
+
+    idx = np.sort(splits.val[:6])
+    assert len(idx) == 6
+    images = np.asarray(prepared.images[idx], np.float32)
+    with torch.inference_mode():
+        preds = model.eval()(torch.from_numpy(images)).argmax(1).numpy().astype(np.uint8)
+    tile = TILE_MIN  # 32 px images, upscaled 4x by nearest neighbour
+    for row, (image, truth, pred) in enumerate(zip(images, prepared.masks[idx], preds, strict=True)):
+        for col, mask in enumerate((np.zeros_like(truth), truth, pred)):
+            left, top, right, bottom = tile_box(row, col, tile)
+            expected = np.kron(overlay(image, np.asarray(mask)), np.ones((4, 4, 1), np.uint8))
+            assert np.array_equal(picture[top:bottom, left:right], expected), (row, COLUMNS[col])
+    header = picture[: tile_box(0, 0, tile)[1]]
+    assert (header < 128).any(axis=-1).sum() > 100  # the column titles are written
+    legend = picture[tile_box(5, 0, tile)[3] :]
+    for k in range(1, len(prepared.classes)):  # a swatch per foreground class
+        assert (legend == PALETTE[k].astype(np.uint8)).all(axis=-1).sum() >= 14 * 14

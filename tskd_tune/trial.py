@@ -171,13 +171,13 @@ class TrialResult(Mapping):
 
 
 def overlays(model: torch.nn.Module, prepared: Prepared, splits: Splits, out_dir: Path, device, n: int = 6) -> Path:
-    """``val_overlays.png``: for a few validation images, the truth (top) and the model's prediction (bottom)."""
+    """``val_overlays.png``: for the first ``n`` validation images, a row of the image, its true mask and the
+    model's prediction, with the class colours in a legend."""
     import io
 
     import numpy as np
-    from PIL import Image
 
-    from tskd_tune.data.inspect import overlay
+    from tskd_tune.data.inspect import comparison_grid
 
     idx = np.sort(splits.val[:n])
     images = np.asarray(prepared.images[idx], dtype=np.float32)
@@ -186,9 +186,7 @@ def overlays(model: torch.nn.Module, prepared: Prepared, splits: Splits, out_dir
     with torch.inference_mode():
         pred = model(torch.from_numpy(images).to(device)).argmax(1).cpu().numpy().astype(np.uint8)
     model.train(was_training)
-    top = np.concatenate([overlay(im, np.asarray(m)) for im, m in zip(images, prepared.masks[idx], strict=True)], axis=1)
-    bottom = np.concatenate([overlay(im, p) for im, p in zip(images, pred, strict=True)], axis=1)
     buf = io.BytesIO()
-    Image.fromarray(np.concatenate([top, bottom], axis=0)).save(buf, format="PNG")
+    comparison_grid(images, np.asarray(prepared.masks[idx]), pred, prepared.classes).save(buf, format="PNG")
     atomic_write(out_dir / "val_overlays.png", buf.getvalue())
     return out_dir / "val_overlays.png"

@@ -1,4 +1,5 @@
-"""`tskd-tune data inspect`: counts per split, class pixel frequencies and a preview grid with overlays."""
+"""`tskd-tune data inspect`: counts per split, class pixel frequencies and a preview grid with overlays; the
+image | truth | prediction grid a trial writes as ``val_overlays.png``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from tskd_tune.data.prepare import Prepared, Splits
 
@@ -51,6 +52,53 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndar
     colours = PALETTE[mask % len(PALETTE)]
     tinted = np.where(mask[..., None] > 0, (1 - alpha) * rgb + alpha * colours, rgb)
     return np.clip(tinted, 0, 255).astype(np.uint8)
+
+
+TILE_MIN = 128
+"""Smallest side of a tile in :func:`comparison_grid`: small images are upscaled (nearest) to at least this."""
+GAP, HEADER = 6, 30
+COLUMNS = ("image", "ground truth", "prediction")
+
+
+def tile_box(row: int, col: int, tile: int) -> tuple[int, int, int, int]:
+    """Where the tile at ``row``, ``col`` of :func:`comparison_grid` lies: (left, top, right, bottom)."""
+    left, top = GAP + col * (tile + GAP), HEADER + row * (tile + GAP)
+    return left, top, left + tile, top + tile
+
+
+def comparison_grid(images: np.ndarray, truths: np.ndarray, preds: np.ndarray, classes: list[str]) -> Image.Image:
+    """One row per image: the image, its true mask and a predicted mask tinted on it, under column titles,
+    above a legend with each foreground class's colour. Tiles are square, at least ``TILE_MIN`` px."""
+    size = images.shape[-1]
+    scale = -(-TILE_MIN // size)  # nearest upscaling by a whole factor keeps every mask pixel a crisp block
+    tile = size * scale
+    font = ImageFont.load_default(size=16)
+    # the legend wraps onto as many lines as the grid's width needs
+    width = GAP + len(COLUMNS) * (tile + GAP)
+    entries, lines, x = [], 0, width
+    for k, name in enumerate(classes[1:], start=1):
+        w = 22 + int(font.getlength(name)) + 18
+        if x + w > width - GAP:
+            lines, x = lines + 1, GAP
+        entries.append((k, name, x, lines - 1))
+        x += w
+    grid_bottom = HEADER + len(images) * (tile + GAP)
+    canvas = Image.new("RGB", (width, grid_bottom + lines * 24 + GAP), "white")
+    draw = ImageDraw.Draw(canvas)
+    for col, title in enumerate(COLUMNS):
+        left, _, right, _ = tile_box(0, col, tile)
+        draw.text(((left + right) / 2, HEADER / 2), title, fill="black", font=font, anchor="mm")
+    for row, (image, truth, pred) in enumerate(zip(images, truths, preds, strict=True)):
+        shown = (np.zeros_like(truth), truth, pred)
+        for col, mask in enumerate(shown):
+            picture = Image.fromarray(overlay(image, np.asarray(mask))).resize((tile, tile), Image.NEAREST)
+            canvas.paste(picture, tile_box(row, col, tile)[:2])
+    for k, name, x, line in entries:
+        y = grid_bottom + line * 24
+        draw.rectangle((x, y + 2, x + 16, y + 18), fill=tuple(int(c) for c in PALETTE[k % len(PALETTE)]),
+                       outline="black")  # fmt: skip
+        draw.text((x + 22, y + 10), name, fill="black", font=font, anchor="lm")
+    return canvas
 
 
 def preview_grid(prepared: Prepared, indices: np.ndarray, path: Path, columns: int = 8) -> Path:

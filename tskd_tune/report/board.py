@@ -1,20 +1,22 @@
-"""Leaderboard and plots of a search, read from its folder (works while the search runs)."""
+"""The leaderboard of a search, read from its folder (works while the search runs): one row per trial, the
+best trial, the reference trials, and the order the trials ran in."""
 
 from __future__ import annotations
 
-import html
 import json
-import os
-from functools import partial
+import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from tskd_tune.errors import TskdError
+# ``t007_<trial id>`` (search/tuner.py names folders so); ``_trainable_<trial id>_7_<values>`` before that
+_NUMBERED = re.compile(r"^t(\d+)_|^_trainable_[0-9a-f]+_(\d+)_")
 
 
-def _read_results(trial_dir: Path) -> list[dict]:
+def read_results(trial_dir: Path) -> list[dict]:
+    """The rows a trial reported (Ray Tune's ``result.json``, one per epoch); a row being written is left out."""
     path = trial_dir / "result.json"
     if not path.is_file():
         return []
@@ -40,7 +42,7 @@ def leaderboard(
         p for p in Path(search_path).iterdir() if p.is_dir() and (p / "params.json").is_file()
     ):
         params = json.loads((trial_dir / "params.json").read_text())
-        results = _read_results(trial_dir)
+        results = read_results(trial_dir)
         last = results[-1] if results else {}
         error = (trial_dir / "error.txt").is_file() or (trial_dir / "error.pkl").is_file()
         final = (trial_dir / "outputs" / "metrics.json").is_file()
@@ -119,91 +121,27 @@ def best_trial(board: pd.DataFrame) -> pd.Series:
     return (done if not done.empty else board).iloc[0]
 
 
-def _study(board: pd.DataFrame, space: dict, objectives: list[tuple[str, str]]):
-    """An in-memory Optuna study holding the finished trials, for Optuna's own plots."""
-    import optuna
-
-    from tskd_tune.space import to_optuna
-
-    dists = to_optuna(space)
-    names = [m for m, _ in objectives]
-    study = optuna.create_study(directions=["maximize" if d == "max" else "minimize" for _, d in objectives])
-    for _, row in board.iterrows():
-        if row[names].isna().any() or not all(p in row and not pd.isna(row[p]) for p in dists):
-            continue
-        params = {
-            p: (int(row[p]) if isinstance(d, optuna.distributions.IntDistribution) else row[p])
-            for p, d in dists.items()
-        }
-        study.add_trial(
-            optuna.trial.create_trial(
-                params=params, distributions=dists, values=[float(row[m]) for m in names]
-            )
-        )
-    return study
+def trial_number(trial_dir: Path | str) -> int | None:
+    """The trial's number in its search (``t007_...`` -> 7), counted as Ray Tune started them."""
+    m = _NUMBERED.match(Path(trial_dir).name)
+    return int(m.group(1) or m.group(2)) if m else None
 
 
-def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list[tuple[str, str]]) -> dict:
-    """leaderboard.csv, Optuna plots (PNG) and report.html in ``out_dir``; returns what was written.
+def trial_label(row: pd.Series) -> str:
+    """A trial's short name, as in its folder and MLflow run name: ``t007`` (the trial id without a number)."""
+    number = trial_number(row["trial_dir"])
+    return f"t{number:03d}" if number is not None else str(row["trial_id"])
 
-    With several objectives the history, importance and parallel-coordinate plots show the first one,
-    and a Pareto-front plot shows all of them (the first two when there are more than three).
-    """
-    import warnings
 
-    import matplotlib
+def run_order(board: pd.DataFrame) -> pd.DataFrame:
+    """``board``'s rows in the order the trials ran: by the number in their folder's name, then by the
+    timestamp of their first report (a trial that has not reported yet last)."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna
-    import optuna.visualization.matplotlib as ovm
+    def key(trial_dir: str) -> tuple:
+        number = trial_number(trial_dir)
+        first = read_results(Path(trial_dir))[:1]
+        started = first[0].get("timestamp", math.inf) if first else math.inf
+        return (number is None, number or 0, started, Path(trial_dir).name)
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-    board = objective_board(search_path, objectives)
-    if board.empty:
-        raise TskdError(f"{search_path}: no trials yet")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = {"leaderboard": out_dir / "leaderboard.csv"}
-    board.drop(columns=["trial_dir", "mlflow_run_id"]).to_csv(written["leaderboard"], index=False)
-    study = _study(board, space, objectives[:1])
-    plots = {"history": (study, ovm.plot_optimization_history),
-             "parallel_coordinates": (study, ovm.plot_parallel_coordinate)}  # fmt: skip
-    if len(study.trials) >= 2 and len(space) >= 2:
-        plots["importances"] = (study, ovm.plot_param_importances)
-    if len(objectives) > 1:
-        shown = objectives if len(objectives) <= 3 else objectives[:2]
-        front = _study(board, space, shown)
-        plots["pareto_front"] = (front, partial(ovm.plot_pareto_front, target_names=[m for m, _ in shown]))
-    for name, (st, fn) in plots.items():
-        if not st.trials:
-            continue
-        try:
-            ax = fn(st)
-        except (ValueError, RuntimeError) as exc:  # e.g. importances of a space with no variation
-            print(f"skipped plot {name}: {exc}")
-            continue
-        fig = (ax.flat[0] if isinstance(ax, np.ndarray) else ax).figure
-        fig.set_size_inches(9, 5)
-        fig.tight_layout()
-        written[name] = out_dir / f"{name}.png"
-        fig.savefig(written[name], dpi=100)
-        plt.close(fig)
-    images = "".join(
-        f'<h2>{html.escape(k)}</h2><img src="{p.name}">' for k, p in written.items() if p.suffix == ".png"
-    )
-    refs = references(search_path)
-    ref_rows = "".join(f"<li>reference <b>{html.escape(m)}</b>: val Dice {r.get('val_dice', float('nan')):.4f}, "
-                       f"test Dice {r.get('test_dice', float('nan')):.4f}</li>" for m, r in refs.items())  # fmt: skip
-    ref_html = (f"<p>Reference trials (outside the search; <code>gain_vs_scratch</code> is each trial's val Dice "
-                f"minus the scratch student's):</p><ul>{ref_rows}</ul>") if refs else ""  # fmt: skip
-    page = (f"<html><head><meta charset='utf-8'><title>{html.escape(Path(search_path).name)}</title></head><body>"
-            f"<h1>search {html.escape(Path(search_path).name)}</h1>{ref_html}"
-            f"{board.drop(columns=['trial_dir', 'mlflow_run_id']).to_html(index=False)}"
-            f"{images}</body></html>")  # fmt: skip
-    written["html"] = out_dir / "report.html"
-    tmp = written["html"].with_name(".report.html.tmp")
-    tmp.write_text(page)
-    os.replace(tmp, written["html"])
-    return written
+    order = sorted(board.index, key=lambda i: key(board.at[i, "trial_dir"]))
+    return board.loc[order].reset_index(drop=True)

@@ -1,0 +1,24 @@
+"""A search's report, read from its folder (works while the search runs).
+
+- ``board``: the leaderboard (one best-trial rule), the reference trials, the order the trials ran in
+- ``plots``: Optuna's plots from a study of the trials in run order; every trial's val Dice per epoch
+- ``page``: ``write_report``: the CSV, the plots and a self-contained ``report.html``
+"""
+
+from tskd_tune.report.board import (
+    best_trial,
+    leaderboard,
+    objective_board,
+    pareto_front,
+    read_results,
+    references,
+    run_order,
+    trial_label,
+    trial_number,
+)
+from tskd_tune.report.page import run_links, write_report
+from tskd_tune.report.plots import curves_axes, curves_plot, optuna_axes, optuna_plots, study
+
+__all__ = ["best_trial", "curves_axes", "curves_plot", "leaderboard", "objective_board", "optuna_axes", "optuna_plots", "pareto_front",
+           "read_results", "references", "run_links", "run_order", "study", "trial_label", "trial_number",
+           "write_report"]  # fmt: skip

@@ -1,0 +1,275 @@
+"""``report.html``: one self-contained page (inline CSS, images beside it, nothing fetched) with the
+leaderboard, the reference trials, the curves, the best trial's overlays, Optuna's plots and each trial's
+MLflow run."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tskd_tune.errors import TskdError
+from tskd_tune.report.board import best_trial, objective_board, references, trial_label
+from tskd_tune.report.plots import FEW_TRIALS, completed, curves_plot, optuna_plots, study
+from tskd_tune.secrets import mask_secrets
+
+CSS = """
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d232b;
+       margin: 0 auto; padding: 24px 32px 60px; max-width: 1280px; background: #fafbfc; }
+h1 { font-size: 26px; margin: 0 0 4px; } h2 { font-size: 19px; margin: 34px 0 8px; border-bottom: 1px solid #dde1e6;
+     padding-bottom: 4px; }
+.sub { color: #56606b; margin: 0 0 14px; }
+.cards { display: flex; gap: 14px; flex-wrap: wrap; margin: 14px 0; }
+.card { background: #fff; border: 1px solid #dde1e6; border-radius: 8px; padding: 10px 16px; min-width: 150px; }
+.card .k { color: #56606b; font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
+.card .v { font-size: 22px; font-weight: 600; }
+table { border-collapse: collapse; background: #fff; border: 1px solid #dde1e6; font-size: 13.5px; }
+th, td { padding: 5px 10px; border-bottom: 1px solid #eef0f3; text-align: right; white-space: nowrap; }
+th { background: #f1f3f6; position: sticky; top: 0; font-weight: 600; white-space: normal; vertical-align: bottom; }
+td.l, th.l { text-align: left; }
+tr.best td { background: #fff6d6; font-weight: 600; }
+.scroll { overflow-x: auto; max-width: 100%; }
+.pos { color: #1a7f37; } .neg { color: #b42318; }
+.state { border-radius: 10px; padding: 1px 8px; font-size: 12px; background: #eef0f3; }
+.state.finished { background: #dcf3e3; color: #12612b; } .state.error { background: #fde2e0; color: #93190f; }
+.state.stopped { background: #fff0d1; color: #7a4d00; }
+code { background: #eef0f3; padding: 1px 5px; border-radius: 4px; font-size: 12.5px; }
+img { max-width: 100%; border: 1px solid #dde1e6; background: #fff; }
+.note { color: #56606b; font-size: 13.5px; max-width: 900px; }
+.caveat { background: #fff6d6; border-left: 4px solid #e0a800; padding: 6px 12px; max-width: 880px; }
+"""
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, bool | str):
+        return html.escape(str(value))
+    if isinstance(value, int | np.integer):
+        return f"{value:,}"
+    return format(float(value), spec)
+
+
+def _search_json(search_path: Path) -> dict:
+    try:
+        return json.loads((Path(search_path) / "search.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _experiment_id(uri: str, run_id: str) -> str | None:
+    """The experiment of ``run_id`` on the server ``uri``, asked once, within seconds; None if it does not answer."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
+    try:
+        from mlflow.tracking import MlflowClient
+
+        return str(MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id)
+    except Exception:  # noqa: BLE001 - a report never fails on MLflow: it falls back to run ids
+        return None
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def run_links(uri: str | None, run_ids: list[str]) -> tuple[dict[str, str], str]:
+    """For each run id, the HTML that leads to it (a link into the MLflow UI of an ``http(s)://`` server
+    that answers, else the id), and one note on how to open the runs."""
+    shown = html.escape(mask_secrets(uri or ""))
+    ids = {r: f"<code>{html.escape(r)}</code>" for r in run_ids}
+    if not uri:
+        return ids, "The search folder names no MLflow store (no <code>search.json</code>): the table gives run ids."
+    if uri.startswith(("http://", "https://")):
+        experiment = _experiment_id(uri, run_ids[0]) if run_ids else None
+        if experiment is None:
+            return ids, f"MLflow at <code>{shown}</code> did not answer: the table gives each trial's run id."
+        base = html.escape(mask_secrets(uri.rstrip("/")), quote=True)
+        links = {r: f'<a href="{base}/#/experiments/{html.escape(experiment)}/runs/{html.escape(r)}">'
+                    f"{html.escape(r[:8])}…</a>" for r in run_ids}  # fmt: skip
+        return (
+            links,
+            f"Runs on the MLflow server <code>{shown}</code> (experiment {html.escape(experiment)}).",
+        )
+    # a local store (sqlite, a folder) has no address to link to until someone serves it
+    command = html.escape(f"mlflow ui --backend-store-uri {mask_secrets(uri)} --host 127.0.0.1")
+    return ids, (f"MLflow is a local store: open it with <code>{command}</code>, then find a trial's run by "
+                 "the run id in the table.")  # fmt: skip
+
+
+def _state(state: str) -> str:
+    kind = {"finished": "finished", "error": "error", "stopped early": "stopped"}.get(state, "")
+    return f'<span class="state {kind}">{html.escape(state)}</span>'
+
+
+def _board_table(board: pd.DataFrame, best_id: str, objectives: list[tuple[str, str]], space: dict,
+                 tests: dict[str, float], links: dict[str, str]) -> str:  # fmt: skip
+    metrics = [m for m, _ in objectives]
+    params = [p for p in space if p in board.columns]
+    cols = ["trial", "state", "epochs", *metrics, "gain_vs_scratch", "val_dice", "test Dice", "val_hd95",
+            *(["pareto"] if "pareto" in board.columns else []), *params, "MLflow run"]  # fmt: skip
+    cols = list(dict.fromkeys(cols))
+    # long dotted parameter names may break after a dot, so that the table fits beside the run ids
+    head = "".join(f'<th class="{"l" if c in ("trial", "state", "MLflow run") else ""}">'
+                   f'{html.escape(c).replace(".", ".<wbr>")}</th>' for c in cols)  # fmt: skip
+    rows = []
+    for _, r in board.iterrows():
+        best = str(r["trial_id"]) == str(best_id)
+        gain = r.get("gain_vs_scratch")
+        cells = {"trial": f"{html.escape(trial_label(r))}{' ★' if best else ''}", "state": _state(r["state"]),
+                 "epochs": _fmt(r["epoch"]), "test Dice": _fmt(tests.get(str(r["trial_id"]))),
+                 "gain_vs_scratch": f'<span class="{"pos" if gain > 0 else "neg"}">{_fmt(gain, "+.4f")}</span>'
+                 if gain is not None and not pd.isna(gain) else "–",
+                 "pareto": "✓" if r.get("pareto") else "",
+                 "MLflow run": links.get(r["mlflow_run_id"], "–") if isinstance(r["mlflow_run_id"], str) else "–"}  # fmt: skip
+        cells |= {c: _fmt(r[c], ".3g" if c in params else ".4f") for c in cols if c not in cells and c in r}
+        tds = "".join(f'<td class="{"l" if c in ("trial", "state", "MLflow run") else ""}">{cells[c]}</td>'
+                      for c in cols)  # fmt: skip
+        rows.append(f'<tr class="{"best" if best else ""}">{tds}</tr>')
+    return f'<div class="scroll"><table><tr>{head}</tr>{"".join(rows)}</table></div>'
+
+
+def _references_table(refs: dict) -> str:
+    if not refs:
+        return (
+            '<p class="note">No reference trial has finished (scratch and teacher run beside the search).</p>'
+        )
+    keys = [("val_dice", "val Dice"), ("test_dice", "test Dice"), ("val_hd95", "val HD95"),
+            ("test_hd95", "test HD95"), ("student_params", "parameters")]  # fmt: skip
+    head = '<th class="l">reference</th>' + "".join(f"<th>{t}</th>" for _, t in keys)
+    rows = "".join(f'<tr><td class="l">{html.escape(m)}</td>' + "".join(f"<td>{_fmt(r.get(k))}</td>" for k, _ in keys)
+                   + "</tr>" for m, r in refs.items())  # fmt: skip
+    return (f"<table><tr>{head}</tr>{rows}</table><p class='note'>Trials outside the search, on the same data: "
+            "<b>scratch</b> is the student trained on the labels alone, <b>teacher</b> the fine-tuned teacher. "
+            "<code>gain_vs_scratch</code> is a trial's val Dice minus the scratch student's.</p>")  # fmt: skip
+
+
+def _test_dice(search_path: Path, board: pd.DataFrame) -> dict[str, float]:
+    """Test Dice where known: a trial's own metrics.json (rare: tests run only once), and the best trial's
+    from summary.json, which the search writes at its end."""
+    out = {}
+    for _, r in board.iterrows():
+        try:
+            value = json.loads((Path(r["trial_dir"]) / "outputs" / "metrics.json").read_text()).get(
+                "test_dice"
+            )
+        except (OSError, ValueError):
+            value = None
+        if value is not None:
+            out[str(r["trial_id"])] = float(value)
+    try:
+        summary = json.loads((Path(search_path) / "summary.json").read_text())
+        if summary.get("test_dice") is not None:
+            out[str(summary["best_trial"])] = float(summary["test_dice"])
+    except (OSError, ValueError, KeyError):
+        pass
+    return out
+
+
+def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list[tuple[str, str]]) -> dict:
+    """leaderboard.csv, plots (PNG), the best trial's overlays and report.html in ``out_dir``; returns what was
+    written, ``kind -> path``.
+
+    With several objectives the history, importance and parallel-coordinate plots show the first one,
+    and a Pareto-front plot shows all of them (the first two when there are more than three).
+    """
+    search_path, out_dir = Path(search_path), Path(out_dir)
+    board = objective_board(search_path, objectives)
+    if board.empty:
+        raise TskdError(f"{search_path}: no trials yet")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metric, mode = objectives[0]
+    written = {"leaderboard": out_dir / "leaderboard.csv"}
+    board.drop(columns=["trial_dir", "mlflow_run_id"]).to_csv(written["leaderboard"], index=False)
+    best = best_trial(board)
+    refs = references(search_path)
+    curves = curves_plot(board, best["trial_id"], refs, out_dir / "curves.png")
+    if curves is not None:
+        written["curves"] = curves
+    overlays = Path(best["trial_dir"]) / "outputs" / "val_overlays.png"
+    if overlays.is_file():
+        written["overlays"] = out_dir / "best_overlays.png"
+        shutil.copyfile(overlays, written["overlays"])
+    plots = optuna_plots(board, space, objectives, out_dir)
+    written |= plots
+    n_done = completed(study(board, space, objectives[:1]))
+    tests = _test_dice(search_path, board)
+    meta = _search_json(search_path)
+    run_ids = [r for r in board["mlflow_run_id"] if isinstance(r, str)]
+    links, mlflow_note = run_links(meta.get("options", {}).get("tracking_uri"), run_ids)
+    page = _page(
+        search_path, board, best, refs, tests, links, mlflow_note, written, n_done, space, objectives
+    )
+    written["html"] = out_dir / "report.html"
+    tmp = written["html"].with_name(".report.html.tmp")
+    tmp.write_text(page)
+    os.replace(tmp, written["html"])
+    return written
+
+
+def _page(
+    search_path, board, best, refs, tests, links, mlflow_note, written, n_done, space, objectives
+) -> str:
+    name = html.escape(search_path.name)
+    metric, mode = objectives[0]
+    counts = board["state"].value_counts()
+    states = ", ".join(f"{n} {html.escape(s)}" for s, n in counts.items())
+    scored = not pd.isna(best[metric])  # before any trial reports, no trial is best
+    best_name = html.escape(trial_label(best)) if scored else ""
+    scratch = refs.get("scratch", {}).get("val_dice")
+    gain = best.get("gain_vs_scratch")
+    cards = [("trials", f"{len(board)}"), (f"best {metric}", f"{_fmt(best[metric])} <small>{best_name}</small>"),
+             ("best test Dice", _fmt(tests.get(str(best["trial_id"])))),
+             ("gain vs scratch (val)", _fmt(gain, "+.4f") if scratch is not None else "–"),
+             ("teacher val Dice", _fmt(refs.get("teacher", {}).get("val_dice")))]  # fmt: skip
+    card_html = '<div class="cards">' + "".join(f'<div class="card"><div class="k">{html.escape(k)}</div><div class="v">{v}</div></div>'
+                        for k, v in cards) + "</div>"  # fmt: skip
+    objective_text = ", ".join(f"{html.escape(m)} ({'higher' if d == 'max' else 'lower'} is better)"
+                               for m, d in objectives)  # fmt: skip
+    parts = [f"<h1>Search {name}</h1><p class='sub'>{states}. Objective: {objective_text}. "
+             f"Folder <code>{html.escape(str(search_path))}</code>.</p>{card_html}",  # fmt: skip
+             f"<h2>Leaderboard</h2><p class='note'>Best first in {html.escape(metric)}; ★ marks the best trial that "
+             "ran to the end (a trial stopped early scored after fewer epochs and has no test score). Test Dice is "
+             "measured once, for the best trial, when the search ends.</p>",
+             _board_table(board, best["trial_id"] if scored else None, objectives, space, tests, links),
+             f"<p class='note'>{mlflow_note} The same table: <a href='leaderboard.csv'>leaderboard.csv</a>.</p>",
+             "<h2>Reference trials</h2>", _references_table(refs)]  # fmt: skip
+    if "curves" in written:
+        parts.append("<h2>Validation Dice per epoch</h2><p class='note'>One line per trial; the best is black and "
+                     "thick, the reference trials dashed. Lines that end early belong to trials the scheduler "
+                     "stopped.</p><img src='curves.png' alt='val Dice per epoch of every trial'>")  # fmt: skip
+    if "overlays" in written:
+        from PIL import Image
+
+        # trials written before the overlays grew came as a 384 px strip: shown larger, pixels kept square
+        width = Image.open(written["overlays"]).width
+        size = f" width='{3 * width}' style='image-rendering: pixelated'" if width < 400 else ""
+        parts.append(f"<h2>Best trial {best_name}: validation overlays</h2><p class='note'>The first validation "
+                     "images, their true masks and the best student's prediction.</p>"
+                     f"<img src='best_overlays.png'{size} alt='overlays of the best trial'>")  # fmt: skip
+    titles = {"history": "Optimization history", "importances": f"Hyperparameter importances (from {n_done} trials)",
+              "parallel_coordinates": "Parallel coordinates", "pareto_front": "Pareto front"}  # fmt: skip
+    for key, title in titles.items():
+        if key not in written:
+            continue
+        parts.append(
+            f"<h2>{html.escape(title)}</h2><img src='{written[key].name}' alt='{html.escape(title)}'>"
+        )
+        if key == "history":
+            left_out = len(board) - n_done
+            out = (f" The other {left_out} (not reported yet, errored, or with values outside today's search "
+                   "space) are left out of this and the plots below.") if left_out else ""  # fmt: skip
+            parts.append(f"<p class='note'>One point per trial with a {html.escape(metric)}, in the order the "
+                         f"trials started; a trial stopped early shows its score when it was stopped.{out}</p>")  # fmt: skip
+        if key == "importances" and n_done < FEW_TRIALS:
+            parts.append(f"<p class='caveat'>Only {n_done} trials: with fewer than about {FEW_TRIALS}, the "
+                         "importances are fitted to too few points to rank the parameters; read them as a hint, "
+                         "not a finding.</p>")  # fmt: skip
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Search {name}</title>"
+            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")  # fmt: skip
