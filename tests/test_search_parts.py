@@ -142,3 +142,24 @@ def test_staged_search_chooses_the_best_finished_teachers(tiny, tmp_path):
 def test_staged_needs_teacher_knobs_and_ts_kd(tiny):
     with pytest.raises(TskdError, match="search.strategy: staged searches the teacher.. knobs first"):
         tiny(search={"strategy": "staged", "space": {"student.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}})
+
+
+def test_importances_name_the_evaluator_and_rank_what_drives_the_score(tmp_path):
+    import numpy as np
+
+    from tskd_tune.report import importances, objective_board, top
+    from tskd_tune.space import Distribution
+
+    rng = np.random.default_rng(0)
+    for i in range(12):  # val_dice follows x; y is noise
+        x, y = float(rng.uniform(1, 8)), float(rng.uniform(1, 8))
+        write_trial(tmp_path, i + 1, {"x": x, "y": y}, [0.1, 0.05 * x])
+    from pydantic import TypeAdapter
+
+    space = {p: TypeAdapter(Distribution).validate_python({"type": "uniform", "low": 1.0, "high": 8.0}) for p in "xy"}
+    board = objective_board(tmp_path, [("val_dice", "max")])
+    result = importances(board, space, [("val_dice", "max")])
+    assert result["evaluator"] == "PedAnovaImportanceEvaluator" and result["trials"] == 12 and "caveat" not in result
+    assert [k for k, _ in top(result)][0] == "x"
+    few = importances(board.head(5), space, [("val_dice", "max")])
+    assert few["trials"] == 5 and few["caveat"].startswith("from 5 trials")

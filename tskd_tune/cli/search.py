@@ -182,7 +182,8 @@ def status_view(path: Path):
     import pandas as pd
     from rich.console import Group
 
-    from tskd_tune.report import objective_board
+    from tskd_tune.report import importances, objective_board, top
+    from tskd_tune.report.plots import FEW_TRIALS
     from tskd_tune.search import load_search, reference_lines, reference_metrics
 
     cfg, _, parent = load_search(path)
@@ -214,6 +215,10 @@ def status_view(path: Path):
         front = ", ".join(board.loc[board["pareto"], "trial_id"].astype(str))
         names = ", ".join(f"{m} {d}" for m, d in objectives)
         lines.append(f"Pareto front ({names}): {front}")
+    if len(done) >= FEW_TRIALS:  # importances of fewer trials rank the parameters mostly by chance
+        ranked = top(importances(board, cfg.search.space, objectives))
+        if ranked:
+            lines.append(f"most important ({len(done)} finished trials): " + ", ".join(f"{k} {v:.2f}" for k, v in ranked))
     from rich.text import Text
 
     return Group(table, *(Text(line) for line in lines))

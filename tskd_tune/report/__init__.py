@@ -2,7 +2,8 @@
 
 - ``board``: the leaderboard (one best-trial rule), the reference trials, the order the trials ran in
 - ``plots``: Optuna's plots from a study of the trials in run order; every trial's val Dice per epoch
-- ``page``: ``write_report``: the CSV, the plots and a self-contained ``report.html``
+- ``page``: ``write_report``: the CSV, the plots, ``importances.json`` and a self-contained ``report.html``
+- ``importance``: hyperparameter importances per objective (Optuna's default evaluator, named)
 """
 
 from tskd_tune.report.board import (
@@ -16,9 +17,10 @@ from tskd_tune.report.board import (
     trial_label,
     trial_number,
 )
+from tskd_tune.report.importance import importances, top
 from tskd_tune.report.page import run_links, write_report
 from tskd_tune.report.plots import curves_axes, curves_plot, optuna_axes, optuna_plots, study
 
-__all__ = ["best_trial", "curves_axes", "curves_plot", "leaderboard", "objective_board", "optuna_axes", "optuna_plots", "pareto_front",
+__all__ = ["best_trial", "importances", "top", "curves_axes", "curves_plot", "leaderboard", "objective_board", "optuna_axes", "optuna_plots", "pareto_front",
            "read_results", "references", "run_links", "run_order", "study", "trial_label", "trial_number",
            "write_report"]  # fmt: skip

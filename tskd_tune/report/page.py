@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tskd_tune.cache import write_json
 from tskd_tune.errors import TskdError
 from tskd_tune.report.board import best_trial, objective_board, references, trial_label
+from tskd_tune.report.importance import importances
 from tskd_tune.report.plots import FEW_TRIALS, completed, curves_plot, optuna_plots, study
 from tskd_tune.secrets import mask_secrets
 
@@ -198,6 +200,8 @@ def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list
         shutil.copyfile(overlays, written["overlays"])
     plots = optuna_plots(board, space, objectives, out_dir)
     written |= plots
+    written["importances_json"] = out_dir / "importances.json"
+    write_json(written["importances_json"], importances(board, space, objectives))
     n_done = completed(study(board, space, objectives[:1]))
     tests = _test_dice(search_path, board)
     meta = _search_json(search_path)

@@ -3,6 +3,7 @@ trials and every trial's gain over the scratch student, logged to the MLflow par
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -67,7 +68,27 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
                   f"test_dice {test.get('test_dice', float('nan')):.4f}; config {best_cfg_path}", markup=False)  # fmt: skip
     for line in trust_lines(trust, metric):
         console.print(line, markup=False)
+    _report(cfg, opts, parent, c, console)
     return summary
+
+
+def _report(cfg: Config, opts: SearchOptions, parent: str, client, console) -> None:
+    """report.html, its plots and importances.json in SEARCH/report, logged on the parent run, so the MLflow UI
+    shows them without running `tskd-tune report`; the three most important paths are printed."""
+    from tskd_tune.report import top, write_report
+
+    out = opts.path / "report"
+    try:
+        written = write_report(opts.path, out, cfg.search.space, cfg.search.objective_items())
+    except Exception as exc:  # noqa: BLE001 - the search's results stand without their report
+        console.print(f"report: not written ({exc.__class__.__name__}: {str(exc)[:200]})", markup=False)
+        return
+    for kind in ("html", "importances", "importances_json", "history", "curves"):
+        if kind in written:
+            client.log_artifact(parent, str(written[kind]), "report")
+    found = top(json.loads(written["importances_json"].read_text()))
+    if found:
+        console.print("most important: " + ", ".join(f"{k} {v:.2f}" for k, v in found), markup=False)
 
 
 def early_stopping(cfg: Config, search_path: Path) -> list[dict]:
