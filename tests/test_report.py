@@ -270,6 +270,7 @@ def test_a_search_whose_trials_have_not_reported_yet_gets_a_page(tmp_path):
     path = write_search(tmp_path / "s", [(1, "aa01", [], False), (2, "bb02", [], False)])
     (path / "summary.json").unlink()  # still running
     written = write_report(path, tmp_path / "report", space(), [("val_dice", "max")])
-    assert set(written) == {"leaderboard", "html"}
+    assert set(written) == {"leaderboard", "importances_json", "html"}  # no plot: no trial has a value yet
+    assert json.loads(written["importances_json"].read_text())["trials"] == 0
     board = tables(written["html"].read_text())[0]
     assert [r[:2] for r in board[1:]] == [["t001", "pending"], ["t002", "pending"]]  # no best yet
