@@ -258,6 +258,33 @@ def test_search_whose_driver_was_killed_is_resumed_without_loss_or_duplicates(tm
     print(f"\ndriver-kill + resume: {wall:.0f} s")
 
 
+def test_a_staged_search_killed_after_its_teacher_stage_resumes_with_its_students(tmp_path, cache, procs):
+    """Teachers first (judged per teacher epoch), then students of the best one: the driver is killed once
+    the teacher stage has chosen; `resume` runs the student stage without fine-tuning any teacher again."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    space = write_space(tmp_path, cache, uri, samples=2, concurrent=2, strategy="staged", teacher_trials=2,
+                        top_teachers=1, baselines=[],
+                        space=SPACE | {"teacher.lr": {"type": "choice", "values": [0.001, 0.003]}})  # fmt: skip
+    env = fault_env(tmp_path, {"fault": "sleep", "seconds": 2, "phase": "student"})  # slow student epochs
+    search = tmp_path / "runs" / "staged"
+    driver = start(procs, "launch", space, "--storage", tmp_path / "runs", "--name", "staged", cwd=tmp_path, env=env)
+    wait_for("the teacher stage to choose", lambda: (search / "teachers.json").is_file(), timeout=900)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=60)
+    teachers = json.loads((search / "teachers.json").read_text())["teachers"]
+    assert len(teachers) == 1 and len(results(search / "teacher_stage")) == 2
+    resumed = cli("resume", search, cwd=tmp_path, env=env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "teacher stage:" not in resumed.stdout and "student stage: distilling the best 1 teacher(s)" in resumed.stdout
+    students = [json.loads(p.read_text()) for p in search.glob("t*_*/outputs/metrics.json")]
+    assert len(students) == 2 and all(m["teacher_cached"] is True for m in students)  # no teacher trained twice
+    client, parent, kids = runs(uri, "staged")
+    stages = sorted(r.data.tags.get("tskd.stage") for r in kids.values())
+    assert stages == ["student", "student", "teacher", "teacher"] and parent.info.status == "FINISHED"
+    board = (search / "leaderboard.csv").read_text()
+    assert board.count(",finished,") == 2 and list(teachers)[0] in board  # the choice is a searched value
+
+
 # -------------------------------------------------------------------------------- MLflow outage
 class MlflowServer:
     """A real `mlflow server` on SQLite, on a free port, that the test can stop and start again."""

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +46,17 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
         for line in lines:
             console.print(line, markup=False)
     t0 = time.perf_counter()
-    init_ray(opts.address, console)
-    # before the data: on a cluster the trial cache (and the synthetic pool built next) moves to shared storage
-    cfg = cluster.prepare(cfg, opts, console)
     console.print(f"preparing data ({cfg.data.dataset}) ...", markup=False)
-    pool, data = _data(cfg)
+    if opts.address is None:  # a local Ray: it starts while the data is prepared
+        with ThreadPoolExecutor(1) as pool_of_one:
+            prepared = pool_of_one.submit(_data, cfg)
+            init_ray(opts.address, console)
+            pool, data = prepared.result()
+    else:
+        init_ray(opts.address, console)
+        # before the data: on a cluster the trial cache (and the synthetic pool built next) moves to shared storage
+        cfg = cluster.prepare(cfg, opts, console)
+        pool, data = _data(cfg)
     parent = _parent_run(cfg, opts, resume, console)
     data_ref = ray.put(data)
     fill: dict = {}

@@ -8,6 +8,7 @@ beside the search.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -30,9 +31,13 @@ def trial(config: dict, data: tuple, base: Config, run: dict) -> None:
     from ray import tune
 
     os.environ.update(run["mlflow_env"])  # before the first MLflow call: credentials this worker lacks
+    for name in ("ray.tune", "ray.train"):  # one "checkpoint created" line per epoch is noise
+        logging.getLogger(name).setLevel(logging.WARNING)
     values = dict(config)
-    if CHOICE in values:  # a staged search's student stage: the chosen teacher's values
+    if CHOICE in values:  # a staged search's student stage: the chosen teacher's values, a config of real paths
         values |= run["teachers"][values.pop(CHOICE)]
+        base = base.model_copy(update={"search": base.search.model_copy(
+            update={"space": {k: v for k, v in base.search.space.items() if k != CHOICE}})})  # fmt: skip
     cfg = apply_values(base, values)
     _cap_gpu_memory(cfg)
     ctx, state = tune.get_context(), Path(run["state_path"])

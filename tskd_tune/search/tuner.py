@@ -191,7 +191,9 @@ def build_tuner(cfg: Config, opts: SearchOptions, run: dict, data_ref, *, restor
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent),
                                     scheduler=SCHEDULERS[s.scheduler](cfg, max_t), num_samples=s.num_samples,
                                     time_budget_s=s.time_budget_s, trial_name_creator=trial_name,
-                                    trial_dirname_creator=trial_dirname),  # fmt: skip
+                                    trial_dirname_creator=trial_dirname,
+                                    # a worker process (torch, MONAI, timm imported) serves trial after trial
+                                    reuse_actors=True),  # fmt: skip
         run_config=tune.RunConfig(
             name=opts.name,
             storage_path=str(opts.storage),
