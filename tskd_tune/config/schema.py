@@ -234,9 +234,9 @@ class SearchConfig(Section):
     top_teachers: int = Field(2, ge=1)
     """Staged search: how many of the best teachers the student stage chooses from."""
     time_budget_s: float | None = Field(None, gt=0)
-    """Wall-clock budget of the search (each stage of a staged one): no new trial is proposed once it is
-    spent, and running trials are stopped at their next report; the leaderboard, best.yaml and the best
-    trial's test score are still written. None: no budget."""
+    """Wall-clock budget of the search (each stage of a staged one): once spent, no new trial is proposed
+    and the running trials are stopped; the leaderboard, best.yaml and the best finished trial's test
+    score are still written. None: no budget."""
     trial_timeout_s: float | None = Field(None, gt=0)
     """Stop a trial that makes no progress (no training step, no report) for this many seconds (None: never)."""
 
