@@ -288,7 +288,7 @@ def test_a_staged_search_killed_after_its_teacher_stage_resumes_with_its_student
 def test_a_spent_time_budget_ends_the_search_with_its_results(tmp_path, cache):
     """search.time_budget_s: no trial after the budget, and the search still writes what it found."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    space = write_space(tmp_path, cache, uri, samples=8, concurrent=2, time_budget_s=45, baselines=[])
+    space = write_space(tmp_path, cache, uri, samples=8, concurrent=2, time_budget_s=90, baselines=[])
     env = fault_env(tmp_path, {"fault": "sleep", "seconds": 4, "phase": "student"})  # 4 s more per epoch
     t0 = time.monotonic()
     done = cli("launch", space, "--storage", tmp_path / "runs", "--name", "budget", cwd=tmp_path, env=env)
@@ -297,7 +297,7 @@ def test_a_spent_time_budget_ends_the_search_with_its_results(tmp_path, cache):
     summary = json.loads((search / "summary.json").read_text())
     assert summary["trials"] < 8 and (search / "leaderboard.csv").is_file()
     assert (search / "best.yaml").is_file() and "test_dice" in summary  # a finished trial is the best, tested
-    print(f"\nbudget 45 s: {summary['trials']} trial(s) in {time.monotonic() - t0:.0f} s")
+    print(f"\nbudget 90 s: {summary['trials']} trial(s) in {time.monotonic() - t0:.0f} s")
 
 
 # -------------------------------------------------------------------------------- MLflow outage
