@@ -72,7 +72,8 @@ def test_mlflow_has_one_parent_per_search_and_a_child_per_trial(searched):
         assert parent.data.metrics[f"reference_{method}_val_dice"] == pytest.approx(ref.data.metrics["final_val_dice"])
         assert ref.data.tags["teacher.pretrained"] == "false"
     for child in children:
-        assert child.info.status in {"FINISHED", "KILLED"}  # never left RUNNING
+        # never left RUNNING; a trial stopped early is not a failure: FINISHED too, told apart by its tag
+        assert child.info.status == "FINISHED" and child.data.tags["tskd.status"] in {"finished", "stopped_early"}
         assert {"distill.temperature", "distill.kd_weight"} <= set(child.data.params)
         assert "val_dice" in child.data.metrics and "ray.node_ip" in child.data.tags
         history = client.get_metric_history(child.info.run_id, "val_dice")

@@ -412,7 +412,7 @@ def test_search_submitted_as_a_ray_job(searched, ray_cluster, mlflow_server, wor
     assert [p.name for p in (workdir / "shared" / "bucket" / "viajob").glob("*/outputs/student.safetensors")]
     by_uri = tskd("status", f"{bucket}/viajob", env=env, cwd=space.parent)  # fetched to a local copy
     assert by_uri.returncode == 0, by_uri.stderr
-    assert "2 trial(s), 2 finished" in by_uri.stdout
+    assert "2 trial(s): 2 finished" in by_uri.stdout
 
     import optuna
     from optuna.storages.journal import JournalFileBackend

@@ -177,8 +177,8 @@ def status(
         out.print(line, markup=False)
     if "reference_scratch_val_dice" in refs:
         out.print("gain: a trial's val_dice minus the scratch reference's", markup=False)
-    done = board[board["state"] == "finished"]
-    out.print(f"{len(board)} trial(s), {len(done)} finished; MLflow parent run {parent}", markup=False)
+    states = ", ".join(f"{n} {state}" for state, n in board["state"].value_counts().items())  # tskd_tune.states
+    out.print(f"{len(board)} trial(s){': ' + states if states else ''}; MLflow parent run {parent}", markup=False)
     if not board.empty and board[metric].notna().any():
         best = board.iloc[0]
         out.print(f"best so far: {best['trial_id']} {metric} {best[metric]:.4f}", markup=False)

@@ -21,6 +21,7 @@ from tskd_tune.config import END_OF_TRIAL_METRICS, Config, apply_values
 from tskd_tune.methods import get_method
 from tskd_tune.models.teacher import is_pretrained
 from tskd_tune.search.folder import REFERENCES
+from tskd_tune.states import MLFLOW_STATUS, TIMED_OUT
 from tskd_tune.trial import TrialResult, resolve_device, run_trial
 
 
@@ -148,10 +149,10 @@ def _timed_out(marker: Path, tracker, limit: float, idle: float) -> None:
     """
     msg = f"no progress for {idle:.0f} s (search.trial_timeout_s: {limit:g}): stopped as hung"
     print(f"tskd-tune: {msg}", file=sys.stderr, flush=True)
-    faults.mark_failed(marker, "timeout", msg)
+    faults.mark_failed(marker, TIMED_OUT, msg)
     try:
-        tracker.set_tags({"tskd.status": "timeout", "tskd.error": msg})
-        tracker.finish("KILLED")
+        tracker.set_tags({"tskd.status": TIMED_OUT, "tskd.error": msg})
+        tracker.finish(MLFLOW_STATUS[TIMED_OUT])
     finally:
         os.kill(os.getpid(), signal.SIGKILL)
 

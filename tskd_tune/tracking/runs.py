@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tskd_tune.errors import TskdError
 from tskd_tune.secrets import mask_secrets
+from tskd_tune.states import LOST, MLFLOW_STATUS
 
 SEARCH_TAG = "tskd.search"
 TRIAL_TAG = "ray.trial_id"
@@ -109,8 +110,8 @@ def close_lost_children(uri: str, parent_run_id: str, known) -> list[str]:
     for run in c.search_runs([exp_id], filter_string=flt, max_results=10000):
         trial_id = run.data.tags.get(TRIAL_TAG)
         if trial_id is not None and not known(trial_id):
-            c.set_tag(run.info.run_id, "tskd.status", "lost")
-            c.set_terminated(run.info.run_id, status="KILLED")
+            c.set_tag(run.info.run_id, "tskd.status", LOST)
+            c.set_terminated(run.info.run_id, status=MLFLOW_STATUS[LOST])
             lost.append(trial_id)
     return lost
 
