@@ -328,10 +328,10 @@ def test_search_spreads_over_both_nodes_and_logs_every_trial_to_the_server(searc
     for child in children:
         assert child.info.status == "FINISHED"
         assert {"distill.temperature", "distill.kd_weight"} <= set(child.data.params)
-        assert "val_dice" in child.data.metrics and "final_val_dice" in child.data.metrics
+        assert "val_dice" in child.data.metrics and "student_params" in child.data.metrics
         assert child.data.tags["device"] == "cpu" and child.data.tags["ray.node_ip"]
         listed = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"config.yaml", "metrics.json", "student.safetensors"} <= listed
+        assert {"config.yaml", "trial_summary.json", "student.safetensors"} <= listed
         # uploaded through the server's proxy: the files sit in its --artifacts-destination
         assert list(artifacts.rglob(f"{child.info.run_id}/artifacts/student.safetensors"))
     assert len({c.data.tags["ray.node_id"] for c in children}) == 2  # trials ran on both nodes

@@ -8,12 +8,14 @@ second one.
 
 - ``runs``: the client, the preflight check, parent and child runs (lookup, creation, lost ones closed)
 - ``journal``: :class:`RunTracker`, whose writes wait in a journal while MLflow is unreachable
+- ``compare``: what a trial's run holds (curves per epoch, a few end metrics, ``trial_summary.json``)
 - ``lifecycle``: :func:`trial_run`, a trial's child run from start to FINISHED or FAILED
 - ``system``: MLflow's system-metrics sampler on a trial's run
 - ``registry``: exported students in the model registry
 """
 
 from tskd_tune.secrets import SECRET_ENV, mask_secrets
+from tskd_tune.tracking.compare import SUMMARY_FILE, at_end, curves, record_result
 from tskd_tune.tracking.journal import (
     JOURNAL_DIR,
     QUICK_HTTP,
@@ -45,13 +47,16 @@ __all__ = [
     "QUICK_HTTP",
     "SEARCH_TAG",
     "SECRET_ENV",
+    "SUMMARY_FILE",
     "TRIAL_TAG",
     "BufferedClient",
     "RunTracker",
     "TrialRun",
     "absolute_uri",
+    "at_end",
     "child_run",
     "client",
+    "curves",
     "close_lost_children",
     "experiment_id",
     "failure_reason",
@@ -61,6 +66,7 @@ __all__ = [
     "numeric",
     "parent_run",
     "preflight",
+    "record_result",
     "register_export",
     "stop_monitor",
     "sync_journals",
