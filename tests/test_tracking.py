@@ -205,7 +205,7 @@ def test_a_trial_run_ends_finished_and_a_second_entry_continues_it(store, tmp_pa
     assert not tracking.journal_path(tmp_path, "t1").exists()  # nothing was left queued
 
 
-# ------------------------------------------------------------------------------------- what a run holds
+# ------------------------------------------------------------------ what a run holds, where its artifacts live
 def test_a_trials_run_holds_the_curves_and_end_metrics_runs_are_compared_on(store, tmp_path):
     from tskd_tune.trial import TrialResult
 
@@ -231,3 +231,35 @@ def test_a_trials_run_holds_the_curves_and_end_metrics_runs_are_compared_on(stor
     assert sorted(a.path for a in client.list_artifacts(t.run_id)) == ["config.yaml", "trial_summary.json"]
     summary = Path(client.download_artifacts(t.run_id, "trial_summary.json", str(tmp_path)))
     assert json.loads(summary.read_text()) == dict(result)  # everything run_trial returned
+
+
+def test_experiment_artifacts_sit_beside_the_store_and_follow_it_when_moved(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)  # MLflow's default would be ./mlruns here
+    uri = f"sqlite:///{tmp_path}/runs/mlflow.db"
+    exp = tracking.experiment_id(uri, "kidney us/v2")
+    client = MlflowClient(uri)
+    experiment = client.get_experiment(exp)
+    assert experiment.artifact_location == str(tmp_path / "runs" / "mlartifacts" / "kidney_us_v2")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens its runs
+    run = client.create_run(exp, run_name="t001").info.run_id
+    (tmp_path / "best.yaml").write_text("seed: 0\n")
+    client.log_artifact(run, str(tmp_path / "best.yaml"))
+    client.set_terminated(run)
+    assert not (tmp_path / "mlruns").exists()
+    assert tracking.reroot(uri) == []  # not moved: nothing to do
+
+    shutil.move(tmp_path / "runs", tmp_path / "moved")
+    moved = f"sqlite:///{tmp_path}/moved/mlflow.db"
+    assert tracking.reroot(moved) == ["kidney us/v2"]
+    client = MlflowClient(moved)
+    assert client.get_experiment(exp).artifact_location == str(tmp_path / "moved" / "mlartifacts" / "kidney_us_v2")
+    assert [a.path for a in client.list_artifacts(run)] == ["best.yaml"]
+    assert Path(client.download_artifacts(run, "best.yaml", str(tmp_path))).read_text() == "seed: 0\n"
+    assert tracking.reroot(moved) == []  # once
+    # an experiment made before (MLflow's default location) is left where it is, and opened as training runs
+    other = MlflowClient(moved).create_experiment("old", artifact_location=str(tmp_path / "elsewhere"))
+    assert tracking.experiment_id(moved, "old") == other
+    assert MlflowClient(moved).get_experiment(other).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tracking.reroot(moved) == [] and tracking.artifact_location("http://host:5000", "x") is None
