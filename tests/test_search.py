@@ -95,7 +95,12 @@ def test_mlflow_has_one_parent_per_search_and_a_child_per_trial(searched):
             gain = child.data.metrics["gain_vs_scratch"]
             assert gain == pytest.approx(child.data.metrics["val_dice"] - scratch, abs=1e-6)
         else:
-            assert child.data.tags["tskd.status"] == "stopped_early" and len(history) < 3
+            assert len(history) < 3 and child.data.tags["tskd.stopped_at_epoch"] == str(len(history))
+    # the parent names its best child and describes the search with a markdown leaderboard
+    best = next(c for c in children if c.info.run_id == parent.data.tags["tskd.best_run_id"])
+    assert best.info.run_name == parent.data.tags["tskd.best_run_name"] and best.info.run_name.startswith("t00")
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"**[{best.info.run_name}](#/experiments/" in note and "**Reference trials**" in note
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"leaderboard.csv", "best.yaml", "search_config.yaml"} <= parent_artifacts
 
