@@ -7,7 +7,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: demo test test-slow test-faults test-cluster lint ui bench bench-quality bench-timing bench-gpu bench-quick clean
+.PHONY: demo test test-slow test-faults test-cluster test-ui lint ui bench bench-quality bench-timing bench-gpu bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test-faults: $(STAMP)  ## fault-injection tests: killed workers and drivers, NaN
 
 test-cluster: $(STAMP)  ## two-node loopback Ray cluster + MLflow server on PostgreSQL (needs Debian's postgresql)
 	$(BIN)/python -m pytest -q -m cluster
+
+test-ui: $(STAMP)  ## a small search looked at in MLflow's UI with headless Chromium (needs Debian's chromium)
+	$(BIN)/python -m pytest -q -m ui
 
 ui: $(STAMP)  ## the MLflow UI on the local store (127.0.0.1:5000)
 	$(BIN)/tskd-tune ui

@@ -25,6 +25,7 @@ from tskd_tune.report import (
     run_order,
     study,
     trial_number,
+    trial_state,
     write_report,
 )
 
@@ -37,22 +38,22 @@ def board(*rows: tuple[str, str, float]) -> pd.DataFrame:
 
 
 def test_a_finished_trial_beats_better_scores_of_stopped_ones():
-    b = board(("a", "stopped early", 0.9), ("b", "running or stopped", 0.8), ("c", "finished", 0.7),
+    b = board(("a", "stopped_early", 0.9), ("b", "running", 0.8), ("c", "finished", 0.7),
               ("d", "finished", 0.6))  # fmt: skip
     best = best_trial(b)
     assert best["trial_id"] == "c" and best["trial_dir"] == "/runs/s/c" and best["val_dice"] == 0.7
 
 
 def test_ties_keep_the_board_order():
-    b = board(("a", "stopped early", 0.9), ("b", "finished", 0.7), ("c", "finished", 0.7))
+    b = board(("a", "stopped_early", 0.9), ("b", "finished", 0.7), ("c", "finished", 0.7))
     assert best_trial(b)["trial_id"] == "b"
     assert best_trial(b.iloc[[0, 2, 1]].reset_index(drop=True))["trial_id"] == "c"
 
 
 def test_with_no_finished_trial_the_first_row_is_best():
-    b = board(("a", "stopped early", 0.9), ("b", "error", 0.8), ("c", "stopped early", 0.5))
+    b = board(("a", "stopped_early", 0.9), ("b", "failed", 0.8), ("c", "stopped_early", 0.5))
     assert best_trial(b)["trial_id"] == "a"
-    assert best_trial(board(("only", "running or stopped", float("nan"))))["trial_id"] == "only"
+    assert best_trial(board(("only", "running", float("nan"))))["trial_id"] == "only"
 
 
 # --- a search folder as Ray Tune, the trials and the search's end write it --------------------------------
@@ -274,3 +275,25 @@ def test_a_search_whose_trials_have_not_reported_yet_gets_a_page(tmp_path):
     assert json.loads(written["importances_json"].read_text())["trials"] == 0
     board = tables(written["html"].read_text())[0]
     assert [r[:2] for r in board[1:]] == [["t001", "pending"], ["t002", "pending"]]  # no best yet
+
+
+def test_a_trials_state_reads_its_folder_in_the_words_of_its_mlflow_run(tmp_path):
+    def trial(name: str, *files: str) -> object:
+        folder = tmp_path / name
+        for f in files:
+            (folder / f).parent.mkdir(parents=True, exist_ok=True)
+            (folder / f).write_text("{}")
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    epochs = [{"epoch": 1, "done": False}]
+    assert trial_state(trial("t001_a", "outputs/metrics.json"), epochs, ended=False) == "finished"
+    assert trial_state(trial("t002_b"), [], ended=False) == "pending"
+    assert trial_state(trial("t003_c"), epochs, ended=False) == "running"
+    assert trial_state(trial("t003_c"), epochs, ended=True) == "stopped_early"
+    # Ray marks the result on which the scheduler stopped the trial
+    assert trial_state(trial("t004_d"), [{"epoch": 1, "done": True}], ended=False) == "stopped_early"
+    assert trial_state(trial("t005_e", "error.txt"), epochs, ended=False) == "failed"
+    (tmp_path / "failed_trials").mkdir()
+    (tmp_path / "failed_trials" / "f.json").write_text(json.dumps({"status": "timed_out", "error": "hung"}))
+    assert trial_state(trial("t006_f", "error.txt"), epochs, ended=True) == "timed_out"

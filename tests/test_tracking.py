@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -70,6 +71,7 @@ def test_writes_while_mlflow_is_down_are_journaled_in_order_and_replayed(store, 
     history = client.get_metric_history(run.info.run_id, "val_dice")
     assert [(m.step, m.value) for m in history] == [(1, 0.1), (2, 0.2)]
     assert "val_hd95" not in run.data.metrics  # non-finite values never reach MLflow
+    assert "epoch" not in run.data.metrics  # the epoch is the step
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
     assert tracking.sync_journals(search, uri=uri) == (0, 0, 0)  # nothing twice
     assert list(journal.parent.iterdir()) == [journal.with_name("t1.jsonl.lock")]  # copies removed
@@ -88,10 +90,10 @@ def test_a_resumed_trial_does_not_log_an_epoch_twice(store, tmp_path):
     assert retry.start() is True and retry.run_id == first.run_id
     for epoch in (2, 3):
         retry.log_metrics({"epoch": epoch, "val_dice": 0.5}, step=epoch)
-    retry.log_metrics({"final_val_dice": 0.5}, step=3)
+    retry.log_metrics({"student_params": 1234}, step=3)
     history = client.get_metric_history(first.run_id, "val_dice")
     assert [m.step for m in history] == [1, 2, 3]
-    assert "final_val_dice" in client.get_run(first.run_id).data.metrics
+    assert client.get_run(first.run_id).data.metrics["student_params"] == 1234
     assert client.get_run(first.run_id).info.status == "RUNNING"  # start() reopened it
 
 
@@ -184,7 +186,7 @@ def test_a_trial_run_that_raises_while_mlflow_is_down_is_journaled_and_replayed_
 
 def test_a_trial_run_ends_finished_and_a_second_entry_continues_it(store, tmp_path):
     uri, client, parent = store
-    sampled = TrackingConfig(system_metrics_interval_s=1)
+    sampled = TrackingConfig(system_metrics=True, system_metrics_interval_s=1)
     with tracking.trial_run(uri, parent, "t1", "trial-1", search_path=tmp_path, tracking_cfg=sampled) as run:
         assert run.resumed is False and run.monitor is not None
         run.tracker.log_metrics({"epoch": 1, "val_dice": 0.5}, step=1)
@@ -201,3 +203,63 @@ def test_a_trial_run_ends_finished_and_a_second_entry_continues_it(store, tmp_pa
     assert child.info.run_id == run.run_id and child.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.run_id, "val_dice")] == [1, 2]
     assert not tracking.journal_path(tmp_path, "t1").exists()  # nothing was left queued
+
+
+# ------------------------------------------------------------------ what a run holds, where its artifacts live
+def test_a_trials_run_holds_the_curves_and_end_metrics_runs_are_compared_on(store, tmp_path):
+    from tskd_tune.trial import TrialResult
+
+    uri, client, parent = store
+    t = tracking.RunTracker(uri, parent_run_id=parent, trial_id="t1", run_name="t001 T=3.7 kd=1.6")
+    t.start()
+    for epoch in (1, 2):
+        t.log_metrics({"epoch": epoch, "train_loss": 1.0 / epoch, "lr": 1e-3, "val_dice": 0.3 * epoch,
+                       "val_dice_liver": 0.4, "val_hd95": 5.0, "epoch_s": 1.5}, step=epoch)  # fmt: skip
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "metrics.json").write_text("{}")
+    result = TrialResult({"val_dice": 0.6, "student_params": 12462, "student_latency_ms": 0.5, "teacher_val_dice": 0.7,
+                          "teacher_features_cached": True, "logits_cached": False, "total_s": 7.0, "labeled": 8,
+                          "synth_gate_reasons": "", "method": "ts_kd"},
+                         [tmp_path / "config.yaml", tmp_path / "metrics.json"], teacher_cached=True)  # fmt: skip
+    tracking.record_result(t, result, step=2)
+    run = client.get_run(t.run_id)
+    assert set(run.data.metrics) == {"train_loss", "lr", "val_dice", "val_dice_liver", "val_hd95", "student_params",
+                                     "student_latency_ms", "teacher_val_dice"}  # fmt: skip
+    assert run.data.metrics["val_dice"] == pytest.approx(0.6)  # the last epoch's: the final score
+    assert run.data.tags["tskd.teacher_cached"] == "True" and run.data.tags["tskd.features_cached"] == "True"
+    assert run.data.tags["tskd.logits_cached"] == "False"
+    assert sorted(a.path for a in client.list_artifacts(t.run_id)) == ["config.yaml", "trial_summary.json"]
+    summary = Path(client.download_artifacts(t.run_id, "trial_summary.json", str(tmp_path)))
+    assert json.loads(summary.read_text()) == dict(result)  # everything run_trial returned
+
+
+def test_experiment_artifacts_sit_beside_the_store_and_follow_it_when_moved(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)  # MLflow's default would be ./mlruns here
+    uri = f"sqlite:///{tmp_path}/runs/mlflow.db"
+    exp = tracking.experiment_id(uri, "kidney us/v2")
+    client = MlflowClient(uri)
+    experiment = client.get_experiment(exp)
+    assert experiment.artifact_location == str(tmp_path / "runs" / "mlartifacts" / "kidney_us_v2")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens its runs
+    run = client.create_run(exp, run_name="t001").info.run_id
+    (tmp_path / "best.yaml").write_text("seed: 0\n")
+    client.log_artifact(run, str(tmp_path / "best.yaml"))
+    client.set_terminated(run)
+    assert not (tmp_path / "mlruns").exists()
+    assert tracking.reroot(uri) == []  # not moved: nothing to do
+
+    shutil.move(tmp_path / "runs", tmp_path / "moved")
+    moved = f"sqlite:///{tmp_path}/moved/mlflow.db"
+    assert tracking.reroot(moved) == ["kidney us/v2"]
+    client = MlflowClient(moved)
+    assert client.get_experiment(exp).artifact_location == str(tmp_path / "moved" / "mlartifacts" / "kidney_us_v2")
+    assert [a.path for a in client.list_artifacts(run)] == ["best.yaml"]
+    assert Path(client.download_artifacts(run, "best.yaml", str(tmp_path))).read_text() == "seed: 0\n"
+    assert tracking.reroot(moved) == []  # once
+    # an experiment made before (MLflow's default location) is left where it is, and opened as training runs
+    other = MlflowClient(moved).create_experiment("old", artifact_location=str(tmp_path / "elsewhere"))
+    assert tracking.experiment_id(moved, "old") == other
+    assert MlflowClient(moved).get_experiment(other).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tracking.reroot(moved) == [] and tracking.artifact_location("http://host:5000", "x") is None

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from tskd_tune.errors import TrialFailed
 from tskd_tune.heartbeat import beat, idle_s
+from tskd_tune.states import FAILED
 
 INJECT_ENV = "TSKD_FAULT_INJECT"
 STATE_ENV = "TSKD_FAULT_STATE"
@@ -108,7 +109,7 @@ def recorded(marker: Path):
     try:
         yield
     except Exception as exc:
-        mark_failed(marker, "failed", f"{exc.__class__.__name__}: {str(exc)[:480]}")
+        mark_failed(marker, FAILED, f"{exc.__class__.__name__}: {str(exc)[:480]}")
         raise
 
 

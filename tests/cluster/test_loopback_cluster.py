@@ -328,10 +328,10 @@ def test_search_spreads_over_both_nodes_and_logs_every_trial_to_the_server(searc
     for child in children:
         assert child.info.status == "FINISHED"
         assert {"distill.temperature", "distill.kd_weight"} <= set(child.data.params)
-        assert "val_dice" in child.data.metrics and "final_val_dice" in child.data.metrics
+        assert "val_dice" in child.data.metrics and "student_params" in child.data.metrics
         assert child.data.tags["device"] == "cpu" and child.data.tags["ray.node_ip"]
         listed = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"config.yaml", "metrics.json", "student.safetensors"} <= listed
+        assert {"config.yaml", "trial_summary.json", "student.safetensors"} <= listed
         # uploaded through the server's proxy: the files sit in its --artifacts-destination
         assert list(artifacts.rglob(f"{child.info.run_id}/artifacts/student.safetensors"))
     assert len({c.data.tags["ray.node_id"] for c in children}) == 2  # trials ran on both nodes
@@ -412,7 +412,7 @@ def test_search_submitted_as_a_ray_job(searched, ray_cluster, mlflow_server, wor
     assert [p.name for p in (workdir / "shared" / "bucket" / "viajob").glob("*/outputs/student.safetensors")]
     by_uri = tskd("status", f"{bucket}/viajob", env=env, cwd=space.parent)  # fetched to a local copy
     assert by_uri.returncode == 0, by_uri.stderr
-    assert "2 trial(s), 2 finished" in by_uri.stdout
+    assert "2 trial(s): 2 finished" in by_uri.stdout
 
     import optuna
     from optuna.storages.journal import JournalFileBackend

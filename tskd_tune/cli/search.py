@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -207,7 +208,8 @@ def status_view(path: Path):
     if "reference_scratch_val_dice" in refs:
         lines.append("gain: a trial's val_dice minus the scratch reference's")
     done = board[board["state"] == "finished"]
-    lines.append(f"{len(board)} trial(s), {len(done)} finished; MLflow parent run {parent}")
+    states = ", ".join(f"{n} {state}" for state, n in board["state"].value_counts().items())  # tskd_tune.states
+    lines.append(f"{len(board)} trial(s){': ' + states if states else ''}; MLflow parent run {parent}")
     if not board.empty and board[metric].notna().any():
         best = board.iloc[0]
         lines.append(f"best so far: {best['trial_id']} {metric} {best[metric]:.4f}")
@@ -249,16 +251,27 @@ def ui(
     uri: Annotated[str, typer.Option("--uri", help="MLflow store to browse.")] = "sqlite:///runs/mlflow.db",
     port: Annotated[int, typer.Option("--port")] = 5000,
 ) -> None:
-    """Open the MLflow UI on the local store, bound to 127.0.0.1."""
+    """Open the MLflow UI on the local store, bound to 127.0.0.1 (a store moved with its mlartifacts folder
+    is first pointed at it there)."""
     import subprocess
 
+    from tskd_tune.tracking import absolute_uri, reroot
+
+    moved = reroot(absolute_uri(uri))
+    if moved:
+        out.print(f"artifacts of {', '.join(moved)} found beside the moved store", markup=False)
     out.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)", markup=False)
-    raise typer.Exit(subprocess.call(ui_command(uri, port)))
+    raise typer.Exit(subprocess.call(ui_command(uri, port), env=os.environ | UI_ENV))
+
+
+UI_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+"""The environment of `mlflow ui`: without the job runners of MLflow's GenAI features (evaluation judges), a
+dozen processes a local browse of training runs does not use."""
 
 
 def ui_command(uri: str, port: int) -> list[str]:
-    """The `mlflow ui` command line: loopback only, as the MLflow UI has no login (see SECURITY.md)."""
+    """The `mlflow ui` command line: loopback only, as the MLflow UI has no login (see SECURITY.md); one worker."""
     from tskd_tune.tracking import absolute_uri
 
     return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", absolute_uri(uri),
-            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip

@@ -250,8 +250,9 @@ class TrackingConfig(Section):
     """MLflow tracking URI (without a password: that comes from the environment)."""
     experiment: str = "tskd-tune"
     """MLflow experiment name."""
-    system_metrics: bool = True
-    """Log CPU, memory, disk, network and (with pynvml and an NVIDIA GPU) GPU use on each trial's run."""
+    system_metrics: bool = False
+    """Log CPU, memory, disk, network and (with pynvml and an NVIDIA GPU) GPU use on each trial's run (off by
+    default: MLflow's UI lists them before the scores in a run's metrics and picks one to compare runs on)."""
     system_metrics_interval_s: float = Field(10.0, ge=1)
     """Seconds between system-metric samples."""
 

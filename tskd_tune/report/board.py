@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tskd_tune import states
+from tskd_tune.faults import FAILED_DIR
+
 # ``t007_<trial id>`` (search/tuner.py names folders so); ``_trainable_<trial id>_7_<values>`` before that
 _NUMBERED = re.compile(r"^t(\d+)_|^_trainable_[0-9a-f]+_(\d+)_")
 
@@ -35,23 +38,17 @@ def leaderboard(
     """One row per trial: id, epochs reported, last metric values (``metric``, val_hd95, ``extra``) and
     sampled params; best first."""
     rows = []
-    ended = (
-        Path(search_path) / "summary.json"
-    ).is_file()  # the search has ended: a trial without outputs was stopped
+    ended = (Path(search_path) / "summary.json").is_file()
     for trial_dir in sorted(
         p for p in Path(search_path).iterdir() if p.is_dir() and (p / "params.json").is_file()
     ):
         params = json.loads((trial_dir / "params.json").read_text())
         results = read_results(trial_dir)
         last = results[-1] if results else {}
-        error = (trial_dir / "error.txt").is_file() or (trial_dir / "error.pkl").is_file()
-        final = (trial_dir / "outputs" / "metrics.json").is_file()
-        unfinished = "stopped early" if ended else "running or stopped"
-        state = "error" if error else "finished" if final else unfinished if results else "pending"
         rows.append(
             {
                 "trial_id": last.get("trial_id", trial_dir.name),
-                "state": state,
+                "state": trial_state(trial_dir, results, ended),
                 "epoch": last.get("epoch", 0),
                 metric: last.get(metric, np.nan),
                 "val_hd95": last.get("val_hd95", np.nan),
@@ -68,6 +65,28 @@ def leaderboard(
         return pd.DataFrame(columns=list(dict.fromkeys(["trial_id", "state", "epoch", metric, "val_hd95", *extra,
                                                         "val_dice", "mlflow_run_id", "trial_dir"])))  # fmt: skip
     return board.sort_values(metric, ascending=(mode == "min"), na_position="last").reset_index(drop=True)
+
+
+def trial_state(trial_dir: Path, results: list[dict], ended: bool) -> str:
+    """The trial's state, in the words of :mod:`tskd_tune.states` (its MLflow run's ``tskd.status``).
+
+    ``results``: its reported results (Ray's result.json); ``ended``: the search has ended.
+    """
+    if (trial_dir / "error.txt").is_file() or (trial_dir / "error.pkl").is_file():
+        # the record an attempt left (see faults.py) tells a hang from other failures; "timeout": older searches
+        record = Path(trial_dir).parent / FAILED_DIR / f"{trial_dir.name.rsplit('_', 1)[-1]}.json"
+        try:
+            recorded = json.loads(record.read_text()).get("status")
+        except (OSError, ValueError):
+            recorded = None
+        return states.TIMED_OUT if recorded in (states.TIMED_OUT, "timeout") else states.FAILED
+    if (trial_dir / "outputs" / "metrics.json").is_file():
+        return states.FINISHED
+    if not results:
+        return states.PENDING
+    # Ray marks the result on which the scheduler stopped a trial as done; a trial without outputs in a search
+    # that has ended was stopped too
+    return states.STOPPED_EARLY if results[-1].get("done") or ended else states.RUNNING
 
 
 def pareto_front(board: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.Series:
@@ -117,7 +136,7 @@ def best_trial(board: pd.DataFrame) -> pd.Series:
     A trial stopped early (by ASHA) scored after fewer epochs and has no student to test or export, so
     it is passed over while a finished one exists. ``board`` must have a row.
     """
-    done = board[board["state"] == "finished"]
+    done = board[board["state"] == states.FINISHED]
     return (done if not done.empty else board).iloc[0]
 
 

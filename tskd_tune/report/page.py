@@ -106,8 +106,8 @@ def run_links(uri: str | None, run_ids: list[str]) -> tuple[dict[str, str], str]
 
 
 def _state(state: str) -> str:
-    kind = {"finished": "finished", "error": "error", "stopped early": "stopped"}.get(state, "")
-    return f'<span class="state {kind}">{html.escape(state)}</span>'
+    kind = {"finished": "finished", "failed": "error", "timed_out": "error", "stopped_early": "stopped"}.get(state, "")
+    return f'<span class="state {kind}">{html.escape(state.replace("_", " "))}</span>'
 
 
 def _board_table(board: pd.DataFrame, best_id: str, objectives: list[tuple[str, str]], space: dict,

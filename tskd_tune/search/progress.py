@@ -14,7 +14,9 @@ from pathlib import Path
 
 from ray.tune import ProgressReporter
 
-STATES = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "ERROR": "failed"}
+from tskd_tune import states
+
+STATES = {"PENDING": states.PENDING, "RUNNING": states.RUNNING, "PAUSED": "paused", "ERROR": states.FAILED}
 
 
 class SearchProgress(ProgressReporter):
@@ -57,14 +59,14 @@ class SearchProgress(ProgressReporter):
             return
         for trial in trials:  # not a terminal: a line per trial that has ended, once
             state = self.state(trial)
-            if state in ("finished", "stopped early", "failed") and trial.trial_id not in self.printed:
+            if state in (states.FINISHED, states.STOPPED_EARLY, states.FAILED) and trial.trial_id not in self.printed:
                 self.printed.add(trial.trial_id)
                 self.console.print(self.line(trial, state, trials), markup=False)
 
     # ------------------------------------------------------------------------------------------ rows
     def state(self, trial) -> str:
         if trial.status == "TERMINATED":
-            return "finished" if (trial.last_result or {}).get("epoch", 0) >= self.max_t else "stopped early"
+            return states.FINISHED if (trial.last_result or {}).get("epoch", 0) >= self.max_t else states.STOPPED_EARLY
         return STATES.get(trial.status, trial.status.lower())
 
     def scratch(self) -> float | None:

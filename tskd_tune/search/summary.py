@@ -1,17 +1,21 @@
 """The end of a search: the leaderboard, the best trial (its config and its test score), the reference
-trials and every trial's gain over the scratch student, logged to the MLflow parent run."""
+trials and every trial's gain over the scratch student, logged to the MLflow parent run, which is tagged
+with its best child run and described by a markdown leaderboard."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from tskd_tune import fidelity, tracking
 from tskd_tune.cache import atomic_write
 from tskd_tune.config import Config
 from tskd_tune.report import best_trial, objective_board, references
 from tskd_tune.search.folder import SearchOptions, state_path
+from tskd_tune.search.tuner import trial_name
 
 
 def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tuple, console) -> dict:
@@ -60,6 +64,7 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
     c.log_batch(parent, metrics=[_metric(k, v) for k, v in tracking.numeric(
         {k: v for k, v in summary.items() if k.startswith(("best_", "reference_"))} | test
         | {f"rank_corr_epoch_{r['epoch']}": r["spearman"] for r in trust}).items()])  # fmt: skip
+    describe_parent(c, parent, cfg, opts.name, board, best, summary)
     print(board.drop(columns=["trial_dir", "mlflow_run_id"]).head(10).to_string(index=False))
     for line in reference_lines(refs):
         console.print(line, markup=False)
@@ -110,6 +115,117 @@ def trust_lines(trust: list[dict], metric: str) -> list[str]:
     warning = fidelity.warning(trust, metric)
     return [f"early stopping: rank correlation of {metric} with its final value at each rung: {figures}"] + (
         [warning] if warning else [])  # fmt: skip
+TRAINING_UI = "workflowType=machine_learning"
+"""Opens MLflow's UI on its model-training pages (its default is GenAI, where runs are "evaluation runs")."""
+
+
+def describe_parent(c, parent: str, cfg: Config, name: str, board, best, summary: dict) -> None:
+    """Tag the parent run with its best child (``tskd.best_run_id``, ``tskd.best_run_name``) and describe it
+    with a markdown leaderboard (``mlflow.note.content``: the description MLflow's run page shows)."""
+    from mlflow.entities import RunTag
+
+    view = leaderboard_view(c, parent, cfg)
+    tags = {"mlflow.note.content": leaderboard_note(cfg, name, board, best, summary, view)}
+    if isinstance(best.get("mlflow_run_id"), str):
+        tags |= {"tskd.best_run_id": best["mlflow_run_id"], "tskd.best_run_name": run_name(best, cfg)}
+    c.log_batch(parent, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def run_name(row, cfg: Config) -> str:
+    """The MLflow run name of a leaderboard row's trial (``t007 T=3.7 kd=1.6``), from its folder and params."""
+    folder = Path(row["trial_dir"])
+    try:
+        params = json.loads((folder / "params.json").read_text())
+    except (OSError, ValueError):
+        params = {}
+    values = {k: params[k] for k in cfg.search.space if k in params}  # in the order the searcher samples them
+    number = folder.name.split("_", 1)[0].lstrip("t")
+    return trial_name(SimpleNamespace(experiment_tag=number, evaluated_params=values))
+
+
+def leaderboard_note(cfg: Config, name: str, board, best, summary: dict, view: str | None, top: int = 10) -> str:
+    """The parent run's description, in markdown: the top trials with their scores and gain over the scratch
+    student (the best in bold, each linked to its run), the reference trials, the best config's searched values.
+
+    ``view``: the link of :func:`leaderboard_view`, or None (MLflow unreachable: no links).
+    """
+    objectives = cfg.search.objective_items()
+    metric = objectives[0][0]
+    columns = [m for m, _ in objectives[1:]] + ([] if "val_hd95" in dict(objectives) else ["val_hd95"])
+    gain = board["gain_vs_scratch"].notna().any()
+    counts = ", ".join(f"{n} {s}" for s, n in board["state"].value_counts().items())
+    best_name = run_name(best, cfg)
+    gains = f", {_fmt(best['gain_vs_scratch'], sign=True)} over scratch" if gain else ""
+    lines = [f"### Search `{name}`: {len(board)} trials ({counts})", "",
+             f"Objective: {', '.join(f'{m} ({d})' for m, d in objectives)}. Best trial: **{best_name}**, {metric} "
+             f"{_fmt(best[metric])}{gains}; test Dice {_fmt(summary.get('test_dice'))}.", ""]  # fmt: skip
+    if view:
+        lines += [f"[This search's runs in one table]({view}), with their scores and searched values.", ""]
+    lines += ["**Trials, best first**", ""]
+    header = ["trial", "state", metric, *(["gain vs scratch"] if gain else []), *columns, "epochs"]
+    lines += ["| " + " | ".join(header) + " |", "|:--|:--|" + "--:|" * (len(header) - 2)]
+    for _, row in board.head(top).iterrows():
+        label = run_name(row, cfg)
+        if view and isinstance(row.get("mlflow_run_id"), str):
+            label = f"[{label}]({view.split('/runs?', 1)[0]}/runs/{row['mlflow_run_id']}?{TRAINING_UI})"
+        label = f"**{label}**" if row["trial_id"] == best["trial_id"] else label
+        cells = [label, str(row["state"]), _fmt(row[metric]), *([_fmt(row["gain_vs_scratch"], sign=True)] if gain else []),
+                 *(_fmt(row.get(m)) for m in columns), str(row["epoch"])]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(board) > top:
+        lines += ["", f"{len(board) - top} more in leaderboard.csv (this run's artifacts)."]
+    refs = [m for m in cfg.search.baselines if f"reference_{m}_val_dice" in summary]
+    if refs:
+        lines += ["", "**Reference trials** (outside the search; scored on val and test)", "",
+                  "| reference | val_dice | test_dice | val_hd95 |", "|:--|--:|--:|--:|"]  # fmt: skip
+        lines += ["| " + " | ".join([m, *(_fmt(summary.get(f"reference_{m}_{k}")) for k in ("val_dice", "test_dice", "val_hd95"))])
+                  + " |" for m in refs]  # fmt: skip
+    searched = json.loads((Path(best["trial_dir"]) / "params.json").read_text())
+    lines += ["", "**Best config**: the searched values", ""]
+    lines += [f"- `{k}`: {_value(searched[k])}" for k in cfg.search.space if k in searched]
+    lines += ["", "The whole config is `best.yaml` in this run's artifacts; every trial's is `config.yaml` in its run's."]
+    return "\n".join(lines)
+
+
+def leaderboard_view(c, parent: str, cfg: Config) -> str | None:
+    """A link to the experiment's runs table showing this search's runs with the columns that
+    compare them, as an MLflow shared view (the experiment tag ``mlflow.sharedViewState.<key>`` that MLflow's
+    own "share" button writes); None while MLflow is unreachable."""
+    objectives = cfg.search.objective_items()
+    metric, mode = objectives[0]
+    extra = [m for m, _ in objectives[1:]]
+    columns = [*(f"metrics.`{m}`" for m in dict.fromkeys([metric, "gain_vs_scratch", *extra, "val_hd95"])),
+               *(f"params.`{p}`" for p in cfg.search.space), "tags.`tskd.status`"]  # fmt: skip
+    state = {  # the facets and the runs table's state, as MLflow's UI keeps them
+        "searchFilter": f"tags.`mlflow.parentRunId` = '{parent}'",
+        "orderByKey": f"metrics.`{metric}`",
+        "orderByAsc": mode == "min",
+        "selectedColumns": [*columns, "attributes.`Duration`"],
+        # the UI sizes columns by their values, which cuts the names: wide enough for the name
+        "columnOrder": ["attributes.`Run Name`", *columns],
+        "columnWidths": {"attributes.`Run Name`": 200} | {c: max(110, 8 * len(c.split("`")[1]) + 40) for c in columns},
+        "runsHiddenMode": "SHOW_ALL",
+    }
+    key = f"tskd-{parent}"
+    try:
+        experiment = c.get_run(parent).info.experiment_id
+        c.set_experiment_tag(experiment, f"mlflow.sharedViewState.{key}", json.dumps(state))
+    except Exception as exc:  # noqa: BLE001 - a convenience: the note goes without the link
+        if not tracking.unreachable(exc):
+            raise
+        return None
+    return f"#/experiments/{experiment}/runs?viewStateShareKey={key}&{TRAINING_UI}"
+
+
+def _value(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _fmt(value, sign: bool = False) -> str:
+    if value is None or isinstance(value, float) and math.isnan(value):
+        return "–"
+    value = float(value)
+    return f"{value:+.4f}" if sign else f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
 
 
 def _metric(key: str, value: float):

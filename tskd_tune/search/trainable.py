@@ -18,11 +18,12 @@ from functools import partial
 from pathlib import Path
 
 from tskd_tune import faults, tracking
-from tskd_tune.config import END_OF_TRIAL_METRICS, Config, apply_values
+from tskd_tune.config import END_OF_TRIAL_METRICS, Config, apply_values, to_yaml
 from tskd_tune.methods import get_method
 from tskd_tune.models.teacher import is_pretrained
 from tskd_tune.search.folder import REFERENCES
 from tskd_tune.search.staged import CHOICE
+from tskd_tune.states import MLFLOW_STATUS, TIMED_OUT
 from tskd_tune.trial import TrialResult, resolve_device, run_trial
 
 
@@ -51,14 +52,13 @@ def trial(config: dict, data: tuple, base: Config, run: dict) -> None:
                                                               cfg.search.trial_timeout_s))):  # fmt: skip
         tracker = report.tracker = mlflow_run.tracker
         tracker.log_params(config | {"distill.method": cfg.distill.method, "student.model": cfg.student.model})
-        tracker.set_tags(_run_tags(cfg) | {"resumed": mlflow_run.resumed} | ({"tskd.stage": run["stage"]} if "stage" in run else {}))
+        stage = {"tskd.stage": run["stage"]} if "stage" in run else {}
+        tracker.set_tags(_run_tags(cfg) | {"resumed": mlflow_run.resumed} | stage)
+        tracker.log_text(to_yaml(cfg), "config.yaml")  # at the start: a trial stopped early never reaches its end
         result = run_trial(cfg, report, tracker, out_dir=_working_dir() / "outputs", resume_from=_restored(),
                            data=data, hooks=faults.trial_hooks())  # fmt: skip
         mlflow_run.stop_monitor()
-        tracker.log_metrics({f"final_{k}": v for k, v in tracking.numeric(result).items()}, step=report.last_epoch)
-        for path in result.files:
-            tracker.log_artifact(path)
-        tracker.set_tags(result.tags())
+        tracking.record_result(tracker, result, step=report.last_epoch)
     report.final(result)  # after the run is ended: the scheduler may stop the trial at any report
 
 
@@ -121,9 +121,7 @@ def reference_trial(method: str, data: tuple, base: Config, run: dict) -> dict:
         tracker.log_params({"distill.method": method, "student.model": cfg.student.model, "teacher.model": cfg.teacher.model})
         tracker.set_tags(_run_tags(cfg) | {"tskd.baseline": method})
         result = run_trial(cfg, None, tracker, out_dir=out_dir, test=True, data=data)
-        tracker.log_metrics({f"final_{k}": v for k, v in tracking.numeric(result).items()}, step=0)
-        for path in result.files:
-            tracker.log_artifact(path)
+        tracking.record_result(tracker, result, step=get_method(method).reported_epochs(cfg))
     return dict(result)
 
 
@@ -158,10 +156,10 @@ def _timed_out(marker: Path, tracker, limit: float, idle: float) -> None:
     """
     msg = f"no progress for {idle:.0f} s (search.trial_timeout_s: {limit:g}): stopped as hung"
     print(f"tskd-tune: {msg}", file=sys.stderr, flush=True)
-    faults.mark_failed(marker, "timeout", msg)
+    faults.mark_failed(marker, TIMED_OUT, msg)
     try:
-        tracker.set_tags({"tskd.status": "timeout", "tskd.error": msg})
-        tracker.finish("KILLED")
+        tracker.set_tags({"tskd.status": TIMED_OUT, "tskd.error": msg})
+        tracker.finish(MLFLOW_STATUS[TIMED_OUT])
     finally:
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -12,6 +12,7 @@ from tskd_tune.config import Config
 from tskd_tune.errors import TskdError
 from tskd_tune.methods import get_method
 from tskd_tune.search.folder import SearchOptions
+from tskd_tune.states import FAILED, MLFLOW_STATUS, STOPPED_EARLY
 
 
 def _optuna():
@@ -123,14 +124,15 @@ def finalizer(tracking_uri: str, parent_run_id: str, search_path: Path):
                                        parent_run_id=parent_run_id, trial_id=trial.trial_id)  # fmt: skip
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            # only a run the trial did not finish itself is changed: the scheduler stopped that trial
+            # only a run the trial did not finish itself is changed: the scheduler stopped that trial, a normal
+            # outcome of the search, so its run ends FINISHED (MLflow's KILLED reads as a failure)
             epoch = (trial.last_result or {}).get("epoch", 0)
             self._tracker(trial).finalize(
-                "KILLED", {"tskd.status": "stopped_early", "tskd.stopped_at_epoch": epoch}
+                MLFLOW_STATUS[STOPPED_EARLY], {"tskd.status": STOPPED_EARLY, "tskd.stopped_at_epoch": epoch}
             )
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._tracker(trial).finalize("FAILED", {"tskd.status": "failed"})
+            self._tracker(trial).finalize(MLFLOW_STATUS[FAILED], {"tskd.status": FAILED})
 
     return MlflowFinalizer()
 

@@ -6,14 +6,18 @@ without MLflow's global "active run", so trials in one worker process never mix 
 A retried trial finds and continues its own child run (tag ``ray.trial_id``) instead of opening a
 second one.
 
+- ``artifacts``: artifacts beside a SQLite store (``mlartifacts/``), re-rooted when the store moves
 - ``runs``: the client, the preflight check, parent and child runs (lookup, creation, lost ones closed)
 - ``journal``: :class:`RunTracker`, whose writes wait in a journal while MLflow is unreachable
+- ``compare``: what a trial's run holds (curves per epoch, a few end metrics, ``trial_summary.json``)
 - ``lifecycle``: :func:`trial_run`, a trial's child run from start to FINISHED or FAILED
 - ``system``: MLflow's system-metrics sampler on a trial's run
 - ``registry``: exported students in the model registry
 """
 
 from tskd_tune.secrets import SECRET_ENV, mask_secrets
+from tskd_tune.tracking.artifacts import ARTIFACTS, artifact_location, reroot
+from tskd_tune.tracking.compare import SUMMARY_FILE, at_end, curves, record_result
 from tskd_tune.tracking.journal import (
     JOURNAL_DIR,
     QUICK_HTTP,
@@ -41,17 +45,22 @@ from tskd_tune.tracking.runs import (
 from tskd_tune.tracking.system import stop_monitor, system_monitor
 
 __all__ = [
+    "ARTIFACTS",
     "JOURNAL_DIR",
     "QUICK_HTTP",
     "SEARCH_TAG",
     "SECRET_ENV",
+    "SUMMARY_FILE",
     "TRIAL_TAG",
     "BufferedClient",
     "RunTracker",
     "TrialRun",
     "absolute_uri",
+    "artifact_location",
+    "at_end",
     "child_run",
     "client",
+    "curves",
     "close_lost_children",
     "experiment_id",
     "failure_reason",
@@ -61,7 +70,9 @@ __all__ = [
     "numeric",
     "parent_run",
     "preflight",
+    "record_result",
     "register_export",
+    "reroot",
     "stop_monitor",
     "sync_journals",
     "system_monitor",

@@ -21,6 +21,7 @@ from filelock import FileLock
 
 from tskd_tune.errors import TskdError
 from tskd_tune.secrets import mask_secrets
+from tskd_tune.tracking.compare import curves
 from tskd_tune.tracking.runs import child_run, client, find_child, numeric
 
 JOURNAL_DIR = "mlflow_journal"  # <search>/mlflow_journal/<trial_id>.jsonl and parent.jsonl
@@ -102,12 +103,17 @@ class RunTracker:
         return self.resumed
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        """Log the finite numeric ``metrics`` at ``step`` (an epoch batch is logged once per epoch)."""
+        """Log the finite numeric ``metrics`` at ``step``.
+
+        A batch with an ``epoch`` entry is one epoch of a trial: the epoch is the step, and of the batch only
+        the curves runs are compared on are logged (:func:`~tskd_tune.tracking.compare.curves`), once.
+        """
         values = numeric(metrics)
+        op = {"op": "metrics", "step": int(step), "ts": int(time.time() * 1000)}
+        if "epoch" in values:
+            values, op["epoch"] = curves(values), True
         if values:
-            self._submit(
-                {"op": "metrics", "metrics": values, "step": int(step), "ts": int(time.time() * 1000)}
-            )
+            self._submit(op | {"metrics": values})
 
     def log_params(self, params: dict) -> None:
         """Log ``params`` (values as text, secrets masked); those the run has already are skipped."""
@@ -258,10 +264,11 @@ class RunTracker:
             raise TskdError(f"MLflow: no run for trial {self.trial_id} under parent {self.parent_run_id}")
         if kind == "metrics":
             values, step = op["metrics"], op["step"]
-            if "epoch" in values and step <= self._logged_epochs(run_id):
+            epoch = op.get("epoch") or "epoch" in values  # an "epoch" value: a journal of an older version
+            if epoch and step <= self._logged_epochs(run_id, min(values)):
                 return
             c.log_batch(run_id, metrics=[Metric(k, v, op["ts"], step) for k, v in values.items()])
-            if "epoch" in values:
+            if epoch:
                 self._epochs_logged = step
         elif kind == "params":
             existing = c.get_run(run_id).data.params
@@ -290,9 +297,10 @@ class RunTracker:
         else:
             raise TskdError(f"{self.journal}: unknown MLflow write {kind!r}")
 
-    def _logged_epochs(self, run_id: str) -> float:
+    def _logged_epochs(self, run_id: str, key: str) -> float:
+        """The last epoch the run has: the last step of ``key``, a metric of every epoch batch."""
         if self._epochs_logged is None:
-            history = self.client.get_metric_history(run_id, "epoch")
+            history = self.client.get_metric_history(run_id, key)
             self._epochs_logged = max((m.step for m in history), default=0)
         return self._epochs_logged
 

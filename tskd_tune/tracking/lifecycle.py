@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tskd_tune.states import FAILED, FINISHED, MLFLOW_STATUS
 from tskd_tune.tracking.journal import RunTracker, journal_path
 from tskd_tune.tracking.system import stop_monitor, system_monitor
 
@@ -70,13 +71,13 @@ def trial_run(uri: str, parent_run_id: str, trial_id: str, run_name: str, *, sea
         yield run
     except Exception as exc:
         run.stop_monitor()
-        tracker.set_tags({"tskd.status": "failed", "tskd.error": failure_reason(exc)})
-        tracker.finish("FAILED")
+        tracker.set_tags({"tskd.status": FAILED, "tskd.error": failure_reason(exc)})
+        tracker.finish(MLFLOW_STATUS[FAILED])
         tracker.flush()
         raise
     # not `finally`: a process being stopped (SystemExit, KeyboardInterrupt) leaves the run RUNNING, and the
     # driver's finalizer ends it with the status only the driver knows (stopped by the scheduler, errored)
     run.stop_monitor()
-    tracker.set_tags({"tskd.status": "finished"})
-    tracker.finish("FINISHED")
+    tracker.set_tags({"tskd.status": FINISHED})
+    tracker.finish(MLFLOW_STATUS[FINISHED])
     tracker.flush()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tskd_tune.tracking.runs import client, numeric
+from tskd_tune.tracking.runs import client, experiment_id, numeric
 
 
 def register_export(uri: str, export_dir: Path, card: dict, name: str) -> str:
@@ -12,7 +12,8 @@ def register_export(uri: str, export_dir: Path, card: dict, name: str) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(card["config"]["tracking"]["experiment"])
+    # created as a search creates it (artifacts beside a SQLite store), if it is not there yet
+    mlflow.set_experiment(experiment_id=experiment_id(uri, card["config"]["tracking"]["experiment"]))
     with mlflow.start_run(run_name=f"register-{name}") as run:
         mlflow.log_dict(card, "model_card.json")
         mlflow.log_metrics(numeric(card.get("metrics", {})))

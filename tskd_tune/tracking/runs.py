@@ -9,9 +9,14 @@ from pathlib import Path
 
 from tskd_tune.errors import TskdError
 from tskd_tune.secrets import mask_secrets
+from tskd_tune.states import LOST, MLFLOW_STATUS
+from tskd_tune.tracking.artifacts import artifact_location
 
 SEARCH_TAG = "tskd.search"
 TRIAL_TAG = "ray.trial_id"
+KIND_TAG = "mlflow.experimentKind"
+KIND = {KIND_TAG: "custom_model_development"}
+"""The experiment tag MLflow's UI reads to open an experiment on its training runs (not on GenAI traces)."""
 
 
 def absolute_uri(uri: str) -> str:
@@ -51,10 +56,15 @@ def preflight(uri: str) -> None:
 
 
 def experiment_id(uri: str, name: str) -> str:
-    """The id of the experiment ``name``, created if it does not exist yet."""
+    """The id of the experiment ``name``, created if it does not exist yet, with its artifacts beside a SQLite
+    store (:func:`~tskd_tune.tracking.artifacts.artifact_location`) and shown by MLflow's UI as model training."""
     c = client(uri)
     exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else c.create_experiment(name)
+    if exp is None:
+        return c.create_experiment(name, artifact_location=artifact_location(uri, name), tags=KIND)
+    if KIND_TAG not in exp.tags:  # an experiment made elsewhere: MLflow's UI would open it as GenAI traces
+        c.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND[KIND_TAG])
+    return exp.experiment_id
 
 
 def parent_run(uri: str, experiment: str, search_path: str, run_name: str, tags: dict) -> str:
@@ -109,8 +119,8 @@ def close_lost_children(uri: str, parent_run_id: str, known) -> list[str]:
     for run in c.search_runs([exp_id], filter_string=flt, max_results=10000):
         trial_id = run.data.tags.get(TRIAL_TAG)
         if trial_id is not None and not known(trial_id):
-            c.set_tag(run.info.run_id, "tskd.status", "lost")
-            c.set_terminated(run.info.run_id, status="KILLED")
+            c.set_tag(run.info.run_id, "tskd.status", LOST)
+            c.set_terminated(run.info.run_id, status=MLFLOW_STATUS[LOST])
             lost.append(trial_id)
     return lost
 
