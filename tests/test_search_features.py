@@ -45,7 +45,7 @@ def test_workers_fill_the_same_entry_a_trial_would(tiny, tmp_path, local_ray, mo
     monkeypatch.setattr(sf, "ON_DRIVER_S", 0.0)  # the tiny encoder would otherwise be filled on the driver
     cfg = tiny(teacher={"adapt": "lora", "lora": {"last_blocks": 1}, "augment_views": 2})
     prepared, splits = load(cfg)
-    payload = {"images": np.ascontiguousarray(prepared.images)}
+    payload = (prepared, splits)  # what launch puts in the object store for its trials
     summary = sf.fill_features(cfg, prepared, splits, local_ray.put(payload), None, Console(file=io.StringIO()))
     assert summary["teacher_features_workers"] == 2
     model = build_teacher(cfg.teacher, in_chans=1, num_classes=len(prepared.classes), image_size=32, seed=cfg.seed)
