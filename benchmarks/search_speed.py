@@ -63,6 +63,8 @@ def main() -> None:
         "--set", dest="overrides", action="append", default=[], help="config override, as for launch"
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: phantom at 32 px, 2 trials, tiny models")
+    ap.add_argument("--overhead-only", action="store_true",
+                    help="part 4 alone (a minute): written to search_speed_overhead.json")  # fmt: skip
     args = ap.parse_args()
     if args.quick:
         args.trials = min(args.trials, 2)
@@ -75,6 +77,10 @@ def main() -> None:
               "--storage", str(work / "runs"), "--tracking-uri", f"sqlite:///{work}/mlflow.db"]  # fmt: skip
     for item in args.overrides:
         common += ["--set", item]
+    if args.overhead_only:
+        result = provenance() | {"space": args.space, "trials": args.trials, **orchestration(work, common, args.trials),
+                                 "note": "timing figures: valid only on a quiet machine"}  # fmt: skip
+        return report(write_result("search_speed_overhead", result, args.quick), result)
 
     def launch(name: str, cache, *extra: str) -> tuple[float, float]:
         start = time.time()
@@ -115,7 +121,10 @@ def main() -> None:
         "wall_s": round(time.perf_counter() - t_start, 1),
         "note": "timing figures (1 s resolution for the first-epoch split): valid only on a quiet machine",
     }
-    out = write_result("search_speed", result, args.quick)
+    report(write_result("search_speed", result, args.quick), result)
+
+
+def report(out, result: dict) -> None:
     width = max(map(len, result))
     for k, v in result.items():
         if k != "machine":
