@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import tskd_tune, torch, monai, ray, mlflow, optuna"
 	touch $@
 
-demo: $(STAMP)  ## the main job on the embedded default: a search on the phantom, recorded in runs/mlflow.db
+demo: $(STAMP)  ## the main job on the embedded default: a search on real brain MRI (mni152) with the LiteMedSAM teacher, recorded in runs/mlflow.db
 	$(BIN)/tskd-tune launch search_spaces/demo.yaml --name demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)  ## the default test suite (slow tests excluded)

@@ -239,6 +239,8 @@ def main() -> None:
     )
     ap.add_argument("--work", default="runs/bench-kd", help="cache and finished cells (kept between runs)")
     ap.add_argument("--fresh", action="store_true", help="forget finished cells (the cache is kept)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="tables, JSON and plot from the finished cells of the grid; run none")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="smoke run: 32 px, tiny models, N=10, seed 0")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override k=v")
     args = ap.parse_args()
@@ -304,6 +306,8 @@ def main() -> None:
         cid = json.dumps([args.space, over], sort_keys=True)
         if cid in done:
             cells.append(done[cid])
+            continue
+        if args.report_only:
             continue
         cell = {"id": cid, "variant": label, "n": n, "seed": s} | run_cell(args.space, over)
         with cells_file.open("a") as f:

@@ -121,7 +121,7 @@ def test_search_folder_has_leaderboard_best_config_and_test_score(searched):
                                                                       "gain_vs_scratch"].iloc[0])  # fmt: skip
     assert "reference scratch: val_dice" in first.stdout and "val Dice over scratch" in first.stdout
     # the references and every trial read the teacher features the driver filled before the trials
-    assert "teacher features (frozen 2 blocks) on the driver" in first.stdout  # tiny: not worth workers
+    assert "teacher features of images (2 frozen blocks)" in first.stdout  # tiny: not worth workers
     assert summary["teacher_features_filled"] == 80  # every image of the tiny phantom, once
     finished = [json.loads(p.read_text()) for p in folder.glob("*/outputs/metrics.json")]
     assert finished and all(m["teacher_features_cached"] is True for m in finished)

@@ -43,6 +43,7 @@ def test_rank_correlation_at_each_rung_over_finished_trials(tmp_path):
     line = fidelity.warning(out, "val_dice")
     assert line.startswith("warning: early stopping may stop the wrong trials here") and "-1.00 over 4" in line
     assert fidelity.warning(out[1:], "val_dice") is None
+    assert fidelity.warning([out[0] | {"trials": 3}], "val_dice") is None  # three trials: noise, no warning
     few = fidelity.rank_correlations(tmp_path, "val_dice", [1], max_t=9)
     assert math.isnan(few[0]["spearman"]) and few[0]["trials"] == 0
 
@@ -163,3 +164,22 @@ def test_importances_name_the_evaluator_and_rank_what_drives_the_score(tmp_path)
     assert [k for k, _ in top(result)][0] == "x"
     few = importances(board.head(5), space, [("val_dice", "max")])
     assert few["trials"] == 5 and few["caveat"].startswith("from 5 trials")
+
+
+def test_importances_rank_what_leads_to_a_high_score_when_it_is_maximised(tmp_path):
+    """PED-ANOVA looks at the best trials: for a maximised metric those with high values. Here only x > 6
+    lifts val_dice, while y decides among the worst trials: x matters for the best, y for the worst."""
+    import numpy as np
+    from pydantic import TypeAdapter
+
+    from tskd_tune.report import importances, objective_board, top
+    from tskd_tune.space import Distribution
+
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        x, y = float(rng.uniform(1, 8)), float(rng.uniform(1, 8))
+        write_trial(tmp_path, i + 1, {"x": x, "y": y}, [0.1, 0.5 * (x > 6) + 0.02 * y])
+    space = {p: TypeAdapter(Distribution).validate_python({"type": "uniform", "low": 1.0, "high": 8.0}) for p in "xy"}
+    board = objective_board(tmp_path, [("val_dice", "max")])
+    assert [k for k, _ in top(importances(board, space, [("val_dice", "max")]))][0] == "x"
+    assert [k for k, _ in top(importances(board, space, [("val_dice", "min")]))][0] == "y"

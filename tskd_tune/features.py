@@ -129,7 +129,8 @@ class Filler:
         """Compute the state of every image (N, C, S, S; float16 arrays are fine) and hand each batch to
         ``write(start, arrays)``; returns the plan (backend, batch size, seconds per image)."""
         n, done = len(images), 0
-        read = lambda a, b: torch.from_numpy(np.asarray(images[a:b], dtype=np.float32))  # noqa: E731
+        # a copy: images from Ray's object store are read-only, which torch warns about
+        read = lambda a, b: torch.from_numpy(np.array(images[a:b], dtype=np.float32))  # noqa: E731
 
         def timed(fn, count: int) -> float:
             nonlocal done

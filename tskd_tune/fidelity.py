@@ -15,6 +15,9 @@ from pathlib import Path
 
 TRUST = 0.6
 """Below this rank correlation at the grace period, early stopping is likely to stop the wrong trials."""
+MIN_TRIALS = 4
+"""Fewer finished trials than this make a rank correlation noise (over 3 it can only be -1, -0.5, 0.5 or 1):
+no warning is drawn from them."""
 
 
 def rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
@@ -60,8 +63,11 @@ def rank_correlations(search_path: Path, metric: str, rung_epochs: list[int], ma
 
 
 def warning(correlations: list[dict], metric: str) -> str | None:
-    """One line when the grace period's rank correlation is measured and below :data:`TRUST`."""
+    """One line when the grace period's rank correlation is measured over at least :data:`MIN_TRIALS` finished
+    trials and is below :data:`TRUST`."""
     if not correlations or math.isnan(correlations[0]["spearman"]) or correlations[0]["spearman"] >= TRUST:
+        return None
+    if correlations[0]["trials"] < MIN_TRIALS:
         return None
     c = correlations[0]
     return (f"warning: early stopping may stop the wrong trials here: the rank correlation between {metric} at "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pandas as pd
 
 from tskd_tune.report.plots import FEW_TRIALS, completed, study
@@ -21,9 +23,14 @@ def importances(board: pd.DataFrame, space: dict, objectives: list[tuple[str, st
         out["caveat"] = f"from {n} trials: too few to rank the parameters; read them as a hint"
     if n < 2 or not space:
         return out
-    for i, (metric, _) in enumerate(objectives):
+    for i, (metric, mode) in enumerate(objectives):
+        # PED-ANOVA ranks what leads to *low* target values (it warns so): a maximised metric is negated
+        sign = -1.0 if mode == "max" else 1.0
         try:
-            values = optuna.importance.get_param_importances(st, evaluator=evaluator, target=lambda t, i=i: t.values[i])
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")
+                values = optuna.importance.get_param_importances(st, evaluator=evaluator,
+                                                                 target=lambda t, i=i, s=sign: s * t.values[i])  # fmt: skip
         except (ValueError, RuntimeError):  # no variation, or a parameter that never changed
             continue
         out["objectives"][metric] = {k: float(v) for k, v in values.items()}

@@ -83,16 +83,16 @@ def _jobs(cfg: Config, prepared: Prepared, splits, data_ref, pool, store: Store)
             continue  # LoRA in every block: nothing frozen to cache
         missing = lambda src, v=variant, m=model: not verify(store.path("features", digest(feature_key(v, m, src))))  # noqa: E731
         if missing(data_source(prepared)):
-            jobs.append(Job(variant, model.frozen, "teacher features", data_ref, len(prepared),
+            jobs.append(Job(variant, model.frozen, "images", data_ref, len(prepared),
                             [feature_key(variant, model, data_source(prepared))]))  # fmt: skip
         if pool is not None and len(pool) and missing(pool_source(pool.key)):
-            jobs.append(Job(variant, model.frozen, "teacher features (synthetic)", ray.put(np.ascontiguousarray(pool.images)),
+            jobs.append(Job(variant, model.frozen, "synthetic images", ray.put(np.ascontiguousarray(pool.images)),
                             len(pool), [feature_key(variant, model, pool_source(pool.key))]))  # fmt: skip
         views = variant.teacher.augment_views
         todo = [int(i) for i in splits.labeled if missing(views_source(variant, prepared, int(i)))]
         if views and todo and "fine_tuned" in _teachers(cfg):  # views train a teacher
             made = [view_inputs(variant, prepared, i) for i in todo]
-            jobs.append(Job(variant, model.frozen, "teacher features (augmented views)",
+            jobs.append(Job(variant, model.frozen, "augmented views",
                             ray.put(np.concatenate([m[0] for m in made])), views * len(todo),
                             [feature_key(variant, model, views_source(variant, prepared, i)) for i in todo],
                             np.stack([m[1] for m in made])))  # fmt: skip
@@ -120,10 +120,13 @@ def fill_features(cfg: Config, prepared: Prepared, splits, data_ref, pool, conso
         workers = max(1, min(workers or cpus, -(-total // CHUNK)))
         actor = ray.remote(num_cpus=1)(FeatureWorker)
         pool_of = [actor.remote(len(prepared.classes), total // workers + 1) for _ in range(workers)]
+        depths = "/".join(str(d) for d in sorted({j.frozen for j in jobs}))
+        console.print(f"teacher features: {total} inputs through the encoder's {depths} frozen blocks, once, on "
+                      f"{workers} worker(s); cached for every trial", markup=False)  # fmt: skip
         try:
             with _progress(console) as bar:
                 for job in jobs:
-                    task = bar.add_task(f"{job.what} (frozen {job.frozen} blocks) on {workers} worker(s)", total=job.n)
+                    task = bar.add_task(job.what if "/" not in depths else f"{job.what} ({job.frozen})", total=job.n)
                     _write(store, job, lambda write, job=job, task=task: _distribute(
                         pool_of, job, write, lambda k: bar.update(task, advance=k)))  # fmt: skip
         finally:
@@ -197,7 +200,7 @@ def _on_driver(job: Job, num_classes: int, console):
         images = images[0].images if isinstance(images, tuple) else images  # the search's (prepared, splits)
         model = _base(job.variant, num_classes, job.frozen)
         with _progress(console) as bar:
-            task = bar.add_task(f"{job.what} (frozen {job.frozen} blocks) on the driver", total=job.n)
+            task = bar.add_task(f"teacher features of {job.what} ({job.frozen} frozen blocks)", total=job.n)
             Filler(model, torch.device("cpu"), os.cpu_count() or 1, Store(job.variant.cache.dir),
                    feature_key(job.variant, model, {})).run(images, write, lambda d, n: bar.update(task, completed=d))  # fmt: skip
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from tskd_tune import fidelity, tracking
 from tskd_tune.cache import atomic_write
 from tskd_tune.config import Config
-from tskd_tune.report import best_trial, objective_board, references
+from tskd_tune.report import best_trial, objective_board, references, trial_label
 from tskd_tune.search.folder import SearchOptions, state_path
 from tskd_tune.search.tuner import trial_name
 
@@ -65,11 +65,13 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
         {k: v for k, v in summary.items() if k.startswith(("best_", "reference_"))} | test
         | {f"rank_corr_epoch_{r['epoch']}": r["spearman"] for r in trust}).items()])  # fmt: skip
     describe_parent(c, parent, cfg, opts.name, board, best, summary)
-    print(board.drop(columns=["trial_dir", "mlflow_run_id"]).head(10).to_string(index=False))
+    shown = board.drop(columns=["trial_id", "trial_dir", "mlflow_run_id"])
+    shown.insert(0, "trial", board.apply(trial_label, axis=1))  # t007: the name of its folder and MLflow run
+    print(shown.head(10).to_string(index=False))
     for line in reference_lines(refs):
         console.print(line, markup=False)
     gain = f"; {summary['best_gain_vs_scratch']:+.4f} val Dice over scratch" if "best_gain_vs_scratch" in summary else ""
-    console.print(f"best trial {best['trial_id']}: {metric} {best[metric]:.4f}{gain}; "
+    console.print(f"best trial {trial_label(best)} ({best['trial_id']}): {metric} {best[metric]:.4f}{gain}; "
                   f"test_dice {test.get('test_dice', float('nan')):.4f}; config {best_cfg_path}", markup=False)  # fmt: skip
     for line in trust_lines(trust, metric):
         console.print(line, markup=False)
@@ -112,6 +114,8 @@ def trust_lines(trust: list[dict], metric: str) -> list[str]:
     if not trust:
         return []
     figures = ", ".join(f"epoch {r['epoch']}: {r['spearman']:.2f} ({r['trials']} trials)" for r in trust)
+    if trust[0]["trials"] < fidelity.MIN_TRIALS:
+        figures += f" (too few finished trials to judge: {fidelity.MIN_TRIALS} or more are needed)"
     warning = fidelity.warning(trust, metric)
     return [f"early stopping: rank correlation of {metric} with its final value at each rung: {figures}"] + (
         [warning] if warning else [])  # fmt: skip
