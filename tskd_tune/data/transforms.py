@@ -3,25 +3,32 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from monai.transforms import (
-    Compose,
-    RandAdjustContrastd,
-    RandAffined,
-    RandFlipd,
-    RandGaussianNoised,
-    RandShiftIntensityd,
-)
 
 from tskd_tune.config.schema import AugmentConfig
+
+if TYPE_CHECKING:
+    from monai.transforms import Compose
 
 KEYS = ("image", "label")
 
 
 def train_transforms(aug: AugmentConfig, seed: int = 0) -> Compose:
     """Random transforms for ``{"image": (C,H,W), "label": (1,H,W)}`` samples; geometry moves both alike."""
+    # imported here: MONAI loads every one of its subpackages on import (about 8 s on 2 cores), which a
+    # search's driver, importing this module through the method registry, never needs
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrastd,
+        RandAffined,
+        RandFlipd,
+        RandGaussianNoised,
+        RandShiftIntensityd,
+    )
+
     ts = []
     if aug.enabled:
         if aug.flip:
