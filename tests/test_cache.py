@@ -118,10 +118,12 @@ def test_trials_racing_for_one_teacher_build_it_once_and_corrupt_entries_are_reb
 
     cache = tmp_path / "cache"
     damaged = {}
-    for kind, name in [("data", "images.npy"), ("teacher", "adapter/adapter_model.safetensors"),
-                       ("logits", "outputs.npy"), ("synth_pool", "images.npy")]:  # fmt: skip
+    # a teacher entry holds its trained head (teacher.adapt: head) or its LoRA adapter (lora)
+    teacher = ["head.safetensors", "adapter/adapter_model.safetensors"]
+    for kind, names in [("data", ["images.npy"]), ("teacher", teacher), ("logits", ["outputs.npy"]),
+                        ("synth_pool", ["images.npy"])]:  # fmt: skip
         (entry,) = [p for p in (cache / kind).iterdir() if p.is_dir()]
-        f = entry / name
+        f = next(entry / n for n in names if (entry / n).is_file())
         size = f.stat().st_size
         f.write_bytes(f.read_bytes()[: size // 2])
         assert not verify(entry)

@@ -64,7 +64,7 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
     c.log_batch(parent, metrics=[_metric(k, v) for k, v in tracking.numeric(
         {k: v for k, v in summary.items() if k.startswith(("best_", "reference_"))} | test
         | {f"rank_corr_epoch_{r['epoch']}": r["spearman"] for r in trust}).items()])  # fmt: skip
-    describe_parent(c, parent, cfg, opts.name, board, best, summary)
+    view = describe_parent(c, parent, cfg, opts.name, board, best, summary)
     shown = board.drop(columns=["trial_id", "trial_dir", "mlflow_run_id"])
     shown.insert(0, "trial", board.apply(trial_label, axis=1))  # t007: the name of its folder and MLflow run
     print(shown.head(10).to_string(index=False))
@@ -75,6 +75,11 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
                   f"test_dice {test.get('test_dice', float('nan')):.4f}; config {best_cfg_path}", markup=False)  # fmt: skip
     for line in trust_lines(trust, metric):
         console.print(line, markup=False)
+    if view:  # MLflow's runs table shows no scores or values until columns are picked: this view has them
+        uri = opts.tracking_uri
+        where = (f"`tskd-tune ui --uri {uri}`, then http://127.0.0.1:5000/" if uri.startswith("sqlite:")
+                 else f"{tracking.mask_secrets(uri).rstrip('/')}/")  # fmt: skip
+        console.print(f"compare the trials in MLflow: {where}{view}", markup=False)
     _report(cfg, opts, parent, c, console)
     return summary
 
@@ -123,9 +128,10 @@ TRAINING_UI = "workflowType=machine_learning"
 """Opens MLflow's UI on its model-training pages (its default is GenAI, where runs are "evaluation runs")."""
 
 
-def describe_parent(c, parent: str, cfg: Config, name: str, board, best, summary: dict) -> None:
+def describe_parent(c, parent: str, cfg: Config, name: str, board, best, summary: dict) -> str | None:
     """Tag the parent run with its best child (``tskd.best_run_id``, ``tskd.best_run_name``) and describe it
-    with a markdown leaderboard (``mlflow.note.content``: the description MLflow's run page shows)."""
+    with a markdown leaderboard (``mlflow.note.content``: the description MLflow's run page shows); returns
+    the link of :func:`leaderboard_view` (None while MLflow is unreachable)."""
     from mlflow.entities import RunTag
 
     view = leaderboard_view(c, parent, cfg)
@@ -133,6 +139,7 @@ def describe_parent(c, parent: str, cfg: Config, name: str, board, best, summary
     if isinstance(best.get("mlflow_run_id"), str):
         tags |= {"tskd.best_run_id": best["mlflow_run_id"], "tskd.best_run_name": run_name(best, cfg)}
     c.log_batch(parent, tags=[RunTag(k, v) for k, v in tags.items()])
+    return view
 
 
 def run_name(row, cfg: Config) -> str:
