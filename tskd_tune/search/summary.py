@@ -124,6 +124,8 @@ def trust_lines(trust: list[dict], metric: str) -> list[str]:
     warning = fidelity.warning(trust, metric)
     return [f"early stopping: rank correlation of {metric} with its final value at each rung: {figures}"] + (
         [warning] if warning else [])  # fmt: skip
+
+
 TRAINING_UI = "workflowType=machine_learning"
 """Opens MLflow's UI on its model-training pages (its default is GenAI, where runs are "evaluation runs")."""
 
