@@ -7,18 +7,12 @@ import base64
 import itertools
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port, wait_for
 
 
 def chromium() -> str | None:
@@ -58,13 +52,7 @@ class Browser:
 
     @staticmethod
     def _wait(predicate, timeout: float, what: str = "Chromium", every: float = 0.25):
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(every)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        return wait_for(what, predicate, timeout, every)
 
     def send(self, method: str, **params) -> dict:
         """One DevTools command; its result (events that arrive meanwhile are skipped)."""

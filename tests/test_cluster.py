@@ -6,11 +6,11 @@ The real two-node cluster, MLflow server and Jobs API are exercised in tests/clu
 from __future__ import annotations
 
 import pickle
-import socket
 
 import pytest
 import yaml
 
+from tests.conftest import free_port
 from tskd_tune import cluster
 from tskd_tune.errors import TskdError
 
@@ -114,9 +114,7 @@ def test_job_flags_fail_in_one_line(cli, space):
 
 
 def test_unreachable_jobs_api_is_one_line(cli, space, tmp_path):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     proc = cli("launch", space, "--address", f"http://127.0.0.1:{port}", "--storage", tmp_path / "r")
     assert one_line(proc) == f"error: --address: cannot reach the Ray Jobs API at http://127.0.0.1:{port} " \
         f"(Failed to connect to Ray at address: http://127.0.0.1:{port}.)"  # fmt: skip

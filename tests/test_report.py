@@ -2,7 +2,6 @@
 the plots' axes, and report.html, from small search folders written as a real search writes them."""
 
 import json
-import socket
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -15,6 +14,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from PIL import Image
 
+from tests.conftest import free_port
 from tskd_tune.report import (
     best_trial,
     curves_axes,
@@ -233,12 +233,6 @@ def test_the_report_page_has_the_leaderboard_references_curves_overlays_and_runs
     assert "Only 5 trials" in page  # the importance caveat, under the plot
     assert page.index("importances.png") < page.index("Only 5 trials") < page.index("parallel_coordinates.png")
     assert "http" not in page.replace("http-equiv", "")  # nothing to fetch: the page opens offline
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_an_unreachable_mlflow_server_leaves_the_run_ids(tmp_path):

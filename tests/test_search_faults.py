@@ -9,7 +9,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import tiny_raw
+from tests.conftest import free_port, tiny_raw, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -75,16 +74,6 @@ def start(procs: list, *args, cwd: Path, env: dict | None = None, log: str = "dr
                          stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     procs.append(p)
     return p
-
-
-def wait_for(what: str, predicate, timeout: float = 600, every: float = 0.5):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def results(search: Path) -> dict[str, list[dict]]:
@@ -312,9 +301,7 @@ class MlflowServer:
     """A real `mlflow server` on SQLite, on a free port, that the test can stop and start again."""
 
     def __init__(self, folder: Path, procs: list):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.folder, self.procs, self.proc = folder, procs, None
         self.uri = f"http://127.0.0.1:{self.port}"
 

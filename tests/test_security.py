@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = sorted((REPO / "tskd_tune").rglob("*.py")) + sorted((REPO / "benchmarks").rglob("*.py"))
@@ -203,12 +204,6 @@ def test_secrets_never_reach_mlflow_params_or_tags(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- binds
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ui_command_binds_to_loopback():
     from tskd_tune.cli import ui_command
 
@@ -222,7 +217,7 @@ def test_mlflow_ui_listens_on_loopback_only(tmp_path):
     """`tskd-tune ui` really starts the MLflow UI, and its socket is bound to 127.0.0.1, not 0.0.0.0."""
     import psutil
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tskd_tune", "ui", "--uri", f"sqlite:///{tmp_path}/m.db", "--port", str(port)],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,

@@ -5,7 +5,6 @@ The store is a real SQLite MLflow store; "MLflow down" is a real HTTP address no
 """
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +12,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import free_port
 from tskd_tune import tracking
 from tskd_tune.config import TrackingConfig
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

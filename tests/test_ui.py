@@ -24,7 +24,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.browser import Browser, chromium, free_port
+from tests.browser import Browser, chromium
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.ui, pytest.mark.skipif(chromium() is None, reason="needs Debian's chromium")]
 

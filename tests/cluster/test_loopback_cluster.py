@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,16 +27,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import free_port
+
 pytestmark = pytest.mark.cluster
 
 BIN = Path(sys.executable).parent
 PASSWORD = "pw-" + secrets.token_hex(8)  # the MLflow admin password: must never show up in runs or output
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(check, timeout: float, what: str, log: Path | None = None) -> None:
