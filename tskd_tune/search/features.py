@@ -120,13 +120,13 @@ def fill_features(cfg: Config, prepared: Prepared, splits, data_ref, pool, conso
         workers = max(1, min(workers or cpus, -(-total // CHUNK)))
         actor = ray.remote(num_cpus=1)(FeatureWorker)
         pool_of = [actor.remote(len(prepared.classes), total // workers + 1) for _ in range(workers)]
-        depths = "/".join(str(d) for d in sorted({j.frozen for j in jobs}))
-        console.print(f"teacher features: {total} inputs through the encoder's {depths} frozen blocks, once, on "
+        depths = sorted({j.frozen for j in jobs})  # one per teacher variant the space can propose
+        console.print(f"teacher features: {total} inputs through the encoder's {'/'.join(map(str, depths))} frozen blocks, once, on "
                       f"{workers} worker(s); cached for every trial", markup=False)  # fmt: skip
         try:
             with _progress(console) as bar:
                 for job in jobs:
-                    task = bar.add_task(job.what if "/" not in depths else f"{job.what} ({job.frozen})", total=job.n)
+                    task = bar.add_task(job.what if len(depths) == 1 else f"{job.what} ({job.frozen})", total=job.n)
                     _write(store, job, lambda write, job=job, task=task: _distribute(
                         pool_of, job, write, lambda k: bar.update(task, advance=k)))  # fmt: skip
         finally:
