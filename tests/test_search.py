@@ -125,6 +125,9 @@ def test_search_folder_has_leaderboard_best_config_and_test_score(searched):
     assert "teacher features of images (2 frozen blocks)" in first.stdout  # tiny: not worth workers
     assert summary["teacher_features_filled"] == 80  # every image of the tiny phantom, once
     finished = [json.loads(p.read_text()) for p in folder.glob("*/outputs/metrics.json")]
+    for result in folder.glob("t0*_*/result.json"):  # every report says what the trial has spent so far
+        cpu = [json.loads(line)["cpu_s"] for line in result.read_text().splitlines()]
+        assert cpu[0] > 0 and cpu == sorted(cpu), result
     assert finished and all(m["teacher_features_cached"] is True for m in finished)
     best = yaml.safe_load((folder / "best.yaml").read_text())
     assert 1.0 <= best["distill"]["temperature"] <= 8.0

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 
@@ -64,13 +65,17 @@ def trial(config: dict, data: tuple, base: Config, run: dict) -> None:
 
 class TuneReport:
     """``report(epoch, metrics, checkpoint)`` for ``run_trial``: finite numbers to Tune with a checkpoint; the
-    last epoch's report is held back until the trial has written its outputs (:meth:`final`)."""
+    last epoch's report is held back until the trial has written its outputs (:meth:`final`).
+
+    Every report carries ``cpu_s``: the CPU-seconds the trial's process has spent since the trial started
+    (a trial stopped early reports what it spent until then; a retried one counts from its retry)."""
 
     def __init__(self, cfg: Config):
         self.objectives = [m for m, _ in cfg.search.objective_items()]
         self.at_end = [m for m in self.objectives if m in END_OF_TRIAL_METRICS]
         self.last_epoch = get_method(cfg.distill.method).reported_epochs(cfg)
         self.tracker, self.held = None, {}
+        self.cpu0 = time.process_time()  # the compute this trial spends: its process's CPU time, all threads
 
     def __call__(self, epoch: int, metrics: dict, ckpt: Path | None) -> None:
         faults.beat()
@@ -78,7 +83,7 @@ class TuneReport:
         for name in self.objectives:  # a non-finite score would reach ASHA and Optuna as a result
             if name in metrics and name not in out:
                 raise faults.TrialFailed(f"{name} is {metrics[name]} at epoch {epoch}; not reported to the searcher")
-        out |= {"epoch": epoch} | self._run_id()
+        out |= {"epoch": epoch, "cpu_s": round(time.process_time() - self.cpu0, 2)} | self._run_id()
         # Tune wants every objective in every result; end-of-trial ones (latency, size) are not known yet.
         # A multi-objective OptunaSearch ignores intermediate results, so these NaNs never reach Optuna.
         out |= {m: float("nan") for m in self.at_end if m not in out}
