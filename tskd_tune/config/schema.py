@@ -206,6 +206,10 @@ class SearchConfig(Section):
     """Trials running at once."""
     algorithm: Literal["tpe", "random", "cmaes", "gp"] = "tpe"
     """Optuna sampler."""
+    startup_trials: int | None = Field(None, ge=1)
+    """Random proposals before the sampler (tpe, cmaes, gp) starts modelling the finished trials (Optuna's
+    n_startup_trials; unset: Optuna's defaults, 10 for tpe and gp, 1 for cmaes). Keep it below
+    search.num_samples, or the whole search is a random one."""
     scheduler: Literal["asha", "fifo"] = "asha"
     """Trial scheduler: ASHA early stopping or FIFO (run every trial to the end)."""
     grace_period: int = Field(2, ge=1)

@@ -15,6 +15,11 @@ from tskd_tune.search.folder import SearchOptions
 from tskd_tune.states import FAILED, MLFLOW_STATUS, STOPPED_EARLY
 
 
+def _sampler(s):
+    """The Optuna sampler of ``search``: Optuna's own start-up default unless ``startup_trials`` is set."""
+    return SAMPLERS[s.algorithm](s.seed, **({} if s.startup_trials is None else {"n_startup_trials": s.startup_trials}))
+
+
 def _optuna():
     import optuna
 
@@ -22,12 +27,13 @@ def _optuna():
 
 
 SAMPLERS = {
-    "tpe": lambda seed: _optuna().samplers.TPESampler(seed=seed),
-    "random": lambda seed: _optuna().samplers.RandomSampler(seed=seed),
-    "cmaes": lambda seed: _optuna().samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
-    "gp": lambda seed: _optuna().samplers.GPSampler(seed=seed),
+    "tpe": lambda seed, **kw: _optuna().samplers.TPESampler(seed=seed, **kw),
+    "random": lambda seed, **kw: _optuna().samplers.RandomSampler(seed=seed),
+    "cmaes": lambda seed, **kw: _optuna().samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False, **kw),
+    "gp": lambda seed, **kw: _optuna().samplers.GPSampler(seed=seed, **kw),
 }
-"""``search.algorithm`` -> the Optuna sampler, seeded by ``search.seed``."""
+"""``search.algorithm`` -> the Optuna sampler, seeded by ``search.seed``, with ``search.startup_trials``
+random start-up trials when set (Optuna's defaults otherwise: 10 for tpe and gp, 1 for cmaes)."""
 
 
 def _asha(cfg: Config, max_t: int):
@@ -151,7 +157,7 @@ def make_searcher(cfg: Config, opts: SearchOptions, *, resume: bool = False, stu
     metric, mode = objectives[0]
     if len(objectives) > 1:  # Optuna's multi-objective study: every trial's final result carries all of them
         metric, mode = [m for m, _ in objectives], [d for _, d in objectives]
-    searcher = OptunaSearch(space=to_optuna(s.space), metric=metric, mode=mode, sampler=SAMPLERS[s.algorithm](s.seed),
+    searcher = OptunaSearch(space=to_optuna(s.space), metric=metric, mode=mode, sampler=_sampler(s),
                             points_to_evaluate=s.points_to_evaluate or None, study_name=study or opts.name,
                             storage=study_storage(cfg, study or opts.name, fresh=not resume))  # fmt: skip
     for params, value in warm:
