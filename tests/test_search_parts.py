@@ -183,3 +183,42 @@ def test_importances_rank_what_leads_to_a_high_score_when_it_is_maximised(tmp_pa
     board = objective_board(tmp_path, [("val_dice", "max")])
     assert [k for k, _ in top(importances(board, space, [("val_dice", "max")]))][0] == "x"
     assert [k for k, _ in top(importances(board, space, [("val_dice", "min")]))][0] == "y"
+
+
+def test_startup_trials_set_the_samplers_random_start(tiny):
+    from tskd_tune.search.tuner import _sampler
+
+    space = {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}}
+    for algorithm, default in (("tpe", 10), ("gp", 10), ("cmaes", 1)):  # unset: Optuna's own default
+        cfg = tiny(search={"space": space, "algorithm": algorithm})
+        assert _sampler(cfg.search)._n_startup_trials == default
+        cfg = tiny(search={"space": space, "algorithm": algorithm, "startup_trials": 3})
+        assert _sampler(cfg.search)._n_startup_trials == 3
+
+
+def test_grace_from_data_is_where_early_ranks_start_to_agree_with_final_ones():
+    # 5 trials that ran 6 epochs: epochs 1-2 rank them in reverse, from epoch 3 on as at the end
+    finals = [0.5, 0.6, 0.7, 0.8, 0.9]
+    curves = [{e: (1 - f if e < 3 else f) * e / 6 for e in range(1, 7)} for f in finals]
+    grace, corr = fidelity.grace_from_data(curves, 6)
+    assert grace == 3 and [round(r["spearman"], 2) for r in corr] == [-1.0, -1.0, 1.0, 1.0, 1.0]
+    assert fidelity.grace_from_data(curves[:3], 6)[0] is None  # too few finished trials to judge
+    assert fidelity.grace_from_data(curves + [{1: 0.1, 2: 0.1}], 6)[1][0]["trials"] == 5  # stopped ones left out
+    late = [{**c, 5: 1 - c[6]} for c in curves]  # epoch 5 disagrees again: nothing earlier can be trusted
+    assert fidelity.grace_from_data(late, 6)[0] is None
+
+
+def test_a_fifo_search_says_which_grace_period_its_data_supports(tiny, tmp_path):
+    from tskd_tune.search.summary import grace_lines, grace_supported
+
+    cfg = tiny(student={"epochs": 4}, search={"scheduler": "fifo", "grace_period": 1})
+    for i, final in enumerate([0.5, 0.6, 0.7, 0.8]):  # reversed at epoch 1, agreeing from epoch 2
+        write_trial(tmp_path, i + 1, {"x": i}, [1.0 - final, final - 0.1, final - 0.05, final])
+    grace = grace_supported(cfg, tmp_path)
+    assert grace == {"epoch": 2, "spearman": pytest.approx(1.0), "trials": 4, "max_t": 4}
+    (line,) = grace_lines(grace, cfg)
+    assert "from epoch 2 on" in line and "search.grace_period: 2 can be trusted" in line
+    assert grace_supported(cfg.model_copy(update={"search": cfg.search.model_copy(update={"scheduler": "asha"})}),
+                           tmp_path) is None  # ASHA's own rungs are judged instead  # fmt: skip
+    (few,) = grace_lines(grace | {"trials": 3, "epoch": None}, cfg)
+    assert "too few" in few

@@ -49,17 +49,38 @@ def histories(search_path: Path, metric: str) -> dict[str, dict[int, float]]:
 def rank_correlations(search_path: Path, metric: str, rung_epochs: list[int], max_t: int) -> list[dict]:
     """Per rung: ``{"epoch", "spearman", "trials"}`` over the trials that reported ``max_t`` epochs (nan with
     fewer than 3 such trials, or when every trial scored the same)."""
+    return correlations(list(histories(search_path, metric).values()), rung_epochs, max_t)
+
+
+def correlations(curves: list[dict[int, float]], epochs: list[int], max_t: int) -> list[dict]:
+    """:func:`rank_correlations` over trial curves (epoch -> score), e.g. pooled from several searches."""
     from scipy.stats import spearmanr
 
-    done = [c for c in histories(search_path, metric).values() if max_t in c]
+    done = [c for c in curves if max_t in c]
     out = []
-    for epoch in rung_epochs:
+    for epoch in epochs:
         pairs = [(c[epoch], c[max_t]) for c in done if epoch in c]
         rho = math.nan
         if len(pairs) >= 3 and len({a for a, _ in pairs}) > 1 and len({b for _, b in pairs}) > 1:
             rho = float(spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic)
         out.append({"epoch": epoch, "spearman": rho, "trials": len(pairs)})
     return out
+
+
+def grace_from_data(curves: list[dict[int, float]], max_t: int, trust: float = TRUST) -> tuple[int | None, list[dict]]:
+    """A grace period the data supports: the first epoch from which the rank correlation of every later epoch's
+    score with the final one stays at or above ``trust``, over trials that all ran to ``max_t`` (a FIFO
+    search); None with fewer than :data:`MIN_TRIALS` such trials or when not even epoch ``max_t - 1`` gets
+    there. Also the correlation at every epoch before ``max_t``."""
+    corr = correlations(curves, list(range(1, max_t)), max_t)
+    if not corr or corr[-1]["trials"] < MIN_TRIALS:
+        return None, corr
+    grace = None
+    for row in reversed(corr):
+        if not row["spearman"] >= trust:  # nan (every trial the same) does not count as agreement
+            break
+        grace = row["epoch"]
+    return grace, corr
 
 
 def warning(correlations: list[dict], metric: str) -> str | None:

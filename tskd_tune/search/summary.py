@@ -61,9 +61,12 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
             c.log_batch(row["mlflow_run_id"], metrics=[_metric("gain_vs_scratch", row["gain_vs_scratch"])])
     trust = early_stopping(cfg, opts.path)
     summary |= {"rank_correlation": trust} if trust else {}
+    grace = grace_supported(cfg, opts.path)
+    summary |= {"grace_from_data": grace} if grace else {}
     c.log_batch(parent, metrics=[_metric(k, v) for k, v in tracking.numeric(
         {k: v for k, v in summary.items() if k.startswith(("best_", "reference_"))} | test
-        | {f"rank_corr_epoch_{r['epoch']}": r["spearman"] for r in trust}).items()])  # fmt: skip
+        | {f"rank_corr_epoch_{r['epoch']}": r["spearman"] for r in trust}
+        | ({"grace_from_data": grace["epoch"]} if grace and grace["epoch"] else {})).items()])  # fmt: skip
     view = describe_parent(c, parent, cfg, opts.name, board, best, summary)
     shown = board.drop(columns=["trial_id", "trial_dir", "mlflow_run_id"])
     shown.insert(0, "trial", board.apply(trial_label, axis=1))  # t007: the name of its folder and MLflow run
@@ -73,7 +76,7 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
     gain = f"; {summary['best_gain_vs_scratch']:+.4f} val Dice over scratch" if "best_gain_vs_scratch" in summary else ""
     console.print(f"best trial {trial_label(best)} ({best['trial_id']}): {metric} {best[metric]:.4f}{gain}; "
                   f"test_dice {test.get('test_dice', float('nan')):.4f}; config {best_cfg_path}", markup=False)  # fmt: skip
-    for line in trust_lines(trust, metric):
+    for line in trust_lines(trust, metric) + grace_lines(grace, cfg):
         console.print(line, markup=False)
     if view:  # MLflow's runs table shows no scores or values until columns are picked: this view has them
         uri = opts.tracking_uri
@@ -112,6 +115,41 @@ def early_stopping(cfg: Config, search_path: Path) -> list[dict]:
     s, max_t = cfg.search, get_method(cfg.distill.method).reported_epochs(cfg)
     return fidelity.rank_correlations(search_path, s.metric, fidelity.rungs(s.grace_period, s.reduction_factor, max_t),
                                       max_t)  # fmt: skip
+
+
+def grace_supported(cfg: Config, search_path: Path) -> dict | None:
+    """For a FIFO search (every trial runs to the end) of one objective: the grace period its trials' curves
+    support (:func:`fidelity.grace_from_data`), with the correlation there; None for ASHA, Pareto searches
+    or methods that report once."""
+    from tskd_tune.methods import get_method
+
+    s = cfg.search
+    max_t = get_method(cfg.distill.method).reported_epochs(cfg)
+    if s.scheduler != "fifo" or len(s.objective_items()) > 1 or max_t < 2:
+        return None
+    curves = list(fidelity.histories(search_path, s.metric).values())
+    epoch, corr = fidelity.grace_from_data(curves, max_t)
+    finished = corr[-1]["trials"]
+    at = next((r for r in corr if r["epoch"] == epoch), None)
+    return {"epoch": epoch, "spearman": at["spearman"] if at else None, "trials": finished, "max_t": max_t}
+
+
+def grace_lines(grace: dict | None, cfg: Config) -> list[str]:
+    """What a FIFO search says about early stopping in this space: the grace period its data supports."""
+    if not grace:
+        return []
+    metric, trials = cfg.search.metric, grace["trials"]
+    if trials < fidelity.MIN_TRIALS:
+        return [f"early stopping: {trials} trials ran to the end, too few to say which grace period ASHA could use "
+                f"({fidelity.MIN_TRIALS} or more are needed)"]  # fmt: skip
+    if grace["epoch"] is None:
+        return [f"early stopping: over {trials} trials that ran to the end, {metric} before epoch {grace['max_t']} "
+                f"ranks them unlike their final {metric} (rank correlation below {fidelity.TRUST}): keep "
+                f"search.scheduler: fifo"]  # fmt: skip
+    return [f"early stopping: over {trials} trials that ran to the end, {metric} from epoch {grace['epoch']} on "
+            f"ranks them like their final {metric} (rank correlation >= {fidelity.TRUST}; {grace['spearman']:.2f} "
+            f"at epoch {grace['epoch']}): search.scheduler: asha with search.grace_period: {grace['epoch']} can be "
+            f"trusted here"]  # fmt: skip
 
 
 def trust_lines(trust: list[dict], metric: str) -> list[str]:
