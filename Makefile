@@ -45,6 +45,7 @@ bench-quality: $(STAMP)  ## TS-KD vs TA-KD vs scratch vs teacher on mni152, N in
 bench-timing: $(STAMP)  ## every timing benchmark (hours on 2 cores; run on a quiet machine)
 	$(BIN)/python benchmarks/search_speed.py --set synthetic.generator=none
 	$(BIN)/python benchmarks/search_efficiency.py
+	$(BIN)/python benchmarks/staged_search.py
 	$(BIN)/python benchmarks/scaling.py --two-node
 	$(BIN)/python benchmarks/students.py --dice
 
@@ -55,6 +56,7 @@ bench-quick: $(STAMP)  ## smoke run of every benchmark (--quick; results go to *
 	$(BIN)/python benchmarks/kd_methods.py --quick
 	$(BIN)/python benchmarks/search_speed.py --quick
 	$(BIN)/python benchmarks/search_efficiency.py --quick --trials 2
+	$(BIN)/python benchmarks/staged_search.py --quick
 	$(BIN)/python benchmarks/scaling.py --quick --two-node
 	$(BIN)/python benchmarks/students.py --quick
 	$(BIN)/python benchmarks/gpu.py --quick

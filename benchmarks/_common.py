@@ -137,7 +137,8 @@ def read_trials(search_dir: Path) -> list[dict]:
     Per trial: ``index`` (1-based, the order Tune created it), ``epochs`` reported, ``first_ts`` /
     ``last_ts`` (unix seconds of its first and last report), ``metric`` (the last reported ``val_dice``,
     what the searcher and the leaderboard see) and ``first_iter_s`` (seconds from the trial's start to
-    its first report: teacher, transfer set and the first epoch).
+    its first report: teacher, transfer set and the first epoch) and ``cpu_s`` (the CPU-seconds the trial's
+    process had spent at its last report: its compute, also when ASHA stopped it).
     """
     trials = []
     for d in Path(search_dir).iterdir():
@@ -158,6 +159,7 @@ def read_trials(search_dir: Path) -> list[dict]:
             "first_iter_s": rows[0].get("time_this_iter_s"),
             "metric": next((r["val_dice"] for r in reversed(rows) if "val_dice" in r), None),
             "node_ip": rows[0].get("node_ip"),
+            "cpu_s": next((r["cpu_s"] for r in reversed(rows) if "cpu_s" in r), None),
         })  # fmt: skip
     return sorted(trials, key=lambda t: t["index"])
 

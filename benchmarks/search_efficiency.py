@@ -1,16 +1,23 @@
-"""Search efficiency: TPE + ASHA vs random search + FIFO, trials (and wall time) to reach 95% of the best
-`val_dice`, over several sampler seeds.
+"""Search efficiency: TPE + ASHA vs random search + FIFO vs random + FIFO with twice the budget, over
+several sampler seeds: compute to reach random + FIFO's final best, and the best val Dice at equal compute.
 
-Each arm runs the same space with the same number of trials at concurrency 1 (so completion order is
-creation order), every search on its own fresh cache (each pays for its own teachers). The target is
-``--threshold`` x the best `val_dice` any search of the run found; per search we count the trials
-completed, and the seconds since `launch` started, until one of them reached it (an ASHA-stopped
-trial counts with the last `val_dice` it reported, which is what the searcher saw). Also reported:
-epochs trained in all (what ASHA saves) and the search's wall time.
+The space is ``search_spaces/mni152.yaml`` (pretrained LiteMedSAM teacher, frozen, its head trained once:
+every trial of every search finds it, its features and its outputs on the transfer set in one shared cache
+that a first 1-trial search fills; that is not counted), searched over temperature, KD and supervised
+weights and the student's lr. Per sampler seed:
 
-Trials-to-target is a quality-of-search figure (insensitive to machine load); the wall times are not.
+1. random + FIFO with ``2 x --trials`` trials. Its first ``--trials`` trials are the random + FIFO arm:
+   at concurrency 1 Optuna's RandomSampler proposes the same sequence whatever the budget.
+2. ASHA's grace period from the data (issue 15, item 2): over every random + FIFO trial of every seed,
+   the Spearman rank correlation between each epoch's val Dice and the final one; the grace period is
+   the first epoch from which it stays at or above ``--trust`` (0.6, the level ``launch`` warns below).
+3. TPE + ASHA with ``--trials`` trials, that grace period, ``--startup-trials`` random start-up trials.
 
-    .venv/bin/python benchmarks/search_efficiency.py [--trials 12] [--seeds 0 1 2] [--set k=v ...]
+A trial's compute is the ``cpu_s`` it reported last (its process's CPU time, all threads; an ASHA-stopped
+trial counts what it spent until it stopped), and its score the last val Dice it reported (what the
+searcher saw). Compute and scores do not depend on the load; the wall times do.
+
+    .venv/bin/python benchmarks/search_efficiency.py [--trials 10] [--seeds 0 1 2 3 4] [--set k=v ...]
     .venv/bin/python benchmarks/search_efficiency.py --quick
 """
 
@@ -18,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
+import sys
 import time
 
 from _common import (
@@ -33,83 +42,78 @@ from _common import (
     write_result,
 )
 
-ARMS = {"tpe+asha": ("tpe", "asha"), "random+fifo": ("random", "fifo")}
-# the kd_methods sizing (mni152 at 64 px, ts_kd, N=10) with shorter students, so a trial takes ~30 s
-DEFAULT_SET = {
-    "data.image_size": 64,
-    "teacher.model_kwargs": {"img_size": 64, "patch_size": 8, "depth": 4},
-    "student.epochs": 12,
-    "search.grace_period": 3,
-    "distill.method": "ts_kd",
-}
+ARMS = ("tpe+asha", "random+fifo", "random+fifo 2x")
+# the shipped mni152 space with 20-epoch students (it trains 120), so a trial takes about half a minute
+# (search.grace_period: a placeholder for the FIFO searches; TPE + ASHA gets the one from the data)
+DEFAULT_SET = {"student.epochs": 20, "search.grace_period": 1, "search.max_concurrent": 1, "search.baselines": []}
 QUICK_SET = {
     "data.image_size": 32,
+    "teacher.model": "vit_small_patch16_224",
     "teacher.model_kwargs": {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2},
+    "teacher.random_init": True,
     "teacher.decoder_channels": 16,
+    "teacher.augment_views": 0,
     "teacher.epochs": 2,
     "student.channels": [8, 16, 32],
-    "student.epochs": 3,
+    "student.epochs": 4,
     "search.grace_period": 1,
-    "distill.method": "ts_kd",
+    "search.max_concurrent": 1,
+    "search.baselines": [],
 }
 
 
-def run_search(space: str, arm: str, seed: int, trials: int, sets: dict, work) -> dict:
-    """One search of ``arm`` with sampler seed ``seed`` on a fresh cache; its trials and wall time."""
-    algorithm, scheduler = ARMS[arm]
-    name = f"{arm.replace('+', '-')}-s{seed}"
-    shutil.rmtree(work / name, ignore_errors=True)
-    (work / name).mkdir(parents=True)  # its cache and MLflow store: fresh for every run
-    over = sets | {"search.algorithm": algorithm, "search.scheduler": scheduler, "search.seed": seed,
-                   "cache.dir": str(work / name / "cache")}  # fmt: skip
+def run_search(space: str, name: str, trials: int, sets: dict, work) -> dict:
+    """One search (``sets`` say which sampler, scheduler and seed) on the shared cache; its trials in
+    completion order and its wall time."""
     cli = ["launch", space, "--name", name, "--storage", str(work / "runs"), "--num-samples", str(trials),
-           "--max-concurrent", "1", "--tracking-uri", f"sqlite:///{work / name}/mlflow.db"]  # fmt: skip
-    for k, v in over.items():
+           "--max-concurrent", "1", "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"]  # fmt: skip
+    for k, v in (sets | {"cache.dir": str(work / "cache")}).items():
         cli += ["--set", f"{k}={json.dumps(v)}"]
     shutil.rmtree(work / "runs" / name, ignore_errors=True)
     t0 = time.time()
     wall, _ = run_cli(cli)
-    return {
-        "arm": arm,
-        "seed": seed,
-        "start": t0,
-        "wall_s": wall,
-        "trials": read_trials(work / "runs" / name),
-    }
+    done = sorted(read_trials(work / "runs" / name), key=lambda t: (t["last_ts"], t["index"]))
+    return {"name": name, "start": t0, "wall_s": wall, "trials": done}
 
 
-def to_target(search: dict, target: float) -> dict:
-    """Trials completed (in completion order) and seconds since launch until the running best >= target."""
-    done = sorted(search["trials"], key=lambda t: (t["last_ts"], t["index"]))
-    best = float("-inf")
-    for k, t in enumerate(done, 1):
-        if t["metric"] is not None:
-            best = max(best, t["metric"])
-        if best >= target:
-            return {"trials_to_target": k, "time_to_target_s": t["last_ts"] - search["start"]}
-    return {"trials_to_target": None, "time_to_target_s": None}
+def curve(trials: list[dict]) -> list[tuple[float, float]]:
+    """(compute so far, best score so far) after each trial, in completion order."""
+    out, cpu, best = [], 0.0, float("-inf")
+    for t in trials:
+        cpu += t["cpu_s"] or 0.0
+        best = max(best, t["metric"] if t["metric"] is not None else best)
+        out.append((cpu, best))
+    return out
 
 
-def plot(searches: list[dict], target: float, path) -> None:
+def to_target(trials: list[dict], target: float) -> float | None:
+    """Compute (CPU-s) until the running best reached ``target`` (None: never)."""
+    return next((cpu for cpu, best in curve(trials) if best >= target - 1e-12), None)
+
+
+def best_within(trials: list[dict], cpu_limit: float) -> float | None:
+    """The best score among the trials that finished within ``cpu_limit`` CPU-seconds of compute."""
+    bests = [best for cpu, best in curve(trials) if cpu <= cpu_limit + 1e-9 and best > float("-inf")]
+    return bests[-1] if bests else None
+
+
+def plot(searches: dict, path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    colours = {"tpe+asha": "tab:blue", "random+fifo": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colours = {"tpe+asha": "tab:blue", "random+fifo 2x": "tab:orange"}
     labelled = set()
-    for s in searches:
-        done = sorted(s["trials"], key=lambda t: (t["last_ts"], t["index"]))
-        best, ys = float("-inf"), []
-        for t in done:
-            best = max(best, t["metric"] if t["metric"] is not None else best)
-            ys.append(best)
-        label = None if s["arm"] in labelled else s["arm"]
-        labelled.add(s["arm"])
-        ax.step(range(1, len(ys) + 1), ys, where="post", color=colours.get(s["arm"]), alpha=0.8, label=label)
-    ax.axhline(target, color="grey", linestyle=":", label="target")
-    ax.set_xlabel("trials completed")
+    for (arm, _seed), s in sorted(searches.items()):
+        if arm not in colours:  # random + FIFO is the first half of the 2x curve
+            continue
+        pts = curve(s["trials"])
+        xs, ys = [0.0] + [c / 60 for c, _ in pts], [math.nan] + [b for _, b in pts]
+        ax.step(xs, ys, where="post", color=colours[arm], alpha=0.75, label=None if arm in labelled else arm)
+        labelled.add(arm)
+    ax.set_xlabel("compute so far (CPU-minutes of all trials)")
     ax.set_ylabel("best val Dice so far")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -119,62 +123,91 @@ def plot(searches: list[dict], target: float, path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--space", default="search_spaces/mni152.yaml")
-    ap.add_argument("--trials", type=int, default=16)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    ap.add_argument("--threshold", type=float, default=0.95)
+    ap.add_argument("--trials", type=int, default=10, help="budget of TPE + ASHA and random + FIFO (2x: twice it)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--startup-trials", type=int, default=4, help="TPE's random start-up trials")
+    ap.add_argument("--trust", type=float, default=0.6, help="rank correlation the grace period needs")
     ap.add_argument("--work", default="runs/bench-search-efficiency")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override k=v")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 32 px, 3 trials, 1 seed")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 32 px, tiny models, 3 trials, 1 seed")
     args = ap.parse_args()
-    from tskd_tune.config import parse_overrides
+    from tskd_tune.config import apply_values, load_config, parse_overrides
+    from tskd_tune.fidelity import grace_from_data, histories
 
     if args.quick:
-        args.trials, args.seeds = min(args.trials, 3), args.seeds[:1]
+        args.trials, args.seeds, args.startup_trials = min(args.trials, 3), args.seeds[:1], 1
+        args.work = args.work if args.work != "runs/bench-search-efficiency" else "runs/bench-search-efficiency-quick"
     sets = (QUICK_SET if args.quick else DEFAULT_SET) | parse_overrides(args.overrides)
+    max_t = apply_values(load_config(args.space), sets).student.epochs
     work = (REPO / args.work).resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     t_start = time.perf_counter()
-    searches = []
+    print("the shared cache: encoder features, the teacher, its outputs (one 1-trial search) ...", flush=True)
+    run_search(args.space, "prefill", 1, sets | {"search.scheduler": "fifo"}, work)
+    searches = {}
     for seed in args.seeds:
-        for arm in args.arms:
-            print(f"{arm}, sampler seed {seed}: {args.trials} trials ...", flush=True)
-            searches.append(run_search(args.space, arm, seed, args.trials, sets, work))
-    best = max(t["metric"] for s in searches for t in s["trials"] if t["metric"] is not None)
-    target = args.threshold * best
+        print(f"random + FIFO, sampler seed {seed}: {2 * args.trials} trials ...", flush=True)
+        two = run_search(args.space, f"random-fifo-s{seed}", 2 * args.trials,
+                         sets | {"search.algorithm": "random", "search.scheduler": "fifo", "search.seed": seed}, work)  # fmt: skip
+        searches["random+fifo 2x", seed] = two
+        first = sorted(two["trials"], key=lambda t: t["index"])[: args.trials]
+        searches["random+fifo", seed] = two | {"trials": sorted(first, key=lambda t: (t["last_ts"], t["index"]))}
+    curves = [c for seed in args.seeds for c in histories(work / "runs" / f"random-fifo-s{seed}", "val_dice").values()]
+    grace, corr = grace_from_data(curves, max_t, args.trust)
+    if grace is None:
+        sys.exit(f"no grace period: the rank correlation stays below {args.trust} up to epoch {max_t - 1}")
+    print(f"grace period from the data: epoch {grace} (pooled rank correlation >= {args.trust} from there on)")
+    for seed in args.seeds:
+        print(f"TPE + ASHA, sampler seed {seed}: {args.trials} trials, grace {grace} ...", flush=True)
+        searches["tpe+asha", seed] = run_search(
+            args.space, f"tpe-asha-s{seed}", args.trials,
+            sets | {"search.algorithm": "tpe", "search.scheduler": "asha", "search.seed": seed,
+                    "search.grace_period": grace, "search.startup_trials": args.startup_trials}, work)  # fmt: skip
     rows = []
-    for s in searches:
-        s |= to_target(s, target)
-        rows.append({"arm": s["arm"], "seed": s["seed"], "trials_to_target": s["trials_to_target"],
-                     "time_to_target_s": s["time_to_target_s"], "best_val_dice": max(t["metric"] or 0 for t in s["trials"]),
-                     "epochs_total": sum(t["epochs"] for t in s["trials"]), "wall_s": s["wall_s"]})  # fmt: skip
+    for seed in args.seeds:
+        target = max(t["metric"] for t in searches["random+fifo", seed]["trials"] if t["metric"] is not None)
+        equal = sum(t["cpu_s"] or 0 for t in searches["tpe+asha", seed]["trials"])  # TPE + ASHA's whole compute
+        for arm in ARMS:
+            s = searches[arm, seed]
+            rows.append({"arm": arm, "seed": seed, "trials": len(s["trials"]), "target": target,
+                         "cpu_to_target_s": to_target(s["trials"], target),
+                         "best_at_equal_cpu": best_within(s["trials"], equal),
+                         "best_val_dice": curve(s["trials"])[-1][1], "cpu_total_s": curve(s["trials"])[-1][0],
+                         "epochs_total": sum(t["epochs"] for t in s["trials"]),
+                         "wall_s": s["wall_s"] if arm != "random+fifo" else None})  # fmt: skip
     summary = []
-    for arm in args.arms:
+    for arm in ARMS:
         mine = [r for r in rows if r["arm"] == arm]
-        row = {
-            "arm": arm,
-            "searches": len(mine),
-            "reached": sum(r["trials_to_target"] is not None for r in mine),
-        }
-        for key in ("trials_to_target", "time_to_target_s", "best_val_dice", "epochs_total", "wall_s"):
+        row = {"arm": arm, "searches": len(mine), "reached": sum(r["cpu_to_target_s"] is not None for r in mine)}
+        for key in ("cpu_to_target_s", "best_at_equal_cpu", "best_val_dice", "cpu_total_s", "epochs_total", "wall_s"):
             sp = spread([r[key] for r in mine])
             row |= {key: sp["mean"], key + "_std": sp["std"]}
         summary.append(row)
-    print(f"\ntarget: {args.threshold} x best val_dice {best:.4f} = {target:.4f}\n")
+    ratios = []
+    for seed in args.seeds:
+        tpe, rnd = (next(r for r in rows if r["seed"] == seed and r["arm"] == a) for a in ("tpe+asha", "random+fifo"))
+        ratios.append(None if tpe["cpu_to_target_s"] is None else tpe["cpu_to_target_s"] / rnd["cpu_to_target_s"])
+    print("\npooled rank correlation of each epoch's val Dice with the final one (random + FIFO trials):")
+    print(" ".join(f"{c['epoch']}:{c['spearman']:.2f}" for c in corr))
+    print()
     print(table(rows))
     print()
-    print(table(summary, ["arm", "searches", "reached", "trials_to_target", "trials_to_target_std", "time_to_target_s",
-                          "best_val_dice", "epochs_total", "wall_s"]))  # fmt: skip
+    print(table(summary, ["arm", "searches", "reached", "cpu_to_target_s", "best_at_equal_cpu", "best_val_dice",
+                          "best_val_dice_std", "cpu_total_s", "epochs_total", "wall_s"]))  # fmt: skip
+    print("\nTPE + ASHA / random + FIFO compute to random + FIFO's final best, per seed:",
+          ", ".join("not reached" if r is None else f"{r:.2f}" for r in ratios))  # fmt: skip
     result = provenance() | {
         "space": args.space, "overrides": sets, "trials": args.trials, "seeds": args.seeds, "concurrency": 1,
-        "threshold": args.threshold, "best_val_dice": best, "target": target,
+        "startup_trials": args.startup_trials, "trust": args.trust, "grace_period": grace, "rank_correlation": corr,
         "wall_s": round(time.perf_counter() - t_start, 1), "summary": summary, "searches": rows,
-        "trials_detail": {f"{s['arm']}-s{s['seed']}": s["trials"] for s in searches},
-        "note": "trials_to_target: quality of search (load-insensitive); *_s: wall times (load-sensitive)",
+        "tpe_over_random_cpu_to_target": ratios,
+        "trials_detail": {f"{arm}-s{seed}": s["trials"] for (arm, seed), s in searches.items() if arm != "random+fifo"},
+        "note": "cpu_*: CPU-seconds of the trials and scores: load-insensitive; wall_s: load-sensitive",
     }  # fmt: skip
     out = write_result("search_efficiency", result, args.quick)
     png = plot_path("search_efficiency", args.quick)
-    plot(searches, target, png)
+    plot(searches, png)
     print(f"\nwritten to {out.relative_to(REPO)} and {png.relative_to(REPO)}")
 
 

@@ -1,0 +1,262 @@
+"""Staged vs joint search: compute (CPU-seconds of all trials) and wall time to reach the joint search's
+best val Dice, and the best test Dice each finds, over several sampler seeds.
+
+The space is ``search_spaces/mni152_lora.yaml``: LoRA in the last 1 or 2 blocks of the pretrained
+LiteMedSAM teacher (rank, alpha, lr) plus temperature, KD and supervised weights and the student's lr. A
+joint search proposes all eight knobs per trial, so every trial fine-tunes a teacher of its own; a staged
+search fine-tunes ``--teacher-trials`` teachers first and then distils the best ``--top-teachers`` into
+``--student-trials`` students. Every search runs at concurrency 1 on its own trial cache, so it pays for
+each of its teachers; the encoder features of the frozen blocks (the same for every search, both frozen
+depths) are computed once, before the first search, into a folder every cache links to, and are not
+counted. A trial's compute is the ``cpu_s`` it reported last (its process's CPU time, all threads, also
+for a trial ASHA stopped). Staged searches reach the target only with a student trial; their teacher
+trials count in their compute all the same.
+
+Compute is a quality-of-search figure as long as the trials' CPU time does not depend on the load
+(it is CPU time, not wall time); the wall times are load-sensitive.
+
+    .venv/bin/python benchmarks/staged_search.py [--seeds 0 1 2] [--joint-trials 6] [--set k=v ...]
+    .venv/bin/python benchmarks/staged_search.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+
+from _common import (
+    REPO,
+    plot_path,
+    provenance,
+    read_trials,
+    run_cli,
+    save_figure,
+    spread,
+    table,
+    write_result,
+)
+
+SPACE = "search_spaces/mni152_lora.yaml"
+# Sized for 2 CPU cores: short teachers and students (the shipped space trains 20 and 40 epochs).
+DEFAULT_SET = {
+    "teacher.epochs": 8,
+    "student.epochs": 16,
+    "search.grace_period": 4,
+    "search.startup_trials": 3,
+}
+# The smoke run cannot afford LiteMedSAM: a tiny, randomly initialised ViT with 4 blocks stands in.
+QUICK_SET = {
+    "data.image_size": 32,
+    "teacher.model": "vit_small_patch16_224",
+    "teacher.model_kwargs": {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 64, "num_heads": 2},
+    "teacher.random_init": True,
+    "teacher.decoder_channels": 16,
+    "teacher.epochs": 2,
+    "student.epochs": 2,
+    "student.channels": [8, 16, 32],
+    "search.grace_period": 1,
+    "search.startup_trials": 1,
+}
+SHARED = ("data", "features", "onnx")
+"""Cache folders every search links to: data and encoder features, the same whatever a trial proposes."""
+
+
+def fresh_cache(work, name: str):
+    """A fresh trial cache for one search whose data and feature folders are the shared ones."""
+    cache = work / name / "cache"
+    shutil.rmtree(work / name, ignore_errors=True)
+    cache.mkdir(parents=True)
+    for folder in SHARED:
+        (work / "shared" / folder).mkdir(parents=True, exist_ok=True)
+        (cache / folder).symlink_to(work / "shared" / folder, target_is_directory=True)
+    return cache
+
+
+def prefill(space: str, sets: dict, work) -> float:
+    """Compute the encoder features of every frozen depth the space proposes, once: a 1-trial search whose
+    only trial is a 1-epoch teacher (its fill covers every depth; the trial itself is thrown away)."""
+    cache = fresh_cache(work, "prefill")
+    over = sets | {"cache.dir": str(cache), "search.strategy": "joint", "distill.method": "teacher",
+                   "teacher.epochs": 1, "search.grace_period": 1}  # fmt: skip
+    cli = ["launch", space, "--name", "prefill", "--storage", str(work / "runs"), "--num-samples", "1",
+           "--max-concurrent", "1", "--tracking-uri", f"sqlite:///{work / 'prefill'}/mlflow.db"]  # fmt: skip
+    for k, v in over.items():
+        cli += ["--set", f"{k}={json.dumps(v)}"]
+    shutil.rmtree(work / "runs" / "prefill", ignore_errors=True)
+    wall, _ = run_cli(cli)
+    return wall
+
+
+def run_search(space: str, strategy: str, seed: int, args, sets: dict, work) -> dict:
+    """One search with ``strategy`` and sampler seed ``seed`` on a fresh trial cache; its trials (teacher
+    stage first) in completion order, each with its compute, and the search's summary."""
+    name = f"{strategy}-s{seed}"
+    cache = fresh_cache(work, name)
+    trials = args.joint_trials if strategy == "joint" else args.student_trials
+    over = sets | {"search.strategy": strategy, "search.seed": seed, "cache.dir": str(cache),
+                   "search.teacher_trials": args.teacher_trials, "search.top_teachers": args.top_teachers}  # fmt: skip
+    cli = ["launch", space, "--name", name, "--storage", str(work / "runs"), "--num-samples", str(trials),
+           "--max-concurrent", "1", "--tracking-uri", f"sqlite:///{work / name}/mlflow.db"]  # fmt: skip
+    for k, v in over.items():
+        cli += ["--set", f"{k}={json.dumps(v)}"]
+    shutil.rmtree(work / "runs" / name, ignore_errors=True)
+    t0 = time.time()
+    wall, _ = run_cli(cli)
+    folder = work / "runs" / name
+    stages = [("teacher", folder / "teacher_stage")] if strategy == "staged" else []
+    done = []
+    for stage, path in [*stages, ("student", folder)]:
+        stage_trials = [t | {"stage": stage} for t in read_trials(path)]
+        done += sorted(stage_trials, key=lambda t: (t["last_ts"], t["index"]))
+    summary = json.loads((folder / "summary.json").read_text())
+    return {"strategy": strategy, "seed": seed, "start": t0, "wall_s": wall, "trials": done,
+            "best_val_dice": summary.get("best_val_dice"), "test_dice": summary.get("test_dice")}  # fmt: skip
+
+
+def to_target(search: dict, target: float) -> dict:
+    """Compute (CPU-s), trials and seconds since launch until a student trial's val Dice reached ``target``."""
+    cpu, best = 0.0, float("-inf")
+    for k, t in enumerate(search["trials"], 1):
+        cpu += t["cpu_s"] or 0.0
+        if t["stage"] == "student" and t["metric"] is not None:
+            best = max(best, t["metric"])
+        if best >= target:
+            return {"trials_to_target": k, "cpu_to_target_s": cpu, "time_to_target_s": t["last_ts"] - search["start"]}
+    return {"trials_to_target": None, "cpu_to_target_s": None, "time_to_target_s": None}
+
+
+def near_targets(detail: dict[str, list[dict]], seeds: list[int], fractions: list[float]) -> list[dict]:
+    """Compute of each strategy to reach ``fraction`` x the joint search's best val Dice, per seed and
+    fraction, and staged / joint; from a result's ``trials_detail`` (a new run's or a saved one)."""
+    rows = []
+    for seed in seeds:
+        joint, staged = ({"trials": detail[f"{k}-s{seed}"]} for k in ("joint", "staged"))
+        best = max(t["metric"] for t in joint["trials"] if t["metric"] is not None)
+        for f in fractions:
+            j, s = (to_target(x | {"start": 0.0}, f * best)["cpu_to_target_s"] for x in (joint, staged))
+            rows.append({"seed": seed, "fraction": f, "target": f * best, "joint_cpu_s": j, "staged_cpu_s": s,
+                         "staged_over_joint": s / j if s is not None else None})  # fmt: skip
+    return rows
+
+
+def plot(searches: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colours = {"joint": "tab:orange", "staged": "tab:blue"}
+    styles = ["-", "--", ":", "-."]
+    for s in searches:
+        cpu, best, xs, ys = 0.0, None, [0.0], [None]
+        for t in s["trials"]:
+            cpu += t["cpu_s"] or 0.0
+            if t["stage"] == "student" and t["metric"] is not None:
+                best = t["metric"] if best is None else max(best, t["metric"])
+            xs.append(cpu / 60)
+            ys.append(best)
+        ax.step(xs, [y if y is not None else float("nan") for y in ys], where="post", color=colours[s["strategy"]],
+                linestyle=styles[s["seed"] % len(styles)], label=f"{s['strategy']}, seed {s['seed']}")  # fmt: skip
+    ax.set_xlabel("compute so far (CPU-minutes of all trials; a staged search's teachers first)")
+    ax.set_ylabel("best student val Dice so far")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--space", default=SPACE)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--joint-trials", type=int, default=6)
+    ap.add_argument("--teacher-trials", type=int, default=3)
+    ap.add_argument("--top-teachers", type=int, default=2)
+    ap.add_argument("--student-trials", type=int, default=6)
+    ap.add_argument("--work", default="runs/bench-staged")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override k=v")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny random ViT teacher, 2 trials, 1 seed")
+    ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.99, 0.98],
+                    help="targets: these fractions of the joint search's best val Dice")
+    ap.add_argument("--reanalyse", action="store_true",
+                    help="no searches: add the --fractions table to benchmarks/results/staged_search.json")
+    args = ap.parse_args()
+    from tskd_tune.config import parse_overrides
+
+    if args.reanalyse:
+        path = REPO / "benchmarks" / "results" / f"staged_search{'.quick' if args.quick else ''}.json"
+        result = json.loads(path.read_text())
+        near = near_targets(result["trials_detail"], result["seeds"], args.fractions)
+        print(table(near))
+        result["near_targets"] = near
+        result["near_targets_command"] = provenance()["command"]
+        path.write_text(json.dumps(result, indent=2, default=float) + "\n")
+        print(f"\nadded to {path.relative_to(REPO)}")
+        return
+
+    if args.quick:
+        args.seeds, args.joint_trials, args.teacher_trials, args.student_trials = args.seeds[:1], 2, 2, 2
+        args.top_teachers = min(args.top_teachers, 2)
+        args.work = args.work if args.work != "runs/bench-staged" else "runs/bench-staged-quick"
+    sets = (QUICK_SET if args.quick else DEFAULT_SET) | parse_overrides(args.overrides)
+    work = (REPO / args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    print("encoder features of every frozen depth, once ...", flush=True)
+    prefill_s = prefill(args.space, sets, work)
+    searches = []
+    for seed in args.seeds:
+        for strategy in ("joint", "staged"):
+            print(f"{strategy}, sampler seed {seed} ...", flush=True)
+            searches.append(run_search(args.space, strategy, seed, args, sets, work))
+    rows = []
+    for seed in args.seeds:
+        joint, staged = (next(s for s in searches if s["seed"] == seed and s["strategy"] == k) for k in ("joint", "staged"))
+        target = max(t["metric"] for t in joint["trials"] if t["metric"] is not None)
+        for s in (joint, staged):
+            s |= to_target(s, target)
+            rows.append({"strategy": s["strategy"], "seed": seed, "target": target,
+                         "teachers_trained": sum(t["stage"] == "teacher" for t in s["trials"]) if s is staged else len(s["trials"]),
+                         "cpu_to_target_s": s["cpu_to_target_s"], "cpu_total_s": sum(t["cpu_s"] or 0 for t in s["trials"]),
+                         "time_to_target_s": s["time_to_target_s"], "wall_s": s["wall_s"],
+                         "best_val_dice": s["best_val_dice"], "test_dice": s["test_dice"]})  # fmt: skip
+    summary = []
+    for strategy in ("joint", "staged"):
+        mine = [r for r in rows if r["strategy"] == strategy]
+        row = {"strategy": strategy, "searches": len(mine), "reached": sum(r["cpu_to_target_s"] is not None for r in mine)}
+        for key in ("cpu_to_target_s", "cpu_total_s", "time_to_target_s", "wall_s", "best_val_dice", "test_dice"):
+            sp = spread([r[key] for r in mine])
+            row |= {key: sp["mean"], key + "_std": sp["std"]}
+        summary.append(row)
+    ratios = []
+    for seed in args.seeds:
+        j, s = (next(r for r in rows if r["seed"] == seed and r["strategy"] == k) for k in ("joint", "staged"))
+        ratios.append(s["cpu_to_target_s"] / j["cpu_to_target_s"] if s["cpu_to_target_s"] is not None else None)
+    print(f"\nprefill (encoder features of both frozen depths, not counted): {prefill_s:.0f} s\n")
+    print(table(rows))
+    print()
+    print(table(summary, ["strategy", "searches", "reached", "cpu_to_target_s", "cpu_total_s", "time_to_target_s",
+                          "wall_s", "best_val_dice", "test_dice", "test_dice_std"]))  # fmt: skip
+    print("\nstaged / joint compute to the joint's best, per seed:",
+          ", ".join("not reached" if r is None else f"{r:.2f}" for r in ratios))  # fmt: skip
+    detail = {f"{s['strategy']}-s{s['seed']}": s["trials"] for s in searches}
+    near = near_targets(detail, args.seeds, args.fractions)
+    print(table(near))
+    result = provenance() | {
+        "space": args.space, "overrides": sets, "seeds": args.seeds, "concurrency": 1,
+        "joint_trials": args.joint_trials, "teacher_trials": args.teacher_trials, "top_teachers": args.top_teachers,
+        "student_trials": args.student_trials, "prefill_s": round(prefill_s, 1),
+        "wall_s": round(time.perf_counter() - t_start, 1), "summary": summary, "searches": rows,
+        "staged_over_joint_cpu_to_target": ratios, "near_targets": near, "trials_detail": detail,
+        "note": "cpu_*: CPU-seconds of the trials (load-insensitive); time_*/wall_s: wall times (load-sensitive)",
+    }  # fmt: skip
+    out = write_result("staged_search", result, args.quick)
+    png = plot_path("staged_search", args.quick)
+    plot(searches, png)
+    print(f"\nwritten to {out.relative_to(REPO)} and {png.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
