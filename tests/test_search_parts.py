@@ -140,6 +140,16 @@ def test_staged_search_chooses_the_best_finished_teachers(tiny, tmp_path):
     assert (opts.path / "teacher_leaderboard.csv").read_text().count("\n") == 5
 
 
+def test_fewer_finished_teachers_than_asked_for_are_named(tiny):
+    from tskd_tune.search import staged
+
+    cfg = tiny(search={"strategy": "staged", "top_teachers": 2, "teacher_trials": 3,
+                       "space": {"teacher.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}})  # fmt: skip
+    note = staged.fewer_teachers(cfg, {"t001 lr=0.001": {"teacher.lr": 0.001}})
+    assert note.startswith("note: search.top_teachers is 2, but only 1 teacher(s)") and "grace_period" in note
+    assert staged.fewer_teachers(cfg, {"a": {}, "b": {}}) is None
+
+
 def test_staged_needs_teacher_knobs_and_ts_kd(tiny):
     with pytest.raises(TskdError, match="search.strategy: staged searches the teacher.. knobs first"):
         tiny(search={"strategy": "staged", "space": {"student.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}})

@@ -112,6 +112,8 @@ def _staged(cfg: Config, opts: SearchOptions, run: dict, data_ref, resume: bool,
              resume, console, study=f"{opts.name}-teacher")  # fmt: skip
         teachers = staged.choose_teachers(cfg, opts)
     console.print(f"student stage: distilling the best {len(teachers)} teacher(s): {'; '.join(teachers)}", markup=False)
+    if note := staged.fewer_teachers(cfg, teachers):
+        console.print(note, markup=False)
     student_cfg = staged.student_stage(cfg, teachers)
     results = _fit(student_cfg, opts, run | {"stage": "student", "teachers": teachers}, data_ref, resume, console,
                    study=f"{opts.name}-student")  # fmt: skip

@@ -77,6 +77,17 @@ def choose_teachers(cfg: Config, opts: SearchOptions) -> dict[str, dict]:
     return teachers
 
 
+def fewer_teachers(cfg: Config, teachers: dict[str, dict]) -> str | None:
+    """A note when the teacher stage left fewer finished teachers than ``search.top_teachers`` (only a
+    finished teacher is in the cache to distil; the scheduler stops teachers early like any trial)."""
+    want = cfg.search.top_teachers
+    if len(teachers) >= want:
+        return None
+    return (f"note: search.top_teachers is {want}, but only {len(teachers)} teacher(s) of the teacher stage ran "
+            f"to the end (the scheduler stopped the others): raise search.grace_period (it counts teacher epochs "
+            f"there) or search.teacher_trials for more")
+
+
 def chosen_teachers(opts: SearchOptions) -> dict[str, dict] | None:
     """The teachers an earlier run of this search chose (None: the teacher stage has not finished)."""
     path = opts.path / TEACHERS_FILE
