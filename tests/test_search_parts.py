@@ -227,7 +227,7 @@ def test_a_fifo_search_says_which_grace_period_its_data_supports(tiny, tmp_path)
     grace = grace_supported(cfg, tmp_path)
     assert grace == {"epoch": 2, "spearman": pytest.approx(1.0), "trials": 4, "max_t": 4}
     (line,) = grace_lines(grace, cfg)
-    assert "from epoch 2 on" in line and "search.grace_period: 2 can be trusted" in line
+    assert "from epoch 2 on" in line and "search.grace_period should be at least 2" in line
     assert grace_supported(cfg.model_copy(update={"search": cfg.search.model_copy(update={"scheduler": "asha"})}),
                            tmp_path) is None  # ASHA's own rungs are judged instead  # fmt: skip
     (few,) = grace_lines(grace | {"trials": 3, "epoch": None}, cfg)

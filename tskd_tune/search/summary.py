@@ -148,8 +148,8 @@ def grace_lines(grace: dict | None, cfg: Config) -> list[str]:
                 f"search.scheduler: fifo"]  # fmt: skip
     return [f"early stopping: over {trials} trials that ran to the end, {metric} from epoch {grace['epoch']} on "
             f"ranks them like their final {metric} (rank correlation >= {fidelity.TRUST}; {grace['spearman']:.2f} "
-            f"at epoch {grace['epoch']}): search.scheduler: asha with search.grace_period: {grace['epoch']} can be "
-            f"trusted here"]  # fmt: skip
+            f"at epoch {grace['epoch']}): with search.scheduler: asha, search.grace_period should be at least "
+            f"{grace['epoch']} (more is safer: a few trials make this a noisy estimate)"]  # fmt: skip
 
 
 def trust_lines(trust: list[dict], metric: str) -> list[str]:
