@@ -232,3 +232,20 @@ def test_export_best_trial_registers_it_in_mlflow(searched):
     versions = MlflowClient(raw["tracking"]["uri"]).search_model_versions("name='e2e-student'")
     assert [str(v.version) for v in versions] == ["1"]
     assert (tmp / "exported" / "model.onnx").is_file()
+
+
+def test_a_search_with_augmented_teacher_views_fills_them_on_the_driver(tmp_path):
+    """The driver computes augmented views (MONAI transforms) for the feature fill while it also preloads
+    MONAI for the summary: the two imports must not overlap (they failed with a partially initialised
+    monai.transforms)."""
+    from tests.conftest import tiny_raw
+
+    raw = tiny_raw(tmp_path, student={"epochs": 1}, teacher={"epochs": 1, "augment_views": 2})
+    raw["search"] = {"num_samples": 1, "max_concurrent": 1, "grace_period": 1, "scheduler": "fifo", "baselines": [],
+                     "space": {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}}}  # fmt: skip
+    raw["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "views"}
+    space = tmp_path / "views.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    proc = run("launch", space, "--storage", tmp_path / "runs", "--name", "views", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "augmented views" in proc.stdout and "partially initialized" not in proc.stderr

@@ -58,13 +58,15 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
         cfg = cluster.prepare(cfg, opts, console)
         pool, data = _data(cfg)
     parent = _parent_run(cfg, opts, resume, console)
-    _preload_in_background()
     data_ref = ray.put(data)
     fill: dict = {}
     if cfg.cache.enabled:  # every trial reads the teacher features: computed once, on every worker, first
         from tskd_tune.search.features import fill_features
 
         fill = fill_features(cfg, *data, data_ref, pool, console)
+    # after the fill, which imports MONAI's transforms on this thread for augmented views: importing MONAI
+    # from two threads at once fails in its transforms ("applying transform RandFlipd")
+    _preload_in_background()
     run = run_info(opts, parent)
     references = _start_references(cfg, data_ref, run)
     parent_client = tracking.BufferedClient(opts.tracking_uri, tracking.journal_path(state_path(opts), "parent"))
