@@ -11,6 +11,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -119,6 +120,20 @@ def spread(values: list[float]) -> dict:
     }
 
 
+def summarise(rows: list[dict], by: str, groups, keys: list[str]) -> list[dict]:
+    """One row per group of ``rows`` (``row[by]`` in ``groups``): its searches, how many reached their target
+    (``cpu_to_target_s`` set), and the mean and ``_std`` of each of ``keys``."""
+    out = []
+    for group in groups:
+        mine = [r for r in rows if r[by] == group]
+        row = {by: group, "searches": len(mine), "reached": sum(r["cpu_to_target_s"] is not None for r in mine)}
+        for key in keys:
+            sp = spread([r[key] for r in mine])
+            row |= {key: sp["mean"], key + "_std": sp["std"]}
+        out.append(row)
+    return out
+
+
 def run_cli(args: list[str], env: dict | None = None, check: bool = True) -> tuple[float, str]:
     """Run ``python -m tskd_tune ARGS`` from the repository root; returns (wall seconds, stdout)."""
     t0 = time.perf_counter()
@@ -129,6 +144,32 @@ def run_cli(args: list[str], env: dict | None = None, check: bool = True) -> tup
     if check and proc.returncode != 0:
         sys.exit(f"failed ({proc.returncode}): tskd-tune {' '.join(args)}\n{proc.stderr[-3000:]}")
     return wall, proc.stdout
+
+
+def launch(space, name: str, storage: Path, trials: int, concurrency: int, tracking_uri: str, sets: dict,
+           *extra: str) -> tuple[float, float]:
+    """``tskd-tune launch SPACE`` as search ``name`` in ``storage`` (an earlier folder of that name removed
+    first), each of ``sets`` a ``--set`` (JSON values); returns (unix start time, wall seconds)."""
+    cli = ["launch", str(space), "--name", name, "--storage", str(storage), "--num-samples", str(trials),
+           "--max-concurrent", str(concurrency), "--tracking-uri", tracking_uri, *extra]  # fmt: skip
+    for k, v in sets.items():
+        cli += ["--set", f"{k}={json.dumps(v)}"]
+    shutil.rmtree(Path(storage) / name, ignore_errors=True)
+    start = time.time()
+    wall, _ = run_cli(cli)
+    return start, wall
+
+
+def running_best(trials: list[dict], counts=lambda t: True) -> list[tuple[float, float | None]]:
+    """(compute so far, best ``metric`` so far) after each of ``trials`` in their order: every trial's
+    ``cpu_s`` adds to the compute, only those ``counts`` accepts to the best (None until one has)."""
+    out, cpu, best = [], 0.0, None
+    for t in trials:
+        cpu += t["cpu_s"] or 0.0
+        if counts(t) and t["metric"] is not None:
+            best = t["metric"] if best is None else max(best, t["metric"])
+        out.append((cpu, best))
+    return out
 
 
 def read_trials(search_dir: Path) -> list[dict]:

@@ -17,7 +17,6 @@ prints the plan and exits 0 saying that nothing was measured; a real run exits 2
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -26,7 +25,7 @@ import sys
 import threading
 import time
 
-from _common import REPO, provenance, read_trials, run_cli, table, write_result
+from _common import REPO, launch, provenance, read_trials, table, write_result
 
 # big enough to keep a GPU busy: mni152 at 128 px, a 12-block ViT-S/8 teacher, the default U-Net student
 DEFAULT_SET = {
@@ -173,17 +172,12 @@ def main() -> None:
         name = f"k{arm['per_gpu']}-{'amp' if arm['mixed_precision'] else 'fp32'}"
         shutil.rmtree(work / name, ignore_errors=True)
         (work / name).mkdir(parents=True)  # its cache and MLflow store: fresh for every run
-        shutil.rmtree(work / "runs" / name, ignore_errors=True)
         sets["cache.dir"] = str(work / name / "cache")
-        cli = ["launch", args.space, "--name", name, "--storage", str(work / "runs"), "--num-samples", str(args.trials),
-               "--max-concurrent", str(conc), "--tracking-uri", f"sqlite:///{work / name}/mlflow.db"]  # fmt: skip
-        for k, v in sets.items():
-            cli += ["--set", f"{k}={json.dumps(v)}"]
         print(f"{name}: {args.trials} trials, {conc} at once ...", flush=True)
         sampler = GpuSampler(args.sample_s)
         sampler.start()
         try:
-            wall, _ = run_cli(cli)
+            _, wall = launch(args.space, name, work / "runs", args.trials, conc, f"sqlite:///{work / name}/mlflow.db", sets)
         finally:
             sampler.stop.set()
             sampler.join()

@@ -35,12 +35,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from _common import REPO, plot_path, provenance, run_cli, save_figure, spread, table, write_result
+from _common import REPO, launch, plot_path, provenance, save_figure, spread, table, write_result
 
 from tskd_tune.config import load_config, parse_overrides, read_yaml
 
@@ -124,17 +123,12 @@ def searched_values(best_yaml: Path, space_file: Path) -> dict:
 def run_search(args, base: dict, n: int, work: Path) -> tuple[Path, float]:
     """A small search (ASHA + TPE, concurrency 1) at N labels, seed 0; returns best.yaml and its wall time."""
     storage, name = work / "search", "kd-search"
-    shutil.rmtree(storage / name, ignore_errors=True)
     (work / "search-mlflow.db").unlink(missing_ok=True)  # a rerun must not find the old parent run
     # the grid has the reference cells already: the search runs without its own scratch/teacher references
     sets = base | {"data.labeled": n, "seed": 0, "data.seed": 0, "cache.dir": str(work / "cache"),
                    "distill.method": "ts_kd", "search.baselines": []}  # fmt: skip
-    cli = ["launch", args.space, "--name", name, "--storage", str(storage), "--num-samples", str(args.search_trials),
-           "--max-concurrent", "1", "--tracking-uri", f"sqlite:///{work}/search-mlflow.db"]  # fmt: skip
-    for k, v in sets.items():
-        cli += ["--set", f"{k}={json.dumps(v)}"]
     print(f"search: {args.search_trials} trials of ts_kd at N={n}, seed 0 ...", flush=True)
-    wall, _ = run_cli(cli)
+    _, wall = launch(args.space, name, storage, args.search_trials, 1, f"sqlite:///{work}/search-mlflow.db", sets)
     return storage / name / "best.yaml", wall
 
 

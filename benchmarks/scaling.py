@@ -36,15 +36,34 @@ import time
 from _common import (
     PYTHON,
     REPO,
+    launch,
     plot_path,
     provenance,
     read_trials,
-    run_cli,
     save_figure,
     table,
     write_result,
 )
-from search_efficiency import DEFAULT_SET, QUICK_SET
+
+# the sizing of the figures in docs/BENCHMARKS.md (the earlier search-efficiency sizing: mni152 at 64 px,
+# ts_kd, N=10, short students, so a trial takes ~30 s)
+DEFAULT_SET = {
+    "data.image_size": 64,
+    "teacher.model_kwargs": {"img_size": 64, "patch_size": 8, "depth": 4},
+    "student.epochs": 12,
+    "search.grace_period": 3,
+    "distill.method": "ts_kd",
+}
+QUICK_SET = {
+    "data.image_size": 32,
+    "teacher.model_kwargs": {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2},
+    "teacher.decoder_channels": 16,
+    "teacher.epochs": 2,
+    "student.channels": [8, 16, 32],
+    "student.epochs": 3,
+    "search.grace_period": 1,
+    "distill.method": "ts_kd",
+}
 
 
 def nodes_used(work, name: str, uri: str) -> int:
@@ -61,17 +80,11 @@ def nodes_used(work, name: str, uri: str) -> int:
 def run_search(
     space: str, name: str, trials: int, concurrency: int, sets: dict, work, address: str, nodes: int, uri: str
 ) -> dict:
-    shutil.rmtree(work / "runs" / name, ignore_errors=True)
     shutil.rmtree(work / name, ignore_errors=True)
     (work / name).mkdir(parents=True)  # its cache: fresh for every run
     over = sets | {"search.algorithm": "random", "search.scheduler": "fifo", "search.seed": 0,
                    "cache.dir": str(work / name / "cache")}  # fmt: skip
-    cli = ["launch", space, "--name", name, "--storage", str(work / "runs"), "--num-samples", str(trials),
-           "--max-concurrent", str(concurrency), "--tracking-uri", uri, "--address", address]  # fmt: skip
-    for k, v in over.items():
-        cli += ["--set", f"{k}={json.dumps(v)}"]
-    start = time.time()
-    wall, _ = run_cli(cli)
+    start, wall = launch(space, name, work / "runs", trials, concurrency, uri, over, "--address", address)
     tr = read_trials(work / "runs" / name)
     first = min((t["first_ts"] for t in tr), default=None)
     return {

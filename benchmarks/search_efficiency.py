@@ -24,7 +24,6 @@ searcher saw). Compute and scores do not depend on the load; the wall times do.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import sys
@@ -32,12 +31,13 @@ import time
 
 from _common import (
     REPO,
+    launch,
     plot_path,
     provenance,
     read_trials,
-    run_cli,
+    running_best,
     save_figure,
-    spread,
+    summarise,
     table,
     write_result,
 )
@@ -65,35 +65,20 @@ QUICK_SET = {
 def run_search(space: str, name: str, trials: int, sets: dict, work) -> dict:
     """One search (``sets`` say which sampler, scheduler and seed) on the shared cache; its trials in
     completion order and its wall time."""
-    cli = ["launch", space, "--name", name, "--storage", str(work / "runs"), "--num-samples", str(trials),
-           "--max-concurrent", "1", "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"]  # fmt: skip
-    for k, v in (sets | {"cache.dir": str(work / "cache")}).items():
-        cli += ["--set", f"{k}={json.dumps(v)}"]
-    shutil.rmtree(work / "runs" / name, ignore_errors=True)
-    t0 = time.time()
-    wall, _ = run_cli(cli)
+    start, wall = launch(space, name, work / "runs", trials, 1, f"sqlite:///{work / 'mlflow.db'}",
+                         sets | {"cache.dir": str(work / "cache")})  # fmt: skip
     done = sorted(read_trials(work / "runs" / name), key=lambda t: (t["last_ts"], t["index"]))
-    return {"name": name, "start": t0, "wall_s": wall, "trials": done}
-
-
-def curve(trials: list[dict]) -> list[tuple[float, float]]:
-    """(compute so far, best score so far) after each trial, in completion order."""
-    out, cpu, best = [], 0.0, float("-inf")
-    for t in trials:
-        cpu += t["cpu_s"] or 0.0
-        best = max(best, t["metric"] if t["metric"] is not None else best)
-        out.append((cpu, best))
-    return out
+    return {"name": name, "start": start, "wall_s": wall, "trials": done}
 
 
 def to_target(trials: list[dict], target: float) -> float | None:
     """Compute (CPU-s) until the running best reached ``target`` (None: never)."""
-    return next((cpu for cpu, best in curve(trials) if best >= target - 1e-12), None)
+    return next((cpu for cpu, best in running_best(trials) if best is not None and best >= target - 1e-12), None)
 
 
 def best_within(trials: list[dict], cpu_limit: float) -> float | None:
     """The best score among the trials that finished within ``cpu_limit`` CPU-seconds of compute."""
-    bests = [best for cpu, best in curve(trials) if cpu <= cpu_limit + 1e-9 and best > float("-inf")]
+    bests = [best for cpu, best in running_best(trials) if cpu <= cpu_limit + 1e-9 and best is not None]
     return bests[-1] if bests else None
 
 
@@ -109,8 +94,8 @@ def plot(searches: dict, path) -> None:
     for (arm, _seed), s in sorted(searches.items()):
         if arm not in colours:  # random + FIFO is the first half of the 2x curve
             continue
-        pts = curve(s["trials"])
-        xs, ys = [0.0] + [c / 60 for c, _ in pts], [math.nan] + [b for _, b in pts]
+        pts = running_best(s["trials"])
+        xs, ys = [0.0] + [c / 60 for c, _ in pts], [math.nan] + [math.nan if b is None else b for _, b in pts]
         ax.step(xs, ys, where="post", color=colours[arm], alpha=0.75, label=None if arm in labelled else arm)
         labelled.add(arm)
     ax.set_xlabel("compute so far (CPU-minutes of all trials)")
@@ -170,20 +155,15 @@ def main() -> None:
         equal = sum(t["cpu_s"] or 0 for t in searches["tpe+asha", seed]["trials"])  # TPE + ASHA's whole compute
         for arm in ARMS:
             s = searches[arm, seed]
+            cpu_total, best = running_best(s["trials"])[-1]
             rows.append({"arm": arm, "seed": seed, "trials": len(s["trials"]), "target": target,
                          "cpu_to_target_s": to_target(s["trials"], target),
                          "best_at_equal_cpu": best_within(s["trials"], equal),
-                         "best_val_dice": curve(s["trials"])[-1][1], "cpu_total_s": curve(s["trials"])[-1][0],
+                         "best_val_dice": best, "cpu_total_s": cpu_total,
                          "epochs_total": sum(t["epochs"] for t in s["trials"]),
                          "wall_s": s["wall_s"] if arm != "random+fifo" else None})  # fmt: skip
-    summary = []
-    for arm in ARMS:
-        mine = [r for r in rows if r["arm"] == arm]
-        row = {"arm": arm, "searches": len(mine), "reached": sum(r["cpu_to_target_s"] is not None for r in mine)}
-        for key in ("cpu_to_target_s", "best_at_equal_cpu", "best_val_dice", "cpu_total_s", "epochs_total", "wall_s"):
-            sp = spread([r[key] for r in mine])
-            row |= {key: sp["mean"], key + "_std": sp["std"]}
-        summary.append(row)
+    summary = summarise(rows, "arm", ARMS, ["cpu_to_target_s", "best_at_equal_cpu", "best_val_dice", "cpu_total_s",
+                                            "epochs_total", "wall_s"])  # fmt: skip
     ratios = []
     for seed in args.seeds:
         tpe, rnd = (next(r for r in rows if r["seed"] == seed and r["arm"] == a) for a in ("tpe+asha", "random+fifo"))

@@ -28,12 +28,14 @@ import time
 
 from _common import (
     REPO,
+    RESULTS,
+    launch,
     plot_path,
     provenance,
     read_trials,
-    run_cli,
+    running_best,
     save_figure,
-    spread,
+    summarise,
     table,
     write_result,
 )
@@ -80,13 +82,7 @@ def prefill(space: str, sets: dict, work) -> float:
     cache = fresh_cache(work, "prefill")
     over = sets | {"cache.dir": str(cache), "search.strategy": "joint", "distill.method": "teacher",
                    "teacher.epochs": 1, "search.grace_period": 1}  # fmt: skip
-    cli = ["launch", space, "--name", "prefill", "--storage", str(work / "runs"), "--num-samples", "1",
-           "--max-concurrent", "1", "--tracking-uri", f"sqlite:///{work / 'prefill'}/mlflow.db"]  # fmt: skip
-    for k, v in over.items():
-        cli += ["--set", f"{k}={json.dumps(v)}"]
-    shutil.rmtree(work / "runs" / "prefill", ignore_errors=True)
-    wall, _ = run_cli(cli)
-    return wall
+    return launch(space, "prefill", work / "runs", 1, 1, f"sqlite:///{work / 'prefill'}/mlflow.db", over)[1]
 
 
 def run_search(space: str, strategy: str, seed: int, args, sets: dict, work) -> dict:
@@ -97,13 +93,7 @@ def run_search(space: str, strategy: str, seed: int, args, sets: dict, work) -> 
     trials = args.joint_trials if strategy == "joint" else args.student_trials
     over = sets | {"search.strategy": strategy, "search.seed": seed, "cache.dir": str(cache),
                    "search.teacher_trials": args.teacher_trials, "search.top_teachers": args.top_teachers}  # fmt: skip
-    cli = ["launch", space, "--name", name, "--storage", str(work / "runs"), "--num-samples", str(trials),
-           "--max-concurrent", "1", "--tracking-uri", f"sqlite:///{work / name}/mlflow.db"]  # fmt: skip
-    for k, v in over.items():
-        cli += ["--set", f"{k}={json.dumps(v)}"]
-    shutil.rmtree(work / "runs" / name, ignore_errors=True)
-    t0 = time.time()
-    wall, _ = run_cli(cli)
+    t0, wall = launch(space, name, work / "runs", trials, 1, f"sqlite:///{work / name}/mlflow.db", over)
     folder = work / "runs" / name
     stages = [("teacher", folder / "teacher_stage")] if strategy == "staged" else []
     done = []
@@ -115,14 +105,16 @@ def run_search(space: str, strategy: str, seed: int, args, sets: dict, work) -> 
             "best_val_dice": summary.get("best_val_dice"), "test_dice": summary.get("test_dice")}  # fmt: skip
 
 
+def _student(trial: dict) -> bool:
+    """Only a student trial's val Dice counts toward a target (a teacher trial's is the teacher's)."""
+    return trial["stage"] == "student"
+
+
 def to_target(search: dict, target: float) -> dict:
     """Compute (CPU-s), trials and seconds since launch until a student trial's val Dice reached ``target``."""
-    cpu, best = 0.0, float("-inf")
-    for k, t in enumerate(search["trials"], 1):
-        cpu += t["cpu_s"] or 0.0
-        if t["stage"] == "student" and t["metric"] is not None:
-            best = max(best, t["metric"])
-        if best >= target:
+    trials = search["trials"]
+    for k, (t, (cpu, best)) in enumerate(zip(trials, running_best(trials, _student), strict=True), 1):
+        if best is not None and best >= target:
             return {"trials_to_target": k, "cpu_to_target_s": cpu, "time_to_target_s": t["last_ts"] - search["start"]}
     return {"trials_to_target": None, "cpu_to_target_s": None, "time_to_target_s": None}
 
@@ -151,13 +143,8 @@ def plot(searches: list[dict], path) -> None:
     colours = {"joint": "tab:orange", "staged": "tab:blue"}
     styles = ["-", "--", ":", "-."]
     for s in searches:
-        cpu, best, xs, ys = 0.0, None, [0.0], [None]
-        for t in s["trials"]:
-            cpu += t["cpu_s"] or 0.0
-            if t["stage"] == "student" and t["metric"] is not None:
-                best = t["metric"] if best is None else max(best, t["metric"])
-            xs.append(cpu / 60)
-            ys.append(best)
+        pts = running_best(s["trials"], _student)
+        xs, ys = [0.0] + [c / 60 for c, _ in pts], [None] + [b for _, b in pts]
         ax.step(xs, [y if y is not None else float("nan") for y in ys], where="post", color=colours[s["strategy"]],
                 linestyle=styles[s["seed"] % len(styles)], label=f"{s['strategy']}, seed {s['seed']}")  # fmt: skip
     ax.set_xlabel("compute so far (CPU-minutes of all trials; a staged search's teachers first)")
@@ -186,13 +173,12 @@ def main() -> None:
     from tskd_tune.config import parse_overrides
 
     if args.reanalyse:
-        path = REPO / "benchmarks" / "results" / f"staged_search{'.quick' if args.quick else ''}.json"
-        result = json.loads(path.read_text())
+        result = json.loads((RESULTS / f"staged_search{'.quick' if args.quick else ''}.json").read_text())
         near = near_targets(result["trials_detail"], result["seeds"], args.fractions)
         print(table(near))
         result["near_targets"] = near
         result["near_targets_command"] = provenance()["command"]
-        path.write_text(json.dumps(result, indent=2, default=float) + "\n")
+        path = write_result("staged_search", result, args.quick)
         print(f"\nadded to {path.relative_to(REPO)}")
         return
 
@@ -222,14 +208,8 @@ def main() -> None:
                          "cpu_to_target_s": s["cpu_to_target_s"], "cpu_total_s": sum(t["cpu_s"] or 0 for t in s["trials"]),
                          "time_to_target_s": s["time_to_target_s"], "wall_s": s["wall_s"],
                          "best_val_dice": s["best_val_dice"], "test_dice": s["test_dice"]})  # fmt: skip
-    summary = []
-    for strategy in ("joint", "staged"):
-        mine = [r for r in rows if r["strategy"] == strategy]
-        row = {"strategy": strategy, "searches": len(mine), "reached": sum(r["cpu_to_target_s"] is not None for r in mine)}
-        for key in ("cpu_to_target_s", "cpu_total_s", "time_to_target_s", "wall_s", "best_val_dice", "test_dice"):
-            sp = spread([r[key] for r in mine])
-            row |= {key: sp["mean"], key + "_std": sp["std"]}
-        summary.append(row)
+    summary = summarise(rows, "strategy", ("joint", "staged"), ["cpu_to_target_s", "cpu_total_s", "time_to_target_s",
+                                                                 "wall_s", "best_val_dice", "test_dice"])  # fmt: skip
     ratios = []
     for seed in args.seeds:
         j, s = (next(r for r in rows if r["seed"] == seed and r["strategy"] == k) for k in ("joint", "staged"))
