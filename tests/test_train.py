@@ -59,3 +59,16 @@ def test_the_checkpoint_writer_hook_writes_the_file(tmp_path):
 
     run_loop(_loop(epochs=2, hooks=Hooks(checkpoint_writer=writer))[0], tmp_path, None)
     assert written == [("p", 1), ("p", 2)] and load_checkpoint(tmp_path / "checkpoint")["epoch"] == 2
+
+
+def test_learning_rate_warms_up_linearly_then_decays_as_a_cosine():
+    import math
+
+    from tskd_tune.train import lr_factor
+
+    plain = lr_factor(100, 0)  # no warm-up: the cosine every loop had before teacher.warmup_epochs
+    assert [plain(s) for s in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])
+    warm = lr_factor(100, 10)
+    assert [warm(s) for s in range(10)] == pytest.approx([(s + 1) / 11 for s in range(10)])
+    assert warm(10) == pytest.approx(1.0) and warm(55) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert warm(100) == pytest.approx(0.0) and max(warm(s) for s in range(101)) == pytest.approx(1.0)

@@ -117,16 +117,30 @@ class Loop:
     checkpoint_every: int = 1
     autocast: bool = False
     """Run each step's forward pass under CUDA bf16 autocast (backward and the optimiser stay outside)."""
+    warmup_steps: int = 0
+    """Steps of linear learning-rate warm-up before the cosine decay."""
     hooks: Hooks = field(default_factory=Hooks)
+
+
+def lr_factor(total: int, warmup: int) -> Callable[[int], float]:
+    """The learning rate at step s as a fraction of the peak: linear warm-up over ``warmup`` steps (a
+    pretrained decoder's first steps from a random-prompt start are large), then cosine decay to 0."""
+    warmup = min(warmup, total - 1)
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * min(s - warmup, total - warmup) / (total - warmup)))
+
+    return factor
 
 
 def run_loop(loop: Loop, out_dir: Path | None, report: Report | None, resume: dict | None = None) -> dict:
     """Train ``loop`` (from ``resume`` when given), evaluating and reporting after every epoch."""
     params = [p for m in loop.modules.values() for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=loop.lr, weight_decay=loop.weight_decay)
-    total = loop.epochs * loop.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        opt, lr_factor(loop.epochs * loop.steps_per_epoch, loop.warmup_steps)
     )
     start = 0
     if resume is not None and resume.get("phase") == loop.phase:

@@ -98,8 +98,15 @@ class TeacherConfig(Section):
     encoder features) or `lora` (LoRA in teacher.lora.last_blocks blocks, plus the head)."""
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments for the model factory (e.g. depth, embed_dim for tiny test models)."""
+    head: Literal["conv", "sam_decoder"] = "conv"
+    """Segmentation head: `conv` (a conv head trained from scratch on the encoder's features, see
+    teacher.decoder) or `sam_decoder` (LiteMedSAM's pretrained prompt encoder and mask decoder, one mask token
+    per class, no user prompt; fine-tuned like a head)."""
+    prompt: Literal["none", "box"] = "none"
+    """head: sam_decoder: the prompt it is given, the same for every image: `none` (the prompt encoder's
+    default embeddings, as SAMed) or `box` (a box around the whole image, as MedSAM was trained with)."""
     decoder: Literal["progressive", "unetr"] = "progressive"
-    """Segmentation head on the encoder tokens."""
+    """Conv head (head: conv) on the encoder tokens."""
     decoder_channels: int = Field(64, ge=4)
     """Width of the decoder head."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -110,6 +117,8 @@ class TeacherConfig(Section):
     """AdamW weight decay."""
     epochs: int = Field(20, ge=1)
     """Fine-tuning epochs over the labelled images (and their augmented views)."""
+    warmup_epochs: int = Field(0, ge=0)
+    """Epochs of linear learning-rate warm-up before the cosine decay (0: none)."""
     augment_views: int = Field(0, ge=0, le=64)
     """With a cached prefix (no pixel augmentation there): augmented copies (data.augment) of each labelled
     image whose features are cached too and train the teacher beside the originals. 0: none."""

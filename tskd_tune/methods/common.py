@@ -58,7 +58,7 @@ def fine_tuned_teacher(st: TrialContext, report: Report | None = None) -> tuple[
         validate = st.teacher_validator(model, feats) if report is not None else None
         loop = Loop(phase="teacher", modules={"teacher": model}, step=reseeding(images, step), epochs=t.epochs,
                     steps_per_epoch=steps, lr=t.lr, weight_decay=t.weight_decay, seed=cfg.seed, autocast=st.amp,
-                    hooks=st.hooks, evaluate=validate)  # fmt: skip
+                    warmup_steps=t.warmup_epochs * steps, hooks=st.hooks, evaluate=validate)  # fmt: skip
         trained = run_loop(loop, out_dir=None, report=report)
         metrics = {f"teacher_{k}": v for k, v in st.teacher_validator(model, feats)().items()}
         metrics["teacher_train_loss"] = trained["train_loss"]

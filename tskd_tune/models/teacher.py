@@ -122,9 +122,14 @@ def frozen_depth(cfg: TeacherConfig, n_blocks: int) -> int:
 
 def _build(cfg: TeacherConfig, in_chans: int, num_classes: int, image_size: int) -> Segmenter:
     if cfg.model == LITEMEDSAM:
-        if cfg.decoder != "progressive":
+        if cfg.head == "conv" and cfg.decoder != "progressive":
             raise TskdError("teacher.decoder: litemedsam has one feature map; use `progressive`")
         return _lite_medsam(num_classes, in_chans, image_size, cfg)
+    if cfg.head == "sam_decoder":
+        raise TskdError(
+            f"teacher.head: sam_decoder is LiteMedSAM's pretrained mask decoder (teacher.model: {LITEMEDSAM}), "
+            f"got model {cfg.model}; use head: conv"
+        )
     import timm
 
     if not timm.is_model(cfg.model):
@@ -175,6 +180,11 @@ def _lite_medsam(num_classes: int, in_chans: int, image_size: int, cfg: TeacherC
             raise TskdError(
                 f"teacher.checkpoint: does not fit litemedsam: {str(exc).splitlines()[0]}"
             ) from None
+    head = None
+    if cfg.head == "sam_decoder":
+        from tskd_tune.models.sam_head import SamMaskHead
+
+        head = SamMaskHead(net.prompt_encoder, net.mask_decoder, num_classes, cfg.prompt)
     return Segmenter(
         tiny_vit(net.image_encoder, LITEMEDSAM_SIZE),
         num_classes=num_classes,
@@ -184,6 +194,7 @@ def _lite_medsam(num_classes: int, in_chans: int, image_size: int, cfg: TeacherC
         out_size=image_size,
         decoder_channels=cfg.decoder_channels,
         freeze_encoder=True,
+        head=head,
     )
 
 

@@ -98,6 +98,7 @@ class Segmenter(nn.Module):
         decoder_channels: int = 64,
         frozen: int = 0,
         freeze_encoder: bool = False,
+        head: nn.Module | None = None,
     ):
         super().__init__()
         self.encoder = encoder
@@ -107,7 +108,8 @@ class Segmenter(nn.Module):
         self.frozen = frozen
         """Blocks before the cut: the prefix (cached) runs them, the suffix the rest."""
         self.freeze_encoder = freeze_encoder
-        self.head = HEADS[decoder](feature_dims, num_classes, decoder_channels, up_steps(grid, out_size))
+        # a head given ready-made (LiteMedSAM's pretrained mask decoder) replaces the conv head
+        self.head = head or HEADS[decoder](feature_dims, num_classes, decoder_channels, up_steps(grid, out_size))
         if freeze_encoder:
             self.encoder.requires_grad_(False)
         self.train()
