@@ -121,6 +121,10 @@ def test_search_folder_has_leaderboard_best_config_and_test_score(searched):
     assert summary["best_gain_vs_scratch"] == pytest.approx(board.loc[board["trial_id"] == summary["best_trial"],
                                                                       "gain_vs_scratch"].iloc[0])  # fmt: skip
     assert "reference scratch: val_dice" in first.stdout and "val Dice over scratch" in first.stdout
+    # a teacher below scratch is named (once both references are in, and again at the end), and only then
+    below = summary["reference_teacher_val_dice"] < scratch
+    assert ("warning: the teacher (val Dice" in first.stdout) == below
+    assert summary.get("teacher_below_scratch", False) == below
     # the references and every trial read the teacher features the driver filled before the trials
     assert "teacher features of images (2 frozen blocks)" in first.stdout  # tiny: not worth workers
     assert summary["teacher_features_filled"] == 80  # every image of the tiny phantom, once

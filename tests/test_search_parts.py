@@ -232,3 +232,13 @@ def test_a_fifo_search_says_which_grace_period_its_data_supports(tiny, tmp_path)
                            tmp_path) is None  # ASHA's own rungs are judged instead  # fmt: skip
     (few,) = grace_lines(grace | {"trials": 3, "epoch": None}, cfg)
     assert "too few" in few
+
+
+def test_a_teacher_below_scratch_is_named_with_what_to_try():
+    from tskd_tune.search.summary import teacher_below_scratch
+
+    line = teacher_below_scratch({"reference_teacher_val_dice": 0.7, "reference_scratch_val_dice": 0.75})
+    assert line.startswith("warning: the teacher (val Dice 0.7000) is below the scratch student (0.7500)")
+    assert "teacher.head: sam_decoder" in line and "teacher.adapt: lora" in line and "\n" not in line
+    assert teacher_below_scratch({"reference_teacher_val_dice": 0.8, "reference_scratch_val_dice": 0.75}) is None
+    assert teacher_below_scratch({"reference_scratch_val_dice": 0.75}) is None  # no teacher reference

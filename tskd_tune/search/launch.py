@@ -22,7 +22,7 @@ from tskd_tune.methods.checks import premise_warning, search_uses_transfer
 from tskd_tune.models.teacher import is_pretrained
 from tskd_tune.search import staged
 from tskd_tune.search.folder import SEARCH_FILE, SearchOptions, git_commit, state_path
-from tskd_tune.search.summary import summarize
+from tskd_tune.search.summary import TEACHER_BELOW_SCRATCH_TAG, summarize, teacher_below_scratch
 from tskd_tune.search.tuner import build_tuner, trial_id_of
 from tskd_tune.search.warm import warm_trials
 
@@ -69,6 +69,7 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
     _preload_in_background()
     run = run_info(opts, parent)
     references = _start_references(cfg, data_ref, run)
+    _warn_when_teacher_below_scratch(references, console, opts.tracking_uri, parent, state_path(opts))
     parent_client = tracking.BufferedClient(opts.tracking_uri, tracking.journal_path(state_path(opts), "parent"))
     try:
         if cfg.search.strategy == "staged":
@@ -252,6 +253,30 @@ def _start_references(cfg: Config, data_ref, run: dict) -> dict:
 
     task = ray.remote(reference_trial).options(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu, max_retries=1)
     return {m: task.remote(m, data_ref, cfg, run) for m in cfg.search.baselines}
+
+
+def _warn_when_teacher_below_scratch(refs: dict, console, uri: str, parent: str, state: Path) -> None:
+    """As soon as both the teacher and the scratch reference have finished (the search still running), say in
+    one line when the teacher is below scratch and tag the parent run; the summary says it again at the end."""
+    if not {"teacher", "scratch"} <= refs.keys():
+        return
+    import threading
+
+    import ray
+
+    def watch() -> None:
+        try:
+            got = {m: ray.get(refs[m]) for m in ("teacher", "scratch")}
+        except Exception:  # noqa: BLE001 - a failed reference is reported by _finish_references
+            return
+        line = teacher_below_scratch({f"reference_{m}_val_dice": r["val_dice"] for m, r in got.items() if "val_dice" in r})
+        if line:
+            console.print(line, markup=False)
+            # its own journal: the driver's thread writes the parent's
+            client = tracking.BufferedClient(uri, tracking.journal_path(state, "teacher-vs-scratch"))
+            client.set_tag(parent, TEACHER_BELOW_SCRATCH_TAG, "true")
+
+    threading.Thread(target=watch, name="teacher-vs-scratch", daemon=True).start()
 
 
 def _finish_references(refs: dict, console) -> dict:

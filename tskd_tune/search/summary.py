@@ -59,6 +59,10 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
             summary["best_test_gain_vs_scratch"] = test["test_dice"] - refs["reference_scratch_test_dice"]
         for _, row in board.dropna(subset=["gain_vs_scratch", "mlflow_run_id"]).iterrows():
             c.log_batch(row["mlflow_run_id"], metrics=[_metric("gain_vs_scratch", row["gain_vs_scratch"])])
+    below = teacher_below_scratch(refs)
+    if below:
+        summary["teacher_below_scratch"] = True
+        c.set_tag(parent, TEACHER_BELOW_SCRATCH_TAG, "true")
     trust = early_stopping(cfg, opts.path)
     summary |= {"rank_correlation": trust} if trust else {}
     grace = grace_supported(cfg, opts.path)
@@ -71,7 +75,7 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
     shown = board.drop(columns=["trial_id", "trial_dir", "mlflow_run_id"])
     shown.insert(0, "trial", board.apply(trial_label, axis=1))  # t007: the name of its folder and MLflow run
     print(shown.head(10).to_string(index=False))
-    for line in reference_lines(refs):
+    for line in reference_lines(refs) + ([below] if below else []):
         console.print(line, markup=False)
     gain = f"; {summary['best_gain_vs_scratch']:+.4f} val Dice over scratch" if "best_gain_vs_scratch" in summary else ""
     console.print(f"best trial {trial_label(best)} ({best['trial_id']}): {metric} {best[metric]:.4f}{gain}; "
@@ -289,6 +293,19 @@ def reference_metrics(search_path: Path) -> dict:
     """``reference_<method>_<metric>`` for the finished reference trials (val and test Dice, HD95)."""
     return {f"reference_{method}_{k}": float(m[k]) for method, m in references(search_path).items()
             for k in ("val_dice", "val_hd95", "test_dice", "test_hd95") if m.get(k) is not None}  # fmt: skip
+
+
+TEACHER_BELOW_SCRATCH_TAG = "tskd.teacher_below_scratch"
+
+
+def teacher_below_scratch(refs: dict) -> str | None:
+    """One line when the teacher reference scores below the scratch student on val Dice (what every
+    distilled student is compared with): distilling it cannot be expected to pay. None otherwise."""
+    teacher, scratch = refs.get("reference_teacher_val_dice"), refs.get("reference_scratch_val_dice")
+    if teacher is None or scratch is None or teacher >= scratch:
+        return None
+    return (f"warning: the teacher (val Dice {teacher:.4f}) is below the scratch student ({scratch:.4f}): "
+            "distilling it is unlikely to beat scratch; try teacher.head: sam_decoder or teacher.adapt: lora")  # fmt: skip
 
 
 def reference_lines(refs: dict) -> list[str]:
