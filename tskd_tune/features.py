@@ -109,7 +109,11 @@ class Filler:
 
         def export(tmp: Path) -> None:
             # the exporter and onnxscript's optimiser narrate every pass (prints and INFO logs): not for users
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), _quiet():
+            with (
+                contextlib.redirect_stdout(io.StringIO()),
+                contextlib.redirect_stderr(io.StringIO()),
+                _quiet(),
+            ):
                 torch.onnx.export(_Prefix(self.model).eval(), (example[:1],), str(tmp / "prefix.onnx"),
                                   input_names=["image"], dynamo=True, verbose=False)  # fmt: skip
 
@@ -118,9 +122,13 @@ class Filler:
             hit = (self.store or Store(Path("."), enabled=False)).get_or_build("onnx", key, export)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads, opts.inter_op_num_threads = self.threads, 1
-            self._ort = ort.InferenceSession(str(hit.path / "prefix.onnx"), opts, providers=["CPUExecutionProvider"])
+            self._ort = ort.InferenceSession(
+                str(hit.path / "prefix.onnx"), opts, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # noqa: BLE001 - an encoder the exporter cannot handle runs in PyTorch
-            self.plan["onnx_error"] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            self.plan["onnx_error"] = (
+                f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            )
             return False
         return True
 
@@ -238,7 +246,9 @@ class Features:
         """States of prepared images ``indices`` (any order, repeats allowed) as float32 tensors."""
         return [torch.from_numpy(take_rows(a, np.asarray(indices, np.int64))) for a in self.data]
 
-    def transfer_rows(self, real: np.ndarray, synthetic: np.ndarray, positions: np.ndarray) -> list[torch.Tensor]:
+    def transfer_rows(
+        self, real: np.ndarray, synthetic: np.ndarray, positions: np.ndarray
+    ) -> list[torch.Tensor]:
         """States of transfer-set ``positions``: the first ``len(real)`` are prepared images, the rest pool images."""
         positions = np.asarray(positions, np.int64)
         is_real = positions < len(real)
@@ -336,7 +346,9 @@ def augmented_views(
     """
     views = cfg.teacher.augment_views
     amp = cfg.resources.mixed_precision and device.type == "cuda"
-    filler = Filler(model, device, threads, store, feature_key(cfg, model, {}), amp, expected=views * len(indices))
+    filler = Filler(
+        model, device, threads, store, feature_key(cfg, model, {}), amp, expected=views * len(indices)
+    )
     out = Views([], [], views)
     for j, i in enumerate(np.asarray(indices, np.int64).tolist()):
 

@@ -93,7 +93,9 @@ def _cross_checks(cfg: Config, check_search_space: bool) -> list[str]:
     for section in ("teacher", "student"):
         weights = getattr(cfg, section)
         if weights.ce_weight == 0 and weights.dice_weight == 0:
-            problems.append(f"{section}: ce_weight and dice_weight are both 0, so the {section} learns nothing from labels")
+            problems.append(
+                f"{section}: ce_weight and dice_weight are both 0, so the {section} learns nothing from labels"
+            )
     synthetic = cfg.synthetic
     if synthetic.generator == "pretrained" and synthetic.pretrained_path is None:
         problems.append("synthetic.pretrained_path: required when synthetic.generator is pretrained")
@@ -153,7 +155,9 @@ def _strategy_checks(cfg: Config) -> list[str]:
         return []
     problems = []
     if not any(k.startswith("teacher.") for k in s.space):
-        problems.append("search.strategy: staged searches the teacher.* knobs first, but search.space has none; use joint")
+        problems.append(
+            "search.strategy: staged searches the teacher.* knobs first, but search.space has none; use joint"
+        )
     if cfg.distill.method != "ts_kd" or "distill.method" in s.space:
         problems.append(f"search.strategy: staged distils the best fine-tuned teachers, so distill.method must be ts_kd "
                         f"(and not searched), got {cfg.distill.method!r}")  # fmt: skip

@@ -38,7 +38,9 @@ def fine_tuned_teacher(st: TrialContext, report: Report | None = None) -> tuple[
         labeled = np.sort(st.splits.labeled)
         masks = torch.from_numpy(np.asarray(st.prepared.masks[labeled], dtype=np.int64))
         images = LabeledBatches(st.prepared.images, st.prepared.masks, labeled, cfg.data.augment)
-        views = st.teacher_views(st.teacher_base(), labeled) if feats is not None and t.augment_views else None
+        views = (
+            st.teacher_views(st.teacher_base(), labeled) if feats is not None and t.augment_views else None
+        )
         n = len(labeled) + (len(views) if views is not None else 0)
 
         def step(g):

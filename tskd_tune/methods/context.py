@@ -66,7 +66,9 @@ class TrialContext:
             model, images, masks, self.prepared.classes, bs, self.device, prefix=f"{split}_"
         )
 
-    def teacher_validator(self, teacher: nn.Module, feats: Features | None, split: str = "val") -> Callable[[], dict]:
+    def teacher_validator(
+        self, teacher: nn.Module, feats: Features | None, split: str = "val"
+    ) -> Callable[[], dict]:
         """Scores of a teacher on ``split``: its trainable part on the cached states (or on the images)."""
         if feats is None:
             return self.validator(teacher, split)
@@ -140,8 +142,6 @@ class Outcome:
     teacher: nn.Module | None = None
     evaluate: Callable[[str], dict] | None = None
     """Scores of ``model`` on a split when it needs more than images (a teacher on cached states)."""
-
-
 
 
 def log_progress(what: str, done: int, total: int) -> None:

@@ -41,7 +41,10 @@ def ta_kd(st: TrialContext, report: Report | None) -> Outcome:
                                 cfg.distill.pretrain_epochs, steps)  # fmt: skip
             # pretraining epochs are not reported: the scheduler compares trials on the fine-tuning epochs
             run_loop(pre, st.out_dir, None, st.resume)
-        labeled, sup = common.labeled_batches(st), supervised_loss(cfg.student.ce_weight, cfg.student.dice_weight)
+        labeled, sup = (
+            common.labeled_batches(st),
+            supervised_loss(cfg.student.ce_weight, cfg.student.dice_weight),
+        )
 
         def sup_step(g):
             x, y = labeled.sample(bs, g)
