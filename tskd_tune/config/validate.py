@@ -124,6 +124,7 @@ def check_data_config(data: DataConfig) -> list[str]:
     # runs this package's __init__, and so this module, first; at the top this import could then meet
     # tskd_tune.data half-initialised.
     from tskd_tune.data.adapters import get_adapter
+    from tskd_tune.data.lateral import pair_problems
 
     try:
         adapter = get_adapter(data.dataset)
@@ -142,6 +143,7 @@ def check_data_config(data: DataConfig) -> list[str]:
         )
     if data.classes is not None and len(set(data.classes)) != len(data.classes):
         problems.append(f"data.classes: names must be distinct, got {data.classes}")
+    problems += pair_problems(data.classes if data.classes is not None else default, data.lateral_pairs)
     if adapter.needs_root and data.root is None:
         problems.append(
             f"data.root: required for dataset {data.dataset!r} (expected layout: {adapter.layout})"
