@@ -30,6 +30,7 @@ from torch import nn
 
 from tskd_tune.cache import Store, digest
 from tskd_tune.config.schema import Config
+from tskd_tune.data.lateral import flip_plan
 from tskd_tune.data.prepare import Prepared, take_rows
 from tskd_tune.heartbeat import beat
 from tskd_tune.models.teacher import weights_identity
@@ -310,8 +311,9 @@ class Views:
 
 def views_source(cfg: Config, prepared: Prepared, i: int) -> dict:
     """What names the augmented views of prepared image ``i`` in their cache key."""
+    # the flips in effect (off, or swapping left and right) decide the views as much as data.augment does
     return {"data": prepared.path.name, "image": prepared.ids[i], "views": cfg.teacher.augment_views,
-            "augment": cfg.data.augment.model_dump()}  # fmt: skip
+            **flip_plan(cfg.data, prepared.classes).cache_key()}  # fmt: skip
 
 
 def view_inputs(cfg: Config, prepared: Prepared, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -319,7 +321,10 @@ def view_inputs(cfg: Config, prepared: Prepared, i: int) -> tuple[np.ndarray, np
     drawn with a seed of the image itself: the same wherever and whenever they are made."""
     from tskd_tune.data.transforms import train_transforms
 
-    tf = train_transforms(cfg.data.augment, seed=int(digest([prepared.ids[i], "views"])[:8], 16))
+    flips = flip_plan(cfg.data, prepared.classes)
+    tf = train_transforms(
+        flips.augment, seed=int(digest([prepared.ids[i], "views"])[:8], 16), label_swap=flips.label_swap
+    )
     pairs = [tf({"image": torch.from_numpy(np.asarray(prepared.images[i], np.float32)),
                  "label": torch.from_numpy(np.asarray(prepared.masks[i], np.float32))[None]})
              for _ in range(cfg.teacher.augment_views)]  # fmt: skip

@@ -3,6 +3,7 @@ method hands back."""
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from torch import nn
 
 from tskd_tune.cache import Store
 from tskd_tune.config import Config
+from tskd_tune.data.lateral import FlipPlan, flip_plan
 from tskd_tune.data.prepare import Prepared, Splits, take_rows
 from tskd_tune.features import Features, FromState, StateRows, Views, augmented_views, encoder_features
 from tskd_tune.metrics import evaluate
@@ -49,6 +51,11 @@ class TrialContext:
     @property
     def num_classes(self) -> int:
         return len(self.prepared.classes)
+
+    @functools.cached_property
+    def flips(self) -> FlipPlan:
+        """How flips treat left/right classes: the augmentation in effect and the class swap a flip applies."""
+        return flip_plan(self.cfg.data, self.prepared.classes)
 
     @property
     def amp(self) -> bool:

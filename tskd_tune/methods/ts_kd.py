@@ -53,8 +53,13 @@ def ts_kd(st: TrialContext, report: Report | None) -> Outcome:
     def step(g):
         xl, yl = labeled.sample(bs, g)
         ti = torch.randint(len(transfer), (bs,), generator=g).numpy()
+        # soft labels have a channel per class: a flip moves the left class's into the right class's channel
         xt, lt = paired_transforms(
-            transfer.read(st.prepared.images, ti), rows(logits, ti), cfg.data.augment, g
+            transfer.read(st.prepared.images, ti),
+            rows(logits, ti),
+            st.flips.augment,
+            g,
+            channel_swap=st.flips.label_swap,
         )
         xl, yl, xt, lt = (t.to(st.device) for t in (xl, yl, xt, lt))
         loss = d.sup_weight * sup(student(xl), yl) + d.kd_weight * kd_loss(student(xt), lt, d.temperature)
