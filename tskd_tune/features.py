@@ -30,6 +30,7 @@ from torch import nn
 
 from tskd_tune.cache import Store, digest
 from tskd_tune.config.schema import Config
+from tskd_tune.data.lateral import flip_plan
 from tskd_tune.data.prepare import Prepared, take_rows
 from tskd_tune.heartbeat import beat
 from tskd_tune.models.teacher import weights_identity
@@ -109,7 +110,11 @@ class Filler:
 
         def export(tmp: Path) -> None:
             # the exporter and onnxscript's optimiser narrate every pass (prints and INFO logs): not for users
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), _quiet():
+            with (
+                contextlib.redirect_stdout(io.StringIO()),
+                contextlib.redirect_stderr(io.StringIO()),
+                _quiet(),
+            ):
                 torch.onnx.export(_Prefix(self.model).eval(), (example[:1],), str(tmp / "prefix.onnx"),
                                   input_names=["image"], dynamo=True, verbose=False)  # fmt: skip
 
@@ -118,9 +123,13 @@ class Filler:
             hit = (self.store or Store(Path("."), enabled=False)).get_or_build("onnx", key, export)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads, opts.inter_op_num_threads = self.threads, 1
-            self._ort = ort.InferenceSession(str(hit.path / "prefix.onnx"), opts, providers=["CPUExecutionProvider"])
+            self._ort = ort.InferenceSession(
+                str(hit.path / "prefix.onnx"), opts, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # noqa: BLE001 - an encoder the exporter cannot handle runs in PyTorch
-            self.plan["onnx_error"] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            self.plan["onnx_error"] = (
+                f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            )
             return False
         return True
 
@@ -238,7 +247,9 @@ class Features:
         """States of prepared images ``indices`` (any order, repeats allowed) as float32 tensors."""
         return [torch.from_numpy(take_rows(a, np.asarray(indices, np.int64))) for a in self.data]
 
-    def transfer_rows(self, real: np.ndarray, synthetic: np.ndarray, positions: np.ndarray) -> list[torch.Tensor]:
+    def transfer_rows(
+        self, real: np.ndarray, synthetic: np.ndarray, positions: np.ndarray
+    ) -> list[torch.Tensor]:
         """States of transfer-set ``positions``: the first ``len(real)`` are prepared images, the rest pool images."""
         positions = np.asarray(positions, np.int64)
         is_real = positions < len(real)
@@ -300,8 +311,9 @@ class Views:
 
 def views_source(cfg: Config, prepared: Prepared, i: int) -> dict:
     """What names the augmented views of prepared image ``i`` in their cache key."""
+    # the flips in effect (off, or swapping left and right) decide the views as much as data.augment does
     return {"data": prepared.path.name, "image": prepared.ids[i], "views": cfg.teacher.augment_views,
-            "augment": cfg.data.augment.model_dump()}  # fmt: skip
+            **flip_plan(cfg.data, prepared.classes).cache_key()}  # fmt: skip
 
 
 def view_inputs(cfg: Config, prepared: Prepared, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -309,7 +321,10 @@ def view_inputs(cfg: Config, prepared: Prepared, i: int) -> tuple[np.ndarray, np
     drawn with a seed of the image itself: the same wherever and whenever they are made."""
     from tskd_tune.data.transforms import train_transforms
 
-    tf = train_transforms(cfg.data.augment, seed=int(digest([prepared.ids[i], "views"])[:8], 16))
+    flips = flip_plan(cfg.data, prepared.classes)
+    tf = train_transforms(
+        flips.augment, seed=int(digest([prepared.ids[i], "views"])[:8], 16), label_swap=flips.label_swap
+    )
     pairs = [tf({"image": torch.from_numpy(np.asarray(prepared.images[i], np.float32)),
                  "label": torch.from_numpy(np.asarray(prepared.masks[i], np.float32))[None]})
              for _ in range(cfg.teacher.augment_views)]  # fmt: skip
@@ -336,7 +351,9 @@ def augmented_views(
     """
     views = cfg.teacher.augment_views
     amp = cfg.resources.mixed_precision and device.type == "cuda"
-    filler = Filler(model, device, threads, store, feature_key(cfg, model, {}), amp, expected=views * len(indices))
+    filler = Filler(
+        model, device, threads, store, feature_key(cfg, model, {}), amp, expected=views * len(indices)
+    )
     out = Views([], [], views)
     for j, i in enumerate(np.asarray(indices, np.int64).tolist()):
 

@@ -11,7 +11,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,17 +53,26 @@ def epoch_seed(seed: int, phase: str, epoch: int) -> int:
 
 
 class LabeledBatches:
-    """Random labelled batches (with replacement, so 10 images still fill a batch of 16), augmented."""
+    """Random labelled batches (with replacement, so 10 images still fill a batch of 16), augmented;
+    ``label_swap`` is the class permutation a flip applies (:attr:`tskd_tune.data.lateral.FlipPlan.label_swap`)."""
 
-    def __init__(self, images: np.ndarray, masks: np.ndarray, indices: np.ndarray, aug: AugmentConfig):
+    def __init__(
+        self,
+        images: np.ndarray,
+        masks: np.ndarray,
+        indices: np.ndarray,
+        aug: AugmentConfig,
+        label_swap: Sequence[int] | None,
+    ):
         order = np.sort(indices)
         self.images = torch.from_numpy(np.asarray(images[order], dtype=np.float32))
         self.masks = torch.from_numpy(np.asarray(masks[order], dtype=np.int64))
         self.aug_cfg = aug
+        self.label_swap = label_swap
         self.aug = None
 
     def reseed(self, seed: int) -> torch.Generator:
-        self.aug = train_transforms(self.aug_cfg, seed=seed)
+        self.aug = train_transforms(self.aug_cfg, seed=seed, label_swap=self.label_swap)
         return torch.Generator().manual_seed(seed)
 
     def sample(self, batch_size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

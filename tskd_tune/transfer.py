@@ -22,6 +22,7 @@ import torch
 
 from tskd_tune.cache import Hit, Store, digest
 from tskd_tune.config.schema import Config
+from tskd_tune.data.lateral import flip_plan
 from tskd_tune.data.prepare import Prepared, Splits, take_rows
 from tskd_tune.heartbeat import beat
 from tskd_tune.models.teacher import weights_identity
@@ -101,7 +102,8 @@ def teacher_key(cfg: Config, prepared: Prepared, splits: Splits) -> dict:
         "kind": "teacher",
         **data_key(prepared, splits),
         "classes": len(prepared.classes),
-        "augment": cfg.data.augment.model_dump(),
+        # the flips in effect (switched off, or swapping left/right classes) change the teacher
+        **flip_plan(cfg.data, prepared.classes).cache_key(),
         "teacher": t.model_dump(mode="json", exclude={"checkpoint"}),
         "weights": weights_identity(t, cfg.seed),
         "seed": cfg.seed,

@@ -39,21 +39,23 @@ def test_paired_transforms_move_images_and_teacher_outputs_alike():
     # a smooth image (what segmentation outputs look like), so that resampling at two resolutions agrees
     x = torch.nn.functional.interpolate(torch.rand(6, 1, 4, 4, generator=g), size=32, mode="bilinear")
     geometry = AugmentConfig(prob=1.0, rotate_deg=30, scale=0.2, intensity=0.0, flip=True)
-    xa, ta = paired_transforms(x, x.repeat(1, 3, 1, 1).clone(), geometry, g)
+    xa, ta = paired_transforms(x, x.repeat(1, 3, 1, 1).clone(), geometry, g, channel_swap=None)
     # the outputs (here: copies of the image) went through the same flips, rotations and zooms
     inner = (slice(None), slice(None), slice(8, 24), slice(8, 24))  # away from the differently padded edges
     torch.testing.assert_close(ta[inner], xa.repeat(1, 3, 1, 1)[inner])
     assert not torch.allclose(xa, x)
     # intensity changes the images only
-    xi, ti = paired_transforms(x, x.clone(), AugmentConfig(prob=1.0, rotate_deg=0, scale=0, flip=False), g)
+    xi, ti = paired_transforms(
+        x, x.clone(), AugmentConfig(prob=1.0, rotate_deg=0, scale=0, flip=False), g, channel_swap=None
+    )
     assert torch.equal(ti, x) and not torch.allclose(xi, x)
     # a coarser map (a 4x smaller grid of logits or features) gets the same geometry
     small = torch.nn.functional.avg_pool2d(x, 4)
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    xs, ts = paired_transforms(x, small, geometry, g1)
-    again, _ = paired_transforms(x, x.clone(), geometry, g2)
+    xs, ts = paired_transforms(x, small, geometry, g1, channel_swap=None)
+    again, _ = paired_transforms(x, x.clone(), geometry, g2, channel_swap=None)
     torch.testing.assert_close(torch.nn.functional.avg_pool2d(xs, 4)[..., 3:5, 3:5], ts[..., 3:5, 3:5],
                                atol=0.05, rtol=0)  # fmt: skip
     assert torch.equal(xs, again)  # drawn from the generator: reproducible
     off = AugmentConfig(enabled=False)
-    assert paired_transforms(x, small, off, g)[1] is small
+    assert paired_transforms(x, small, off, g, channel_swap=None)[1] is small

@@ -21,6 +21,7 @@ from tskd_tune.errors import TskdError
 def validate(space: SpaceArg, set_: SetOpt = None) -> None:
     """Validate a search-space YAML; print the resolved config and the search space."""
     from tskd_tune.config import to_yaml
+    from tskd_tune.data.lateral import flip_plan
     from tskd_tune.data.registry import class_names
     from tskd_tune.space import describe_space
 
@@ -28,6 +29,10 @@ def validate(space: SpaceArg, set_: SetOpt = None) -> None:
     print(f"# resolved config ({space})")
     print(to_yaml(cfg).rstrip())
     print(f"# classes: {', '.join(class_names(cfg.data))}")
+    flips = flip_plan(cfg.data)
+    if flips.label_swap:
+        print(f"# flips swap: {', '.join(f'{a} <-> {b}' for a, b in flips.pairs)}")
+    warn(flips.note)
     table = Table(title=f"search space ({len(cfg.search.space)} dimension(s))", title_justify="left")
     table.add_column("path")
     table.add_column("distribution")
@@ -48,10 +53,12 @@ def data_inspect(
 ) -> None:
     """Preprocess (cached) and summarise a dataset: counts per split, class frequencies, a preview grid."""
     from tskd_tune.data.inspect import preview_grid, preview_indices, summarize
+    from tskd_tune.data.lateral import flip_plan
     from tskd_tune.data.prepare import load
 
     cfg = load_cfg(space, set_)
     prepared, splits = load(cfg)
+    warn(flip_plan(cfg.data, prepared.classes).note)
     summary = summarize(prepared, splits)
     summary["dataset"] = cfg.data.dataset
     out_dir = out_dir or Path("runs") / "inspect" / (cfg.name or cfg.data.dataset)

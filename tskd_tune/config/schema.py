@@ -28,7 +28,8 @@ class AugmentConfig(Section):
     enabled: bool = True
     """Apply random augmentation to labelled training images."""
     flip: bool = True
-    """Random horizontal flips."""
+    """Random horizontal flips; left/right classes swap with the image (see data.lateral_pairs), and flips are
+    switched off where a class looks lateral but has no pair."""
     rotate_deg: float = Field(10.0, ge=0, le=180)
     """Maximum random rotation in degrees."""
     scale: float = Field(0.1, ge=0, lt=1)
@@ -58,6 +59,9 @@ class DataConfig(Section):
     """Cap on the unlabelled pool (None: every remaining training image)."""
     classes: list[str] | None = None
     """Class names, background first (default: the adapter's classes)."""
+    lateral_pairs: list[tuple[str, str]] = Field(default_factory=list)
+    """Pairs of class names that swap when an image is flipped horizontally, e.g. [[left_lung, right_lung]];
+    besides these, names with left/right (or l_/r_, _l/_r) are paired by themselves."""
     seed: int = 0
     """Seed of the train/val/test split and of the labelled subset."""
     val_fraction: float = Field(0.15, gt=0, lt=1)

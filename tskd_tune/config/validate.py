@@ -93,7 +93,9 @@ def _cross_checks(cfg: Config, check_search_space: bool) -> list[str]:
     for section in ("teacher", "student"):
         weights = getattr(cfg, section)
         if weights.ce_weight == 0 and weights.dice_weight == 0:
-            problems.append(f"{section}: ce_weight and dice_weight are both 0, so the {section} learns nothing from labels")
+            problems.append(
+                f"{section}: ce_weight and dice_weight are both 0, so the {section} learns nothing from labels"
+            )
     synthetic = cfg.synthetic
     if synthetic.generator == "pretrained" and synthetic.pretrained_path is None:
         problems.append("synthetic.pretrained_path: required when synthetic.generator is pretrained")
@@ -122,6 +124,7 @@ def check_data_config(data: DataConfig) -> list[str]:
     # runs this package's __init__, and so this module, first; at the top this import could then meet
     # tskd_tune.data half-initialised.
     from tskd_tune.data.adapters import get_adapter
+    from tskd_tune.data.lateral import pair_problems
 
     try:
         adapter = get_adapter(data.dataset)
@@ -140,6 +143,7 @@ def check_data_config(data: DataConfig) -> list[str]:
         )
     if data.classes is not None and len(set(data.classes)) != len(data.classes):
         problems.append(f"data.classes: names must be distinct, got {data.classes}")
+    problems += pair_problems(data.classes if data.classes is not None else default, data.lateral_pairs)
     if adapter.needs_root and data.root is None:
         problems.append(
             f"data.root: required for dataset {data.dataset!r} (expected layout: {adapter.layout})"
@@ -153,7 +157,9 @@ def _strategy_checks(cfg: Config) -> list[str]:
         return []
     problems = []
     if not any(k.startswith("teacher.") for k in s.space):
-        problems.append("search.strategy: staged searches the teacher.* knobs first, but search.space has none; use joint")
+        problems.append(
+            "search.strategy: staged searches the teacher.* knobs first, but search.space has none; use joint"
+        )
     if cfg.distill.method != "ts_kd" or "distill.method" in s.space:
         problems.append(f"search.strategy: staged distils the best fine-tuned teachers, so distill.method must be ts_kd "
                         f"(and not searched), got {cfg.distill.method!r}")  # fmt: skip

@@ -165,5 +165,7 @@ register(
         scan=_scan,
         layout=LAYOUT,
         source=SOURCE,
+        # declared, not left to name matching: a flip must swap the kidneys even when data.classes renames them
+        lateral_pairs=(("right_kidney", "left_kidney"),),
     )
 )

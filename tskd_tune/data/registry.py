@@ -62,6 +62,9 @@ class Adapter:
     needs_root: bool = True
     version: int = 1
     """Bumped when the adapter's output changes, so old cache entries are not reused."""
+    lateral_pairs: tuple[tuple[str, str], ...] = ()
+    """Pairs of its default class names that swap when an image is flipped horizontally (left/right organs),
+    used for the options whose classes include both; see :mod:`tskd_tune.data.lateral`."""
     extra: dict = field(default_factory=dict)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,8 +18,11 @@ if TYPE_CHECKING:
 KEYS = ("image", "label")
 
 
-def train_transforms(aug: AugmentConfig, seed: int = 0) -> Compose:
-    """Random transforms for ``{"image": (C,H,W), "label": (1,H,W)}`` samples; geometry moves both alike."""
+def train_transforms(aug: AugmentConfig, seed: int = 0, label_swap: Sequence[int] | None = None) -> Compose:
+    """Random transforms for ``{"image": (C,H,W), "label": (1,H,W)}`` samples; geometry moves both alike.
+
+    ``label_swap``: the class each class becomes when a sample is flipped (left and right organs trade
+    places, see :func:`tskd_tune.data.lateral.flip_plan`); None: flips keep the labels."""
     # imported here: MONAI loads every one of its subpackages on import (about 8 s on 2 cores), which a
     # search's driver, importing this module through the method registry, never needs
     from monai.transforms import (
@@ -26,12 +31,19 @@ def train_transforms(aug: AugmentConfig, seed: int = 0) -> Compose:
         RandAffined,
         RandFlipd,
         RandGaussianNoised,
+        RandLambdad,
         RandShiftIntensityd,
     )
 
     ts = []
     if aug.enabled:
-        if aug.flip:
+        if aug.flip and label_swap is not None:
+            # one coin for both keys, as RandFlipd draws it, so the label swaps exactly when it is flipped
+            lut = torch.as_tensor(label_swap, dtype=torch.float32)
+            ts.append(
+                RandLambdad(keys=KEYS, func=(_mirror, partial(_mirror_swapped, lut=lut)), prob=aug.prob)
+            )
+        elif aug.flip:
             ts.append(RandFlipd(keys=KEYS, prob=aug.prob, spatial_axis=1))
         if aug.rotate_deg > 0 or aug.scale > 0:
             ts.append(
@@ -56,13 +68,29 @@ def train_transforms(aug: AugmentConfig, seed: int = 0) -> Compose:
     return compose
 
 
+def _mirror(t: torch.Tensor) -> torch.Tensor:
+    return torch.flip(torch.as_tensor(t), dims=(-1,))
+
+
+def _mirror_swapped(t: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    return lut[_mirror(t).round().long()]
+
+
 def paired_transforms(
-    x: torch.Tensor, target: torch.Tensor, aug: AugmentConfig, g: torch.Generator
+    x: torch.Tensor,
+    target: torch.Tensor,
+    aug: AugmentConfig,
+    g: torch.Generator,
+    *,
+    channel_swap: Sequence[int] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random transforms of a batch of transfer images (B, C, H, W) and the teacher's outputs on them
     (B, K, h, w: soft labels or feature maps, any resolution), drawn from ``g``: flips, rotation and zoom move
     both alike (the teacher's outputs are taken to follow the image, as a segmentation does); intensity
-    and noise change the images only. The same ``data.augment`` knobs as :func:`train_transforms`."""
+    and noise change the images only. The same ``data.augment`` knobs as :func:`train_transforms`.
+
+    ``channel_swap``: for class channels, the channel each flipped output channel is read from (left and
+    right organs trade channels); None for outputs without class channels (feature maps)."""
     if not aug.enabled:
         return x, target
     n = x.shape[0]
@@ -75,7 +103,8 @@ def paired_transforms(
 
     if aug.flip:
         f = coin().view(-1, 1, 1, 1)
-        x, target = torch.where(f, x.flip(-1), x), torch.where(f, target.flip(-1), target)
+        mirrored = target.flip(-1) if channel_swap is None else target.flip(-1)[:, list(channel_swap)]
+        x, target = torch.where(f, x.flip(-1), x), torch.where(f, mirrored, target)
     if aug.rotate_deg > 0 or aug.scale > 0:
         on = coin()
         angle, zoom = uniform(math.radians(aug.rotate_deg), on), 1 + uniform(aug.scale, on)

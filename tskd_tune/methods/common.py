@@ -37,8 +37,12 @@ def fine_tuned_teacher(st: TrialContext, report: Report | None = None) -> tuple[
         sup = supervised_loss(t.ce_weight, t.dice_weight)
         labeled = np.sort(st.splits.labeled)
         masks = torch.from_numpy(np.asarray(st.prepared.masks[labeled], dtype=np.int64))
-        images = LabeledBatches(st.prepared.images, st.prepared.masks, labeled, cfg.data.augment)
-        views = st.teacher_views(st.teacher_base(), labeled) if feats is not None and t.augment_views else None
+        images = LabeledBatches(
+            st.prepared.images, st.prepared.masks, labeled, st.flips.augment, st.flips.label_swap
+        )
+        views = (
+            st.teacher_views(st.teacher_base(), labeled) if feats is not None and t.augment_views else None
+        )
         n = len(labeled) + (len(views) if views is not None else 0)
 
         def step(g):
@@ -102,7 +106,10 @@ def projection(st: TrialContext, student_dim: int, teacher_dim: int) -> FeatureL
 
 
 def labeled_batches(st: TrialContext) -> LabeledBatches:
-    return LabeledBatches(st.prepared.images, st.prepared.masks, st.splits.labeled, st.cfg.data.augment)
+    flips = st.flips
+    return LabeledBatches(
+        st.prepared.images, st.prepared.masks, st.splits.labeled, flips.augment, flips.label_swap
+    )
 
 
 def student_loop(

@@ -3,6 +3,7 @@ method hands back."""
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from torch import nn
 
 from tskd_tune.cache import Store
 from tskd_tune.config import Config
+from tskd_tune.data.lateral import FlipPlan, flip_plan
 from tskd_tune.data.prepare import Prepared, Splits, take_rows
 from tskd_tune.features import Features, FromState, StateRows, Views, augmented_views, encoder_features
 from tskd_tune.metrics import evaluate
@@ -50,6 +52,11 @@ class TrialContext:
     def num_classes(self) -> int:
         return len(self.prepared.classes)
 
+    @functools.cached_property
+    def flips(self) -> FlipPlan:
+        """How flips treat left/right classes: the augmentation in effect and the class swap a flip applies."""
+        return flip_plan(self.cfg.data, self.prepared.classes)
+
     @property
     def amp(self) -> bool:
         """bf16 autocast: asked for (``resources.mixed_precision``) and on CUDA."""
@@ -66,7 +73,9 @@ class TrialContext:
             model, images, masks, self.prepared.classes, bs, self.device, prefix=f"{split}_"
         )
 
-    def teacher_validator(self, teacher: nn.Module, feats: Features | None, split: str = "val") -> Callable[[], dict]:
+    def teacher_validator(
+        self, teacher: nn.Module, feats: Features | None, split: str = "val"
+    ) -> Callable[[], dict]:
         """Scores of a teacher on ``split``: its trainable part on the cached states (or on the images)."""
         if feats is None:
             return self.validator(teacher, split)
@@ -140,8 +149,6 @@ class Outcome:
     teacher: nn.Module | None = None
     evaluate: Callable[[str], dict] | None = None
     """Scores of ``model`` on a split when it needs more than images (a teacher on cached states)."""
-
-
 
 
 def log_progress(what: str, done: int, total: int) -> None:

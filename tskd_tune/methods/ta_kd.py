@@ -31,7 +31,10 @@ def ta_kd(st: TrialContext, report: Report | None) -> Outcome:
     def distil_step(g):
         ti = torch.randint(len(transfer), (bs,), generator=g).numpy()
         deepest = feats.transfer_rows(transfer.real, transfer.synthetic, ti)[-1]
-        x, tf = paired_transforms(transfer.read(st.prepared.images, ti), deepest, cfg.data.augment, g)
+        # feature channels are not classes: nothing to swap, they only move with the image
+        x, tf = paired_transforms(
+            transfer.read(st.prepared.images, ti), deepest, st.flips.augment, g, channel_swap=None
+        )
         return proj(student.features(x.to(st.device))[-1], tf.to(st.device))
 
     steps = st.steps_per_epoch(transfer)
@@ -41,7 +44,10 @@ def ta_kd(st: TrialContext, report: Report | None) -> Outcome:
                                 cfg.distill.pretrain_epochs, steps)  # fmt: skip
             # pretraining epochs are not reported: the scheduler compares trials on the fine-tuning epochs
             run_loop(pre, st.out_dir, None, st.resume)
-        labeled, sup = common.labeled_batches(st), supervised_loss(cfg.student.ce_weight, cfg.student.dice_weight)
+        labeled, sup = (
+            common.labeled_batches(st),
+            supervised_loss(cfg.student.ce_weight, cfg.student.dice_weight),
+        )
 
         def sup_step(g):
             x, y = labeled.sample(bs, g)

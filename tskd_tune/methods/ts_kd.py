@@ -32,8 +32,14 @@ def ts_kd(st: TrialContext, report: Report | None) -> Outcome:
         )  # fmt: skip
         feats = None
         if d.feature_weight > 0:
-            deepest = (lambda s: teacher.features_from(s)[-1]) if common.cut(teacher) else (lambda x: teacher.features(x)[-1])
-            feats, _ = cached_outputs(st.store, "features", key, transfer, read, deepest, st.device, amp=st.amp)
+            deepest = (
+                (lambda s: teacher.features_from(s)[-1])
+                if common.cut(teacher)
+                else (lambda x: teacher.features(x)[-1])
+            )
+            feats, _ = cached_outputs(
+                st.store, "features", key, transfer, read, deepest, st.device, amp=st.amp
+            )
     st.info |= transfer.counts
     student = common.student(st)
     modules: dict[str, nn.Module] = {"student": student}
@@ -47,7 +53,14 @@ def ts_kd(st: TrialContext, report: Report | None) -> Outcome:
     def step(g):
         xl, yl = labeled.sample(bs, g)
         ti = torch.randint(len(transfer), (bs,), generator=g).numpy()
-        xt, lt = paired_transforms(transfer.read(st.prepared.images, ti), rows(logits, ti), cfg.data.augment, g)
+        # soft labels have a channel per class: a flip moves the left class's into the right class's channel
+        xt, lt = paired_transforms(
+            transfer.read(st.prepared.images, ti),
+            rows(logits, ti),
+            st.flips.augment,
+            g,
+            channel_swap=st.flips.label_swap,
+        )
         xl, yl, xt, lt = (t.to(st.device) for t in (xl, yl, xt, lt))
         loss = d.sup_weight * sup(student(xl), yl) + d.kd_weight * kd_loss(student(xt), lt, d.temperature)
         if feat_loss is not None:
