@@ -1,5 +1,6 @@
 """The epoch loop on its own: the hooks an adapter installs, checkpoint cadence, reseeding."""
 
+import pytest
 import torch
 
 from tskd_tune.train import Hooks, Loop, load_checkpoint, run_loop

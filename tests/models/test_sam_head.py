@@ -40,7 +40,9 @@ def test_decoder_weights_are_the_pretrained_ones(pretrained):
     # class k starts from pretrained mask token k mod 4, hypernetwork MLP too
     tokens = pretrained.mask_decoder.mask_tokens.weight
     for k in range(5):
-        assert torch.equal(head.decoder.mask_tokens.weight[k], tokens[k % 4])
+        token = head.decoder.mask_tokens.weight[k]
+        assert torch.equal(token, tokens[k]) if k < 4 else not torch.equal(token, tokens[0])
+        assert torch.allclose(token, tokens[k % 4], atol=0.5)  # the fifth: token 0 and a little noise
         mlp, ref_mlp = (
             head.decoder.output_hypernetworks_mlps[k],
             pretrained.mask_decoder.output_hypernetworks_mlps[k % 4],
@@ -103,7 +105,7 @@ def test_lora_with_the_decoder_trains_adapters_and_the_decoder(tmp_path):
     x, y = torch.rand(2, 1, 32, 32), torch.randint(0, 3, (2, 32, 32))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
-    loss = torch.nn.functional.cross_entropy(model.from_state(model.prefix(x)), y)
+    loss = torch.nn.functional.cross_entropy(model.from_state(base.prefix(x)), y)  # peft has its own `prefix`
     loss.backward()
     opt.step()
     save_adapted(model, tmp_path)

@@ -63,12 +63,16 @@ class SamMaskHead(nn.Module):
 
 def _per_class_tokens(decoder: nn.Module, num_classes: int) -> nn.Module:
     """The decoder with ``num_classes`` mask tokens and hypernetwork MLPs, class k started from pretrained
-    token ``k mod 4``; its IoU head (SAM's mask-quality score) is replaced by an identity, as nothing reads it."""
+    token ``k mod 4`` (plus a little noise from the fifth on); its IoU head (SAM's mask-quality score) is replaced by an identity, as nothing reads it."""
     pretrained = decoder.mask_tokens.weight.detach()
     source = [k % pretrained.shape[0] for k in range(num_classes)]
     tokens = nn.Embedding(num_classes, pretrained.shape[1])
     with torch.no_grad():
         tokens.weight.copy_(pretrained[source])
+        # a fifth class reuses token 0: a little noise (seeded with the teacher) so that it does not start as an
+        # exact copy, whose logits would equal the other class's until training tells them apart
+        repeat = torch.arange(num_classes) >= pretrained.shape[0]
+        tokens.weight[repeat] += 0.1 * pretrained.std() * torch.randn_like(tokens.weight[repeat])
     mlps = decoder.output_hypernetworks_mlps
     decoder.mask_tokens = tokens
     decoder.output_hypernetworks_mlps = nn.ModuleList(copy.deepcopy(mlps[i]) for i in source)
