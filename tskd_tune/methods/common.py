@@ -38,7 +38,9 @@ def fine_tuned_teacher(st: TrialContext, report: Report | None = None) -> tuple[
         labeled = np.sort(st.splits.labeled)
         masks = torch.from_numpy(np.asarray(st.prepared.masks[labeled], dtype=np.int64))
         images = LabeledBatches(st.prepared.images, st.prepared.masks, labeled, cfg.data.augment)
-        views = st.teacher_views(st.teacher_base(), labeled) if feats is not None and t.augment_views else None
+        views = (
+            st.teacher_views(st.teacher_base(), labeled) if feats is not None and t.augment_views else None
+        )
         n = len(labeled) + (len(views) if views is not None else 0)
 
         def step(g):
@@ -113,6 +115,23 @@ def student_loop(
     return Loop(phase=phase, modules=modules, step=step, epochs=epochs, steps_per_epoch=steps, lr=s.lr,
                 weight_decay=s.weight_decay, seed=st.cfg.seed, evaluate=evaluate_fn,
                 checkpoint_every=s.checkpoint_every, autocast=st.amp, hooks=st.hooks)  # fmt: skip
+
+
+def fine_tune(st: TrialContext, student: nn.Module, steps: int, report: Report | None) -> dict:
+    """The second phase of a pretraining method (ta_kd, mae): the whole student on its supervised loss over
+    labelled batches, ``student.epochs`` epochs of ``steps`` steps; reported and checkpointed as ``finetune``
+    (a trial resumed in this phase skips the pretraining)."""
+    s = st.cfg.student
+    labeled, sup = labeled_batches(st), supervised_loss(s.ce_weight, s.dice_weight)
+
+    def step(g):
+        x, y = labeled.sample(s.batch_size, g)
+        return sup(student(x.to(st.device)), y.to(st.device))
+
+    loop = student_loop(
+        st, "finetune", {"student": student}, reseeding(labeled, step), s.epochs, steps, st.validator(student)
+    )
+    return run_loop(loop, st.out_dir, report, st.resume)
 
 
 def reseeding(labeled: LabeledBatches, step_fn):
