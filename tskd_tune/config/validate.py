@@ -90,10 +90,19 @@ def _cross_checks(cfg: Config, check_search_space: bool) -> list[str]:
     d = cfg.distill
     if d.method == "ts_kd" and d.kd_weight == 0 and d.sup_weight == 0:
         problems.append("distill: kd_weight and sup_weight are both 0, so the student learns nothing")
+    for where, methods in (("distill.method", [d.method]), ("search.baselines", cfg.search.baselines)):
+        # masked-image modelling drops patch tokens: only a ViT encoder can run on the visible ones alone
+        if "mae" in methods and cfg.student.model != "vit_tiny":
+            problems.append(
+                f"{where}: mae pretrains a ViT student's encoder (student.model: vit_tiny), "
+                f"got {cfg.student.model}"
+            )
     for section in ("teacher", "student"):
         weights = getattr(cfg, section)
         if weights.ce_weight == 0 and weights.dice_weight == 0:
-            problems.append(f"{section}: ce_weight and dice_weight are both 0, so the {section} learns nothing from labels")
+            problems.append(
+                f"{section}: ce_weight and dice_weight are both 0, so the {section} learns nothing from labels"
+            )
     synthetic = cfg.synthetic
     if synthetic.generator == "pretrained" and synthetic.pretrained_path is None:
         problems.append("synthetic.pretrained_path: required when synthetic.generator is pretrained")
@@ -153,7 +162,9 @@ def _strategy_checks(cfg: Config) -> list[str]:
         return []
     problems = []
     if not any(k.startswith("teacher.") for k in s.space):
-        problems.append("search.strategy: staged searches the teacher.* knobs first, but search.space has none; use joint")
+        problems.append(
+            "search.strategy: staged searches the teacher.* knobs first, but search.space has none; use joint"
+        )
     if cfg.distill.method != "ts_kd" or "distill.method" in s.space:
         problems.append(f"search.strategy: staged distils the best fine-tuned teachers, so distill.method must be ts_kd "
                         f"(and not searched), got {cfg.distill.method!r}")  # fmt: skip
