@@ -48,6 +48,9 @@ TINY_TEACHER = {
     "batch_size": 8,
 }
 
+TINY_VIT_STUDENT = {"model": "vit_tiny", "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}}
+"""A 2-block ViT-Tiny student (patch 8: a 4x4 grid on the tiny 32 px images), for methods that need a ViT."""
+
 
 def tiny_raw(tmp_path: Path, **sections) -> dict:
     """A small but real trial config (phantom 32 px, 2-block ViT teacher, 3-level U-Net student)."""

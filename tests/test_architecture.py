@@ -63,7 +63,7 @@ def test_no_import_cycles():
         state[m] = "open"
         for n in sorted(graph[m]):
             if state.get(n) == "open":
-                cycles.append(stack[stack.index(n):] + [n])
+                cycles.append(stack[stack.index(n) :] + [n])
             elif n not in state:
                 visit(n, stack + [n])
         state[m] = "done"
@@ -84,6 +84,9 @@ def test_config_literals_equal_the_registries():
     from tskd_tune.methods import METHODS
 
     assert set(get_args(DistillConfig.model_fields["method"].annotation)) == set(METHODS)
+    # any method can be a search's reference trial
+    (baseline,) = get_args(SearchConfig.model_fields["baselines"].annotation)
+    assert set(get_args(baseline)) == set(METHODS)
     from tskd_tune.search import SAMPLERS, SCHEDULERS
 
     assert set(get_args(SearchConfig.model_fields["algorithm"].annotation)) == set(SAMPLERS)

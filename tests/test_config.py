@@ -68,6 +68,24 @@ def test_cross_field_rules():
     assert msg == "search.grace_period: must be <= student.epochs (10), got 50"
 
 
+def test_mae_needs_a_vit_student():
+    need = "mae pretrains a ViT student's encoder (student.model: vit_tiny), got unet"
+    assert problems({"distill": {"method": "mae"}}) == [f"distill.method: {need}"]
+    assert problems({"search": {"baselines": ["scratch", "mae"]}}) == [f"search.baselines: {need}"]
+    vit = validate(
+        {"distill": {"method": "mae"}, "student": {"model": "vit_tiny"}, "search": {"baselines": ["mae"]}}
+    )
+    assert vit.distill.mask_ratio == 0.75
+    # searching the method checks each choice against the student
+    (msg,) = problems(
+        {"search": {"space": {"distill.method": {"type": "choice", "values": ["ts_kd", "mae"]}}}}
+    )
+    assert msg.startswith("search.space.distill.method:") and msg.endswith(f"distill.method: {need}")
+    for ratio in (0, 1):
+        (msg,) = problems({"distill": {"mask_ratio": ratio}})
+        assert msg.startswith("distill.mask_ratio: must be")
+
+
 def test_overrides_are_typed_yaml_and_revalidated(write_yaml):
     path = write_yaml("distill: {temperature: 4.0}\n")
     cfg = load_config(
@@ -246,5 +264,10 @@ def test_a_search_resolves_every_path_and_the_tracking_uri(tmp_path, monkeypatch
     cfg = validate({"synthetic": {"generator": "pretrained", "pretrained_path": "pipe"},
                     "teacher": {"checkpoint": "w.safetensors"}, "tracking": {"uri": "sqlite:///runs/m.db"}})  # fmt: skip
     out = absolutize(cfg)
-    assert out.synthetic.pretrained_path == tmp_path / "pipe" and out.teacher.checkpoint == tmp_path / "w.safetensors"
-    assert out.cache.dir == tmp_path / "runs" / "cache" and out.tracking.uri == f"sqlite:///{tmp_path}/runs/m.db"
+    assert (
+        out.synthetic.pretrained_path == tmp_path / "pipe"
+        and out.teacher.checkpoint == tmp_path / "w.safetensors"
+    )
+    assert (
+        out.cache.dir == tmp_path / "runs" / "cache" and out.tracking.uri == f"sqlite:///{tmp_path}/runs/m.db"
+    )

@@ -1,6 +1,7 @@
 """One trial end to end: each method, learning, the teacher cache, determinism, exact resume, failures."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -8,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import TINY_VIT_STUDENT
 from tskd_tune.data.prepare import load
-from tskd_tune.metrics import evaluate
+from tskd_tune.methods import METHODS
+from tskd_tune.metrics import count_params, evaluate
 from tskd_tune.models.students import build_student
 from tskd_tune.train import TrialFailed
 from tskd_tune.trial import run_trial
@@ -38,6 +41,18 @@ def test_every_method_runs_and_reports(tiny, tmp_path, method):
     # every weight file the trial wrote (student, checkpoint, cached teacher adapter) is safetensors
     written = {p.suffix for p in tmp_path.rglob("*") if p.is_file()}
     assert ".safetensors" in written and not written & {".pt", ".pth", ".bin", ".pkl", ".ckpt"}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_the_vit_tiny_student_runs_through_every_method(tiny, tmp_path, method):
+    cfg = tiny(distill={"method": method}, student=TINY_VIT_STUDENT | {"epochs": 2}, teacher={"epochs": 2})
+    result = run_trial(cfg, out_dir=tmp_path / "out")
+    assert math.isfinite(result["val_dice"]) and 0 <= result["val_dice"] <= 1
+    if METHODS[method].student:
+        classes = len(load(cfg)[0].classes)
+        vit = build_student(cfg.student, cfg.data.channels, classes, cfg.data.image_size)
+        assert result["student_params"] == count_params(vit)
+        assert math.isfinite(result["train_loss"])
 
 
 def test_student_only_knobs_reuse_the_cached_teacher(tiny, tmp_path):
@@ -88,7 +103,9 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny, tmp_path, met
 
 def test_non_finite_loss_fails_the_trial_with_a_reason(tiny):
     with pytest.raises(TrialFailed, match=r"loss became (nan|inf)"):
-        run_trial(tiny(distill={"method": "scratch"}, student={"lr": 1e12, "epochs": 2}, cache={"enabled": False}))
+        run_trial(
+            tiny(distill={"method": "scratch"}, student={"lr": 1e12, "epochs": 2}, cache={"enabled": False})
+        )
 
 
 def test_test_split_only_when_asked(tiny):
@@ -155,7 +172,14 @@ def test_mixed_precision_runs_training_steps_under_bf16_autocast():
         dtypes.append(y.dtype)
         return y.float().pow(2).mean()
 
-    settings = {"modules": {"m": model}, "step": step, "epochs": 1, "lr": 1e-3, "weight_decay": 0.0, "seed": 0}
+    settings = {
+        "modules": {"m": model},
+        "step": step,
+        "epochs": 1,
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "seed": 0,
+    }
     run_loop(Loop(phase="amp", steps_per_epoch=2, autocast=True, **settings), None, None)
     run_loop(Loop(phase="fp32", steps_per_epoch=1, **settings), None, None)
     assert dtypes == [torch.bfloat16, torch.bfloat16, torch.float32]

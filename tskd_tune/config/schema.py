@@ -192,9 +192,15 @@ class SyntheticConfig(Section):
     """bf16 autocast for generator training and sampling on CUDA (CPU always runs in float32)."""
 
 
+# the registered methods (tskd_tune.methods; a test holds the two equal): what distill.method and a
+# search's reference trials may name
+Method = Literal["ts_kd", "ta_kd", "mae", "scratch", "teacher"]
+
+
 class DistillConfig(Section):
-    method: Literal["ts_kd", "ta_kd", "scratch", "teacher"] = "ts_kd"
-    """ts_kd (task-specific KD), ta_kd (task-agnostic KD), scratch (labels only) or teacher (evaluate the teacher)."""
+    method: Method = "ts_kd"
+    """ts_kd (task-specific KD), ta_kd (task-agnostic KD), mae (MAE pretraining of a ViT student), scratch
+    (labels only) or teacher (evaluate the teacher)."""
     temperature: float = Field(4.0, gt=0)
     """KD softmax temperature T (the KL term is scaled by T^2)."""
     kd_weight: float = Field(1.0, ge=0)
@@ -204,7 +210,10 @@ class DistillConfig(Section):
     feature_weight: float = Field(0.0, ge=0)
     """Weight of the feature-matching term (through a learned projection); 0 disables it."""
     pretrain_epochs: int = Field(10, ge=1)
-    """ta_kd: epochs of feature distillation from the frozen teacher before fine-tuning on the labels."""
+    """ta_kd and mae: epochs of pretraining on the transfer set (ta_kd: distilling the frozen teacher's
+    features; mae: masked-image modelling) before fine-tuning on the labels."""
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    """mae: fraction of each image's patches masked in pretraining; the encoder sees the rest (MAE: 0.75)."""
 
 
 # ------------------------------------------------------------------------------------ search & run
@@ -240,9 +249,10 @@ class SearchConfig(Section):
     objectives: dict[str, Literal["max", "min"]] = Field(default_factory=dict)
     """Multi-objective search (metric -> max/min, e.g. val_dice: max, student_latency_ms: min): reports the
     Pareto front; needs scheduler fifo. Overrides metric/mode; the first objective sorts the leaderboard."""
-    baselines: list[Literal["scratch", "teacher"]] = Field(default_factory=lambda: ["scratch", "teacher"])
-    """Reference trials run once beside the search (outside the Optuna study): the `scratch` student (same
-    student config) and the fine-tuned `teacher`; every trial's Dice gain over scratch is shown. []: none."""
+    baselines: list[Method] = Field(default_factory=lambda: ["scratch", "teacher"])
+    """Reference trials run once beside the search (outside the Optuna study), each a method on the search's
+    config: by default the `scratch` student and the fine-tuned `teacher` (also e.g. `ta_kd`, `mae`); every
+    trial's Dice gain over scratch is shown. []: none."""
     strategy: Literal["joint", "staged"] = "joint"
     """`joint`: one study over the whole space. `staged`: first the teacher.* knobs alone (each trial a
     teacher, judged on its val Dice), then every other knob with the best teachers as one more choice."""

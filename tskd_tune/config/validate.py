@@ -90,6 +90,13 @@ def _cross_checks(cfg: Config, check_search_space: bool) -> list[str]:
     d = cfg.distill
     if d.method == "ts_kd" and d.kd_weight == 0 and d.sup_weight == 0:
         problems.append("distill: kd_weight and sup_weight are both 0, so the student learns nothing")
+    for where, methods in (("distill.method", [d.method]), ("search.baselines", cfg.search.baselines)):
+        # masked-image modelling drops patch tokens: only a ViT encoder can run on the visible ones alone
+        if "mae" in methods and cfg.student.model != "vit_tiny":
+            problems.append(
+                f"{where}: mae pretrains a ViT student's encoder (student.model: vit_tiny), "
+                f"got {cfg.student.model}"
+            )
     for section in ("teacher", "student"):
         weights = getattr(cfg, section)
         if weights.ce_weight == 0 and weights.dice_weight == 0:

@@ -2,13 +2,14 @@
 
 - ``ts_kd``   task-specific KD: fine-tune the teacher on the labels, distil its logits on the transfer set;
 - ``ta_kd``   task-agnostic KD: distil the frozen teacher's features, then fine-tune on the labels;
+- ``mae``     MAE: pretrain a ViT student's encoder by masked-image modelling, then fine-tune on the labels;
 - ``scratch`` the student on the labelled images only;
 - ``teacher`` the fine-tuned teacher itself.
 
 Each registers a :class:`MethodSpec`; callers ask :data:`METHODS` what a method needs.
 """
 
-from tskd_tune.methods import scratch, ta_kd, teacher, ts_kd  # noqa: F401  (each registers itself)
+from tskd_tune.methods import mae, scratch, ta_kd, teacher, ts_kd  # noqa: F401  (each registers itself)
 from tskd_tune.methods.context import Outcome, TrialContext
 from tskd_tune.methods.registry import METHODS, MethodSpec, get_method, register_method
 

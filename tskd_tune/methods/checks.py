@@ -11,7 +11,9 @@ from tskd_tune.synth.pool import draws_synthetic
 def search_methods(cfg: Config) -> set[str]:
     """The methods a trial of ``cfg`` (or of its search space) can run."""
     space = cfg.search.space
-    return set(space["distill.method"].boundary_values()) if "distill.method" in space else {cfg.distill.method}
+    return (
+        set(space["distill.method"].boundary_values()) if "distill.method" in space else {cfg.distill.method}
+    )
 
 
 def uses_pool(cfg: Config) -> bool:
@@ -21,8 +23,15 @@ def uses_pool(cfg: Config) -> bool:
 
 
 def search_uses_transfer(cfg: Config) -> bool:
-    """Whether any trial of the search (or of its space) distils on a transfer set (so may draw synthetic images)."""
-    return any(METHODS[m].transfer for m in search_methods(cfg))
+    """Whether any trial of the search (of its space, or a reference trial) trains on a transfer set (so may
+    draw synthetic images)."""
+    return any(METHODS[m].transfer for m in search_methods(cfg) | set(cfg.search.baselines))
+
+
+def search_distils(cfg: Config) -> bool:
+    """Whether any trial of the search (or of its space) distils a teacher on the transfer set (mae trains
+    on it with no teacher)."""
+    return any(METHODS[m].transfer and METHODS[m].teacher for m in search_methods(cfg))
 
 
 def check_teacher(cfg: Config) -> None:
@@ -43,8 +52,14 @@ def check_teacher(cfg: Config) -> None:
 
 def premise_warning(cfg: Config) -> str | None:
     """One line when a distillation method would distil a teacher without pretrained weights."""
-    if not search_uses_transfer(cfg) or is_pretrained(cfg.teacher):
+    if not search_distils(cfg) or is_pretrained(cfg.teacher):
         return None
-    why = "teacher.random_init is set" if cfg.teacher.random_init else f"{cfg.teacher.model} has no teacher.checkpoint"
-    return (f"warning: the teacher has no pretrained weights ({why}), so the method's premise is not met: "
-            f"this distils a random encoder (an ablation); use teacher.model: {LITEMEDSAM} or pass teacher.checkpoint")
+    why = (
+        "teacher.random_init is set"
+        if cfg.teacher.random_init
+        else f"{cfg.teacher.model} has no teacher.checkpoint"
+    )
+    return (
+        f"warning: the teacher has no pretrained weights ({why}), so the method's premise is not met: "
+        f"this distils a random encoder (an ablation); use teacher.model: {LITEMEDSAM} or pass teacher.checkpoint"
+    )

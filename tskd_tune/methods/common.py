@@ -122,6 +122,23 @@ def student_loop(
                 checkpoint_every=s.checkpoint_every, autocast=st.amp, hooks=st.hooks)  # fmt: skip
 
 
+def fine_tune(st: TrialContext, student: nn.Module, steps: int, report: Report | None) -> dict:
+    """The second phase of a pretraining method (ta_kd, mae): the whole student on its supervised loss over
+    labelled batches, ``student.epochs`` epochs of ``steps`` steps; reported and checkpointed as ``finetune``
+    (a trial resumed in this phase skips the pretraining)."""
+    s = st.cfg.student
+    labeled, sup = labeled_batches(st), supervised_loss(s.ce_weight, s.dice_weight)
+
+    def step(g):
+        x, y = labeled.sample(s.batch_size, g)
+        return sup(student(x.to(st.device)), y.to(st.device))
+
+    loop = student_loop(
+        st, "finetune", {"student": student}, reseeding(labeled, step), s.epochs, steps, st.validator(student)
+    )
+    return run_loop(loop, st.out_dir, report, st.resume)
+
+
 def reseeding(labeled: LabeledBatches, step_fn):
     """Wrap a step so that augmentation is reseeded from each epoch's generator (exact resume)."""
     state = {}

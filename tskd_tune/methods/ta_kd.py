@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from tskd_tune.data.transforms import paired_transforms
-from tskd_tune.losses import supervised_loss
 from tskd_tune.methods import common
 from tskd_tune.methods.context import Outcome, TrialContext
 from tskd_tune.methods.registry import MethodSpec, register_method
@@ -44,18 +43,7 @@ def ta_kd(st: TrialContext, report: Report | None) -> Outcome:
                                 cfg.distill.pretrain_epochs, steps)  # fmt: skip
             # pretraining epochs are not reported: the scheduler compares trials on the fine-tuning epochs
             run_loop(pre, st.out_dir, None, st.resume)
-        labeled, sup = (
-            common.labeled_batches(st),
-            supervised_loss(cfg.student.ce_weight, cfg.student.dice_weight),
-        )
-
-        def sup_step(g):
-            x, y = labeled.sample(bs, g)
-            return sup(student(x.to(st.device)), y.to(st.device))
-
-        fine = common.student_loop(st, "finetune", {"student": student}, common.reseeding(labeled, sup_step), cfg.student.epochs,
-                             steps, st.validator(student))  # fmt: skip
-        metrics = run_loop(fine, st.out_dir, report, st.resume)
+        metrics = common.fine_tune(st, student, steps, report)
     # the frozen encoder has no trained head: it is not a segmenter to time or score
     return Outcome(student, metrics)
 

@@ -61,10 +61,14 @@ class SteppedEncoder(nn.Module):
             raise ValueError(f"frozen depth must be in 0..{self.n_blocks}, got {frozen}")
         return len(self._steps) if frozen == self.n_blocks else self._block_steps[frozen]
 
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] as the encoder's first step takes them (its channels, size and normalisation)."""
+        return self._prepare(x)
+
     def prefix(self, x: torch.Tensor, frozen: int) -> list[torch.Tensor]:
         """State after the frozen part: [tokens at the cut, *taps taken before it] (only taps when all frozen)."""
         cut = self._cut(frozen)
-        x = self._prepare(x)
+        x = self.prepare(x)
         taps = []
         for i, step in enumerate(self._steps[:cut]):
             x = step.fn(x)
@@ -118,7 +122,9 @@ def timm_vit(net: nn.Module, indices: list[int], encoder_size: int, mean=None, s
         return y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
 
     steps = [Step(embed)] + [Step(b, block=b) for b in net.blocks]
-    return SteppedEncoder(net, steps, {1 + i: tap for i in indices}, _preparer(chans, encoder_size, mean, std))
+    return SteppedEncoder(
+        net, steps, {1 + i: tap for i in indices}, _preparer(chans, encoder_size, mean, std)
+    )
 
 
 def timm_sam(net: nn.Module, indices: list[int], encoder_size: int, mean=None, std=None) -> SteppedEncoder:
@@ -137,7 +143,9 @@ def timm_sam(net: nn.Module, indices: list[int], encoder_size: int, mean=None, s
         return net.neck(x.permute(0, 3, 1, 2))
 
     steps = [Step(embed)] + [Step(b, block=b) for b in net.blocks]
-    return SteppedEncoder(net, steps, {1 + i: tap for i in indices}, _preparer(chans, encoder_size, mean, std))
+    return SteppedEncoder(
+        net, steps, {1 + i: tap for i in indices}, _preparer(chans, encoder_size, mean, std)
+    )
 
 
 def tiny_vit(net: nn.Module, encoder_size: int) -> SteppedEncoder:
