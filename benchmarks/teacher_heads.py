@@ -41,7 +41,15 @@ TEACHERS = {
     "sam lr1e-3": SAM | {"teacher.lr": 1e-3},
     "sam box lr3e-4": SAM | {"teacher.lr": 3e-4, "teacher.prompt": "box"},
     "sam lora2 lr3e-4": SAM | LORA2 | {"teacher.lr": 3e-4},
+    "sam lr3e-4 20ep": SAM
+    | {"teacher.lr": 3e-4, "teacher.epochs": 20, "teacher.warmup_epochs": 2},  # CPU-sized
+    "sam lr1e-3 20ep 2views": SAM
+    | {"teacher.lr": 1e-3, "teacher.epochs": 20, "teacher.warmup_epochs": 2, "teacher.augment_views": 2},
+    "sam lr3e-4 100ep": SAM | {"teacher.lr": 3e-4, "teacher.epochs": 100, "teacher.warmup_epochs": 10},
 }
+# the teacher's input resolution: slices prepared at R px instead of 64 (upsampled to LiteMedSAM's 256 either
+# way), these teachers and the scratch U-Net at the same R; N = min(--n) only
+RESOLUTION_TEACHERS = ("conv", "sam lr3e-4")
 VIT = {"student.model": "vit_tiny", "student.lr": 1e-3}
 QUICK = {
     "data.options": {"axis": "axial", "stride": 4, "slab": 2},
@@ -152,6 +160,11 @@ PAIRS = {  # ours -> the references it is compared with, seed by seed
     "ts_kd conv": ("scratch", "teacher conv"),
     "teacher*": ("scratch", "teacher conv"),
     "ts_kd vit": ("scratch vit", "ta_kd vit", "mae vit", "teacher*"),
+    **{
+        f"teacher {t} {r}px": (f"scratch {r}px", f"teacher {t}")
+        for t in RESOLUTION_TEACHERS
+        for r in (128, 256)
+    },
 }
 
 
@@ -236,6 +249,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[10, 40])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--teachers", nargs="+", default=list(TEACHERS), help=f"subset of {list(TEACHERS)}")
+    ap.add_argument(
+        "--resolutions", type=int, nargs="*", default=[128], help="teacher input sizes besides 64 px"
+    )
     ap.add_argument("--workers", type=int, default=1, help="cells at once (a GPU takes several)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per cell")
     ap.add_argument(
@@ -267,6 +283,13 @@ def main() -> None:
     phase1 += [
         ("scratch", n, s, overrides(args, {"distill.method": "scratch"}, n, s, cache)) for n, s in grid
     ]
+    n0 = min(args.n)
+    for r in args.resolutions:
+        res = {"data.image_size": r}
+        phase1 += [(f"teacher {t} {r}px", n0, s, overrides(args, {"distill.method": "teacher"} | TEACHERS[t] | res, n0, s, cache))
+                   for s in args.seeds for t in RESOLUTION_TEACHERS]  # fmt: skip
+        phase1 += [(f"scratch {r}px", n0, s, overrides(args, {"distill.method": "scratch"} | res, n0, s, cache))
+                   for s in args.seeds]  # fmt: skip
     if not args.report_only:
         run_phase(args, phase1, done, cells_file, deadline)
     cells = list(done.values())
