@@ -32,6 +32,7 @@ from pathlib import Path
 from _common import REPO, plot_path, provenance, save_figure, spread, table, write_result
 
 SAM = {"teacher.head": "sam_decoder", "teacher.warmup_epochs": 5}
+CPU_SIZED = {"teacher.epochs": 20, "teacher.warmup_epochs": 2, "teacher.augment_views": 2}
 LORA2 = {"teacher.adapt": "lora", "teacher.lora.last_blocks": 2}
 TEACHERS = {
     "conv": {},  # mni152.yaml's teacher: frozen encoder, conv head (lr 3e-3, 50 epochs, 8 views)
@@ -41,10 +42,12 @@ TEACHERS = {
     "sam lr1e-3": SAM | {"teacher.lr": 1e-3},
     "sam box lr3e-4": SAM | {"teacher.lr": 3e-4, "teacher.prompt": "box"},
     "sam lora2 lr3e-4": SAM | LORA2 | {"teacher.lr": 3e-4},
-    "sam lr3e-4 20ep": SAM
-    | {"teacher.lr": 3e-4, "teacher.epochs": 20, "teacher.warmup_epochs": 2},  # CPU-sized
-    "sam lr1e-3 20ep 2views": SAM
-    | {"teacher.lr": 1e-3, "teacher.epochs": 20, "teacher.warmup_epochs": 2, "teacher.augment_views": 2},
+    "sam lr3e-4 20ep": SAM | {"teacher.lr": 3e-4, "teacher.epochs": 20, "teacher.warmup_epochs": 2},
+    # CPU-sized: 2 augmented views, 20 epochs (about 80 steps at N=10, 2-3 min on 2 cores)
+    **{
+        f"sam lr{lr} 20ep 2views": SAM | CPU_SIZED | {"teacher.lr": float(lr)}
+        for lr in ("3e-4", "1e-3", "3e-3")
+    },
     "sam lr3e-4 100ep": SAM | {"teacher.lr": 3e-4, "teacher.epochs": 100, "teacher.warmup_epochs": 10},
 }
 # the teacher's input resolution: slices prepared at R px instead of 64 (upsampled to LiteMedSAM's 256 either
@@ -252,6 +255,10 @@ def main() -> None:
     ap.add_argument(
         "--resolutions", type=int, nargs="*", default=[128], help="teacher input sizes besides 64 px"
     )
+    ap.add_argument("--teachers-only", action="store_true", help="phase 1 only")
+    ap.add_argument(
+        "--chosen", choices=list(TEACHERS), help="phase 2's teacher (default: the best on val Dice)"
+    )
     ap.add_argument("--workers", type=int, default=1, help="cells at once (a GPU takes several)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per cell")
     ap.add_argument(
@@ -294,7 +301,8 @@ def main() -> None:
         run_phase(args, phase1, done, cells_file, deadline)
     cells = list(done.values())
     chosen = best_teacher(cells) if any(c["variant"].startswith("teacher ") for c in cells) else None
-    if chosen and not args.report_only:
+    chosen = args.chosen or chosen
+    if chosen and not args.report_only and not args.teachers_only:
         import tskd_tune.methods  # noqa: F401 - registers the methods
         from tskd_tune.methods.registry import METHODS
 
