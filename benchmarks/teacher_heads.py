@@ -78,6 +78,8 @@ def students(best: dict, has_mae: bool) -> dict[str, dict]:
         "ts_kd vit": {"distill.method": "ts_kd"} | best | VIT,
         "ta_kd vit": {"distill.method": "ta_kd"} | VIT,
     }
+    if not best:  # the conv teacher was chosen: "ts_kd" is "ts_kd conv"
+        del out["ts_kd conv"]
     if has_mae:
         out["mae vit"] = {"distill.method": "mae"} | VIT
     return out
