@@ -238,7 +238,7 @@ def report(args, cells: list[dict], chosen: str | None) -> None:
         print("no finished cell")
         return
     summary, paired = aggregate(cells, chosen)
-    print(f"\nchosen teacher (best mean val Dice): {chosen}\n")
+    print(f"\nteacher distilled in phase 2: {chosen}\n")
     print(table(summary, ["variant", "n", "seeds", "test_dice", "dice_std", "val_dice", "test_hd95"]))
     print()
     print(table(paired, ["ours", "vs", "n", "seeds", "dice_diff", "diff_std", "wins", "ratio"]))
@@ -308,7 +308,8 @@ def main() -> None:
         import tskd_tune.methods  # noqa: F401 - registers the methods
         from tskd_tune.methods.registry import METHODS
 
-        print(f"phase 2 distils the teacher with the best mean val Dice: {chosen}", flush=True)
+        why = "--chosen" if args.chosen else "the best mean val Dice"
+        print(f"phase 2 distils the teacher {chosen} ({why})", flush=True)
         variants = students(TEACHERS[chosen], "mae" in METHODS)
         phase2 = [
             (label, n, s, overrides(args, v, n, s, cache)) for n, s in grid for label, v in variants.items()
