@@ -133,6 +133,16 @@ class TeacherConfig(Section):
     dice_weight: float = Field(0.8, ge=0)
     """Weight of Dice in the supervised loss (SAMed: 0.8)."""
 
+    def head_problem(self) -> str | None:
+        """Why ``head`` cannot go with ``model`` (the one text of the config check and the teacher factory)."""
+        if self.head == "sam_decoder" and self.model != "litemedsam":
+            # the pretrained mask decoder ships with LiteMedSAM alone; a timm SAM checkpoint has only the encoder
+            return (
+                "teacher.head: sam_decoder is LiteMedSAM's pretrained mask decoder (teacher.model: litemedsam), "
+                f"got model {self.model}; use head: conv"
+            )
+        return None
+
 
 class StudentConfig(Section):
     model: Literal["unet", "timm_unet", "vit_tiny"] = "unet"

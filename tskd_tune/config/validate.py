@@ -97,12 +97,8 @@ def _cross_checks(cfg: Config, check_search_space: bool) -> list[str]:
                 f"{where}: mae pretrains a ViT student's encoder (student.model: vit_tiny), "
                 f"got {cfg.student.model}"
             )
-    if cfg.teacher.head == "sam_decoder" and cfg.teacher.model != "litemedsam":
-        # the pretrained mask decoder ships with LiteMedSAM alone; a timm SAM checkpoint here has only the encoder
-        problems.append(
-            f"teacher.head: sam_decoder is LiteMedSAM's pretrained mask decoder (teacher.model: litemedsam), "
-            f"got model {cfg.teacher.model}; use head: conv"
-        )
+    if cfg.teacher.head_problem():
+        problems.append(cfg.teacher.head_problem())
     for section in ("teacher", "student"):
         weights = getattr(cfg, section)
         if weights.ce_weight == 0 and weights.dice_weight == 0:

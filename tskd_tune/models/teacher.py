@@ -125,11 +125,8 @@ def _build(cfg: TeacherConfig, in_chans: int, num_classes: int, image_size: int)
         if cfg.head == "conv" and cfg.decoder != "progressive":
             raise TskdError("teacher.decoder: litemedsam has one feature map; use `progressive`")
         return _lite_medsam(num_classes, in_chans, image_size, cfg)
-    if cfg.head == "sam_decoder":
-        raise TskdError(
-            f"teacher.head: sam_decoder is LiteMedSAM's pretrained mask decoder (teacher.model: {LITEMEDSAM}), "
-            f"got model {cfg.model}; use head: conv"
-        )
+    if cfg.head_problem():  # a TeacherConfig built in code has not been through the config checks
+        raise TskdError(cfg.head_problem())
     import timm
 
     if not timm.is_model(cfg.model):
