@@ -12,7 +12,8 @@ teacher for comparison. Both students train with the same steps and epochs in ev
 
 Cells run in ``--workers`` processes (a GPU takes several at once; the encoder-feature, teacher and logits
 caches are shared through the trial cache's locks). Each finished cell is appended to WORK/cells.jsonl,
-so a rerun continues; ``--budget-s`` stops starting cells once spent. ``--report-only`` turns the finished
+so a rerun continues (the file is committed beside the results, so a fresh clone continues too; the
+caches are not); ``--budget-s`` stops starting cells once spent. ``--report-only`` turns the finished
 cells into benchmarks/results/teacher_heads.{json,png} and the tables of docs/BENCHMARKS.md.
 
     .venv/bin/python benchmarks/teacher_heads.py                     # the grid (meant for a GPU)
@@ -48,12 +49,19 @@ TEACHERS = {
         f"sam lr{lr} 20ep 2views": SAM | CPU_SIZED | {"teacher.lr": float(lr)}
         for lr in ("3e-4", "1e-3", "3e-3")
     },
+    # the conv head's step count (600 at N=10) with the CPU-sized views: the two heads at equal steps
+    "sam lr1e-3 150ep 2views": SAM | CPU_SIZED | {"teacher.lr": 1e-3, "teacher.epochs": 150, "teacher.warmup_epochs": 10},
     "sam lr3e-4 100ep": SAM | {"teacher.lr": 3e-4, "teacher.epochs": 100, "teacher.warmup_epochs": 10},
 }
-# the teacher's input resolution: slices prepared at R px instead of 64 (upsampled to LiteMedSAM's 256 either
-# way), these teachers and the scratch U-Net at the same R; N = min(--n) only
-RESOLUTION_TEACHERS = ("conv", "sam lr3e-4")
+# the teacher's input resolution (--resolutions): slices prepared at R px instead of 64 (upsampled to
+# LiteMedSAM's 256 either way), every --teachers recipe and the scratch U-Net at the same R; N = min(--n) only
 VIT = {"student.model": "vit_tiny", "student.lr": 1e-3}
+# ts_kd+synth: kd_methods.py's CPU-sized generator, one synthetic image per real transfer image
+SYNTH = {"synthetic.generator": "ddpm", "synthetic.ratio": 1.0, "synthetic.image_size": 32,
+         "synthetic.channels": [16, 32, 64], "synthetic.train_steps": 1000, "synthetic.pool_size": 128,
+         "synthetic.sample_steps": 25}  # fmt: skip
+# what only changes where or how fast a cell runs, not its result: left out of the cell's identity
+MACHINE_KEYS = ("cache.dir", "resources.threads")
 QUICK = {
     "data.options": {"axis": "axial", "stride": 4, "slab": 2},
     "teacher.augment_views": 1,
@@ -74,6 +82,7 @@ def students(best: dict, has_mae: bool) -> dict[str, dict]:
         "ts_kd": {"distill.method": "ts_kd"} | best,
         "ts_kd conv": {"distill.method": "ts_kd"},
         "ta_kd": {"distill.method": "ta_kd"},
+        "ts_kd+synth": {"distill.method": "ts_kd"} | best | SYNTH,
         "scratch vit": {"distill.method": "scratch"} | VIT,
         "ts_kd vit": {"distill.method": "ts_kd"} | best | VIT,
         "ta_kd vit": {"distill.method": "ta_kd"} | VIT,
@@ -134,7 +143,9 @@ def run_phase(
 
 
 def cell_id(label: str, n: int, seed: int, over: dict) -> str:
-    return json.dumps([label, n, seed, over], sort_keys=True, default=str)
+    """A cell's identity: its label, N, seed and the overrides that change its result."""
+    same = {k: v for k, v in over.items() if k not in MACHINE_KEYS}
+    return json.dumps([label, n, seed, same], sort_keys=True, default=str)
 
 
 def overrides(args, variant: dict, n: int, s: int, cache: Path) -> dict:
@@ -163,13 +174,10 @@ def best_teacher(cells: list[dict]) -> str:
 PAIRS = {  # ours -> the references it is compared with, seed by seed
     "ts_kd": ("scratch", "ta_kd", "ts_kd conv", "teacher*"),
     "ts_kd conv": ("scratch", "teacher conv"),
+    "ts_kd+synth": ("ts_kd", "scratch"),
     "teacher*": ("scratch", "teacher conv"),
     "ts_kd vit": ("scratch vit", "ta_kd vit", "mae vit", "teacher*"),
-    **{
-        f"teacher {t} {r}px": (f"scratch {r}px", f"teacher {t}")
-        for t in RESOLUTION_TEACHERS
-        for r in (128, 256)
-    },
+    **{f"teacher {t} {r}px": (f"scratch {r}px", f"teacher {t}") for t in TEACHERS for r in (128, 256)},
 }
 
 
@@ -269,6 +277,9 @@ def main() -> None:
     ap.add_argument(
         "--work", default="runs/bench-teachers", help="cache and finished cells (kept between runs)"
     )
+    ap.add_argument("--cells", type=Path, help="finished cells, one JSON line each (default: "
+                    "benchmarks/results/teacher_heads.cells.jsonl, committed so that a fresh clone resumes; "
+                    "--quick: WORK/cells.jsonl)")  # fmt: skip
     ap.add_argument(
         "--report-only", action="store_true", help="tables, JSON and plot from the finished cells"
     )
@@ -278,7 +289,8 @@ def main() -> None:
         args.n, args.seeds = [min(args.n)], [0]
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    cells_file = work / "cells.jsonl"
+    default_cells = work / "cells.jsonl" if args.quick else REPO / "benchmarks/results/teacher_heads.cells.jsonl"
+    cells_file = args.cells or default_cells
     done = {}
     if cells_file.is_file():
         for line in cells_file.read_text().splitlines():
@@ -286,7 +298,7 @@ def main() -> None:
             done[c["id"]] = c
     deadline = time.time() + args.budget_s
     cache = work / "cache"
-    grid = [(n, s) for s in args.seeds for n in args.n]
+    grid = [(n, s) for n in args.n for s in args.seeds]  # the smallest N first: the issue's targets are there
     phase1 = [(f"teacher {t}", n, s, overrides(args, {"distill.method": "teacher"} | TEACHERS[t], n, s, cache))
               for n, s in grid for t in args.teachers]  # fmt: skip
     phase1 += [
@@ -296,7 +308,7 @@ def main() -> None:
     for r in args.resolutions:
         res = {"data.image_size": r}
         phase1 += [(f"teacher {t} {r}px", n0, s, overrides(args, {"distill.method": "teacher"} | TEACHERS[t] | res, n0, s, cache))
-                   for s in args.seeds for t in RESOLUTION_TEACHERS]  # fmt: skip
+                   for s in args.seeds for t in args.teachers]  # fmt: skip
         phase1 += [(f"scratch {r}px", n0, s, overrides(args, {"distill.method": "scratch"} | res, n0, s, cache))
                    for s in args.seeds]  # fmt: skip
     if not args.report_only:
