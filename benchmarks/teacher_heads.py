@@ -50,7 +50,9 @@ TEACHERS = {
         for lr in ("3e-4", "1e-3", "3e-3")
     },
     # the conv head's step count (600 at N=10) with the CPU-sized views: the two heads at equal steps
-    "sam lr1e-3 150ep 2views": SAM | CPU_SIZED | {"teacher.lr": 1e-3, "teacher.epochs": 150, "teacher.warmup_epochs": 10},
+    "sam lr1e-3 150ep 2views": SAM
+    | CPU_SIZED
+    | {"teacher.lr": 1e-3, "teacher.epochs": 150, "teacher.warmup_epochs": 10},
     "sam lr3e-4 100ep": SAM | {"teacher.lr": 3e-4, "teacher.epochs": 100, "teacher.warmup_epochs": 10},
 }
 # the teacher's input resolution (--resolutions): slices prepared at R px instead of 64 (upsampled to
@@ -289,7 +291,9 @@ def main() -> None:
         args.n, args.seeds = [min(args.n)], [0]
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    default_cells = work / "cells.jsonl" if args.quick else REPO / "benchmarks/results/teacher_heads.cells.jsonl"
+    default_cells = (
+        work / "cells.jsonl" if args.quick else REPO / "benchmarks/results/teacher_heads.cells.jsonl"
+    )
     cells_file = args.cells or default_cells
     done = {}
     if cells_file.is_file():
