@@ -9,6 +9,7 @@ writes its outputs to ``out_dir``: ``config.yaml`` (the resolved config, so the 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,7 +28,11 @@ from tskd_tune.metrics import count_params, evaluate, latency_ms
 from tskd_tune.models.teacher import is_pretrained
 from tskd_tune.runtime import resolve_device, set_threads
 from tskd_tune.synth import build_pool
+from tskd_tune.synth.semantic import K as SEMANTIC_MIN_POOL
+from tskd_tune.synth.semantic import pool_semantics
 from tskd_tune.train import Hooks, Report, load_checkpoint, seed_all
+
+log = logging.getLogger(__name__)
 
 
 class Tracker(Protocol):
@@ -98,6 +103,12 @@ def run_trial(
         # built once and cached (file-locked), so concurrent trials of a search share one pool
         t0 = time.perf_counter()
         pool = build_pool(cfg, prepared, splits, store, device)
+        if pool is not None and len(pool) > SEMANTIC_MIN_POOL:
+            # the pool seen through the teacher's frozen encoder: once per pool and encoder, cached
+            pool.semantic = pool_semantics(cfg, prepared, splits, pool, store, device, fill_threads or threads)
+            if not pool.semantic["passed"]:
+                log.warning("synthetic pool %s FAILED the semantic gate (%s)", pool.path,
+                            "; ".join(pool.semantic["reasons"]))  # fmt: skip
         timings["synth_s"] = time.perf_counter() - t0
     spec = get_method(cfg.distill.method)
     st = TrialContext(cfg, prepared, splits, store, device, out_dir, resume, timings, pool=pool,

@@ -200,6 +200,13 @@ class SyntheticConfig(Section):
     """Decay of the moving average of generator weights that is sampled (0: sample the raw weights)."""
     mixed_precision: bool = True
     """bf16 autocast for generator training and sampling on CUDA (CPU always runs in float32)."""
+    filter: Literal["none", "confidence", "manifold", "both"] = "none"
+    """Per-image filter of the drawn synthetic images: keep those on which the fine-tuned teacher is confident
+    (mean max-softmax >= synthetic.min_confidence; ts_kd, the method with teacher predictions), those inside
+    the real images' manifold in the teacher encoder's feature space (the semantic gate's k-NN balls; every
+    method), or both. The trial records how many were drawn and kept."""
+    min_confidence: float = Field(0.9, ge=0, le=1)
+    """The confidence filter's threshold: the teacher's mean max-softmax over an image's pixels."""
 
 
 # the registered methods (tskd_tune.methods; a test holds the two equal): what distill.method and a

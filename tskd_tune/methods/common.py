@@ -92,6 +92,36 @@ def teacher_inputs(st: TrialContext, feats: Features | None, transfer: TransferS
     return lambda pos: feats.transfer_rows(transfer.real, transfer.synthetic, pos)
 
 
+def transfer_positions(
+    st: TrialContext, transfer: TransferSet, logits: np.ndarray | None = None
+) -> np.ndarray:
+    """The transfer-set positions the student learns from: every real image, and the drawn synthetic images
+    that ``synthetic.filter`` keeps: those inside the real manifold (the pool's semantic gate) and, given the
+    teacher's ``logits`` on the transfer set, those the teacher is confident on. Adds ``synth_drawn`` and
+    ``synth_kept`` to the trial's metrics when a filter applies."""
+    n_real, sc = len(transfer.real), st.cfg.synthetic
+    everything = np.arange(len(transfer), dtype=np.int64)
+    if sc.filter == "none" or not len(transfer.synthetic):
+        return everything
+    keep = np.ones(len(transfer.synthetic), bool)
+    if sc.filter in ("manifold", "both") and st.pool.semantic is not None:  # None: a pool of <= K images
+        keep &= st.pool.semantic["inside"][transfer.synthetic]
+    if sc.filter in ("confidence", "both") and logits is not None:
+        keep &= confidence(logits, everything[n_real:]) >= sc.min_confidence
+    st.info |= {"synth_drawn": len(keep), "synth_kept": int(keep.sum())}
+    return np.concatenate([everything[:n_real], everything[n_real:][keep]])
+
+
+def confidence(logits: np.ndarray, positions: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """Per row of ``logits`` (N, K, H, W) at ``positions``: the mean over pixels of the largest softmax
+    probability (1: certain everywhere; 1/K: no idea)."""
+    out = np.empty(len(positions))
+    for start in range(0, len(positions), chunk):
+        part = torch.from_numpy(np.asarray(logits[positions[start : start + chunk]], np.float32))
+        out[start : start + len(part)] = part.softmax(1).amax(1).mean((1, 2)).numpy()
+    return out
+
+
 def student(st: TrialContext) -> nn.Module:
     cfg = st.cfg
     with seeded(cfg.seed):

@@ -138,10 +138,11 @@ def pretrain(st: TrialContext, student: Segmenter, transfer: TransferSet, steps:
     cfg, device = st.cfg, st.device
     decoder = decoder_for(st, student)
     n_patches, bs = decoder.pos.shape[1], cfg.student.batch_size
+    positions = common.transfer_positions(st, transfer)
 
     def step(g):
         # images need no augmentation here: the random mask is MAE's augmentation
-        ti = torch.randint(len(transfer), (bs,), generator=g).numpy()
+        ti = positions[torch.randint(len(positions), (bs,), generator=g).numpy()]
         keep = random_masking(bs, n_patches, cfg.distill.mask_ratio, g)
         return mae_loss(student, decoder, transfer.read(st.prepared.images, ti).to(device), keep.to(device))
 

@@ -23,12 +23,13 @@ def ta_kd(st: TrialContext, report: Report | None) -> Outcome:
     st.info["teacher_cached"] = None
     feats = st.teacher_features(teacher)
     st.info |= transfer.counts
+    positions = common.transfer_positions(st, transfer)
     student = common.student(st)
     proj = common.projection(st, student.feature_dim, teacher.feature_dim)
     bs = cfg.student.batch_size
 
     def distil_step(g):
-        ti = torch.randint(len(transfer), (bs,), generator=g).numpy()
+        ti = positions[torch.randint(len(positions), (bs,), generator=g).numpy()]
         deepest = feats.transfer_rows(transfer.real, transfer.synthetic, ti)[-1]
         # feature channels are not classes: nothing to swap, they only move with the image
         x, tf = paired_transforms(

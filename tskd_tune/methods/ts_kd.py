@@ -41,6 +41,7 @@ def ts_kd(st: TrialContext, report: Report | None) -> Outcome:
                 st.store, "features", key, transfer, read, deepest, st.device, amp=st.amp
             )
     st.info |= transfer.counts
+    positions = common.transfer_positions(st, transfer, logits)
     student = common.student(st)
     modules: dict[str, nn.Module] = {"student": student}
     feat_loss = None
@@ -52,7 +53,7 @@ def ts_kd(st: TrialContext, report: Report | None) -> Outcome:
 
     def step(g):
         xl, yl = labeled.sample(bs, g)
-        ti = torch.randint(len(transfer), (bs,), generator=g).numpy()
+        ti = positions[torch.randint(len(positions), (bs,), generator=g).numpy()]
         # soft labels have a channel per class: a flip moves the left class's into the right class's channel
         xt, lt = paired_transforms(
             transfer.read(st.prepared.images, ti),

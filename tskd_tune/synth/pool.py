@@ -36,6 +36,7 @@ from tskd_tune.synth.generator import (
     train_generator,
     unet_size,
 )
+from tskd_tune.synth.semantic import SEMANTIC_FIGURES
 
 # the name the log lines carried before synth.py became a package
 log = logging.getLogger("tskd_tune.synth")
@@ -51,20 +52,27 @@ class Pool:
     cached: bool
     gate: dict
     info: dict = field(default_factory=dict)
+    semantic: dict | None = None
+    """The semantic gate (``semantic.pool_semantics``): figures, ``passed``, ``reasons`` and the per-image
+    ``inside`` flags; set once the teacher's encoder has seen the pool."""
 
     def __len__(self) -> int:
         return len(self.images)
 
     def metrics(self) -> dict:
-        """The pool's figures as flat ``synth_*`` trial metrics."""
-        g = self.gate
+        """The pool's figures as flat ``synth_*`` trial metrics; the gate passes when both stages pass."""
+        g, sem = self.gate, self.semantic
+        reasons = list(g["reasons"]) + (list(sem["reasons"]) if sem else [])
         out = {
             "synth_pool": len(self),
             "synth_cached": self.cached,
-            "synth_gate_passed": bool(g["passed"]),
-            "synth_gate_reasons": "; ".join(g["reasons"]),
+            "synth_gate_passed": bool(g["passed"]) and (sem is None or bool(sem["passed"])),
+            "synth_gate_reasons": "; ".join(reasons),
         }
         out |= {f"synth_{k}": g[k] for k in GATE_FIGURES}
+        if sem is not None:
+            out |= {f"synth_{k}": sem[k] for k in SEMANTIC_FIGURES}
+            out["synth_semantic_passed"] = bool(sem["passed"])
         return out
 
 

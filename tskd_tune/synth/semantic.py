@@ -1,0 +1,176 @@
+"""The semantic gate: a synthetic pool measured against the real training images in the teacher's feature space.
+
+The pixel checks of ``gate.py`` cannot tell an anatomically plausible image from one whose intensity
+statistics merely match, nor say how much of the real variety a pool covers. Here both sets are seen
+through the teacher's frozen encoder (LiteMedSAM's image embedding, read from the encoder-feature cache,
+which already holds it for the real images and computes it once per pool), each image's embedding
+average-pooled over space to one vector. Then:
+
+- **Fréchet distance** (``fd``) between Gaussians fitted to the two sets, relative to the real set's total
+  variance (so the figure does not depend on the encoder's scale): the whole pool against the whole
+  training set;
+- **precision** and **recall** (Kynkäänniemi et al., 2019): the real manifold is the union of balls around
+  every real vector, each with the radius of its ``K``-th nearest real neighbour; precision is the fraction
+  of synthetic images inside it (plausible), recall the fraction of real images inside the synthetic
+  manifold built the same way (how much of the real variety the pool covers).
+
+Vectors are standardised with the real set's mean and standard deviation and projected onto its first
+``PCA_DIMS`` principal components, so that the few-dozen-image sets of this field give stable estimates.
+The per-image "inside the real manifold" flags are kept for ``synthetic.filter``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+K = 3
+"""Neighbour whose distance is a ball's radius (Kynkäänniemi et al. use 3)."""
+PCA_DIMS = 32
+"""Principal components of the real vectors kept (at most a quarter of the real images)."""
+MAX_IMAGES = 512
+"""Images of each set measured (evenly spread); the figures cost well under a second."""
+
+# ---- thresholds, measured on mni152 with LiteMedSAM's encoder (docs/BENCHMARKS.md, "Synthetic pools"):
+# held-back real images against the training images, pools of pure noise, of a generator trained for a
+# handful of steps and of trained generators.
+GATE_MAX_FD = 0.5
+"""Largest Fréchet distance, as a fraction of the real vectors' total variance."""
+GATE_MIN_PRECISION = 0.5
+"""Smallest fraction of synthetic images inside the real manifold."""
+GATE_MIN_RECALL = 0.25
+"""Smallest fraction of real images inside the synthetic manifold (a pool that covers a corner of the real
+variety teaches only that corner)."""
+
+SEMANTIC_FIGURES = ("fd", "precision", "recall")
+"""The semantic gate's figures that become ``synth_*`` trial metrics and rows of `tskd-tune synth`."""
+
+
+def pooled(states: np.ndarray) -> np.ndarray:
+    """(N, C, h, w) encoder states -> (N, C) float64 vectors, averaged over space (tokens: (N, T, C) -> mean)."""
+    x = np.asarray(states, np.float64)
+    if x.ndim == 4:
+        return x.mean(axis=(2, 3))
+    if x.ndim == 3:
+        return x.mean(axis=1)
+    return x.reshape(len(x), -1)
+
+
+def semantic_gate(real: np.ndarray, synthetic: np.ndarray) -> tuple[dict, np.ndarray]:
+    """The gate's figures for feature vectors ``real`` (N, D) and ``synthetic`` (M, D), with ``passed`` and
+    the failed ``reasons``; and, per synthetic vector, whether it lies inside the real manifold."""
+    real = np.asarray(real, np.float64)
+    synthetic = np.asarray(synthetic, np.float64)
+    if len(real) <= K or len(synthetic) <= K:
+        raise ValueError(f"the semantic gate needs more than {K} real and synthetic images")
+    r, s = project(real, synthetic)
+    fd = frechet_distance(r, s) / max(float(np.trace(np.cov(r, rowvar=False))), 1e-12)
+    inside = in_manifold(s, r)
+    recall = float(in_manifold(r, s).mean())
+    gate = {
+        "n_real": len(real),
+        "n_synthetic": len(synthetic),
+        "dims": r.shape[1],
+        "fd": float(fd),
+        "precision": float(inside.mean()),
+        "recall": recall,
+    }
+    reasons = []
+    if gate["fd"] > GATE_MAX_FD:
+        reasons.append(f"feature Fréchet distance {gate['fd']:.2f} > {GATE_MAX_FD} (of the real variance)")
+    if gate["precision"] < GATE_MIN_PRECISION:
+        reasons.append(
+            f"feature precision {gate['precision']:.2f} < {GATE_MIN_PRECISION}: most images lie outside the "
+            "real images' manifold"
+        )
+    if gate["recall"] < GATE_MIN_RECALL:
+        reasons.append(
+            f"feature recall {gate['recall']:.2f} < {GATE_MIN_RECALL}: the pool covers little of the real variety"
+        )
+    return gate | {"passed": not reasons, "reasons": reasons}, inside
+
+
+def project(real: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``real`` and ``others`` standardised with ``real``'s statistics and projected onto its first principal
+    components (at most ``PCA_DIMS``, at most a quarter of the real vectors)."""
+    mean, std = real.mean(0), real.std(0)
+    std[std < 1e-12] = 1.0
+    z = (real - mean) / std
+    dims = max(1, min(PCA_DIMS, len(real) // 4, z.shape[1]))
+    _, _, vt = np.linalg.svd(z, full_matrices=False)
+    basis = vt[:dims].T
+    return (z @ basis, *(((o - mean) / std) @ basis for o in others))
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2) between Gaussians fitted to rows of ``a`` and ``b``."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    sa, sb = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    # tr (S_a S_b)^1/2 = tr (S_a^1/2 S_b S_a^1/2)^1/2, a symmetric PSD matrix: its eigenvalues' roots
+    w, v = np.linalg.eigh(sa)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ sb @ root_a), 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * cross)
+
+
+def in_manifold(points: np.ndarray, reference: np.ndarray, k: int = K) -> np.ndarray:
+    """Per row of ``points``: inside some ball around a ``reference`` row whose radius is that row's distance
+    to its ``k``-th nearest other reference row."""
+    ref_d = _distances(reference, reference)
+    np.fill_diagonal(ref_d, np.inf)
+    radii = np.sort(ref_d, axis=1)[:, k - 1]
+    return (_distances(points, reference) <= radii[None, :]).any(axis=1)
+
+
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d2 = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.clip(d2, 0, None))
+
+
+# ------------------------------------------------------------------------------------- for a pool
+def pool_semantics(cfg, prepared, splits, pool, store, device, threads: int = 1, progress=None) -> dict:
+    """The semantic gate of ``pool`` for ``cfg``'s teacher encoder: computed once per pool and encoder (a
+    cache entry of kind ``synth_semantic`` holding ``gate.json`` and the per-image ``inside.npy``), the
+    encoder's states read from (or added to) the encoder-feature cache. Returns the gate with ``inside``
+    (a bool array, one per pool image) added."""
+    import json
+
+    import torch
+
+    from tskd_tune.cache import digest
+    from tskd_tune.data.prepare import take_rows
+    from tskd_tune.features import encoder_features, feature_key
+    from tskd_tune.models.teacher import ALL_FROZEN, build_teacher
+    from tskd_tune.synth.gate import spread
+    from tskd_tune.synth.pool import training_indices
+
+    model = build_teacher(cfg.teacher, in_chans=cfg.data.channels, num_classes=len(prepared.classes),
+                          image_size=cfg.data.image_size, seed=cfg.seed, frozen=ALL_FROZEN)  # fmt: skip
+    model.eval()
+    train = training_indices(splits)
+    key = {"kind": "synth_semantic", "version": 1, "pool": pool.key, "train": digest(train.tolist()),
+           "encoder": feature_key(cfg, model, {}), "k": K, "dims": PCA_DIMS}  # fmt: skip
+
+    def vectors(states: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(rows), 64):
+                part = [torch.from_numpy(take_rows(s, rows[start : start + 64])) for s in states]
+                out.append(
+                    pooled(model.features_from([p.to(device) for p in part])[-1].float().cpu().numpy())
+                )
+        return np.concatenate(out)
+
+    def build(tmp) -> None:
+        feats = encoder_features(cfg, model.to(device), prepared, store, device,
+                                 pool=(pool.key, pool.images), threads=threads, progress=progress)  # fmt: skip
+        real = vectors(feats.data, spread(train, MAX_IMAGES))
+        synth = vectors(feats.pool, np.arange(len(pool), dtype=np.int64))
+        figures = spread(np.arange(len(synth)), MAX_IMAGES)
+        gate, _ = semantic_gate(real, synth[figures])
+        r, s = project(real, synth)
+        np.save(tmp / "inside.npy", in_manifold(s, r))
+        (tmp / "gate.json").write_text(json.dumps(gate, indent=1))
+
+    hit = store.get_or_build("synth_semantic", key, build)
+    gate = json.loads((hit.path / "gate.json").read_text())
+    return gate | {"inside": np.load(hit.path / "inside.npy"), "cached": hit.cached}
