@@ -291,3 +291,33 @@ def test_a_trials_state_reads_its_folder_in_the_words_of_its_mlflow_run(tmp_path
     (tmp_path / "failed_trials").mkdir()
     (tmp_path / "failed_trials" / "f.json").write_text(json.dumps({"status": "timed_out", "error": "hung"}))
     assert trial_state(trial("t006_f", "error.txt"), epochs, ended=True) == "timed_out"
+
+
+def test_the_report_shows_the_best_trials_synthetic_pool_its_gates_and_what_the_filter_kept(tmp_path):
+    import numpy as np
+
+    from tskd_tune.synth.grid import sample_grid
+
+    path = write_search(tmp_path / "s")
+    pool_dir = tmp_path / "cache" / "synth_pool" / "abc"
+    rng = np.random.default_rng(0)
+    sample_grid(rng.random((20, 1, 32, 32)), rng.random((30, 1, 32, 32)), pool_dir / "grid.png")
+    metrics = path / "t003_cc03" / "outputs" / "metrics.json"
+    metrics.write_text(json.dumps(json.loads(metrics.read_text()) | {
+        "synth_pool": 128, "synth_pool_dir": str(pool_dir), "synth_fd": 0.81, "synth_precision": 0.74,
+        "synth_recall": 0.4, "synth_nn_ratio": 1.3, "synth_gate_passed": False,
+        "synth_gate_reasons": "feature recall 0.20 < 0.25", "transfer_synthetic": 40, "synth_drawn": 40,
+        "synth_kept": 29}))  # fmt: skip
+    written = write_report(path, tmp_path / "report", space(), [("val_dice", "max")])
+    page = written["html"].read_text()
+    synth = dict(tables(page)[-1])
+    assert synth["images in the pool"] == "128" and synth["feature precision (in the real manifold)"] == "0.74"
+    assert synth["feature Fréchet distance (of the real variance)"] == "0.810"
+    assert synth["gates (pixel, then semantic)"] == "FAILED: feature recall 0.20 < 0.25"
+    assert synth["kept by synthetic.filter"] == "29 of 40 drawn"
+    assert written["synthetic_grid"].read_bytes() == (pool_dir / "grid.png").read_bytes()
+    assert "<img src='synthetic_grid.png'" in page
+
+    # a search without synthetic images has no such section
+    plain = write_report(write_search(tmp_path / "p"), tmp_path / "r2", space(), [("val_dice", "max")])
+    assert "Synthetic pool" not in plain["html"].read_text() and "synthetic_grid" not in plain

@@ -23,6 +23,7 @@ from tskd_tune.synth import (
     quality_gate,
     training_indices,
 )
+from tskd_tune.synth.semantic import pool_semantics
 from tskd_tune.transfer import build_transfer_set, draw_synthetic, synthetic_count
 from tskd_tune.trial import run_trial
 
@@ -74,9 +75,12 @@ def test_pool_has_the_data_shape_and_range_and_gate_figures(tiny):
     assert pool.gate["passed"] is False
     assert _failed(pool.gate) == ["mean_distance", "hist_distance", "nn_ratio"], pool.gate["reasons"]
     assert pool.gate == json.loads((pool.path / "gate.json").read_text())
+    # the entry holds its picture (what a search's report shows): 4x4 synthetic | gap | 4x4 real, 4x larger
+    assert Image.open(pool.path / "grid.png").size == ((128 + 4 + 128) * 4, 128 * 4 + 14)
     metrics = pool.metrics()
     assert metrics == {
         "synth_pool": 8,
+        "synth_pool_dir": str(pool.path),
         "synth_cached": False,
         "synth_gate_passed": False,
         "synth_gate_reasons": "; ".join(pool.gate["reasons"]),
@@ -257,6 +261,9 @@ def test_trial_with_ratio_1_distils_on_synthetic_images_and_caches_their_logits(
     prepared, splits = load(cfg)
     pool = build_pool(cfg, prepared, splits, Store(cfg.cache.dir), CPU)
     assert pool.cached and result["synth_gate_passed"] is False and result["synth_pool"] == 64
+    # ... and its semantic gate, computed once (the second call finds it cached)
+    pool.semantic = pool_semantics(cfg, prepared, splits, pool, Store(cfg.cache.dir), CPU)
+    assert pool.semantic["cached"] is True and result["synth_semantic_passed"] is pool.semantic["passed"]
     expected = pool.metrics() | {"synth_cached": False}  # the first trial built it
     assert {k: result[k] for k in expected} == expected
     logits = [p for p in (tmp_path / "cache" / "logits").iterdir() if not p.name.endswith(".lock")]

@@ -10,17 +10,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from tskd_tune.cache import Store
 from tskd_tune.config import Config
-from tskd_tune.data.prepare import Prepared, Splits, load, take_rows
+from tskd_tune.data.prepare import load, take_rows
 from tskd_tune.errors import TskdError
 from tskd_tune.runtime import resolve_device
 from tskd_tune.synth import (
     GATE_FIGURES,
-    Pool,
     Progress,
     build_pool,
     generator_size,
@@ -28,7 +26,10 @@ from tskd_tune.synth import (
     training_indices,
 )
 from tskd_tune.synth.gate import spread
+from tskd_tune.synth.grid import sample_grid
 from tskd_tune.synth.pool import pretrained_folder
+from tskd_tune.synth.semantic import SEMANTIC_FIGURES, pool_semantics
+from tskd_tune.synth.semantic import K as SEMANTIC_MIN_POOL
 
 
 @contextmanager
@@ -56,41 +57,6 @@ def progress_bar(console=None) -> Iterator[Progress]:
         yield update
 
 
-def sample_grid(
-    pool: Pool, prepared: Prepared, splits: Splits, path: Path, n: int = 16, columns: int = 4
-) -> Path:
-    """A PNG: ``n`` synthetic images (left) next to ``n`` real training images (right); written atomically."""
-    from PIL import Image, ImageDraw
-
-    def tiles(images: np.ndarray) -> np.ndarray:
-        rgb = np.repeat(images, 3, axis=1) if images.shape[1] == 1 else images
-        rgb = (np.clip(np.asarray(rgb, np.float32), 0, 1) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
-        rows = []
-        for start in range(0, n, columns):
-            row = list(rgb[start : start + columns])
-            row += [np.zeros_like(rgb[0])] * (columns - len(row))
-            rows.append(np.concatenate(row, axis=1))
-        return np.concatenate(rows, axis=0)
-
-    synth = tiles(np.asarray(pool.images[spread(np.arange(len(pool)), n)]))
-    real = tiles(take_rows(prepared.images, spread(training_indices(splits), n)))
-    gap = np.full((synth.shape[0], max(4, synth.shape[1] // 32), 3), 255, np.uint8)
-    grid = np.concatenate([synth, gap, real], axis=1)
-    scale = max(1, 128 // prepared.images.shape[-1])
-    picture = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    head = 14
-    canvas = Image.new("RGB", (picture.width, picture.height + head), "white")
-    canvas.paste(picture, (0, head))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((2, 1), f"synthetic ({len(pool)} in the pool)", fill="black")
-    draw.text(((synth.shape[1] + gap.shape[1]) * scale + 2, 1), "real (training images)", fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
-
-
 def synth_command(cfg: Config, out_dir: Path, console=None) -> dict:
     """`tskd-tune synth`: train or load the generator, fill the pool (progress bar), write grid.png and gate.json."""
     gc = cfg.synthetic
@@ -110,8 +76,14 @@ def synth_command(cfg: Config, out_dir: Path, console=None) -> dict:
     pool_key(cfg, prepared, splits)  # a bad pretrained_path fails here, before the progress bar starts
     with progress_bar(console) as progress:
         pool = build_pool(cfg, prepared, splits, store, resolve_device(cfg), progress)
-    assert pool is not None
-    grid = sample_grid(pool, prepared, splits, Path(out_dir) / "grid.png")
+        assert pool is not None
+        semantic = None
+        if len(pool) > SEMANTIC_MIN_POOL:
+            semantic = pool_semantics(cfg, prepared, splits, pool, store, resolve_device(cfg),
+                                      torch.get_num_threads(), progress)  # fmt: skip
+            semantic = {k: v for k, v in semantic.items() if k not in ("inside", "cached")}
+    real = take_rows(prepared.images, spread(training_indices(splits), 16))
+    grid = sample_grid(pool.images, real, Path(out_dir) / "grid.png")
     summary = {
         "pool": str(pool.path),
         "images": len(pool),
@@ -121,6 +93,7 @@ def synth_command(cfg: Config, out_dir: Path, console=None) -> dict:
         "generator_image_size": generator_size(cfg) if gc.generator == "ddpm" else None,
         "grid": str(grid),
         "gate": pool.gate,
+        "semantic": semantic,
         "synth_s": time.perf_counter() - t0,
     } | {k: v for k, v in pool.info.items() if k != "generator"}
     training = Path(pool.info.get("generator", "")) / "training.json"
@@ -159,4 +132,15 @@ def print_summary(summary: dict, console) -> None:
         console.print("[green]quality gate passed[/green]")
     else:
         console.print(f"[yellow]warning: quality gate FAILED: {'; '.join(gate['reasons'])}[/yellow]")
+    sem = summary.get("semantic")
+    if sem:
+        table = Table("figure", "value", title="semantic gate (the teacher encoder's features: synthetic vs "
+                      "real training images)", title_justify="left")  # fmt: skip
+        for k in SEMANTIC_FIGURES:
+            table.add_row(k, f"{sem[k]:.4f}")
+        console.print(table)
+        if sem["passed"]:
+            console.print("[green]semantic gate passed[/green]")
+        else:
+            console.print(f"[yellow]warning: semantic gate FAILED: {'; '.join(sem['reasons'])}[/yellow]")
     console.print(f"grid (synthetic | real): {summary['grid']}")

@@ -198,6 +198,7 @@ def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list
     if overlays.is_file():
         written["overlays"] = out_dir / "best_overlays.png"
         shutil.copyfile(overlays, written["overlays"])
+    synthetic = _synthetic(best, out_dir, written)
     plots = optuna_plots(board, space, objectives, out_dir)
     written |= plots
     written["importances_json"] = out_dir / "importances.json"
@@ -210,11 +211,49 @@ def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list
     page = _page(
         search_path, board, best, refs, tests, links, mlflow_note, written, n_done, space, objectives
     )
+    if synthetic:
+        page = page.replace("</body>", synthetic + "</body>")
     written["html"] = out_dir / "report.html"
     tmp = written["html"].with_name(".report.html.tmp")
     tmp.write_text(page)
     os.replace(tmp, written["html"])
     return written
+
+
+SYNTH_ROWS = (("synth_pool", "images in the pool", "d"), ("synth_fd", "feature Fréchet distance (of the real variance)", ".3f"),
+              ("synth_precision", "feature precision (in the real manifold)", ".2f"),
+              ("synth_recall", "feature recall (real variety covered)", ".2f"),
+              ("synth_nn_ratio", "pixel nearest-real distance ratio", ".2f"))  # fmt: skip
+
+
+def _synthetic(best: pd.Series, out_dir: Path, written: dict) -> str:
+    """The best trial's synthetic pool: its grid, the two gates' figures and what the filter kept (HTML; empty
+    when the trial drew no synthetic images or has not finished)."""
+    try:
+        m = json.loads((Path(best["trial_dir"]) / "outputs" / "metrics.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return ""
+    if not m.get("synth_pool"):
+        return ""
+    rows = [(label, format(m[k], spec)) for k, label, spec in SYNTH_ROWS if m.get(k) is not None]
+    verdict = "passed" if m.get("synth_gate_passed") else f"FAILED: {m.get('synth_gate_reasons', '')}"
+    rows.append(("gates (pixel, then semantic)", verdict))
+    drawn = m.get("transfer_synthetic")
+    if m.get("synth_kept") is not None:
+        rows.append(("kept by synthetic.filter", f"{m['synth_kept']} of {m['synth_drawn']} drawn"))
+    elif drawn is not None:
+        rows.append(("drawn into the transfer set", f"{drawn} (no filter)"))
+    table = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    parts = ["<h2>Synthetic pool (best trial)</h2><p class='note'>The pool measured against the real training "
+             "images: pixel statistics, then the teacher encoder's features (Fréchet distance, precision and recall "
+             "on k-NN manifolds).</p>", f"<table>{table}</table>"]  # fmt: skip
+    grid = Path(m.get("synth_pool_dir", "")) / "grid.png"
+    if grid.is_file():
+        written["synthetic_grid"] = out_dir / "synthetic_grid.png"
+        shutil.copyfile(grid, written["synthetic_grid"])
+        parts.append("<p class='note'>16 synthetic images (left) beside 16 training images (right).</p>"
+                     "<img src='synthetic_grid.png' alt='synthetic and real images'>")  # fmt: skip
+    return "".join(parts)
 
 
 def _page(

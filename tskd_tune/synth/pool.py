@@ -36,6 +36,7 @@ from tskd_tune.synth.generator import (
     train_generator,
     unet_size,
 )
+from tskd_tune.synth.grid import sample_grid
 from tskd_tune.synth.semantic import SEMANTIC_FIGURES
 
 # the name the log lines carried before synth.py became a package
@@ -65,6 +66,7 @@ class Pool:
         reasons = list(g["reasons"]) + (list(sem["reasons"]) if sem else [])
         out = {
             "synth_pool": len(self),
+            "synth_pool_dir": str(self.path),
             "synth_cached": self.cached,
             "synth_gate_passed": bool(g["passed"]) and (sem is None or bool(sem["passed"])),
             "synth_gate_reasons": "; ".join(reasons),
@@ -212,9 +214,11 @@ def build_pool(
         info["sample_s"] = time.perf_counter() - t0
         real = take_rows(prepared.images, spread(training_indices(splits), GATE_MAX_IMAGES))
         gate = quality_gate(np.asarray(images), real, size=min(unet_size(unet), cfg.data.image_size))
-        del images
         (tmp / "gate.json").write_text(json.dumps(gate, indent=1))
+        # what the report shows of the pool: 16 of its images beside 16 training images
+        sample_grid(np.asarray(images), real, tmp / "grid.png")
         (tmp / "meta.json").write_text(json.dumps(info | {"generator": str(folder)}, indent=1))
+        del images
 
     hit = store.get_or_build("synth_pool", key_obj, build)
     gate = json.loads((hit.path / "gate.json").read_text())
