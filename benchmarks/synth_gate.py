@@ -38,8 +38,7 @@ from tskd_tune.cache import Store, digest
 from tskd_tune.config import load_config
 from tskd_tune.data.prepare import load, take_rows
 from tskd_tune.runtime import resolve_device
-from tskd_tune.synth import Pool, build_pool, quality_gate, training_indices
-from tskd_tune.synth.semantic import pool_semantics
+from tskd_tune.synth import Pool, build_pool, pool_semantics, quality_gate, training_indices
 
 GENERATOR = {"synthetic.generator": "ddpm", "synthetic.ratio": 1.0, "synthetic.image_size": 32,
              "synthetic.channels": [16, 32, 64], "synthetic.pool_size": 128, "synthetic.sample_steps": 25}  # fmt: skip

@@ -118,8 +118,7 @@ def test_trial_measures_its_pool_in_feature_space_and_filters_it(tiny):
     # the manifold flags are the gate's: the kept count is the precision of the drawn images
     prepared, splits = load(cfg)
     from tskd_tune.cache import Store
-    from tskd_tune.synth import build_pool
-    from tskd_tune.synth.semantic import pool_semantics
+    from tskd_tune.synth import build_pool, pool_semantics
     from tskd_tune.transfer import build_transfer_set
 
     pool = build_pool(cfg, prepared, splits, Store(cfg.cache.dir), torch.device("cpu"))

@@ -20,10 +20,10 @@ from tskd_tune.synth import (
     generator_key,
     make_unet,
     pool_for_search,
+    pool_semantics,
     quality_gate,
     training_indices,
 )
-from tskd_tune.synth.semantic import pool_semantics
 from tskd_tune.transfer import build_transfer_set, draw_synthetic, synthetic_count
 from tskd_tune.trial import run_trial
 

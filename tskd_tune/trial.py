@@ -27,9 +27,8 @@ from tskd_tune.methods.checks import uses_pool
 from tskd_tune.metrics import count_params, evaluate, latency_ms
 from tskd_tune.models.teacher import is_pretrained
 from tskd_tune.runtime import resolve_device, set_threads
-from tskd_tune.synth import build_pool
+from tskd_tune.synth import build_pool, pool_semantics
 from tskd_tune.synth.semantic import K as SEMANTIC_MIN_POOL
-from tskd_tune.synth.semantic import pool_semantics
 from tskd_tune.train import Hooks, Report, load_checkpoint, seed_all
 
 log = logging.getLogger(__name__)

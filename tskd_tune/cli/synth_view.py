@@ -23,12 +23,13 @@ from tskd_tune.synth import (
     build_pool,
     generator_size,
     pool_key,
+    pool_semantics,
     training_indices,
 )
 from tskd_tune.synth.gate import spread
 from tskd_tune.synth.grid import sample_grid
 from tskd_tune.synth.pool import pretrained_folder
-from tskd_tune.synth.semantic import SEMANTIC_FIGURES, pool_semantics
+from tskd_tune.synth.semantic import SEMANTIC_FIGURES
 from tskd_tune.synth.semantic import K as SEMANTIC_MIN_POOL
 
 

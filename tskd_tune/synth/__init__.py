@@ -39,6 +39,7 @@ from tskd_tune.synth.pool import (
     pipeline_fingerprint,
     pool_for_search,
     pool_key,
+    pool_semantics,
     training_indices,
 )
 
@@ -68,6 +69,7 @@ __all__ = [
     "pipeline_fingerprint",
     "pool_for_search",
     "pool_key",
+    "pool_semantics",
     "quality_gate",
     "sample_images",
     "train_generator",

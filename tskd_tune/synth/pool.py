@@ -37,7 +37,16 @@ from tskd_tune.synth.generator import (
     unet_size,
 )
 from tskd_tune.synth.grid import sample_grid
-from tskd_tune.synth.semantic import SEMANTIC_FIGURES
+from tskd_tune.synth.semantic import (
+    MAX_IMAGES,
+    PCA_DIMS,
+    SEMANTIC_FIGURES,
+    K,
+    in_manifold,
+    pooled,
+    project,
+    semantic_gate,
+)
 
 # the name the log lines carried before synth.py became a package
 log = logging.getLogger("tskd_tune.synth")
@@ -234,6 +243,56 @@ def build_pool(
             "; ".join(gate["reasons"]),
         )
     return pool
+
+
+def pool_semantics(
+    cfg: Config,
+    prepared: Prepared,
+    splits: Splits,
+    pool: Pool,
+    store: Store,
+    device: torch.device,
+    threads: int = 1,
+    progress: Progress | None = None,
+) -> dict:
+    """The semantic gate of ``pool`` for ``cfg``'s teacher encoder: computed once per pool and encoder (a
+    cache entry of kind ``synth_semantic`` holding ``gate.json`` and the per-image ``inside.npy``), the
+    encoder's states read from (or added to) the encoder-feature cache. Returns the gate with ``inside``
+    (a bool array, one per pool image) added."""
+    from tskd_tune.features import encoder_features, feature_key
+    from tskd_tune.models.teacher import ALL_FROZEN, build_teacher
+
+    model = build_teacher(cfg.teacher, in_chans=cfg.data.channels, num_classes=len(prepared.classes),
+                          image_size=cfg.data.image_size, seed=cfg.seed, frozen=ALL_FROZEN)  # fmt: skip
+    model.eval()
+    train = training_indices(splits)
+    key = {"kind": "synth_semantic", "version": 1, "pool": pool.key, "train": digest(train.tolist()),
+           "encoder": feature_key(cfg, model, {}), "k": K, "dims": PCA_DIMS}  # fmt: skip
+
+    def vectors(states: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(rows), 64):
+                part = [torch.from_numpy(take_rows(s, rows[start : start + 64])) for s in states]
+                out.append(
+                    pooled(model.features_from([p.to(device) for p in part])[-1].float().cpu().numpy())
+                )
+        return np.concatenate(out)
+
+    def build(tmp) -> None:
+        feats = encoder_features(cfg, model.to(device), prepared, store, device,
+                                 pool=(pool.key, pool.images), threads=threads, progress=progress)  # fmt: skip
+        real = vectors(feats.data, spread(train, MAX_IMAGES))
+        synth = vectors(feats.pool, np.arange(len(pool), dtype=np.int64))
+        figures = spread(np.arange(len(synth)), MAX_IMAGES)
+        gate, _ = semantic_gate(real, synth[figures])
+        r, s = project(real, synth)
+        np.save(tmp / "inside.npy", in_manifold(s, r))
+        (tmp / "gate.json").write_text(json.dumps(gate, indent=1))
+
+    hit = store.get_or_build("synth_semantic", key, build)
+    gate = json.loads((hit.path / "gate.json").read_text())
+    return gate | {"inside": np.load(hit.path / "inside.npy"), "cached": hit.cached}
 
 
 def _where(gc: SyntheticConfig) -> str:
