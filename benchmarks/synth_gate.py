@@ -13,8 +13,9 @@ variance, precision and recall on k-NN manifolds). Pools:
                       statistic exact, the anatomy gone)
     blurred           training images blurred (Gaussian, sigma 4 px): a generator's mean-image mush
     one image         one training image repeated with 2% noise (a collapsed generator)
-    ddpm S steps      the `ddpm` generator (kd_methods.py's CPU-sized one: 32 px, 16-32-64 channels)
-                      trained S steps, 128 images sampled
+    ddpm32 S steps    the `ddpm` generator of kd_methods.py (CPU-sized: 32 px, 16-32-64 channels) trained
+                      S steps, 128 images sampled (25 DDIM steps)
+    ddpm64 S steps    the `ddpm` generator with the shipped defaults at 64 px (32-64-64 channels)
 
 Generator pools and every pool's encoder features are entries of the trial cache (--cache), so a rerun
 only measures again; finished cells are kept in WORK/cells.jsonl.
@@ -40,8 +41,17 @@ from tskd_tune.data.prepare import load, take_rows
 from tskd_tune.runtime import resolve_device
 from tskd_tune.synth import Pool, build_pool, pool_semantics, quality_gate, training_indices
 
-GENERATOR = {"synthetic.generator": "ddpm", "synthetic.ratio": 1.0, "synthetic.image_size": 32,
-             "synthetic.channels": [16, 32, 64], "synthetic.pool_size": 128, "synthetic.sample_steps": 25}  # fmt: skip
+SAMPLING = {
+    "synthetic.generator": "ddpm",
+    "synthetic.ratio": 1.0,
+    "synthetic.pool_size": 128,
+    "synthetic.sample_steps": 25,
+}
+GENERATORS = {  # --sizes: the generator's resolution -> its overrides
+    32: SAMPLING
+    | {"synthetic.image_size": 32, "synthetic.channels": [16, 32, 64]},  # kd_methods.py's CPU-sized one
+    64: SAMPLING | {"synthetic.image_size": 64},  # the shipped defaults at mni152's 64 px (32-64-64 channels)
+}
 POOL = 128
 
 
@@ -102,7 +112,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--space", default=str(REPO / "search_spaces/mni152.yaml"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, nargs="+", default=[20, 200, 1000, 3000], help="generator steps")
+    ap.add_argument("--steps", type=int, nargs="+", default=[20, 1000, 3000], help="generator steps")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[32], choices=sorted(GENERATORS),
+                    help="generator resolutions")  # fmt: skip
     ap.add_argument("--work", default="runs/bench-synth-gate", help="finished cells")
     ap.add_argument("--cache", default="runs/bench-teachers/cache",
                     help="the trial cache (teacher_heads.py's: the real images' encoder features are there)")  # fmt: skip
@@ -128,8 +140,9 @@ def main() -> None:
             np.float32
         )
         rng = np.random.default_rng(seed)
-        plan = [(name, None) for name in CONSTRUCTED] + [(f"ddpm {s} steps", s) for s in args.steps]
-        for name, steps in plan:
+        plan = [(name, None, None) for name in CONSTRUCTED]
+        plan += [(f"ddpm{r} {s} steps", s, r) for r in args.sizes for s in args.steps]
+        for name, steps, size in plan:
             cid = json.dumps([name, seed])
             if cid in done:
                 continue
@@ -138,8 +151,8 @@ def main() -> None:
                 images = constructed(name, train, held, rng)
                 pool = Pool(images, work, digest([name, seed, "v1"]), False, quality_gate(images, train))
             else:
-                pool = build_pool(load_config(args.space, over | GENERATOR | {"synthetic.train_steps": steps}),
-                                  prepared, splits, store, device)  # fmt: skip
+                gen = GENERATORS[size] | {"synthetic.train_steps": steps}
+                pool = build_pool(load_config(args.space, over | gen), prepared, splits, store, device)
             cell = {"id": cid, "pool": name, "seed": seed, "images": len(pool)}
             cell |= measure(cfg, prepared, splits, store, device, pool, train)
             cell["wall_s"] = time.perf_counter() - t0
@@ -153,7 +166,7 @@ def main() -> None:
     cols = ["pool", "seed", "fd", "precision", "recall", "semantic_passed", "pixel_passed", "nn_ratio"]
     print(table(sorted(cells, key=lambda c: (c["pool"], c["seed"])), cols))
     out = write_result(
-        "synth_gate", provenance() | {"space": args.space, "generator": GENERATOR, "cells": cells}
+        "synth_gate", provenance() | {"space": args.space, "generators": GENERATORS, "cells": cells}
     )
     print(f"\nwritten to {out.relative_to(REPO)}")
 

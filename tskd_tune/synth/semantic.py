@@ -31,10 +31,13 @@ PCA_DIMS = 32
 MAX_IMAGES = 512
 """Images of each set measured (evenly spread); the figures cost well under a second."""
 
-# ---- thresholds, measured on mni152 with LiteMedSAM's encoder (docs/BENCHMARKS.md, "Synthetic pools"):
-# held-back real images against the training images, pools of pure noise, of a generator trained for a
-# handful of steps and of trained generators.
-GATE_MAX_FD = 0.5
+# ---- thresholds, measured on mni152 with LiteMedSAM's encoder (benchmarks/synth_gate.py; docs/BENCHMARKS.md,
+# "Synthetic pools"), each pool against the training images of its split. Held-back real images (val and
+# test): FD 0.69, precision 0.76, recall 0.43 (seed 0). Failing pools: training images with their 16 px
+# patches shuffled 2.4 / 0.02 / 0.05, one training image repeated with noise 4.5 / 0 / 0, blurred training
+# images 8.3 / 0 / 0, pure noise 12-19 / 0 / 0, the CPU-sized generator (32 px) after 20 or 1000 steps
+# 11 / 0 / 0 (blurred brain shapes without grey or white matter).
+GATE_MAX_FD = 1.5
 """Largest Fréchet distance, as a fraction of the real vectors' total variance."""
 GATE_MIN_PRECISION = 0.5
 """Smallest fraction of synthetic images inside the real manifold."""
