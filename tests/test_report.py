@@ -141,7 +141,10 @@ def test_the_study_holds_the_trials_in_the_order_they_ran(tmp_path):
     board = objective_board(write_search(tmp_path / "s"), [("val_dice", "max")])
     assert list(board["trial_id"]) == ["cc03", "ee05", "dd04", "aa01", "bb02"]  # best first
     st = study(board, space(), [("val_dice", "max")])
-    assert [t.value for t in st.trials] == [0.60, 0.55, 0.72, 0.65, 0.70]
+    # t004 was stopped by the scheduler after epoch 1: pruned, its score an intermediate value, not a result
+    assert [t.state.name for t in st.trials] == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED", "COMPLETE"]
+    assert [t.value for t in st.trials] == [0.60, 0.55, 0.72, None, 0.70]
+    assert st.trials[3].intermediate_values == {1: 0.65}
     assert [t.user_attrs["name"] for t in st.trials] == ["t001", "t002", "t003", "t004", "t005"]
 
 
@@ -157,8 +160,8 @@ def test_a_trial_without_a_value_keeps_its_place_in_the_history(tmp_path):
     trials = [*TRIALS[:2], (3, "cc03", [], False), *TRIALS[3:]]  # t003 has not reported yet
     st = study(objective_board(write_search(tmp_path / "s", trials), [("val_dice", "max")]), space(),
                [("val_dice", "max")])  # fmt: skip
-    assert [t.state.name for t in st.trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
-    assert [t.value for t in st.trials if t.value is not None] == [0.60, 0.55, 0.65, 0.70]
+    assert [t.state.name for t in st.trials] == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED", "COMPLETE"]
+    assert [t.value for t in st.trials if t.value is not None] == [0.60, 0.55, 0.70]
 
 
 def test_plots_name_their_axes_after_the_metric_and_trials(tmp_path):
@@ -171,7 +174,7 @@ def test_plots_name_their_axes_after_the_metric_and_trials(tmp_path):
         assert [t.get_text() for t in history.get_xticklabels() if t.get_text()] == ["t001", "t002", "t003", "t004",
                                                                                      "t005"]  # fmt: skip
         importances = axes["importances"]
-        assert "from 5 trials" in importances.get_title("left") and "fewer than 10" in importances.get_title("left")
+        assert "from 4 trials" in importances.get_title("left")  # the finished ones: t004 was stopped and "fewer than 10" in importances.get_title("left")
         assert [t.get_text() for t in importances.get_legend().get_texts()] == ["val_dice"]
         assert (axes["pareto_front"].get_xlabel(), axes["pareto_front"].get_ylabel()) == ("val_dice", "val_hd95")
     finally:
@@ -230,8 +233,8 @@ def test_the_report_page_has_the_leaderboard_references_curves_overlays_and_runs
     best = path / "t003_cc03" / "outputs" / "val_overlays.png"
     assert "<img src='best_overlays.png'" in page and (out / "best_overlays.png").read_bytes() == best.read_bytes()
     assert "mlflow ui --backend-store-uri sqlite:////srv/runs/mlflow.db --host 127.0.0.1" in page
-    assert "Only 5 trials" in page  # the importance caveat, under the plot
-    assert page.index("importances.png") < page.index("Only 5 trials") < page.index("parallel_coordinates.png")
+    assert "Only 4 trials" in page  # the importance caveat, under the plot (finished trials only)
+    assert page.index("importances.png") < page.index("Only 4 trials") < page.index("parallel_coordinates.png")
     assert "http" not in page.replace("http-equiv", "")  # nothing to fetch: the page opens offline
 
 

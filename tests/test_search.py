@@ -34,6 +34,7 @@ def searched(tmp_path_factory):
         "system_metrics_interval_s": 1,
     }
     raw["search"] = {"num_samples": 4, "max_concurrent": 2, "grace_period": 1, "scheduler": "asha",
+                     "study_storage": f"sqlite:///{tmp}/optuna.db",
                      "space": {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
                                "distill.kd_weight": {"type": "uniform", "low": 0.2, "high": 2.0}}}  # fmt: skip
     space = tmp / "e2e.yaml"
@@ -46,6 +47,28 @@ def searched(tmp_path_factory):
                  "--set", "search.baselines=[]", cwd=tmp)  # fmt: skip
     assert second.returncode == 0, second.stderr[-3000:]
     return tmp, raw, first, second
+
+
+def test_the_study_holds_finished_trials_as_complete_and_stopped_ones_as_pruned(searched):
+    import optuna
+
+    tmp, raw, _, _ = searched
+    st = optuna.load_study(study_name="first", storage=raw["search"]["study_storage"])
+    _, runs = runs_of(raw["tracking"]["uri"], "e2e")
+    # each trial's MLflow run, found by its sampled temperature
+    status = {round(float(r.data.params["distill.temperature"]), 6): r.data.tags.get("tskd.status")
+              for r in runs if "distill.temperature" in r.data.params and "tskd.status" in r.data.tags}  # fmt: skip
+    assert len(st.trials) == 4
+    for t in st.trials:
+        # every epoch's val Dice reached the study as an intermediate value, as Ray reported it
+        assert t.intermediate_values and set(t.intermediate_values) == set(range(1, len(t.intermediate_values) + 1))
+        name = round(t.params["distill.temperature"], 6)
+        if status[name] == "finished":
+            assert t.state.name == "COMPLETE" and len(t.intermediate_values) == 3
+            assert t.value == pytest.approx(t.intermediate_values[3])
+        else:  # the scheduler stopped it: a score after fewer epochs is not a final result
+            assert status[name] == "stopped_early" and t.state.name == "PRUNED"
+            assert len(t.intermediate_values) < 3
 
 
 def runs_of(uri: str, experiment: str):

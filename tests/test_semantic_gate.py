@@ -134,3 +134,15 @@ def test_a_confidence_threshold_of_1_keeps_no_synthetic_image_and_the_trial_stil
     result = run_trial(tiny(synthetic=synth, student={"epochs": 1}, teacher={"epochs": 2}))
     assert result["synth_kept"] == 0 and result["synth_drawn"] == result["transfer_synthetic"] > 0
     assert np.isfinite(result["val_dice"])
+
+
+def test_the_filter_and_its_threshold_are_searchable_knobs(tiny):
+    import optuna
+
+    from tskd_tune.space import to_optuna
+
+    cfg = tiny(search={"space": {"synthetic.filter": {"type": "choice", "values": ["none", "confidence", "both"]},
+                                 "synthetic.min_confidence": {"type": "uniform", "low": 0.5, "high": 0.99}}})  # fmt: skip
+    dists = to_optuna(cfg.search.space)
+    assert isinstance(dists["synthetic.filter"], optuna.distributions.CategoricalDistribution)
+    assert dists["synthetic.min_confidence"].high == 0.99

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,7 @@ def test_cli_trial_learns_and_hits_the_teacher_cache(tmp_path):
         student={"epochs": 6},
         data={"options": {"num_images": 120, "size": 64, "target": "capsule"}},
     )
+    raw["resources"] = {"cpu": 1}  # what a search reserves per trial: a standalone trial has the machine anyway
     import yaml
 
     space = tmp_path / "tiny.yaml"
@@ -135,6 +137,7 @@ def test_cli_trial_learns_and_hits_the_teacher_cache(tmp_path):
         return json.loads(proc.stdout)
 
     first = cli()
+    assert first["threads"] == os.cpu_count()
     from tskd_tune.config import load_config
 
     cfg = load_config(space)
@@ -144,7 +147,8 @@ def test_cli_trial_learns_and_hits_the_teacher_cache(tmp_path):
     base = evaluate(untrained, prepared.images[splits.val], prepared.masks[splits.val], prepared.classes)
     assert first["val_dice"] > base["val_dice"] + 0.2, (first["val_dice"], base["val_dice"])
     assert first["teacher_cached"] is False
-    second = cli("--set", "distill.temperature=2.0")
+    second = cli("--set", "distill.temperature=2.0", "--set", "resources.threads=1")
+    assert second["threads"] == 1  # unless the config says otherwise
     assert second["teacher_cached"] is True and second["teacher_s"] < first["teacher_s"]
     history = (tmp_path / "trial" / "history.jsonl").read_text().splitlines()
     assert len(history) == 6  # a fresh run replaces the earlier run's curve

@@ -136,7 +136,7 @@ def run_trial(
         result |= outcome.evaluate("test") if outcome.evaluate else evaluate(
             outcome.model, prepared.images[splits.test], prepared.masks[splits.test], prepared.classes, 32, device,
             prefix="test_")  # fmt: skip
-    result |= timings | {"total_s": time.perf_counter() - t_start}
+    result |= timings | {"total_s": time.perf_counter() - t_start, "threads": threads}
     files = []
     if out_dir is not None:
         files.append(out_dir / "config.yaml")

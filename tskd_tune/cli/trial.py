@@ -110,6 +110,9 @@ def trial(
 
     # config and teacher first, the heavy trial imports (MONAI, diffusers) after: bad input fails fast
     cfg = load_cfg(space, set_, no_cache)
+    if cfg.resources.threads is None:
+        # a standalone trial has the machine (resources.cpu is what a search reserves per trial)
+        cfg = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"threads": os.cpu_count()})})
     from tskd_tune.methods.checks import check_teacher, premise_warning
 
     check_teacher(cfg)
@@ -141,9 +144,8 @@ def trial(
             markup=False,
         )
 
-    # a standalone trial has the machine: teacher features missing from the cache are computed on every core
     result = run_trial(cfg, report, JsonlTracker(out_dir / "history.jsonl"), out_dir=out_dir, resume_from=resume_from,
-                       test=test, fill_threads=cfg.resources.threads or os.cpu_count())  # fmt: skip
+                       test=test, fill_threads=cfg.resources.threads)  # fmt: skip
     if as_json:
         print(json.dumps(result.metrics, indent=2, default=float))
         return

@@ -306,10 +306,10 @@ def _page(
         )
         if key == "history":
             left_out = len(board) - n_done
-            out = (f" The other {left_out} (not reported yet, errored, or with values outside today's search "
-                   "space) are left out of this and the plots below.") if left_out else ""  # fmt: skip
-            parts.append(f"<p class='note'>One point per trial with a {html.escape(metric)}, in the order the "
-                         f"trials started; a trial stopped early shows its score when it was stopped.{out}</p>")  # fmt: skip
+            out = (f" The other {left_out} (stopped early by the scheduler, still running, errored, or with values "
+                   "outside today's search space) are left out of this and the plots below.") if left_out else ""  # fmt: skip
+            parts.append(f"<p class='note'>One point per finished trial, its final {html.escape(metric)}, in the "
+                         f"order the trials started: a score after fewer epochs is not a result.{out}</p>")  # fmt: skip
         if key == "importances" and n_done < FEW_TRIALS:
             parts.append(f"<p class='caveat'>Only {n_done} trials: with fewer than about {FEW_TRIALS}, the "
                          "importances are fitted to too few points to rank the parameters; read them as a hint, "

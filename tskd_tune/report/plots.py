@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tskd_tune import states
 from tskd_tune.report.board import read_results, run_order, trial_label
 
 FEW_TRIALS = 10
@@ -19,9 +20,11 @@ FEW_TRIALS = 10
 
 def study(board: pd.DataFrame, space: dict, objectives: list[tuple[str, str]]):
     """An in-memory Optuna study of the search's trials, added in the order they ran, so that trial
-    number ``i`` is the i-th trial started. A trial with a value in every objective and every sampled
-    parameter inside ``space`` is COMPLETE; any other (pending, errored) is FAIL, kept so that numbers match the run
-    order. Each trial's ``user_attrs`` hold its ``name`` (``t007``) and ``trial_id``."""
+    number ``i`` is the i-th trial started. A finished trial with a value in every objective and every sampled
+    parameter inside ``space`` is COMPLETE; one the scheduler stopped is PRUNED, its last value kept as the
+    intermediate value of the epoch it reached (a score after fewer epochs is not a final result: importances
+    and plots rest on the finished trials only); any other (running, pending, errored) is FAIL, kept so that
+    numbers match the run order. Each trial's ``user_attrs`` hold its ``name`` (``t007``) and ``trial_id``."""
     import optuna
 
     from tskd_tune.space import to_optuna
@@ -39,8 +42,13 @@ def study(board: pd.DataFrame, space: dict, objectives: list[tuple[str, str]]):
             }
             # a value outside today's space (edited since the trial ran) leaves the trial without a point
             with contextlib.suppress(ValueError):
-                trial = optuna.trial.create_trial(params=params, distributions=dists, user_attrs=attrs,
-                                                  values=[float(row[m]) for m in names])  # fmt: skip
+                if row.get("state") == states.FINISHED:
+                    trial = optuna.trial.create_trial(params=params, distributions=dists, user_attrs=attrs,
+                                                      values=[float(row[m]) for m in names])  # fmt: skip
+                elif row.get("state") == states.STOPPED_EARLY and len(names) == 1:
+                    trial = optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params=params,
+                                                      distributions=dists, user_attrs=attrs,
+                                                      intermediate_values={int(row["epoch"]): float(row[names[0]])})  # fmt: skip
         st.add_trial(trial)
     return st
 
