@@ -65,7 +65,7 @@ def test_the_study_holds_finished_trials_as_complete_and_stopped_ones_as_pruned(
         name = round(t.params["distill.temperature"], 6)
         if status[name] == "finished":
             assert t.state.name == "COMPLETE" and len(t.intermediate_values) == 3
-            assert t.value == pytest.approx(t.intermediate_values[3])
+            assert t.value == pytest.approx(t.intermediate_values[3], abs=1e-3)  # the final report's val Dice
         else:  # the scheduler stopped it: a score after fewer epochs is not a final result
             assert status[name] == "stopped_early" and t.state.name == "PRUNED"
             assert len(t.intermediate_values) < 3

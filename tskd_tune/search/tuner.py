@@ -143,37 +143,13 @@ def finalizer(tracking_uri: str, parent_run_id: str, search_path: Path):
     return MlflowFinalizer()
 
 
-def finished(result: dict | None) -> bool:
-    """Whether a trial's last result is its final one (``trainable.Reporter.final`` adds the ``final_*``
-    metrics to it); a trial the scheduler stopped ended on an intermediate epoch's result."""
-    return bool(result) and any(k.startswith("final_") for k in result)
-
-
-def _study_search():
-    """Ray's OptunaSearch telling the study what happened to each trial: COMPLETE only for a trial that ran to
-    its end, PRUNED for one the scheduler stopped (with the per-epoch values it reported, which Optuna keeps as
-    intermediate values and TPE reads as such), FAIL for an error. Ray's own tells COMPLETE with the stopped
-    trial's last score, which the sampler, the study storage, optuna-dashboard and ``--warm-start`` would
-    all take for a final result."""
-    from ray.tune.search.optuna import OptunaSearch
-
-    class StudySearch(OptunaSearch):
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            # without a value and without an error, Ray's OptunaSearch tells the study PRUNED
-            # a failed trial: FAIL even when it reported scores before it failed (Ray tells COMPLETE then)
-            super().on_trial_complete(trial_id, result if not error and finished(result) else None, error)
-
-    return StudySearch
-
-
 def make_searcher(cfg: Config, opts: SearchOptions, *, resume: bool = False, study: str | None = None,
                   warm: list[tuple[dict, float]] = ()):  # fmt: skip
     """OptunaSearch over the space (the sampler by name, seeded), its study named ``study`` (default: the
     search) in ``search.study_storage``, with the ``warm`` trials added as completed before any proposal.
-    Trials the scheduler stops reach the study as PRUNED (:func:`_study_search`)."""
+    Trials the scheduler stops reach the study as PRUNED (:class:`study_search.StudySearch`)."""
+    from tskd_tune.search.study_search import StudySearch
     from tskd_tune.space import to_optuna
-
-    OptunaSearch = _study_search()
 
     s = cfg.search
     # metric and mode go to searcher and scheduler themselves: ConcurrencyLimiter does not pass them on
@@ -181,7 +157,7 @@ def make_searcher(cfg: Config, opts: SearchOptions, *, resume: bool = False, stu
     metric, mode = objectives[0]
     if len(objectives) > 1:  # Optuna's multi-objective study: every trial's final result carries all of them
         metric, mode = [m for m, _ in objectives], [d for _, d in objectives]
-    searcher = OptunaSearch(space=to_optuna(s.space), metric=metric, mode=mode, sampler=_sampler(s),
+    searcher = StudySearch(space=to_optuna(s.space), metric=metric, mode=mode, sampler=_sampler(s),
                             points_to_evaluate=s.points_to_evaluate or None, study_name=study or opts.name,
                             storage=study_storage(cfg, study or opts.name, fresh=not resume))  # fmt: skip
     for params, value in warm:
