@@ -130,4 +130,3 @@ def in_manifold(points: np.ndarray, reference: np.ndarray, k: int = K) -> np.nda
 def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     d2 = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
     return np.sqrt(np.clip(d2, 0, None))
-
