@@ -15,6 +15,7 @@ from tskd_tune.synth.semantic import (
     pooled,
     project,
     semantic_gate,
+    verdict,
 )
 from tskd_tune.trial import run_trial
 
@@ -68,6 +69,15 @@ def test_same_distribution_passes_shift_noise_and_collapse_fail_naming_the_figur
     assert collapsed["precision"] == 1.0 and inside.all()
     assert collapsed["recall"] < GATE_MIN_RECALL
     assert any(r.startswith("feature recall ") for r in collapsed["reasons"])
+
+
+def test_the_verdict_is_drawn_from_the_figures_with_todays_thresholds():
+    """A pool's figures are cached; passed and reasons are judged when read (thresholds were changed once)."""
+    inside = {"fd": GATE_MAX_FD - 0.1, "precision": GATE_MIN_PRECISION + 0.05, "recall": GATE_MIN_RECALL + 0.01}
+    assert verdict(inside) == {"passed": True, "reasons": []}
+    far = verdict(inside | {"fd": GATE_MAX_FD + 0.1})
+    assert not far["passed"] and far["reasons"] == [f"feature Fréchet distance {GATE_MAX_FD + 0.1:.2f} > {GATE_MAX_FD} "
+                                                    "(of the real variance)"]  # fmt: skip
 
 
 def test_projection_is_fitted_on_the_real_set_and_sized_by_it():

@@ -46,6 +46,7 @@ from tskd_tune.synth.semantic import (
     pooled,
     project,
     semantic_gate,
+    verdict,
 )
 
 # the name the log lines carried before synth.py became a package
@@ -292,7 +293,7 @@ def pool_semantics(
 
     hit = store.get_or_build("synth_semantic", key, build)
     gate = json.loads((hit.path / "gate.json").read_text())
-    return gate | {"inside": np.load(hit.path / "inside.npy"), "cached": hit.cached}
+    return gate | verdict(gate) | {"inside": np.load(hit.path / "inside.npy"), "cached": hit.cached}
 
 
 def _where(gc: SyntheticConfig) -> str:

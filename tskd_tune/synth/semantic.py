@@ -80,6 +80,12 @@ def semantic_gate(real: np.ndarray, synthetic: np.ndarray) -> tuple[dict, np.nda
         "precision": float(inside.mean()),
         "recall": recall,
     }
+    return gate | verdict(gate), inside
+
+
+def verdict(gate: dict) -> dict:
+    """``passed`` and the ``reasons`` it failed, from the figures and today's thresholds (a cached pool's
+    figures are judged again when the thresholds change)."""
     reasons = []
     if gate["fd"] > GATE_MAX_FD:
         reasons.append(f"feature Fréchet distance {gate['fd']:.2f} > {GATE_MAX_FD} (of the real variance)")
@@ -92,7 +98,7 @@ def semantic_gate(real: np.ndarray, synthetic: np.ndarray) -> tuple[dict, np.nda
         reasons.append(
             f"feature recall {gate['recall']:.2f} < {GATE_MIN_RECALL}: the pool covers little of the real variety"
         )
-    return gate | {"passed": not reasons, "reasons": reasons}, inside
+    return {"passed": not reasons, "reasons": reasons}
 
 
 def project(real: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
