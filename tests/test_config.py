@@ -167,8 +167,9 @@ def test_multi_objective_search_rules():
     assert cfg.search.objective_items() == [("val_dice", "max"), ("student_latency_ms", "min")]
     assert validate({}).search.objective_items() == [("val_dice", "max")]
     assert problems({"search": fifo | {"scheduler": "asha"}}) == [
-        "search.scheduler: ASHA needs a single objective; use fifo with search.objectives, got 'asha'"
+        "search.scheduler: asha needs a single objective; use fifo with search.objectives, got 'asha'"
     ]
+    assert problems({"search": fifo | {"scheduler": "hyperband"}})[0].startswith("search.scheduler: hyperband needs")
     assert problems({"search": fifo | {"objectives": {"val_dice": "max"}}})[0].startswith(
         "search.objectives: needs at least two metrics"
     )

@@ -33,7 +33,8 @@ def searched(tmp_path_factory):
         "system_metrics": True,
         "system_metrics_interval_s": 1,
     }
-    raw["search"] = {"num_samples": 4, "max_concurrent": 2, "grace_period": 1, "scheduler": "asha",
+    # asynchronous Hyperband: ASHA's brackets, of which one judges trials at epoch 1
+    raw["search"] = {"num_samples": 4, "max_concurrent": 2, "grace_period": 1, "scheduler": "hyperband",
                      "study_storage": f"sqlite:///{tmp}/optuna.db",
                      "space": {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
                                "distill.kd_weight": {"type": "uniform", "low": 0.2, "high": 2.0}}}  # fmt: skip
@@ -276,3 +277,31 @@ def test_a_search_with_augmented_teacher_views_fills_them_on_the_driver(tmp_path
     proc = run("launch", space, "--storage", tmp_path / "runs", "--name", "views", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "augmented views" in proc.stdout and "partially initialized" not in proc.stderr
+
+
+def test_a_staged_search_distils_top_teachers_finished_teachers(tmp_path):
+    """The teacher stage's first top_teachers trials run to the end whatever the scheduler, so the student
+    stage always has that many finished teachers (with ASHA at a grace period of one teacher epoch, which
+    may stop the third and fourth teachers)."""
+    import json
+
+    from tests.conftest import tiny_raw
+
+    raw = tiny_raw(tmp_path, student={"epochs": 2}, teacher={"epochs": 3})
+    raw["search"] = {"num_samples": 2, "max_concurrent": 2, "scheduler": "asha", "baselines": [], "grace_period": 1,
+                     "strategy": "staged", "teacher_trials": 4, "top_teachers": 2,
+                     "space": {"teacher.lr": {"type": "choice", "values": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]},
+                               "distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}}}  # fmt: skip
+    raw["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "staged"}
+    space = tmp_path / "staged.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    proc = run("launch", space, "--storage", tmp_path / "runs", "--name", "staged", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = tmp_path / "runs" / "staged"
+    teachers = json.loads((folder / "teachers.json").read_text())["teachers"]
+    assert len(teachers) == 2 and "note: search.top_teachers" not in proc.stdout
+    for first in ("t001", "t002"):  # the protected two ran to the end
+        (trial,) = (folder / "teacher_stage").glob(f"{first}_*")
+        assert (trial / "outputs" / "metrics.json").is_file()
+    assert "student stage: distilling the best 2 teacher(s)" in proc.stdout
+    assert len(list(folder.glob("t00*_*/result.json"))) == 2

@@ -146,7 +146,7 @@ def test_fewer_finished_teachers_than_asked_for_are_named(tiny):
     cfg = tiny(search={"strategy": "staged", "top_teachers": 2, "teacher_trials": 3,
                        "space": {"teacher.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}})  # fmt: skip
     note = staged.fewer_teachers(cfg, {"t001 lr=0.001": {"teacher.lr": 0.001}})
-    assert note.startswith("note: search.top_teachers is 2, but only 1 teacher(s)") and "grace_period" in note
+    assert note.startswith("note: search.top_teachers is 2, but only 1 teacher(s)") and "failed" in note
     assert staged.fewer_teachers(cfg, {"a": {}, "b": {}}) is None
 
 

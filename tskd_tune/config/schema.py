@@ -249,12 +249,18 @@ class SearchConfig(Section):
     """Random proposals before the sampler (tpe, cmaes, gp) starts modelling the finished trials (Optuna's
     n_startup_trials; unset: Optuna's defaults, 10 for tpe and gp, 1 for cmaes). Keep it below
     search.num_samples, or the whole search is a random one."""
-    scheduler: Literal["asha", "fifo"] = "asha"
-    """Trial scheduler: ASHA early stopping or FIFO (run every trial to the end)."""
-    grace_period: int = Field(2, ge=1)
-    """Epochs every trial runs before ASHA may stop it."""
+    scheduler: Literal["asha", "hyperband", "fifo"] = "asha"
+    """Trial scheduler: ASHA early stopping, asynchronous Hyperband (ASHA over every bracket from the grace
+    period up: some trials are judged later), or FIFO (run every trial to the end)."""
+    grace_period: int | None = Field(None, ge=1)
+    """Epochs every trial runs before ASHA or Hyperband may stop it. None: from the data: the first
+    search.pilot_trials trials to finish run to the end, and the grace period is the first epoch from which
+    their scores rank them like their final ones (rank correlation >= 0.9 at every later epoch); if none
+    does, no trial is stopped."""
+    pilot_trials: int = Field(5, ge=4)
+    """Trials that run to the end before a grace period is taken from their curves (grace_period unset)."""
     reduction_factor: float = Field(3.0, gt=1)
-    """ASHA reduction factor."""
+    """ASHA / Hyperband reduction factor."""
     seed: int = 0
     """Seed of the sampler."""
     space: dict[str, Distribution] = Field(default_factory=dict)

@@ -115,7 +115,7 @@ def _cross_checks(cfg: Config, check_search_space: bool) -> list[str]:
             f"synthetic.image_size: must be divisible by {levels} (the UNet halves it "
             f"{len(synthetic.channels) - 1} time(s)), got {size}"
         )
-    if cfg.search.scheduler == "asha" and cfg.search.grace_period > cfg.student.epochs:
+    if cfg.search.scheduler != "fifo" and (cfg.search.grace_period or 0) > cfg.student.epochs:
         problems.append(
             f"search.grace_period: must be <= student.epochs ({cfg.student.epochs}), "
             f"got {cfg.search.grace_period}"
@@ -182,9 +182,10 @@ def _objective_checks(s: SearchConfig) -> list[str]:
         problems.append(
             "search.objectives: needs at least two metrics; for one, use search.metric and search.mode"
         )
-    elif s.objectives and s.scheduler == "asha":
+    elif s.objectives and s.scheduler != "fifo":
         problems.append(
-            "search.scheduler: ASHA needs a single objective; use fifo with search.objectives, got 'asha'"
+            f"search.scheduler: {s.scheduler} needs a single objective; use fifo with search.objectives, "
+            f"got {s.scheduler!r}"
         )
     elif s.objectives and "metric" in s.model_fields_set and s.metric != next(iter(s.objectives)):
         problems.append(

@@ -99,3 +99,8 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def trial_id_of(folder_name: str) -> str:
+    """The trial id in a trial folder named by ``tuner.trial_dirname`` (``t007_<trial id>``)."""
+    return folder_name.rsplit("_", 1)[-1]

@@ -21,9 +21,9 @@ from tskd_tune.errors import TskdError
 from tskd_tune.methods.checks import premise_warning, search_uses_transfer
 from tskd_tune.models.teacher import is_pretrained
 from tskd_tune.search import staged
-from tskd_tune.search.folder import SEARCH_FILE, SearchOptions, git_commit, state_path
+from tskd_tune.search.folder import SEARCH_FILE, SearchOptions, git_commit, state_path, trial_id_of
 from tskd_tune.search.summary import TEACHER_BELOW_SCRATCH_TAG, summarize, teacher_below_scratch
-from tskd_tune.search.tuner import build_tuner, trial_id_of
+from tskd_tune.search.tuner import build_tuner
 from tskd_tune.search.warm import warm_trials
 
 

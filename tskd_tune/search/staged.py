@@ -37,7 +37,7 @@ def teacher_stage(cfg: Config) -> Config:
     s = cfg.search
     search = s.model_copy(update={"space": teacher_knobs(cfg), "num_samples": s.teacher_trials, "objectives": {},
                                   "metric": "val_dice", "mode": "max", "baselines": [],
-                                  "grace_period": min(s.grace_period, cfg.teacher.epochs),
+                                  "grace_period": None if s.grace_period is None else min(s.grace_period, cfg.teacher.epochs),
                                   "points_to_evaluate": [{k: v for k, v in p.items() if k.startswith("teacher.")}
                                                          for p in s.points_to_evaluate if any(k.startswith("teacher.") for k in p)]})  # fmt: skip
     search = search.model_copy(update={"strategy": "joint"})  # each stage is a plain search of its own space
@@ -79,13 +79,14 @@ def choose_teachers(cfg: Config, opts: SearchOptions) -> dict[str, dict]:
 
 def fewer_teachers(cfg: Config, teachers: dict[str, dict]) -> str | None:
     """A note when the teacher stage left fewer finished teachers than ``search.top_teachers`` (only a
-    finished teacher is in the cache to distil; the scheduler stops teachers early like any trial)."""
+    finished teacher is in the cache to distil). The stage's first ``top_teachers`` trials always run to
+    the end, so this means some of them failed (or the stage's time budget ran out)."""
     want = cfg.search.top_teachers
     if len(teachers) >= want:
         return None
     return (f"note: search.top_teachers is {want}, but only {len(teachers)} teacher(s) of the teacher stage ran "
-            f"to the end (the scheduler stopped the others): raise search.grace_period (it counts teacher epochs "
-            f"there) or search.teacher_trials for more")
+            f"to the end (the others failed, ran out of search.time_budget_s or were stopped early): see "
+            f"teacher_leaderboard.csv; raise search.teacher_trials for more")
 
 
 def chosen_teachers(opts: SearchOptions) -> dict[str, dict] | None:

@@ -15,6 +15,7 @@ from tskd_tune.cache import atomic_write
 from tskd_tune.config import Config
 from tskd_tune.report import best_trial, objective_board, references, trial_label
 from tskd_tune.search.folder import SearchOptions, state_path
+from tskd_tune.search.staged import TEACHER_STAGE
 from tskd_tune.search.tuner import trial_name
 
 
@@ -67,6 +68,9 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
     summary |= {"rank_correlation": trust} if trust else {}
     grace = grace_supported(cfg, opts.path)
     summary |= {"grace_from_data": grace} if grace else {}
+    pilots = {stage: note for stage, folder in (("search", opts.path), ("teacher", opts.path / TEACHER_STAGE))
+              if (note := read_grace(folder))}  # fmt: skip
+    summary |= {"grace_from_pilot": pilots} if pilots else {}
     c.log_batch(parent, metrics=[_metric(k, v) for k, v in tracking.numeric(
         {k: v for k, v in summary.items() if k.startswith(("best_", "reference_"))} | test
         | {f"rank_corr_epoch_{r['epoch']}": r["spearman"] for r in trust}
@@ -111,14 +115,25 @@ def _report(cfg: Config, opts: SearchOptions, parent: str, client, console) -> N
 
 
 def early_stopping(cfg: Config, search_path: Path) -> list[dict]:
-    """The rank correlation of each ASHA rung's score with the final score (none without ASHA)."""
-    if cfg.search.scheduler != "asha":
+    """The rank correlation of each rung's score with the final score (none under FIFO, or when the grace
+    period was to come from the data and none was taken)."""
+    if cfg.search.scheduler == "fifo":
         return []
     from tskd_tune.methods import get_method
 
     s, max_t = cfg.search, get_method(cfg.distill.method).reported_epochs(cfg)
-    return fidelity.rank_correlations(search_path, s.metric, fidelity.rungs(s.grace_period, s.reduction_factor, max_t),
-                                      max_t)  # fmt: skip
+    grace = s.grace_period or (read_grace(search_path) or {}).get("grace_period")
+    if grace is None:
+        return []
+    return fidelity.rank_correlations(search_path, s.metric, fidelity.rungs(grace, s.reduction_factor, max_t), max_t)
+
+
+def read_grace(search_path: Path) -> dict | None:
+    """The grace period the search took from its pilot trials (``grace.json``), if it took one."""
+    try:
+        return json.loads((Path(search_path) / "grace.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def grace_supported(cfg: Config, search_path: Path) -> dict | None:

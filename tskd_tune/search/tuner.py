@@ -17,7 +17,9 @@ from tskd_tune.states import FAILED, MLFLOW_STATUS, STOPPED_EARLY
 
 def _sampler(s):
     """The Optuna sampler of ``search``: Optuna's own start-up default unless ``startup_trials`` is set."""
-    return SAMPLERS[s.algorithm](s.seed, **({} if s.startup_trials is None else {"n_startup_trials": s.startup_trials}))
+    return SAMPLERS[s.algorithm](
+        s.seed, **({} if s.startup_trials is None else {"n_startup_trials": s.startup_trials})
+    )
 
 
 def _optuna():
@@ -29,29 +31,17 @@ def _optuna():
 SAMPLERS = {
     "tpe": lambda seed, **kw: _optuna().samplers.TPESampler(seed=seed, **kw),
     "random": lambda seed, **kw: _optuna().samplers.RandomSampler(seed=seed),
-    "cmaes": lambda seed, **kw: _optuna().samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False, **kw),
+    "cmaes": lambda seed, **kw: _optuna().samplers.CmaEsSampler(
+        seed=seed, warn_independent_sampling=False, **kw
+    ),
     "gp": lambda seed, **kw: _optuna().samplers.GPSampler(seed=seed, **kw),
 }
 """``search.algorithm`` -> the Optuna sampler, seeded by ``search.seed``, with ``search.startup_trials``
 random start-up trials when set (Optuna's defaults otherwise: 10 for tpe and gp, 1 for cmaes)."""
 
 
-def _asha(cfg: Config, max_t: int):
-    from ray.tune.schedulers import ASHAScheduler
-
-    s = cfg.search  # config validation refuses ASHA with several objectives
-    return ASHAScheduler(metric=s.metric, mode=s.mode, max_t=max_t, grace_period=min(s.grace_period, max_t),
-                         reduction_factor=s.reduction_factor)  # fmt: skip
-
-
-def _fifo(cfg: Config, max_t: int):
-    from ray.tune.schedulers import FIFOScheduler
-
-    return FIFOScheduler()
-
-
-SCHEDULERS = {"asha": _asha, "fifo": _fifo}
-"""``search.scheduler`` -> the Tune scheduler over ``max_t`` reported epochs."""
+SCHEDULERS = ("asha", "hyperband", "fifo")
+"""``search.scheduler``'s names (built by :func:`schedulers.make_scheduler`)."""
 
 SHORT_NAMES = {"distill.temperature": "T", "distill.kd_weight": "kd", "distill.sup_weight": "sup",
                "distill.feature_weight": "feat", "student.lr": "lr", "teacher.lr": "t.lr", "synthetic.ratio": "synth",
@@ -63,7 +53,10 @@ def trial_name(trial) -> str:
     """``t007 T=3.7 kd=1.6 lr=0.0026``: the trial's number and its sampled values, readable and unique
     within the search (Tune's display name, the MLflow run name)."""
     number = str(trial.experiment_tag).split("_", 1)[0]
-    values = [f"{SHORT_NAMES.get(k, k.rsplit('.', 1)[-1])}={_short(v)}" for k, v in (trial.evaluated_params or {}).items()]
+    values = [
+        f"{SHORT_NAMES.get(k, k.rsplit('.', 1)[-1])}={_short(v)}"
+        for k, v in (trial.evaluated_params or {}).items()
+    ]
     return " ".join([f"t{int(number):03d}" if number.isdigit() else "t", *values])
 
 
@@ -71,11 +64,6 @@ def trial_dirname(trial) -> str:
     """``t007_<trial id>``: the trial's folder in the search folder."""
     number = str(trial.experiment_tag).split("_", 1)[0]
     return f"t{int(number):03d}_{trial.trial_id}" if number.isdigit() else f"t_{trial.trial_id}"
-
-
-def trial_id_of(folder_name: str) -> str:
-    """The trial id in a folder named by :func:`trial_dirname`."""
-    return folder_name.rsplit("_", 1)[-1]
 
 
 def _short(value) -> str:
@@ -165,6 +153,16 @@ def make_searcher(cfg: Config, opts: SearchOptions, *, resume: bool = False, stu
     return searcher
 
 
+def _scheduler(cfg: Config, opts: SearchOptions, run: dict, max_t: int):
+    """The stage's scheduler: a staged search's teacher stage lets ``top_teachers`` teachers run to the end,
+    so the student stage always has that many finished teachers to distil."""
+    from tskd_tune.search.schedulers import make_scheduler  # imports Ray
+
+    stage = run.get("stage", "search")
+    protect = cfg.search.top_teachers if stage == "teacher" else 0
+    return make_scheduler(cfg, max_t, folder=opts.path, protect=protect, stage=stage)
+
+
 def build_tuner(cfg: Config, opts: SearchOptions, run: dict, data_ref, *, restore: bool = False, resume: bool = False,
                 study: str | None = None, warm: list[tuple[dict, float]] = (), console=None):  # fmt: skip
     """The Tuner of the search, or of one stage of it (or, with ``restore``, the interrupted one restored from
@@ -179,7 +177,9 @@ def build_tuner(cfg: Config, opts: SearchOptions, run: dict, data_ref, *, restor
     trainable = tune.with_parameters(trial, data=data_ref, base=cfg, run=run)
     trainable = tune.with_resources(trainable, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     if restore:
-        return tune.Tuner.restore(opts.location, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(
+            opts.location, trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
     s = cfg.search
     searcher = make_searcher(cfg, opts, resume=resume, study=study, warm=warm)
     objectives = s.objective_items()
@@ -196,12 +196,16 @@ def build_tuner(cfg: Config, opts: SearchOptions, run: dict, data_ref, *, restor
                                   Path(run["state_path"]))  # fmt: skip
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent),
-                                    scheduler=SCHEDULERS[s.scheduler](cfg, max_t), num_samples=s.num_samples,
-                                    time_budget_s=s.time_budget_s, trial_name_creator=trial_name,
-                                    trial_dirname_creator=trial_dirname,
-                                    # a worker process (torch, MONAI, timm imported) serves trial after trial
-                                    reuse_actors=True),  # fmt: skip
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent),
+            scheduler=_scheduler(cfg, opts, run, max_t),
+            num_samples=s.num_samples,
+            time_budget_s=s.time_budget_s,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_dirname,
+            # a worker process (torch, MONAI, timm imported) serves trial after trial
+            reuse_actors=True,
+        ),  # fmt: skip
         run_config=tune.RunConfig(
             name=opts.name,
             storage_path=str(opts.storage),
@@ -210,7 +214,10 @@ def build_tuner(cfg: Config, opts: SearchOptions, run: dict, data_ref, *, restor
             # each trial uploads its outputs (config, metrics, student) from its own node
             sync_config=tune.SyncConfig(sync_artifacts=True),
             # JSON only (not CSV/TensorBoard): result.json and params.json are what `status` and `report` read
-            callbacks=[finalizer(opts.tracking_uri, run["parent_run_id"], Path(run["state_path"])), JsonLoggerCallback()],
+            callbacks=[
+                finalizer(opts.tracking_uri, run["parent_run_id"], Path(run["state_path"])),
+                JsonLoggerCallback(),
+            ],
             progress_reporter=reporter,
             verbose=1,
         ),
