@@ -1,5 +1,3 @@
-import sys
+from tskd_tune.cli import leave, main
 
-from tskd_tune.cli import main
-
-sys.exit(main())
+leave(main())

@@ -66,7 +66,7 @@ def launch(
     from tskd_tune.config import apply_search_overrides
     from tskd_tune.errors import ConfigError
     from tskd_tune.search import SearchOptions
-    from tskd_tune.search import launch as run_search
+    from tskd_tune.search.launch import launch as run_search
 
     cfg = apply_search_overrides(load_cfg(space, set_, no_cache), num_samples, max_concurrent)
     if not cfg.search.space:
@@ -96,8 +96,8 @@ def resume(
     ],
 ) -> None:
     """Continue an interrupted search: unfinished and errored trials go on from their checkpoints."""
-    from tskd_tune.search import launch as run_search
     from tskd_tune.search import load_search, resolve_search_path
+    from tskd_tune.search.launch import launch as run_search
 
     cfg, opts, _ = load_search(resolve_search_path(name_or_path))
     run_search(cfg, opts, out, resume=True)

@@ -39,7 +39,7 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
     import ray
 
     _quiet_libraries()
-    cfg = _check(cfg, opts, resume, console)
+    cfg = _check(cfg, opts, resume)
     warm: list = []
     if opts.warm_start and not resume:  # a resumed study already holds them
         warm, lines, opts.warm_start = warm_trials(cfg, opts.warm_start)
@@ -47,16 +47,26 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
             console.print(line, markup=False)
     t0 = time.perf_counter()
     console.print(f"preparing data ({cfg.data.dataset}) ...", markup=False)
-    if opts.address is None:  # a local Ray: it starts while the data is prepared
+    if opts.address is None:
+        # a local Ray starts (about 5 s, in its own processes) while MLflow and the dataset are checked and the
+        # data is prepared; bad input stops it again before its one error line
         with ThreadPoolExecutor(1) as pool_of_one:
-            prepared = pool_of_one.submit(_data, cfg)
-            init_ray(opts.address, console)
-            pool, data = prepared.result()
+            prepared = pool_of_one.submit(_reach_and_prepare, cfg, opts)
+            dashboard = init_ray(opts.address)
+            try:
+                pool, data = prepared.result()
+            except BaseException:
+                ray.shutdown()
+                raise
     else:
-        init_ray(opts.address, console)
+        _reach(cfg, opts)
+        dashboard = init_ray(opts.address)
         # before the data: on a cluster the trial cache (and the synthetic pool built next) moves to shared storage
         cfg = cluster.prepare(cfg, opts, console)
         pool, data = _data(cfg)
+    _ready(cfg, opts, resume, console)
+    if dashboard:
+        console.print(dashboard, markup=False)
     parent = _parent_run(cfg, opts, resume, console)
     data_ref = ray.put(data)
     fill: dict = {}
@@ -127,6 +137,10 @@ def _quiet_libraries() -> None:
     """No library INFO lines in a search's output (MLflow creating its tables, Optuna creating a study)."""
     import logging
 
+    # MLflow sets its loggers to MLFLOW_LOGGING_LEVEL (INFO by default) when it is first imported, after
+    # which a level set here would be undone; the trials' processes inherit it too
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    import mlflow  # noqa: F401
     import optuna
 
     for name in ("mlflow", "alembic"):
@@ -134,8 +148,8 @@ def _quiet_libraries() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def _check(cfg: Config, opts: SearchOptions, resume: bool, console) -> Config:
-    """Everything that needs no Ray, before Ray starts: MLflow, storage, the search folder."""
+def _check(cfg: Config, opts: SearchOptions, resume: bool) -> Config:
+    """The cheap checks, before anything starts: the tracking URI's form, storage, the search folder."""
     cluster.check_tracking_uri(opts.tracking_uri)
     cluster.refuse_embedded_password(cfg.search.study_storage, "search.study_storage",
                                      "let the driver read it from the environment (e.g. PGPASSWORD or ~/.pgpass)")  # fmt: skip
@@ -147,21 +161,36 @@ def _check(cfg: Config, opts: SearchOptions, resume: bool, console) -> Config:
         cluster.pull(opts.location, opts.path, only=(SEARCH_FILE, "tuner.pkl"))
     else:
         opts.storage = Path(opts.storage).resolve()
-    tracking.preflight(opts.tracking_uri)
-    scan(cfg.data)  # the dataset's root and layout, before Ray starts (the preprocessing comes later)
     if resume and not (opts.path / SEARCH_FILE).is_file():
         raise TskdError(f"{opts.path}: no search to resume here (no {SEARCH_FILE})")
     if not resume and (opts.path / SEARCH_FILE).is_file():
         raise TskdError(
             f"{opts.path}: a search named {opts.name!r} exists; `tskd-tune resume {opts.path}` or pick --name"
         )
+    return cfg
+
+
+def _reach(cfg: Config, opts: SearchOptions) -> None:
+    """The checks that read: MLflow answers (on a fresh SQLite store this creates its tables, about 2.5 s) and
+    the dataset's root and layout are what the adapter expects."""
+    tracking.preflight(opts.tracking_uri)
+    scan(cfg.data)
+
+
+def _reach_and_prepare(cfg: Config, opts: SearchOptions):
+    """:func:`_reach`, then :func:`_data`: what a local search does while its Ray starts."""
+    _reach(cfg, opts)
+    return _data(cfg)
+
+
+def _ready(cfg: Config, opts: SearchOptions, resume: bool, console) -> None:
+    """Once the input is known to be good: the search folder, the premise warning, a resume's fresh start."""
     writable_dir(opts.path, "--storage")
-    warning = premise_warning(cfg)  # once the input is known to be good: bad input gets its one error line
+    warning = premise_warning(cfg)  # after the checks: bad input gets its one error line, not a warning first
     if warning:
         console.print(warning, style="yellow", markup=False)
     if resume:  # a resumed search gives its failed trials one more attempt (see faults.py)
         shutil.rmtree(state_path(opts) / faults.FAILED_DIR, ignore_errors=True)
-    return cfg
 
 
 def _parent_run(cfg: Config, opts: SearchOptions, resume: bool, console) -> str:
@@ -218,14 +247,15 @@ def run_info(opts: SearchOptions, parent_run_id: str) -> dict:
             "state_path": str(state_path(opts))}  # fmt: skip
 
 
-def init_ray(address: str | None, console) -> None:
-    """Start a local Ray or join a cluster (``auto``, ``HOST:PORT``, ``ray://HOST:10001``); print the dashboard URL."""
+def init_ray(address: str | None) -> str | None:
+    """Start a local Ray or join a cluster (``auto``, ``HOST:PORT``, ``ray://HOST:10001``); the line that gives
+    the dashboard's URL, for the caller to print once the input is known to be good."""
     import ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table reporter shows our columns
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if ray.is_initialized():
-        return
+        return None
     try:
         if address and address.startswith("ray://"):
             # Ray Client takes no dashboard options: the cluster has its own dashboard
@@ -240,9 +270,7 @@ def init_ray(address: str | None, console) -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise TskdError(f"--address: cannot join the Ray cluster at {address}: {first[:200]}") from None
     url = getattr(ctx, "dashboard_url", None)
-    if url:
-        console.print(f"Ray dashboard: http://{url}  (it asks for a token: paste what `ray get-auth-token` prints)",
-                      markup=False)  # fmt: skip
+    return f"Ray dashboard: http://{url}  (it asks for a token: paste what `ray get-auth-token` prints)" if url else None
 
 
 def _start_references(cfg: Config, data_ref, run: dict) -> dict:
