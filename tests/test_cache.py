@@ -133,3 +133,102 @@ def test_trials_racing_for_one_teacher_build_it_once_and_corrupt_entries_are_reb
     for kind, (entry, f, size) in damaged.items():
         assert verify(entry) and f.stat().st_size == size, kind  # rebuilt whole, in place
     assert again["teacher_val_dice"] == first[0]["teacher_val_dice"]  # the same teacher, rebuilt
+
+
+# ---------------------------------------------------------------------------------------------- usage, pruning
+def _aged(store, kind: str, key, size: int, hours_ago: float):
+    """An entry of ``size`` bytes last used ``hours_ago``."""
+    import os
+
+    hit = store.get_or_build(kind, key, _write(b"x" * size))
+    stamp = time.time() - hours_ago * 3600
+    os.utime(hit.path / "MANIFEST.json", (stamp, stamp))
+    return hit.path
+
+
+def test_entries_are_listed_least_recently_used_first_and_a_hit_counts_as_use(tmp_path):
+    from tskd_tune.cache import entries
+
+    store = Store(tmp_path)
+    a = _aged(store, "teacher", 1, 1000, hours_ago=5)
+    b = _aged(store, "features", 2, 3000, hours_ago=1)
+    (tmp_path / "features" / ".tmp-dead-1234").mkdir()  # a killed build's leftover
+    found = entries(tmp_path)
+    assert [e.path for e in found if e.complete] == [a, b]
+    assert sum(e.size for e in found if e.complete) > 4000 and [e for e in found if not e.complete]
+    store.get_or_build("teacher", 1, _write(b"never called"))  # a hit: used now
+    assert [e.path for e in entries(tmp_path) if e.complete] == [b, a]
+
+
+def test_prune_by_size_age_and_kind_least_recently_used_first(tmp_path):
+    from tskd_tune.cache import GB, entries, prune
+
+    store = Store(tmp_path)
+    old = _aged(store, "logits", 1, 4000, hours_ago=48)
+    mid = _aged(store, "features", 2, 4000, hours_ago=10)
+    new = _aged(store, "features", 3, 4000, hours_ago=1)
+    assert [e.path for e in prune(tmp_path, older_than_s=24 * 3600, dry_run=True)] == [old] and old.exists()
+    assert [e.path for e in prune(tmp_path, older_than_s=5 * 3600, kind="features")] == [mid]
+    assert old.exists() and not mid.exists() and new.exists()
+    # down to at most ~1 entry's worth: the least recently used goes first
+    assert [e.path for e in prune(tmp_path, max_gb=5000 / GB)] == [old]
+    assert [e.path for e in entries(tmp_path) if e.complete] == [new]
+
+
+def test_prune_spares_entries_in_use_and_entries_being_built(tmp_path):
+    from filelock import FileLock
+
+    from tskd_tune.cache import prune
+
+    store = Store(tmp_path)
+    building = _aged(store, "teacher", 1, 4000, hours_ago=30)
+    recent = _aged(store, "teacher", 2, 4000, hours_ago=0.5)  # used by the running search
+    with FileLock(str(building) + ".lock"):  # another process (re)builds it
+        removed = prune(tmp_path, max_gb=0.0, keep_since=time.time() - 3600)
+    assert removed == [] and building.exists() and recent.exists()
+    assert [e.path for e in prune(tmp_path, max_gb=0.0)] == [building, recent]
+
+
+def test_a_full_disk_fails_in_one_line_naming_the_cache_and_what_to_prune(tmp_path):
+    import errno
+
+    from tskd_tune.errors import StorageError
+
+    store = Store(tmp_path)
+    _aged(store, "features", 1, 2000, hours_ago=2)
+
+    def full(tmp):
+        (tmp / "part.bin").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(StorageError) as info:
+        store.get_or_build("teacher", 2, full)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"cache.dir: cannot write {tmp_path / 'teacher'}")
+    assert "No space left on device" in msg and f"tskd-tune cache prune --dir {tmp_path} --max-gb N" in msg
+    assert not [p for p in (tmp_path / "teacher").iterdir() if p.is_dir()]  # nothing half-written is left
+
+
+def test_cache_ls_and_prune_commands(tmp_path):
+    """The real CLI in a subprocess."""
+    import subprocess
+    import sys
+
+    def cli(*args) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tskd_tune", "cache", *args, "--dir", str(tmp_path / "c")],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    store = Store(tmp_path / "c")
+    _aged(store, "features", 1, 5000, hours_ago=72)
+    _aged(store, "teacher", 2, 1000, hours_ago=1)
+    ls = cli("ls")
+    assert ls.returncode == 0 and "features" in ls.stdout and "teacher" in ls.stdout
+    assert ls.stdout.splitlines()[-1].split()[:2] == ["total", "2"]
+    pruned = cli("prune", "--older-than", "2d")
+    assert pruned.returncode == 0 and "removed 1 entry" in pruned.stdout
+    assert not (tmp_path / "c" / "features" / digest(1)).exists() and (tmp_path / "c" / "teacher" / digest(2)).exists()
+    for bad, field in ((("prune",), "cache prune: give --max-gb"), (("prune", "--max-gb", "1", "--kind", "nope"), "--kind:"),
+                       (("prune", "--older-than", "3x"), "--older-than:")):  # fmt: skip
+        proc = cli(*bad)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+        assert proc.stderr.startswith(f"error: {field}") and "Traceback" not in proc.stderr

@@ -305,3 +305,29 @@ def test_a_staged_search_distils_top_teachers_finished_teachers(tmp_path):
         assert (trial / "outputs" / "metrics.json").is_file()
     assert "student stage: distilling the best 2 teacher(s)" in proc.stdout
     assert len(list(folder.glob("t00*_*/result.json"))) == 2
+
+
+def test_a_search_keeps_the_cache_under_max_gb_sparing_what_it_uses(tmp_path):
+    """cache.max_gb: entries no trial of the search has used go, least recently used first; the search's own
+    (data, teacher features, teacher) stay."""
+    import os
+    import time
+
+    from tests.conftest import tiny_raw
+    from tskd_tune.cache import Store, entries
+
+    raw = tiny_raw(tmp_path, student={"epochs": 1}, teacher={"epochs": 1})
+    raw["cache"]["max_gb"] = 1e-9  # below anything: every entry the search has not used is over the limit
+    raw["search"] = {"num_samples": 1, "max_concurrent": 1, "scheduler": "fifo", "baselines": [],
+                     "space": {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}}}  # fmt: skip
+    raw["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "cache"}
+    stale = Store(raw["cache"]["dir"]).get_or_build("logits", {"old": 1}, lambda tmp: (tmp / "x").write_bytes(b"0" * 4096))
+    week = time.time() - 7 * 86400
+    os.utime(stale.path / "MANIFEST.json", (week, week))
+    space = tmp_path / "cache.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    proc = run("launch", space, "--storage", tmp_path / "runs", "--name", "cache", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not stale.path.exists() and "cache: removed 1 least recently used entry" in proc.stdout
+    kinds = {e.kind for e in entries(raw["cache"]["dir"]) if e.complete}
+    assert {"data", "features", "teacher"} <= kinds  # what the search used is kept, although over the limit

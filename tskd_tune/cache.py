@@ -73,6 +73,7 @@ class Store:
             return Hit(tmp, cached=False)
         final = self.path(kind, key)
         if verify(final):
+            used(final)
             return Hit(final, cached=True)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +81,7 @@ class Store:
             raise TskdError(f"cache.dir: cannot create {final.parent} ({exc.strerror})") from None
         with _locked(str(final) + ".lock"):
             if verify(final):  # another process built it while we waited for the lock
+                used(final)
                 return Hit(final, cached=True)
             tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
             try:
@@ -92,7 +94,12 @@ class Store:
             except OSError as exc:
                 if exc.errno not in STORAGE_ERRNOS:
                     raise
-                raise StorageError(f"cache.dir: cannot write {final} ({exc.strerror})") from None
+                hint = ""
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    size = sum(e.size for e in entries(self.root)) / GB
+                    hint = (f"; the cache holds {size:.2f} GB: `tskd-tune cache prune --dir {self.root} --max-gb N` "
+                            f"frees space (least recently used first), or set cache.max_gb")  # fmt: skip
+                raise StorageError(f"cache.dir: cannot write {final} ({exc.strerror}){hint}") from None
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -178,3 +185,95 @@ def verify(folder: Path) -> bool:
         return all(file_sha256(folder / name) == sha for name, sha in manifest["files"].items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+# ---------------------------------------------------------------------------------------------- usage, eviction
+GB = 1024**3
+STALE_S = 3600.0
+"""An incomplete entry (no manifest) untouched this long is an interrupted build's leftover, not a build."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry of the store: ``kind``/``key``, its bytes on disk and when it was last used (built or hit)."""
+
+    kind: str
+    key: str
+    path: Path
+    size: int
+    last_used: float
+    complete: bool
+
+
+def used(folder: Path) -> None:
+    """Mark an entry as used now (its manifest's modification time): eviction goes least recently used first."""
+    with contextlib.suppress(OSError):  # a read-only shared cache is still usable
+        os.utime(folder / MANIFEST)
+
+
+def entries(root: Path | str) -> list[Entry]:
+    """Every entry under ``root`` (``<kind>/<key>/``), least recently used first. An entry without a manifest
+    (an interrupted build's leftover, or a ``.tmp-`` folder) counts as incomplete, last used when written."""
+    out = []
+    root = Path(root)
+    for kind in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []:
+        for folder in kind.iterdir():
+            if not folder.is_dir():
+                continue
+            try:
+                files = [f for f in folder.rglob("*") if f.is_file()]
+                manifest = folder / MANIFEST
+                complete = manifest.is_file() and not folder.name.startswith(".tmp-")
+                stamp = (manifest if complete else folder).stat().st_mtime
+                size = sum(f.stat().st_size for f in files)
+            except OSError:  # removed while we looked
+                continue
+            out.append(Entry(kind.name, folder.name, folder, size, stamp, complete))
+    return sorted(out, key=lambda e: e.last_used)
+
+
+def prune(root: Path | str, *, max_gb: float | None = None, older_than_s: float | None = None,
+          kind: str | None = None, keep_since: float | None = None, dry_run: bool = False) -> list[Entry]:  # fmt: skip
+    """Remove entries, least recently used first: those unused for ``older_than_s``, then more until the cache
+    holds at most ``max_gb``; only ``kind`` when given. Never an entry used since ``keep_since`` (a running
+    search's start: its trials hold what they use) or one whose build lock another process holds. Each
+    entry is renamed away under its lock, then deleted, so a reader sees it whole or not at all.
+    Returns what was removed (or, with ``dry_run``, what would be)."""
+    import time
+
+    now, all_entries = time.time(), entries(root)
+    total = sum(e.size for e in all_entries)
+    removed = []
+    for e in all_entries:
+        if kind is not None and e.kind != kind:
+            continue
+        if keep_since is not None and e.last_used >= keep_since:
+            continue
+        if not e.complete and now - e.last_used < STALE_S:  # maybe a build in progress
+            continue
+        old = older_than_s is not None and now - e.last_used >= older_than_s
+        over = max_gb is not None and total > max_gb * GB
+        if not (old or over):
+            continue
+        if dry_run or _evict(e):
+            removed.append(e)
+            total -= e.size
+    return removed
+
+
+def _evict(e: Entry) -> bool:
+    lock = FileLock(str(e.path) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return False  # being built (or rebuilt) right now
+    try:
+        gone = e.path.parent / f".evicted-{e.key}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.replace(e.path, gone)
+        except OSError:
+            return False
+        shutil.rmtree(gone, ignore_errors=True)
+        return True
+    finally:
+        lock.release()  # the lock file stays: another process may be waiting on it

@@ -14,7 +14,7 @@ from rich.console import Console
 # typer >= 0.22 vendors click; its exceptions live here, not in the `click` package
 from typer._click import exceptions as click_exc
 
-from tskd_tune.cli import search, trial  # noqa: F401  (each registers its commands on the app)
+from tskd_tune.cli import cache, search, trial  # noqa: F401  (each registers its commands on the app)
 from tskd_tune.cli.app import app
 from tskd_tune.cli.search import ui_command
 from tskd_tune.errors import TskdError

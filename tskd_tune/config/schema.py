@@ -336,6 +336,10 @@ class CacheConfig(Section):
     """Content-addressed cache: preprocessed data, teachers, teacher outputs, generators, synthetic pools."""
     enabled: bool = True
     """Reuse cached entries (False: recompute everything, as with --no-cache)."""
+    max_gb: float | None = Field(None, gt=0)
+    """A search keeps the cache at most this size: at its start and after each trial it removes the least
+    recently used entries that none of its trials has used (None: the cache only grows; `tskd-tune cache
+    prune` trims it by hand)."""
 
 
 class Config(Section):

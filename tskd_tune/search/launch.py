@@ -23,7 +23,7 @@ from tskd_tune.models.teacher import is_pretrained
 from tskd_tune.search import staged
 from tskd_tune.search.folder import SEARCH_FILE, SearchOptions, git_commit, state_path, trial_id_of
 from tskd_tune.search.summary import TEACHER_BELOW_SCRATCH_TAG, summarize, teacher_below_scratch
-from tskd_tune.search.tuner import build_tuner
+from tskd_tune.search.tuner import build_tuner, keep_cache
 from tskd_tune.search.warm import warm_trials
 
 
@@ -45,7 +45,7 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
         warm, lines, opts.warm_start = warm_trials(cfg, opts.warm_start)
         for line in lines:
             console.print(line, markup=False)
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     console.print(f"preparing data ({cfg.data.dataset}) ...", markup=False)
     if opts.address is None:
         # a local Ray starts (about 5 s, in its own processes) while MLflow and the dataset are checked and the
@@ -65,6 +65,8 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
         cfg = cluster.prepare(cfg, opts, console)
         pool, data = _data(cfg)
     _ready(cfg, opts, resume, console)
+    if cfg.cache.enabled and cfg.cache.max_gb and (line := keep_cache(cfg, started)):
+        console.print(line, markup=False)
     if dashboard:
         console.print(dashboard, markup=False)
     parent = _parent_run(cfg, opts, resume, console)
@@ -77,7 +79,7 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
     # after the fill, which imports MONAI's transforms on this thread for augmented views: importing MONAI
     # from two threads at once fails in its transforms ("applying transform RandFlipd")
     _preload_in_background()
-    run = run_info(opts, parent)
+    run = run_info(opts, parent) | {"started": started}
     references = _start_references(cfg, data_ref, run)
     _warn_when_teacher_below_scratch(references, console, opts.tracking_uri, parent, state_path(opts))
     parent_client = tracking.BufferedClient(opts.tracking_uri, tracking.journal_path(state_path(opts), "parent"))

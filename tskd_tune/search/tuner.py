@@ -131,6 +131,32 @@ def finalizer(tracking_uri: str, parent_run_id: str, search_path: Path):
     return MlflowFinalizer()
 
 
+def keep_cache(cfg: Config, since: float) -> str | None:
+    """Trim the cache to ``cache.max_gb``, least recently used first, sparing what this search has used since
+    ``since`` (its start); one line when something was removed."""
+    from tskd_tune.cache import GB, prune
+
+    removed = prune(cfg.cache.dir, max_gb=cfg.cache.max_gb, keep_since=since)
+    if not removed:
+        return None
+    kinds = ", ".join(sorted({e.kind for e in removed}))
+    return (f"cache: removed {len(removed)} least recently used entr{'y' if len(removed) == 1 else 'ies'} "
+            f"({sum(e.size for e in removed) / GB:.2f} GB: {kinds}) to stay under cache.max_gb={cfg.cache.max_gb}")
+
+
+def cache_keeper(cfg: Config, since: float):
+    """A Tune callback that keeps the cache under ``cache.max_gb`` after each trial (see :func:`keep_cache`)."""
+    from ray import tune
+
+    class CacheKeeper(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            line = keep_cache(cfg, since)
+            if line:
+                print(line, flush=True)
+
+    return CacheKeeper()
+
+
 def make_searcher(cfg: Config, opts: SearchOptions, *, resume: bool = False, study: str | None = None,
                   warm: list[tuple[dict, float]] = ()):  # fmt: skip
     """OptunaSearch over the space (the sampler by name, seeded), its study named ``study`` (default: the
@@ -217,6 +243,7 @@ def build_tuner(cfg: Config, opts: SearchOptions, run: dict, data_ref, *, restor
             callbacks=[
                 finalizer(opts.tracking_uri, run["parent_run_id"], Path(run["state_path"])),
                 JsonLoggerCallback(),
+                *([cache_keeper(cfg, run.get("started") or time.time())] if cfg.cache.enabled and cfg.cache.max_gb else []),
             ],
             progress_reporter=reporter,
             verbose=1,
