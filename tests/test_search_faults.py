@@ -248,6 +248,43 @@ def test_search_whose_driver_was_killed_is_resumed_without_loss_or_duplicates(tm
     print(f"\ndriver-kill + resume: {wall:.0f} s")
 
 
+def test_a_trial_proposed_but_never_recorded_is_proposed_again_on_resume(tmp_path, cache, procs):
+    """A driver killed between a proposal and the next save of the experiment (the start of a stage) leaves
+    Tune's searcher state counting a trial, holding a concurrency slot and an Optuna trial for it, that the
+    experiment state never recorded. That state is made here from a real interrupted search (the race itself
+    is a matter of milliseconds); `resume` must run exactly the trials asked for: none lost, none twice."""
+    import optuna
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    study = f"sqlite:///{tmp_path}/optuna.db"
+    space = write_space(tmp_path, cache, uri, samples=3, concurrent=1, study_storage=study)
+    env = fault_env(tmp_path, {"fault": "sleep", "seconds": 2, "phase": "student"})
+    search = tmp_path / "runs" / "lost"
+    driver = start(procs, "launch", space, "--storage", tmp_path / "runs", "--name", "lost", cwd=tmp_path, env=env)
+    wait_for("the first trial to report", lambda: len(results(search)) == 1, timeout=900)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=60)
+    # what the race leaves: a proposal the searcher state holds and the experiment state lacks
+    (gen_file,) = search.glob("search_gen_state-*.json")
+    gen = pickle.loads(gen_file.read_bytes())
+    gen["counter"] += 1
+    gen["name:ConcurrencyLimiter"]["live_trials"].add("phantom1")
+    gen_file.write_bytes(pickle.dumps(gen))
+    (searcher_file,) = search.glob("searcher-state-*.pkl")
+    searcher = pickle.loads(searcher_file.read_bytes())
+    searcher["_ot_trials"]["phantom1"] = searcher["_ot_study"].ask()
+    searcher_file.write_bytes(pickle.dumps(searcher))
+    resumed = cli("resume", search, cwd=tmp_path, env=env, timeout=600)  # unreconciled, it never ends
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resume: 1 trial(s) proposed just before the driver stopped were never recorded" in resumed.stdout
+    final = results(search)
+    assert len(final) == 3 and all(rows[-1]["epoch"] == 3 for rows in final.values())
+    _, parent, kids = runs(uri, "lost")
+    assert set(kids) == set(final) and parent.info.status == "FINISHED"
+    states = sorted(t.state.name for t in optuna.load_study(study_name="lost", storage=study).trials)
+    assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL"]  # the phantom ends FAIL, not RUNNING
+
+
 def test_a_staged_search_killed_after_its_teacher_stage_resumes_with_its_students(tmp_path, cache, procs):
     """Teachers first (judged per teacher epoch), then students of the best one: the driver is killed once
     the teacher stage has chosen; `resume` runs the student stage without fine-tuning any teacher again."""

@@ -22,6 +22,7 @@ from tskd_tune.methods.checks import premise_warning, search_uses_transfer
 from tskd_tune.models.teacher import is_pretrained
 from tskd_tune.search import staged
 from tskd_tune.search.folder import SEARCH_FILE, SearchOptions, git_commit, state_path, trial_id_of
+from tskd_tune.search.restore import reconcile
 from tskd_tune.search.summary import TEACHER_BELOW_SCRATCH_TAG, summarize, teacher_below_scratch
 from tskd_tune.search.tuner import build_tuner, keep_cache
 from tskd_tune.search.warm import warm_trials
@@ -113,6 +114,9 @@ def _fit(cfg: Config, opts: SearchOptions, run: dict, data_ref, resume: bool, co
          warm: list = ()):  # fmt: skip
     """Run (or, when it was interrupted, restore and continue) one Ray Tune experiment to its end."""
     restore = resume and (opts.path / "tuner.pkl").exists()
+    if restore and not cluster.is_uri(opts.storage) and (lost := reconcile(opts.path)):
+        console.print(f"resume: {len(lost)} trial(s) proposed just before the driver stopped were never recorded; "
+                      f"they are proposed again", markup=False)  # fmt: skip
     return build_tuner(cfg, opts, run, data_ref, restore=restore, resume=resume, study=study, warm=warm,
                        console=console).fit()  # fmt: skip
 
