@@ -7,7 +7,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: demo test test-slow test-faults test-cluster test-ui lint ui bench bench-quality bench-timing bench-gpu bench-quick clean
+.PHONY: demo test test-slow test-faults test-soak test-cluster test-ui lint ui bench bench-quality bench-timing bench-gpu bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test-slow: $(STAMP)  ## only the slow tests
 
 test-faults: $(STAMP)  ## fault-injection tests: killed workers and drivers, NaN, MLflow outages, hangs (minutes)
 	$(BIN)/python -m pytest -q -m faults
+
+test-soak: $(STAMP)  ## a 100-trial search at concurrency 2: worker memory, descriptors, threads, overhead, MLflow counts
+	$(BIN)/python -m pytest -q -s -m soak
 
 test-cluster: $(STAMP)  ## two-node loopback Ray cluster + MLflow server on PostgreSQL (needs Debian's postgresql)
 	$(BIN)/python -m pytest -q -m cluster

@@ -97,6 +97,7 @@ class TuneReport:
         numbers = tracking.numeric(result)
         out = self.held.get("metrics", {"epoch": self.last_epoch} | self._run_id())
         out |= {f"final_{k}": v for k, v in numbers.items()} | {k: v for k, v in numbers.items() if k in self.at_end}
+        out |= process_stats()  # Tune's result only (result.json): what a long search's workers hold
         self._send(out, self.held.get("ckpt"))
 
     def _run_id(self) -> dict:
@@ -107,6 +108,18 @@ class TuneReport:
         from ray import tune
 
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None)
+
+
+def process_stats() -> dict:
+    """This worker process's resident memory (MB), open file descriptors and threads, at a trial's end: the
+    soak test (``make test-soak``) compares the first trials a worker ran with its last."""
+    import psutil
+
+    proc = psutil.Process()
+    stats = {"worker_rss_mb": round(proc.memory_info().rss / 2**20, 1), "worker_threads": proc.num_threads()}
+    if hasattr(proc, "num_fds"):  # POSIX only
+        stats["worker_fds"] = proc.num_fds()
+    return stats
 
 
 def reference_trial(method: str, data: tuple, base: Config, run: dict) -> dict:
