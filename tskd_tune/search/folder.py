@@ -12,6 +12,8 @@ from tskd_tune.config import Config, validate
 from tskd_tune.errors import TskdError
 
 SEARCH_FILE = "search.json"
+GRACE_FILE = "grace.json"
+"""The grace period a search (or stage) took from its pilot trials, in its experiment folder."""
 REFERENCES = "baselines"
 """Folder of the search that holds the reference trials (``baselines/<method>/outputs``)."""
 

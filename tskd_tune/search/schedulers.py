@@ -24,14 +24,12 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 from tskd_tune import fidelity
 from tskd_tune.cache import write_json
 from tskd_tune.config import Config
-from tskd_tune.search.folder import trial_id_of
+from tskd_tune.search.folder import GRACE_FILE, trial_id_of
 
 AUTO_TRUST = 0.9
 """Rank correlation a grace period from the data needs at every epoch from it on. Not fidelity's 0.6 floor:
 on the demo space the least grace at 0.6 (14 of 40 epochs, 10 trials) let ASHA stop the best config, and the
 hand-set periods that kept it sit where the correlation reaches 0.9 (docs/BENCHMARKS.md, grace periods)."""
-GRACE_FILE = "grace.json"
-"""The grace period a search took from its pilot trials, in the experiment's folder."""
 
 
 def brackets(grace: int, reduction_factor: float, max_t: int) -> int:

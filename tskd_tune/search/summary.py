@@ -14,7 +14,7 @@ from tskd_tune import fidelity, tracking
 from tskd_tune.cache import atomic_write
 from tskd_tune.config import Config
 from tskd_tune.report import best_trial, objective_board, references, trial_label
-from tskd_tune.search.folder import SearchOptions, state_path
+from tskd_tune.search.folder import GRACE_FILE, SearchOptions, state_path
 from tskd_tune.search.staged import TEACHER_STAGE
 from tskd_tune.search.tuner import trial_name
 
@@ -131,7 +131,7 @@ def early_stopping(cfg: Config, search_path: Path) -> list[dict]:
 def read_grace(search_path: Path) -> dict | None:
     """The grace period the search took from its pilot trials (``grace.json``), if it took one."""
     try:
-        return json.loads((Path(search_path) / "grace.json").read_text())
+        return json.loads((Path(search_path) / GRACE_FILE).read_text())
     except (OSError, ValueError):
         return None
 

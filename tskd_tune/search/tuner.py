@@ -231,7 +231,7 @@ def build_tuner(cfg: Config, opts: SearchOptions, run: dict, data_ref, *, restor
             trial_dirname_creator=trial_dirname,
             # a worker process (torch, MONAI, timm imported) serves trial after trial
             reuse_actors=True,
-        ),  # fmt: skip
+        ),
         run_config=tune.RunConfig(
             name=opts.name,
             storage_path=str(opts.storage),
