@@ -11,9 +11,11 @@ group at the end, also when a test fails: other users of this machine run Ray to
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -27,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -140,53 +142,74 @@ def postgres(workdir):
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(workdir, postgres):
-    """`mlflow server` on PostgreSQL with basic auth and a proxied artifact store; yields (uri, artifacts dir)."""
-    port, artifacts = free_port(), workdir / "mlflow-artifacts"
-    auth_ini = workdir / "basic_auth.ini"
-    auth_ini.write_text(
-        "[mlflow]\ndefault_permission = READ\n"
-        f"database_uri = {postgres}/mlflow_auth\n"
-        f"admin_username = admin\nadmin_password = {PASSWORD}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-        # each uncached check hashes the password (PBKDF2): seconds per request on a busy 2-core machine,
-        # enough to miss the launch's 10 s preflight; a checked credential is then reused
-        "auth_cache_ttl_seconds = 3600\n"
-    )
-    env = os.environ | {
-        "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
-    }
-    log = workdir / "mlflow.log"
-    # one worker, so the warm-up below reaches the process that serves the search (a cold second worker
-    # on a busy 2-core machine can miss the launch's 10 s preflight)
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"{postgres}/mlflow", "--serve-artifacts",
-           "--artifacts-destination", str(artifacts), "--app-name", "basic-auth", "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1"]  # fmt: skip
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True
-        )
-    uri = f"http://127.0.0.1:{port}"
+class MlflowServer:
+    """`mlflow server` on PostgreSQL with basic auth and a proxied artifact store, on a fixed port, that a test
+    can kill and start again (a restart: same port, same database, same artifact folder)."""
 
-    def up() -> bool:
+    def __init__(self, workdir: Path, postgres: str):
+        self.port, self.artifacts, self.log = free_port(), workdir / "mlflow-artifacts", workdir / "mlflow.log"
+        self.uri, self.workdir, self.proc = f"http://127.0.0.1:{self.port}", workdir, None
+        auth_ini = workdir / "basic_auth.ini"
+        auth_ini.write_text(
+            "[mlflow]\ndefault_permission = READ\n"
+            f"database_uri = {postgres}/mlflow_auth\n"
+            f"admin_username = admin\nadmin_password = {PASSWORD}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            # each uncached check hashes the password (PBKDF2): seconds per request on a busy 2-core machine,
+            # enough to miss the launch's 10 s preflight; a checked credential is then reused
+            "auth_cache_ttl_seconds = 3600\n"
+        )
+        self.env = os.environ | {
+            "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        }
+        # one worker, so the warm-up below reaches the process that serves the search (a cold second worker
+        # on a busy 2-core machine can miss the launch's 10 s preflight)
+        self.cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"{postgres}/mlflow", "--serve-artifacts",
+                    "--artifacts-destination", str(self.artifacts), "--app-name", "basic-auth", "--host", "127.0.0.1",
+                    "--port", str(self.port), "--workers", "1"]  # fmt: skip
+
+    def start(self) -> None:
+        with open(self.log, "a") as out:
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                         cwd=self.workdir, start_new_session=True)  # fmt: skip
+        wait_until(self.up, 240, "mlflow server", self.log)
+
+    def up(self) -> bool:
         # an authenticated API call, not just /health: the auth app creates its admin on the first ones
         import base64
 
         auth = base64.b64encode(f"admin:{PASSWORD}".encode()).decode()
-        req = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1",
+        req = urllib.request.Request(f"{self.uri}/api/2.0/mlflow/experiments/search?max_results=1",
                                      headers={"Authorization": f"Basic {auth}"})  # fmt: skip
         try:
             return urllib.request.urlopen(req, timeout=30).status == 200
         except OSError:
             return False
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash or a pod eviction would: no request finishes, nothing is flushed."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=60)
+        wait_until(lambda: not _group_alive(self.proc.pid) and not self.up(), 60, "mlflow server to be gone")
+
+
+@pytest.fixture(scope="module")
+def mlflow_proc(workdir, postgres):
+    server = MlflowServer(workdir, postgres)
     try:
-        wait_until(up, 240, "mlflow server", log)
-        yield uri, artifacts
+        server.start()
+        yield server
     finally:
-        kill_session(proc)
+        if server.proc is not None:
+            kill_session(server.proc)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(mlflow_proc):
+    """The server's (uri, artifacts dir)."""
+    return mlflow_proc.uri, mlflow_proc.artifacts
 
 
 @pytest.fixture(scope="module")
@@ -439,3 +462,148 @@ def test_search_submitted_as_a_ray_job(searched, ray_cluster, mlflow_server, wor
     )
     assert detached.returncode == 2
     assert detached.stderr.strip().startswith("error: --storage runs: a Ray Job runs in a temporary folder")
+
+
+# ------------------------------------------------------------------------------------------ node loss
+@pytest.fixture
+def doomed_node(workdir, ray_cluster):
+    """A third node joined to the cluster for one test, to be killed in it; yields (node id, the address Ray
+    gives it, process group)."""
+    env = ray_cluster["env"]
+    agent = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port")  # fmt: skip
+    cmd = [str(BIN / "ray"), "start", "--address", ray_cluster["gcs"], "--node-ip-address", "127.0.0.1",
+           "--temp-dir", str(workdir / "rd"), "--resources", '{"doomed": 1}', "--num-cpus", "1", "--num-gpus", "0",
+           "--object-store-memory", str(300 * 1024**2), "--disable-usage-stats",
+           *[a for n in agent for a in (f"--{n}", str(free_port()))]]  # fmt: skip
+    with open(workdir / "ray-doomed.log", "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        assert proc.wait(timeout=180) == 0, (workdir / "ray-doomed.log").read_text()[-3000:]
+        find = ("import ray; ray.init(address='%s', logging_level='ERROR'); "
+                "n = next(n for n in ray.nodes() if n['Alive'] and 'doomed' in n['Resources']); "
+                "print(n['NodeID'], n['NodeManagerAddress'])")  # fmt: skip
+        node, address = subprocess.run([sys.executable, "-c", find % ray_cluster["gcs"]], env=env,
+                                       capture_output=True, text=True, timeout=120, check=True).stdout.split()[-2:]  # fmt: skip
+        yield node, address, proc.pid
+    finally:
+        kill_session(None, proc.pid)
+        kill_leftovers(str(workdir / "rd"))
+
+
+def test_a_lost_node_costs_one_line_and_its_trial_is_retried_elsewhere(
+    ray_cluster, mlflow_server, workdir, doomed_node
+):
+    """The raylet of the node running a trial is killed mid-trial: the search goes on by itself, retries that
+    trial from its last checkpoint on a surviving node, says so in one line, and ends with one finished child
+    run per trial and no resume needed."""
+    node, address, pgid = doomed_node
+    uri, _ = mlflow_server
+    space = space_yaml(workdir)
+    raw = yaml.safe_load(space.read_text())
+    raw["name"] = "nodeloss"
+    raw["student"]["epochs"] = 12  # long enough to be killed mid-trial, after a checkpoint or two
+    raw["search"] |= {"num_samples": 3, "max_concurrent": 3}  # three trials on three 1-CPU nodes: one each
+    space.with_name("nodeloss.yaml").write_text(yaml.safe_dump(raw))
+    env = client_env(ray_cluster, RAY_ADDRESS=ray_cluster["gcs"])
+    out, err = workdir / "nodeloss.out", workdir / "nodeloss.err"
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen([sys.executable, "-m", "tskd_tune", "launch", space.with_name("nodeloss.yaml"),
+                                 "--address", "auto", "--tracking-uri", uri, "--storage", workdir / "shared" / "runs"],
+                                stdout=o, stderr=e, env=env, cwd=space.parent, start_new_session=True)  # fmt: skip
+    client = mlflow_client(uri)
+
+    def on_doomed_node_with_a_checkpoint():
+        if proc.poll() is not None:
+            raise AssertionError(f"the search ended before the node was killed:\n{out.read_text()[-3000:]}")
+        try:
+            _, children = children_of(client, "nodeloss")
+        except (StopIteration, AttributeError):  # the experiment or the parent run is not there yet
+            return None
+        for child in children:
+            if child.data.tags.get("ray.node_id") == node and child.info.status == "RUNNING":
+                history = client.get_metric_history(child.info.run_id, "val_dice")
+                if len(history) >= 2:
+                    return child
+        return None
+
+    try:
+        victim = wait_for("a trial on the doomed node past its second epoch", on_doomed_node_with_a_checkpoint,
+                          timeout=600, every=1)  # fmt: skip
+        os.killpg(pgid, signal.SIGKILL)  # the raylet, its workers, its object store: the node is gone
+        kill_leftovers(str(workdir / "rd"))
+        code = proc.wait(timeout=900)
+    finally:
+        kill_session(proc)
+    stdout, stderr = out.read_text(), err.read_text()
+    assert code == 0, stdout[-3000:] + stderr[-5000:]
+    lost = [line for line in stdout.splitlines() if " lost; " in line]
+    said = rf"node {re.escape(address)} lost; t\d+ retried from epoch [2-9]\d*"
+    log = workdir / "shared" / "runs" / "nodeloss" / "driver.log"
+    assert len(lost) == 1 and re.fullmatch(said, lost[0]), stdout[-5000:] + stderr[-3000:] + log.read_text()[-5000:]
+    noise = [w for w in ("[state-dump]", "Traceback") if w in stdout + stderr]
+    assert not noise, stdout[-3000:] + stderr[-3000:]
+    _, children = children_of(client, "nodeloss")
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    retried = next(c for c in children if c.info.run_id == victim.info.run_id)
+    assert retried.data.tags["ray.node_id"] != node and retried.data.tags["resumed"] == "True"
+    # no epoch lost or counted twice
+    assert len(client.get_metric_history(retried.info.run_id, "val_dice")) == 12
+    summary = json.loads((workdir / "shared" / "runs" / "nodeloss" / "summary.json").read_text())
+    assert summary["trials"] == 3 and summary.get("failed", 0) == 0
+
+
+# ---------------------------------------------------------------------------------- MLflow restart
+def test_mlflow_server_killed_and_restarted_mid_search_loses_and_duplicates_nothing(
+    ray_cluster, mlflow_proc, workdir
+):
+    """The team's MLflow server (PostgreSQL behind it) is killed while trials train and comes back 15 s later:
+    the trials train on, their writes wait in the journal and reach the server once it is back, with no
+    command. In the end every trial has one run, every epoch once, and the search's own run is complete."""
+    uri = mlflow_proc.uri
+    raw = yaml.safe_load(space_yaml(workdir).read_text())
+    raw["name"], raw["student"]["epochs"] = "restart", 10
+    raw["search"] |= {"num_samples": 3, "max_concurrent": 2}
+    space = workdir / "client" / "restart.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    env = client_env(ray_cluster, RAY_ADDRESS=ray_cluster["gcs"])
+    out, err = workdir / "restart.out", workdir / "restart.err"
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen([sys.executable, "-m", "tskd_tune", "launch", space, "--address", "auto",
+                                 "--tracking-uri", uri, "--storage", workdir / "shared" / "runs"],
+                                stdout=o, stderr=e, env=env, cwd=space.parent, start_new_session=True)  # fmt: skip
+    client = mlflow_client(uri)
+
+    def training():
+        assert proc.poll() is None, out.read_text()[-3000:] + err.read_text()[-3000:]
+        try:
+            _, children = children_of(client, "restart")
+        except (StopIteration, AttributeError):
+            return False
+        return any(len(client.get_metric_history(c.info.run_id, "val_dice")) >= 2 for c in children)
+
+    try:
+        wait_for("a trial past its second epoch", training, timeout=600, every=1)
+        mlflow_proc.kill()
+        time.sleep(15)  # trials write on: into their journals
+        mlflow_proc.start()
+        code = proc.wait(timeout=900)
+    finally:
+        kill_session(proc)
+    stdout, stderr = out.read_text(), err.read_text()
+    assert code == 0, stdout[-3000:] + stderr[-5000:]
+    assert "Traceback" not in stdout + stderr, stdout[-3000:] + stderr[-3000:]
+    search = workdir / "shared" / "runs" / "restart"
+    if list((search / "mlflow_journal").glob("*.jsonl")):  # what the search could not deliver before it ended
+        synced = tskd("sync", search, env=env, cwd=space.parent)
+        assert synced.returncode == 0, synced.stderr
+    assert not list((search / "mlflow_journal").glob("*.jsonl"))
+    parent, children = children_of(client, "restart")
+    assert parent.info.status == "FINISHED" and "best_val_dice" in parent.data.metrics
+    assert len(children) == 3 and len({c.data.tags["ray.trial_id"] for c in children}) == 3  # one run per trial
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.tags["tskd.status"] == "finished"
+        for metric in ("val_dice", "train_loss"):
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, metric)]
+            assert steps == list(range(1, 11)), (metric, steps)  # every epoch once: none lost, none twice
+        assert {"config.yaml", "trial_summary.json"} <= {a.path for a in client.list_artifacts(child.info.run_id)}

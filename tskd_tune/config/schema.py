@@ -289,6 +289,10 @@ class SearchConfig(Section):
     score are still written. None: no budget."""
     trial_timeout_s: float | None = Field(None, gt=0)
     """Stop a trial that makes no progress (no training step, no report) for this many seconds (None: never)."""
+    max_failures: int = Field(2, ge=0)
+    """How many times Ray retries a trial whose worker died (a lost node, a killed or out-of-memory process),
+    from its last checkpoint, on any node. A trial that raised is not retried (the same config would fail the
+    same way). Raise it on preemptible (spot) workers; `tskd-tune resume` finishes a trial that ran out."""
 
     def objective_items(self) -> list[tuple[str, str]]:
         """(metric, mode) pairs the search optimises: the objectives, or the single metric."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,7 @@ def trial_state(trial_dir: Path, results: list[dict], ended: bool) -> str:
 
     ``results``: its reported results (Ray's result.json); ``ended``: the search has ended.
     """
-    if (trial_dir / "error.txt").is_file() or (trial_dir / "error.pkl").is_file():
+    if _failed_last(trial_dir, results):
         # the record an attempt left (see faults.py) tells a hang from other failures; "timeout": older searches
         record = Path(trial_dir).parent / FAILED_DIR / f"{trial_dir.name.rsplit('_', 1)[-1]}.json"
         try:
@@ -87,6 +88,19 @@ def trial_state(trial_dir: Path, results: list[dict], ended: bool) -> str:
     # Ray marks the result on which the scheduler stopped a trial as done; a trial without outputs in a search
     # that has ended was stopped too
     return states.STOPPED_EARLY if results[-1].get("done") or ended else states.RUNNING
+
+
+def _failed_last(trial_dir: Path, results: list[dict]) -> bool:
+    """Whether the trial's last attempt failed: an error record (Ray's error.txt) and no result reported after
+    its last failure. A trial Ray retried (its node was lost, its worker killed) that reported again is not."""
+    error = trial_dir / "error.txt"
+    if not error.is_file():
+        return (trial_dir / "error.pkl").is_file()
+    # "Failure # 2 (occurred at 2026-12-05_18-17-29)": Ray's local time, to the second
+    stamps = re.findall(r"^Failure # \d+ \(occurred at (\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d)\)", error.read_text(), re.M)
+    if not stamps or not results or "timestamp" not in results[-1]:
+        return True
+    return results[-1]["timestamp"] <= time.mktime(time.strptime(stamps[-1], "%Y-%m-%d_%H-%M-%S"))
 
 
 def pareto_front(board: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.Series:

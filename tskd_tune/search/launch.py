@@ -117,8 +117,11 @@ def _fit(cfg: Config, opts: SearchOptions, run: dict, data_ref, resume: bool, co
     if restore and not cluster.is_uri(opts.storage) and (lost := reconcile(opts.path)):
         console.print(f"resume: {len(lost)} trial(s) proposed just before the driver stopped were never recorded; "
                       f"they are proposed again", markup=False)  # fmt: skip
+    from tskd_tune.search import ray_log
+
+    log = ray_log.route(state_path(opts))  # Ray's own lines and retried trials' tracebacks: a file, not the console
     return build_tuner(cfg, opts, run, data_ref, restore=restore, resume=resume, study=study, warm=warm,
-                       console=console).fit()  # fmt: skip
+                       console=console, driver_log=log).fit()  # fmt: skip
 
 
 def _staged(cfg: Config, opts: SearchOptions, run: dict, data_ref, resume: bool, console):

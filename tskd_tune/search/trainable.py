@@ -83,7 +83,7 @@ class TuneReport:
         for name in self.objectives:  # a non-finite score would reach ASHA and Optuna as a result
             if name in metrics and name not in out:
                 raise faults.TrialFailed(f"{name} is {metrics[name]} at epoch {epoch}; not reported to the searcher")
-        out |= {"epoch": epoch, "cpu_s": round(time.process_time() - self.cpu0, 2)} | self._run_id()
+        out |= {"epoch": epoch, "cpu_s": round(time.process_time() - self.cpu0, 2)} | self._ids()
         # Tune wants every objective in every result; end-of-trial ones (latency, size) are not known yet.
         # A multi-objective OptunaSearch ignores intermediate results, so these NaNs never reach Optuna.
         out |= {m: float("nan") for m in self.at_end if m not in out}
@@ -95,13 +95,17 @@ class TuneReport:
     def final(self, result: TrialResult) -> None:
         """The held-back last report, with the trial's final metrics (``final_*``, end-of-trial objectives)."""
         numbers = tracking.numeric(result)
-        out = self.held.get("metrics", {"epoch": self.last_epoch} | self._run_id())
+        out = self.held.get("metrics", {"epoch": self.last_epoch} | self._ids())
         out |= {f"final_{k}": v for k, v in numbers.items()} | {k: v for k, v in numbers.items() if k in self.at_end}
         out |= process_stats()  # Tune's result only (result.json): what a long search's workers hold
         self._send(out, self.held.get("ckpt"))
 
-    def _run_id(self) -> dict:
-        return {"mlflow_run_id": self.tracker.run_id} if self.tracker is not None and self.tracker.run_id else {}
+    def _ids(self) -> dict:
+        """The trial's MLflow run and the Ray node it runs on (the driver tells a lost node by it)."""
+        import ray
+
+        run = {"mlflow_run_id": self.tracker.run_id} if self.tracker is not None and self.tracker.run_id else {}
+        return run | {"node_id": ray.get_runtime_context().get_node_id()}
 
     @staticmethod
     def _send(metrics: dict, ckpt: Path | None) -> None:

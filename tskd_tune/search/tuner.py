@@ -131,6 +131,88 @@ def finalizer(tracking_uri: str, parent_run_id: str, search_path: Path):
     return MlflowFinalizer()
 
 
+def retry_notice(log: Path | None, resume_hint: str):
+    """A Tune callback that says in one line what became of a trial whose worker died: ``node 10.0.1.7 lost;
+    t002 retried from epoch 3`` (or that its worker process died), and, when Ray gives up on it, how to
+    finish it (``resume_hint``). The tracebacks are in ``log`` (:mod:`.ray_log`)."""
+    from ray import tune
+
+    where = f" (details: {log})" if log is not None else ""
+
+    def number(trial) -> str:
+        return trial_name(trial).split(" ", 1)[0]
+
+    def restart_point(trial) -> str:
+        kept = trial.latest_checkpoint_result
+        epoch = (kept.metrics or {}).get("epoch") if kept is not None else None
+        return f"from epoch {epoch}" if epoch else "from the start"
+
+    class RetryNotice(tune.Callback):
+        def __init__(self):
+            self.pending: list[tuple] = []  # (trial, node id, node ip, restart point, when)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            self.pending.append((trial, last.get("node_id"), last.get("node_ip", "?"), restart_point(trial),
+                                 time.monotonic()))  # fmt: skip
+
+        def on_step_end(self, iteration, trials, **info):
+            if self.pending:
+                self._say(final=False)
+
+        def on_experiment_end(self, trials, **info):
+            # a search may end before Ray has marked the node dead: ask a little longer, then say what is known
+            deadline = time.monotonic() + 30
+            while self.pending and time.monotonic() < deadline:
+                self._say(final=False)
+                if self.pending:
+                    time.sleep(1)
+            self._say(final=True)
+
+        def _say(self, final: bool) -> None:
+            # Ray marks a node dead some seconds after its raylet stops answering: wait for that, up to a minute
+            nodes, waiting = _nodes(), []
+            for trial, node, ip, point, since in self.pending:
+                alive, address = (nodes or {}).get(node, (True, ip))
+                if nodes is not None and not alive:
+                    print(f"node {address} lost; {number(trial)} retried {point}", flush=True)
+                elif final or node is None or nodes is None or time.monotonic() - since > 60:
+                    print(f"{number(trial)}: its worker process on {address} died; retried {point}{where}", flush=True)
+                else:
+                    waiting.append((trial, node, ip, point, since))
+            self.pending = waiting
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            if _worker_died(trial):
+                print(f"{number(trial)}: its worker died {trial.run_metadata.num_failures} times, more than Ray "
+                      f"retries; `{resume_hint}` runs it again {restart_point(trial)}{where}", flush=True)  # fmt: skip
+
+        def get_state(self):  # nothing to keep across a restore: a pending trial is retried either way
+            return None
+
+    return RetryNotice()
+
+
+def _nodes() -> dict[str, tuple[bool, str]] | None:
+    """Every node the cluster has known: id -> (alive, address); None when Ray cannot say."""
+    import ray
+
+    try:
+        return {n["NodeID"]: (bool(n.get("Alive")), n.get("NodeManagerAddress", "?")) for n in ray.nodes()}
+    except Exception:  # noqa: BLE001 - the GCS may be busy; the notice then waits for the next step
+        return None
+
+
+def _worker_died(trial) -> bool:
+    """Whether the trial's last error was its worker dying (node lost, process killed), not the trial raising:
+    Tune's error.txt holds each failure's text, and Ray's actor errors all read "The actor ..."."""
+    try:
+        last = Path(trial.error_file).read_text().rsplit("Failure # ", 1)[-1]
+    except (OSError, TypeError):
+        return False
+    return "The actor " in last and ("died" in last or "unavailable" in last)
+
+
 def keep_cache(cfg: Config, since: float) -> str | None:
     """Trim the cache to ``cache.max_gb``, least recently used first, sparing what this search has used since
     ``since`` (its start); one line when something was removed."""
@@ -190,10 +272,12 @@ def _scheduler(cfg: Config, opts: SearchOptions, run: dict, max_t: int):
 
 
 def build_tuner(cfg: Config, opts: SearchOptions, run: dict, data_ref, *, restore: bool = False, resume: bool = False,
-                study: str | None = None, warm: list[tuple[dict, float]] = (), console=None):  # fmt: skip
+                study: str | None = None, warm: list[tuple[dict, float]] = (), console=None,
+                driver_log: Path | None = None):  # fmt: skip
     """The Tuner of the search, or of one stage of it (or, with ``restore``, the interrupted one restored from
     its folder). ``study``: the Optuna study's name (default: the search's); ``warm``: (params, value) of
-    earlier trials that join the study as completed before any proposal."""
+    earlier trials that join the study as completed before any proposal; ``driver_log``: where Ray's own
+    lines went (:mod:`.ray_log`), named in the retry notices."""
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
     from ray.tune.search import ConcurrencyLimiter
@@ -235,13 +319,14 @@ def build_tuner(cfg: Config, opts: SearchOptions, run: dict, data_ref, *, restor
         run_config=tune.RunConfig(
             name=opts.name,
             storage_path=str(opts.storage),
-            failure_config=tune.FailureConfig(max_failures=2),
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             # each trial uploads its outputs (config, metrics, student) from its own node
             sync_config=tune.SyncConfig(sync_artifacts=True),
             # JSON only (not CSV/TensorBoard): result.json and params.json are what `status` and `report` read
             callbacks=[
                 finalizer(opts.tracking_uri, run["parent_run_id"], Path(run["state_path"])),
+                retry_notice(driver_log, f"tskd-tune resume {opts.path}"),
                 JsonLoggerCallback(),
                 *([cache_keeper(cfg, run.get("started") or time.time())] if cfg.cache.enabled and cfg.cache.max_gb else []),
             ],

@@ -1,0 +1,110 @@
+"""What Ray says on the driver's console that a user need not read, sent to the search's ``driver.log``.
+
+A lost node or a killed worker makes Ray print, on the driver, the lines of its own processes (the GCS,
+the raylet: ``[state-dump]`` blocks, placement-group retries, "a worker died" notices) and Tune a
+traceback of the trial it is about to retry. The search goes on by itself; the user needs one line
+(:func:`tuner.retry_notice`), and the full text belongs in a file. :func:`route` sends:
+
+- log lines of Ray's system processes (a ``pid`` that is not a number: ``raylet``, ``gcs_server``, ...)
+  and the error messages Ray publishes to drivers, to ``driver.log``; lines of trials' workers (numbered
+  ``pid``) and of the autoscaler still reach the console as Ray prints them;
+- Tune's "Trial task failed" record when the trial's worker process died (a ``RayActorError``: node lost,
+  process killed, out of memory), to ``driver.log``; a trial that raised still shows its traceback.
+
+Ray's driver-side log printing has no public hook, so this wraps ``ray._private.worker.print_to_stdstream``
+and the handler Ray registers on its stream dispatcher; with a Ray that lacks either, nothing is routed
+and Ray prints as it always did.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+LOG_FILE = "driver.log"
+"""In the search folder: what Ray printed about its own processes and retried trials."""
+_TUNE_LOGGER = "ray.tune.execution.tune_controller"
+_KEEP_ON_CONSOLE = {"autoscaler"}  # node launches and resource demands on a real cluster: worth seeing
+_lock = threading.Lock()
+_routed: dict = {}
+
+
+def _system(data: dict) -> bool:
+    pid = data.get("pid")
+    return not (isinstance(pid, int) or str(pid).isdigit() or pid in _KEEP_ON_CONSOLE)
+
+
+class _ToFile:
+    """Appends lines to ``driver.log``, opening it per write (rare events; no descriptor held for hours)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def lines(self, source: str, lines) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with _lock, self.path.open("a") as fh:
+            fh.writelines(f"{stamp} ({source}) {line.rstrip()}\n" for line in lines)
+
+
+class _RetriedTrialFilter(logging.Filter):
+    """Drops Tune's traceback of a trial whose worker died (Tune retries it) from the console, into the file."""
+
+    def __init__(self, sink: _ToFile):
+        super().__init__()
+        self.sink = sink
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ray.exceptions import RayActorError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, RayActorError):
+            return True
+        self.sink.lines("tune", [record.getMessage(), *logging.Formatter().formatException(record.exc_info).splitlines()])
+        return False
+
+
+def route(folder: Path) -> Path | None:
+    """Send Ray's system lines and retried trials' tracebacks to ``folder/driver.log`` from now on (once per
+    process; a later call moves them to the new folder). The log's path, or None where Ray offers no hook."""
+    import ray._private.worker as ray_worker
+
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return None
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is None or not hasattr(dispatcher, "handlers"):
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    sink = _ToFile(folder / LOG_FILE)
+    if _routed:
+        _routed["sink"].path = sink.path
+        return sink.path
+    original = printer
+
+    def print_or_log(data: dict, ignore_prefix: bool = False) -> None:
+        if _system(data):
+            sink.lines(str(data.get("pid")), data.get("lines", []))
+        else:
+            original(data, ignore_prefix)
+
+    ray_worker.print_to_stdstream = print_or_log  # error messages Ray publishes to drivers
+    with dispatcher._lock:  # the handler that prints the workers' and Ray's processes' log lines
+        dispatcher.handlers = [
+            (name, _wrap(handler, sink) if name == "ray_print_logs" else handler) for name, handler in dispatcher.handlers
+        ]
+    logging.getLogger(_TUNE_LOGGER).addFilter(_RetriedTrialFilter(sink))
+    _routed["sink"] = sink
+    return sink.path
+
+
+def _wrap(handler, sink: _ToFile):
+    def handle(data: dict) -> None:
+        if _system(data):
+            sink.lines(str(data.get("pid")), data.get("lines", []))
+        else:
+            handler(data)
+
+    return handle
