@@ -175,3 +175,30 @@ def test_uri_storage_round_trip(tmp_path, monkeypatch):
         TskdError, match=r"^--storage: ftp://x/y: expected a folder, file:///PATH or a bucket URI"
     ):
         cluster.check_storage("ftp://x/y")
+
+
+def test_a_job_says_every_launch_option_again_on_the_cluster():
+    """`launch --address http://...` re-creates the command line for the job's driver: every option of
+    `launch` (but where to submit) has a JobLaunch field, and its argv parses back to the same values."""
+    import dataclasses
+    import inspect
+
+    import typer
+
+    from tskd_tune.cli.app import app
+    from tskd_tune.cli.search import launch
+
+    client_only = {"address", "detach"}  # this machine's business: the job's driver joins its own cluster
+    fields = {f.name for f in dataclasses.fields(cluster.JobLaunch)}
+    assert set(inspect.signature(launch).parameters) - client_only == fields
+    job = cluster.JobLaunch("s.yaml", "n1", "/mnt/shared/runs", "http://mlflow:5000", 12, 3, True, True,
+                            ("earlier", "/mnt/shared/runs/other"), ("seed=3", "student.lr=0.001"))  # fmt: skip
+    argv = job.to_argv()
+    assert argv[:2] == ["tskd-tune", "launch"]
+    command = typer.main.get_command(app).commands["launch"]
+    params = command.make_context("launch", argv[2:]).params
+    assert params.pop("address") == "auto" and params.pop("detach") is False
+    parsed = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()} | {"space": str(params["space"])}
+    assert parsed == dataclasses.asdict(job)
+    bare = cluster.JobLaunch("s.yaml", "n1", "/mnt/shared/runs").to_argv()
+    assert bare == ["tskd-tune", "launch", "s.yaml", "--address", "auto", "--name", "n1", "--storage", "/mnt/shared/runs"]

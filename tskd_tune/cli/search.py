@@ -77,9 +77,9 @@ def launch(
         raise TskdError("--detach: only with --address http(s)://HOST:8265 (a search submitted as a Ray Job)")
     if cluster.is_job_address(address):
         cluster.check_tracking_uri(tracking_uri or cfg.tracking.uri)
-        args = {"name": name or cfg.name or space.stem, "storage": storage, "tracking_uri": tracking_uri,
-                "num_samples": num_samples, "max_concurrent": max_concurrent, "no_cache": no_cache}  # fmt: skip
-        raise typer.Exit(cluster.submit(cfg, space, set_ or [], args, address, out, detach=detach))
+        job = cluster.JobLaunch(space.name, name or cfg.name or space.stem, str(storage), tracking_uri, num_samples,
+                                max_concurrent, no_cache, verbose, tuple(warm_start or ()), tuple(set_ or ()))  # fmt: skip
+        raise typer.Exit(cluster.submit(cfg, space, job, address, out, detach=detach))
     from tskd_tune.methods.checks import check_teacher
 
     # on the driver (a job checks it on the cluster): otherwise every trial would fail on it, each after a retry

@@ -20,7 +20,15 @@ trials through Ray's object store, so they appear in no YAML, parameter, tag, ru
 """
 
 from tskd_tune.cluster.checks import alive_nodes, check_tracking_uri, check_visible, prepare
-from tskd_tune.cluster.jobs import TOKEN_HELP, is_job_address, job_client, job_status, ray_token, submit
+from tskd_tune.cluster.jobs import (
+    TOKEN_HELP,
+    JobLaunch,
+    is_job_address,
+    job_client,
+    job_status,
+    ray_token,
+    submit,
+)
 from tskd_tune.cluster.storage import (
     BUCKET_SCHEMES,
     check_storage,
@@ -49,6 +57,7 @@ __all__ = [
     "MLFLOW_ENV_VARS",
     "MLFLOW_SECRET_VARS",
     "TOKEN_HELP",
+    "JobLaunch",
     "alive_nodes",
     "check_storage",
     "check_tracking_uri",

@@ -3,9 +3,11 @@ looked up later (``tskd-tune status``), with Ray's token sent as a header."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tskd_tune.cluster.storage import check_storage, is_bucket, storage_dir
@@ -15,6 +17,38 @@ from tskd_tune.secrets import mlflow_env, secret_values
 TOKEN_HELP = (
     "the token is in ~/.ray/auth_token on the head node (or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH here)"
 )
+
+
+@dataclass(frozen=True)
+class JobLaunch:
+    """What ``launch`` was told on this machine, to be said again on the cluster as a Ray Job's entrypoint.
+
+    One field per ``launch`` option that the job's driver needs (``--address`` and ``--detach`` are this
+    machine's business); tests/test_cluster.py checks that every option of the command is here and that
+    :meth:`to_argv` parses back to the same values through the real CLI.
+    """
+
+    space: str  # the YAML's file name: it travels in the job's working_dir
+    name: str
+    storage: str
+    tracking_uri: str | None = None
+    num_samples: int | None = None
+    max_concurrent: int | None = None
+    no_cache: bool = False
+    verbose: bool = False
+    warm_start: tuple[str, ...] = ()
+    set_: tuple[str, ...] = ()
+
+    def to_argv(self) -> list[str]:
+        """``tskd-tune launch SPACE --address auto ...``: the job's driver joins the cluster it runs on."""
+        argv = ["tskd-tune", "launch", self.space, "--address", "auto", "--name", self.name, "--storage", self.storage]
+        for flag, value in (("--tracking-uri", self.tracking_uri), ("--num-samples", self.num_samples),
+                            ("--max-concurrent", self.max_concurrent)):  # fmt: skip
+            if value is not None:
+                argv += [flag, str(value)]
+        argv += [flag for flag, on in (("--no-cache", self.no_cache), ("--verbose", self.verbose)) if on]
+        argv += [a for w in self.warm_start for a in ("--warm-start", w)]
+        return argv + [a for item in self.set_ for a in ("--set", item)]
 
 
 def is_job_address(address: str | None) -> bool:
@@ -99,12 +133,9 @@ def _relative_paths(cfg, storage: str) -> list[str]:
     return bad
 
 
-def submit(
-    cfg, space: Path, overrides: list[str], args: dict, address: str, console, detach: bool = False
-) -> int:
+def submit(cfg, space: Path, job: JobLaunch, address: str, console, detach: bool = False) -> int:
     """Submit ``tskd-tune launch`` as a Ray Job; stream its logs until it ends (or return at once with ``detach``).
 
-    ``args`` are launch's own options (name, storage, tracking_uri, num_samples, max_concurrent, no_cache).
     The package and the YAML travel in the job's runtime_env (py_modules, working_dir); MLflow settings
     of this environment go along as the job's env vars, as Ray's token goes as a header.
     """
@@ -113,7 +144,7 @@ def submit(
 
     import tskd_tune
 
-    storage = str(args["storage"])
+    storage = job.storage
     check_storage(storage)
     bad = _relative_paths(cfg, storage)
     if bad:
@@ -122,21 +153,11 @@ def submit(
             "give an absolute path that every node mounts"
             + (" or a bucket URI" if bad[0].startswith("--") else "")
         )
-    name = args["name"]
-    argv = ["tskd-tune", "launch", space.name, "--address", "auto", "--name", name, "--storage", storage]
-    if args.get("tracking_uri"):
-        argv += ["--tracking-uri", args["tracking_uri"]]
-    if args.get("num_samples") is not None:
-        argv += ["--num-samples", str(args["num_samples"])]
-    if args.get("max_concurrent") is not None:
-        argv += ["--max-concurrent", str(args["max_concurrent"])]
-    if args.get("no_cache"):
-        argv.append("--no-cache")
-    for item in overrides:
-        argv += ["--set", item]
+    name = job.name
     if _default_cache(cfg) and not is_bucket(storage):
         # the job's working folder is temporary: keep the trial cache with the searches, for the next job too
-        argv += ["--set", f"cache.dir={storage_dir(storage) / 'cache'}"]
+        job = dataclasses.replace(job, set_=(*job.set_, f"cache.dir={storage_dir(storage) / 'cache'}"))
+    argv = job.to_argv()
     entrypoint = shlex.join(argv)
     client = job_client(address)
     staging = Path(tempfile.mkdtemp(prefix="tskd-job-"))
