@@ -229,12 +229,16 @@ def test_the_report_page_has_the_leaderboard_references_curves_overlays_and_runs
     assert rows["t001"][col["MLflow run"]] == "aa01" + "0" * 28
     assert '<tr class="best"><td class="l">t003 ★' in page
     assert refs[1][:3] == ["scratch", "0.5000", "0.5200"] and refs[2][:3] == ["teacher", "0.8000", "0.8100"]
-    assert "<img src='curves.png'" in page and Image.open(out / "curves.png").size[0] >= 900
+    assert inlined(out / "curves.png") in page and Image.open(out / "curves.png").size[0] >= 900
     best = path / "t003_cc03" / "outputs" / "val_overlays.png"
-    assert "<img src='best_overlays.png'" in page and (out / "best_overlays.png").read_bytes() == best.read_bytes()
+    # the page holds its images: one file that MLflow's artifact preview shows whole
+    assert inlined(out / "best_overlays.png") in page and (out / "best_overlays.png").read_bytes() == best.read_bytes()
+    assert "src='" not in page.replace("src='data:image/png;base64,", "")
     assert "mlflow ui --backend-store-uri sqlite:////srv/runs/mlflow.db --host 127.0.0.1" in page
     assert "Only 4 trials" in page  # the importance caveat, under the plot (finished trials only)
-    assert page.index("importances.png") < page.index("Only 4 trials") < page.index("parallel_coordinates.png")
+    order = [page.index(inlined(out / "importances.png")), page.index("Only 4 trials"),
+             page.index(inlined(out / "parallel_coordinates.png"))]  # fmt: skip
+    assert order == sorted(order)
     assert "http" not in page.replace("http-equiv", "")  # nothing to fetch: the page opens offline
 
 
@@ -264,6 +268,19 @@ def test_without_search_json_the_run_ids_stand_alone():
     assert links == {"abc": "<code>abc</code>"} and "no <code>search.json</code>" in note
 
 
+def test_the_end_of_search_report_shows_the_best_trials_test_dice_before_summary_json_exists(tmp_path):
+    """The search writes its report, then summary.json: the summary it hands over is what the page shows."""
+    path = write_search(tmp_path / "s")
+    (path / "summary.json").unlink()
+    def best_test_dice(summary):
+        written = write_report(path, tmp_path / "r", space(), [("val_dice", "max")], summary=summary)
+        board = tables(written["html"].read_text())[0]
+        return dict(zip(board[0], board[1], strict=True))["test Dice"]
+
+    assert best_test_dice({"best_trial": "cc03", "test_dice": 0.64}) == "0.6400"
+    assert best_test_dice(None) == "–"  # read from summary.json, which is not there yet
+
+
 def test_a_search_whose_trials_have_not_reported_yet_gets_a_page(tmp_path):
     path = write_search(tmp_path / "s", [(1, "aa01", [], False), (2, "bb02", [], False)])
     (path / "summary.json").unlink()  # still running
@@ -272,6 +289,12 @@ def test_a_search_whose_trials_have_not_reported_yet_gets_a_page(tmp_path):
     assert json.loads(written["importances_json"].read_text())["trials"] == 0
     board = tables(written["html"].read_text())[0]
     assert [r[:2] for r in board[1:]] == [["t001", "pending"], ["t002", "pending"]]  # no best yet
+
+
+def inlined(png: Path) -> str:
+    import base64
+
+    return f"<img src='data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}'"
 
 
 def test_a_trials_state_reads_its_folder_in_the_words_of_its_mlflow_run(tmp_path):
@@ -294,6 +317,14 @@ def test_a_trials_state_reads_its_folder_in_the_words_of_its_mlflow_run(tmp_path
     (tmp_path / "failed_trials").mkdir()
     (tmp_path / "failed_trials" / "f.json").write_text(json.dumps({"status": "timed_out", "error": "hung"}))
     assert trial_state(trial("t006_f", "error.txt"), epochs, ended=True) == "timed_out"
+    # a trial Ray retried after its worker died (node lost) and that reported again is not failed
+    retried = trial("t007_g")
+    failed_at = time.mktime(time.strptime("2026-12-05_18-17-29", "%Y-%m-%d_%H-%M-%S"))
+    (retried / "error.txt").write_text("Failure # 1 (occurred at 2026-12-05_18-17-29)\nThe actor ... is unavailable\n")
+    later = [{"epoch": 1, "timestamp": failed_at - 5}, {"epoch": 2, "timestamp": failed_at + 30}]
+    assert trial_state(retried, later, ended=False) == "running"
+    assert trial_state(trial("t007_g", "outputs/metrics.json"), later, ended=True) == "finished"
+    assert trial_state(retried, later[:1], ended=True) == "failed"  # nothing after the failure
 
 
 def test_the_report_shows_the_best_trials_synthetic_pool_its_gates_and_what_the_filter_kept(tmp_path):
@@ -319,7 +350,7 @@ def test_the_report_shows_the_best_trials_synthetic_pool_its_gates_and_what_the_
     assert synth["gates (pixel, then semantic)"] == "FAILED: feature recall 0.20 < 0.25"
     assert synth["kept by synthetic.filter"] == "29 of 40 drawn"
     assert written["synthetic_grid"].read_bytes() == (pool_dir / "grid.png").read_bytes()
-    assert "<img src='synthetic_grid.png'" in page
+    assert inlined(tmp_path / "report" / "synthetic_grid.png") in page
 
     # a search without synthetic images has no such section
     plain = write_report(write_search(tmp_path / "p"), tmp_path / "r2", space(), [("val_dice", "max")])

@@ -4,10 +4,12 @@ MLflow run."""
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -152,9 +154,9 @@ def _references_table(refs: dict) -> str:
             "<code>gain_vs_scratch</code> is a trial's val Dice minus the scratch student's.</p>")  # fmt: skip
 
 
-def _test_dice(search_path: Path, board: pd.DataFrame) -> dict[str, float]:
+def _test_dice(search_path: Path, board: pd.DataFrame, summary: dict | None = None) -> dict[str, float]:
     """Test Dice where known: a trial's own metrics.json (rare: tests run only once), and the best trial's
-    from summary.json, which the search writes at its end."""
+    from ``summary`` or summary.json, which the search writes at its end."""
     out = {}
     for _, r in board.iterrows():
         try:
@@ -166,7 +168,7 @@ def _test_dice(search_path: Path, board: pd.DataFrame) -> dict[str, float]:
         if value is not None:
             out[str(r["trial_id"])] = float(value)
     try:
-        summary = json.loads((Path(search_path) / "summary.json").read_text())
+        summary = summary if summary is not None else json.loads((Path(search_path) / "summary.json").read_text())
         if summary.get("test_dice") is not None:
             out[str(summary["best_trial"])] = float(summary["test_dice"])
     except (OSError, ValueError, KeyError):
@@ -174,9 +176,13 @@ def _test_dice(search_path: Path, board: pd.DataFrame) -> dict[str, float]:
     return out
 
 
-def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list[tuple[str, str]]) -> dict:
+def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list[tuple[str, str]],
+                 summary: dict | None = None) -> dict:  # fmt: skip
     """leaderboard.csv, plots (PNG), the best trial's overlays and report.html in ``out_dir``; returns what was
-    written, ``kind -> path``.
+    written, ``kind -> path``. ``summary``: the search's end-of-search summary when it is not yet in
+    ``summary.json`` (the search writes its report first); its best trial's test Dice goes on the page.
+
+    report.html holds its images (data URIs): one file that opens anywhere, MLflow's artifact preview too.
 
     With several objectives the history, importance and parallel-coordinate plots show the first one,
     and a Pareto-front plot shows all of them (the first two when there are more than three).
@@ -204,7 +210,7 @@ def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list
     written["importances_json"] = out_dir / "importances.json"
     write_json(written["importances_json"], importances(board, space, objectives))
     n_done = completed(study(board, space, objectives[:1]))
-    tests = _test_dice(search_path, board)
+    tests = _test_dice(search_path, board, summary)
     meta = _search_json(search_path)
     run_ids = [r for r in board["mlflow_run_id"] if isinstance(r, str)]
     links, mlflow_note = run_links(meta.get("options", {}).get("tracking_uri"), run_ids)
@@ -213,11 +219,24 @@ def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list
     )
     if synthetic:
         page = page.replace("</body>", synthetic + "</body>")
+    page = _inline_images(page, out_dir)
     written["html"] = out_dir / "report.html"
     tmp = written["html"].with_name(".report.html.tmp")
     tmp.write_text(page)
     os.replace(tmp, written["html"])
     return written
+
+
+def _inline_images(page: str, folder: Path) -> str:
+    """Each ``<img src='NAME.png'>`` of a file in ``folder`` as a data URI: the page needs no file beside it."""
+
+    def inline(match: re.Match) -> str:
+        path = folder / match.group(1)
+        if not path.is_file():
+            return match.group(0)
+        return f"src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}'"
+
+    return re.sub(r"src='([^'/]+\.png)'", inline, page)
 
 
 SYNTH_ROWS = (("synth_pool", "images in the pool", "d"), ("synth_fd", "feature Fréchet distance (of the real variance)", ".3f"),

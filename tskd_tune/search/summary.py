@@ -91,24 +91,25 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
         where = (f"`tskd-tune ui --uri {uri}`, then http://127.0.0.1:5000/" if uri.startswith("sqlite:")
                  else f"{tracking.mask_secrets(uri).rstrip('/')}/")  # fmt: skip
         console.print(f"compare the trials in MLflow: {where}{view}", markup=False)
-    _report(cfg, opts, parent, c, console)
+    _report(cfg, opts, parent, c, console, summary)
     return summary
 
 
-def _report(cfg: Config, opts: SearchOptions, parent: str, client, console) -> None:
-    """report.html, its plots and importances.json in SEARCH/report, logged on the parent run, so the MLflow UI
-    shows them without running `tskd-tune report`; the three most important paths are printed."""
+def _report(cfg: Config, opts: SearchOptions, parent: str, client, console, summary: dict) -> None:
+    """report.html (with its images inside), its plots and importances.json in SEARCH/report, all logged on the
+    parent run, so the MLflow UI shows them without running `tskd-tune report`; the three most important paths
+    are printed. ``summary``: what the search found, the best trial's test Dice included."""
     from tskd_tune.report import top, write_report
 
     out = opts.path / "report"
     try:
-        written = write_report(opts.path, out, cfg.search.space, cfg.search.objective_items())
+        written = write_report(opts.path, out, cfg.search.space, cfg.search.objective_items(), summary)
     except Exception as exc:  # noqa: BLE001 - the search's results stand without their report
         console.print(f"report: not written ({exc.__class__.__name__}: {str(exc)[:200]})", markup=False)
         return
-    for kind in ("html", "importances", "importances_json", "history", "curves"):
-        if kind in written:
-            client.log_artifact(parent, str(written[kind]), "report")
+    for kind, path in written.items():
+        if kind != "leaderboard":  # already on the run, beside summary's best.yaml
+            client.log_artifact(parent, str(path), "report")
     found = top(json.loads(written["importances_json"].read_text()))
     if found:
         console.print("most important: " + ", ".join(f"{k} {v:.2f}" for k, v in found), markup=False)
