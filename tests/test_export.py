@@ -24,8 +24,8 @@ def trial_dir(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("trial")
     cfg = validate(tiny_raw(tmp, distill={"method": "scratch"}, student={"epochs": 2}))
-    run_trial(cfg, out_dir=tmp / "out")
-    return tmp / "out"
+    run_trial(cfg, out_dir=tmp / "outputs")  # the layout of a search's trial folder
+    return tmp / "outputs"
 
 
 @pytest.mark.parametrize("fmt, file", [("onnx", "model.onnx"), ("torchscript", "model.pt")])
@@ -38,6 +38,7 @@ def test_export_writes_model_and_card(trial_dir, tmp_path, fmt, file):
     assert saved["input"] == {"layout": "NCHW", "channels": 1, "size": [32, 32], "range": [0.0, 1.0],
                               "dtype": "float32", "resize": "pad"}  # fmt: skip
     assert "val_dice" in saved["metrics"]
+    assert saved["student"]["model"] == "unet" and "encoder" not in saved["student"]  # a MONAI U-Net has none
     assert not list(tmp_path.glob(".exp.tmp"))
 
 
@@ -59,11 +60,17 @@ def test_predict_cli_writes_masks_and_overlays(trial_dir, tmp_path):
         img, _ = render(i, PhantomOptions(size=40))
         Image.fromarray((img * 255).astype(np.uint8)).save(images / f"scan{i}.png")
     (images / "notes.txt").write_text("ignored")
-    proc = subprocess.run([sys.executable, "-m", "tskd_tune", "predict", str(trial_dir), str(images), "--out", str(tmp_path / "pred")],
+    # the trial folder (outputs inside it), as `export` takes it
+    proc = subprocess.run([sys.executable, "-m", "tskd_tune", "predict", str(trial_dir.parent), str(images), "--out", str(tmp_path / "pred")],
                           capture_output=True, text=True, cwd=REPO, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    mask = np.asarray(Image.open(tmp_path / "pred" / "scan0_mask.png"))
-    assert mask.shape == (40, 40) and mask.max() <= 3
+    png = Image.open(tmp_path / "pred" / "scan0_mask.png")
+    mask = np.asarray(png)
+    assert mask.shape == (40, 40) and mask.max() <= 3 and (mask == Predictor(trial_dir).predict(
+        np.asarray(Image.open(images / "scan0.png"), dtype=np.float32) / 255)).mean() > 0.99  # fmt: skip
+    # a palette PNG: the values are the class indices, a viewer shows the classes in the overlay's colours
+    assert png.mode == "P" and png.getpalette()[3:6] == [230, 159, 0]
+    assert tuple(np.asarray(png.convert("RGB"))[mask == 0][0]) == (0, 0, 0)
     assert np.asarray(Image.open(tmp_path / "pred" / "scan1_overlay.png")).shape == (40, 40, 3)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from PIL import Image
 
 from tskd_tune.config import Config, DataConfig, load_config
 from tskd_tune.data.folder import read_any_image
-from tskd_tune.data.inspect import overlay
+from tskd_tune.data.inspect import PALETTE, overlay
 from tskd_tune.data.prepare import preprocess_image
 from tskd_tune.data.registry import class_names
 from tskd_tune.errors import TskdError
@@ -57,11 +58,48 @@ def load_trial_student(trial_dir: Path) -> tuple[torch.nn.Module, Config, dict]:
     return model.eval(), cfg, metrics
 
 
-def export(trial_dir: Path, fmt: str, out_dir: Path) -> dict:
-    """Write the student of ``trial_dir`` as ONNX or TorchScript plus a model card; returns the card."""
+def trial_outputs(path: Path) -> tuple[Path, dict]:
+    """The folder holding a trained student, from what a user points at: a trial's ``outputs`` folder, the
+    trial folder itself, or a search folder (its best trial's); with what the search knows of it (the best
+    trial's test Dice, from summary.json)."""
+    from tskd_tune.search.folder import SEARCH_FILE
+
+    path = Path(path)
+    if (path / SEARCH_FILE).is_file():
+        board = path / "leaderboard.csv"
+        if not board.is_file():
+            raise TskdError(f"{path}: the search has no leaderboard yet; it writes one when it ends")
+        import pandas as pd
+
+        from tskd_tune.report import best_trial
+
+        best = best_trial(pd.read_csv(board))
+        try:
+            summary = json.loads((path / "summary.json").read_text())
+        except (OSError, ValueError):
+            summary = {}
+        known = {"test_dice": summary["test_dice"]} if summary.get("best_trial") == best["trial_id"] and "test_dice" in summary else {}
+        return Path(best["trial_dir"]) / "outputs", known
+    if not (path / "student.safetensors").is_file() and (path / "outputs" / "student.safetensors").is_file():
+        return path / "outputs", {}
+    return path, {}
+
+
+def _student_card(student) -> dict:
+    """The student's settings that describe it (``encoder`` only where the model has one: timm_unet)."""
+    card = student.model_dump(mode="json")
+    if student.model != "timm_unet":
+        card.pop("encoder", None)
+    return card
+
+
+def export(trial_dir: Path, fmt: str, out_dir: Path, known: dict | None = None) -> dict:
+    """Write the student of ``trial_dir`` as ONNX or TorchScript plus a model card; returns the card.
+    ``known``: what the search measured of this trial after it ended (its test Dice), for the card."""
     if fmt not in ("onnx", "torchscript"):
         raise TskdError(f"--format: must be onnx or torchscript, got {fmt!r}")
     model, cfg, metrics = load_trial_student(trial_dir)
+    metrics = metrics | (known or {})
     c, s = cfg.data.channels, cfg.data.image_size
     x = torch.rand(2, c, s, s, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -71,10 +109,15 @@ def export(trial_dir: Path, fmt: str, out_dir: Path) -> dict:
     tmp.mkdir(parents=True)
     if fmt == "onnx":
         name = "model.onnx"
-        torch.onnx.export(
-            model, (x,), str(tmp / name), input_names=["image"], output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
-        )  # fmt: skip
+        with warnings.catch_warnings():
+            # InstanceNorm without running statistics normalises by each image's own statistics in eval mode
+            # too, which ONNX calls "train=True": the export is right (checked against PyTorch just below)
+            warnings.filterwarnings("ignore", message=r"ONNX export mode is set to TrainingMode.EVAL, but operator "
+                                    r"'instance_norm' is set to train=True")  # fmt: skip
+            torch.onnx.export(
+                model, (x,), str(tmp / name), input_names=["image"], output_names=["logits"],
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+            )  # fmt: skip
         got = _run_onnx(tmp / name, x.numpy())
     else:
         name = "model.pt"
@@ -98,8 +141,9 @@ def export(trial_dir: Path, fmt: str, out_dir: Path) -> dict:
             "resize": cfg.data.resize,
         },  # fmt: skip
         "normalisation": "scale the image to [0, 1] (integers by their type's maximum); the model normalises itself",
-        "student": cfg.student.model_dump(mode="json"),
+        "student": _student_card(cfg.student),
         "method": cfg.distill.method,
+        **({"test_dice": metrics["test_dice"]} if "test_dice" in metrics else {}),
         "metrics": metrics,
         "max_abs_diff_vs_pytorch": diff,
         "config": cfg.model_dump(mode="json"),
@@ -204,7 +248,7 @@ def predict_folder(model_dir: Path, images_dir: Path, out_dir: Path) -> list[Pat
     )
     if not files:
         raise TskdError(f"{images_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    predictor = Predictor(model_dir)
+    predictor = Predictor(model_dir if (Path(model_dir) / "model_card.json").is_file() else trial_outputs(model_dir)[0])
     mode = "L" if predictor.data.channels == 1 else "RGB"
     for path in files:  # every image decodes before any output is written: no half-done output folder
         read_any_image(path, mode)
@@ -213,7 +257,7 @@ def predict_folder(model_dir: Path, images_dir: Path, out_dir: Path) -> list[Pat
     for path in files:
         image = read_any_image(path, mode)
         mask = predictor.predict(image)
-        _save_png(mask, out_dir / f"{path.stem}_mask.png")
+        _save_png(mask, out_dir / f"{path.stem}_mask.png", palette=True)
         shown = image if image.ndim == 2 else image.mean(-1) if predictor.data.channels == 1 else image
         chw = shown[None] if shown.ndim == 2 else np.moveaxis(shown, -1, 0)
         _save_png(overlay(chw, mask), out_dir / f"{path.stem}_overlay.png")
@@ -221,7 +265,14 @@ def predict_folder(model_dir: Path, images_dir: Path, out_dir: Path) -> list[Pat
     return written
 
 
-def _save_png(array: np.ndarray, path: Path) -> None:
+def _save_png(array: np.ndarray, path: Path, palette: bool = False) -> None:
+    """``palette``: a class-index mask as a palette PNG: its pixel values stay the class indices (what a
+    program reads), and an image viewer shows each class in the overlay's colour instead of near-black."""
     tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
+    image = Image.fromarray(array)
+    if palette:
+        image = image.convert("P")
+        colours = np.resize(PALETTE.astype(np.uint8), (256, 3))  # class k -> PALETTE[k % len(PALETTE)]
+        image.putpalette(colours.flatten().tolist())
+    image.save(tmp, format="PNG")
     os.replace(tmp, path)

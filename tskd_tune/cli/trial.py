@@ -202,15 +202,15 @@ def export_cmd(
     ] = None,
 ) -> None:
     """Export a trial's student (checked against PyTorch) with a model card; optionally register it in MLflow."""
-    from tskd_tune.export import export
+    from tskd_tune.export import export, trial_outputs
 
     if fmt not in ("onnx", "torchscript"):
         raise TskdError(f"--format: must be onnx or torchscript, got {fmt!r}")
     if register and fmt != "onnx":
         raise TskdError("--register: needs --format onnx (the registry stores the ONNX model)")
-    trial_dir = _trial_folder(trial_dir)
+    trial_dir, known = trial_outputs(trial_dir)
     out_dir = out_dir or trial_dir / f"export-{fmt}"
-    card = export(trial_dir, fmt, out_dir)
+    card = export(trial_dir, fmt, out_dir, known)
     out.print(
         f"wrote {out_dir / card['file']} (max |diff| vs PyTorch {card['max_abs_diff_vs_pytorch']:.1e}) and model_card.json"
     )
@@ -223,27 +223,12 @@ def export_cmd(
         out.print(f"registered {register} version {version} in {uri}")
 
 
-def _trial_folder(path: Path) -> Path:
-    """A trial folder as given, or for a search folder the outputs of its best trial."""
-    from tskd_tune.search import SEARCH_FILE
-
-    if not (path / SEARCH_FILE).is_file():
-        return path
-    board = path / "leaderboard.csv"
-    if not board.is_file():
-        raise TskdError(f"{path}: the search has no leaderboard yet; it writes one when it ends")
-    import pandas as pd
-
-    from tskd_tune.report import best_trial
-
-    return Path(best_trial(pd.read_csv(board))["trial_dir"]) / "outputs"
-
-
 @app.command()
 def predict(
     model: Annotated[
         Path,
-        typer.Argument(help="An exported folder (model_card.json) or a trial folder.", show_default=False),
+        typer.Argument(help="An exported folder (model_card.json), a trial folder or its outputs, or a search "
+                       "folder (its best trial).", show_default=False),
     ],
     images: Annotated[
         Path, typer.Argument(help="Folder of images (png, jpg, tif, bmp).", show_default=False)
