@@ -119,3 +119,50 @@ def test_data_inspect_missing_dataset_root_explains_layout(tmp_path):
     )
     assert_one_line_error(proc, str(tmp_path / "nope"), "kidneyus expects")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.npy"))
+
+
+def test_ui_prints_its_link_once_the_server_answers_and_sigterm_stops_the_server(tmp_path):
+    """`tskd-tune ui`: the link (on the latest search's runs view, at the port asked for) comes only once
+    MLflow answers; the server's chatter goes to a log file; SIGTERM stops the server with the command."""
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import free_port
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(store)
+    exp = client.create_experiment("searches")
+    parent = client.create_run(exp, run_name="demo").info.run_id
+    client.set_experiment_tag(exp, f"mlflow.sharedViewState.tskd-{parent}", "{}")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tskd_tune", "ui", "--uri", store, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # fmt: skip
+
+    def answers() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        line = proc.stdout.readline()
+        assert answers(), line  # printed only once the server answers
+        assert line.startswith(f"MLflow UI on http://127.0.0.1:{port}/#/experiments/{exp}/runs?viewStateShareKey=tskd-{parent}&")
+        assert f"server log: {tmp_path / f'mlflow-ui-{port}.log'}" in line
+        taken = cli("ui", "--uri", store, "--port", port)
+        assert_one_line_error(taken, f"--port {port}: 127.0.0.1:{port} is taken")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        deadline = time.monotonic() + 20
+        while answers() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not answers()  # the server went with the command
+        assert proc.stdout.read() == "" and proc.stderr.read() == ""  # no uvicorn lines, no warnings
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)

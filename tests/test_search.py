@@ -1,5 +1,6 @@
 """End to end: `tskd-tune launch` with a real local Ray and a real MLflow SQLite store."""
 
+import os
 import re
 import subprocess
 import sys
@@ -11,13 +12,14 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(*args, cwd):
+def run(*args, cwd, env=None):
     return subprocess.run(
         [sys.executable, "-m", "tskd_tune", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
         timeout=900,
+        env=os.environ | (env or {}),
     )
 
 
@@ -145,6 +147,10 @@ def test_search_folder_has_leaderboard_best_config_and_test_score(searched):
     assert summary["best_gain_vs_scratch"] == pytest.approx(board.loc[board["trial_id"] == summary["best_trial"],
                                                                       "gain_vs_scratch"].iloc[0])  # fmt: skip
     assert "reference scratch: val_dice" in first.stdout and "val Dice over scratch" in first.stdout
+    # the CSV names trials as everything else does, carries their MLflow runs and the best one's test Dice
+    assert board["trial"].str.fullmatch(r"t\d{3}").all() and board["mlflow_run_id"].notna().all()
+    best_row = board[board["trial_id"] == summary["best_trial"]].iloc[0]
+    assert best_row["test_dice"] == pytest.approx(summary["test_dice"])
     # a teacher below scratch is named (once both references are in, and again at the end), and only then
     below = summary["reference_teacher_val_dice"] < scratch
     assert ("warning: the teacher (val Dice" in first.stdout) == below
@@ -214,14 +220,17 @@ def test_multi_objective_search_reports_the_pareto_front(searched):
         for x in status.stdout.splitlines()
         if x.startswith("Pareto front (val_dice max, student_latency_ms min): ")
     )
-    assert sorted(line.split(": ", 1)[1].split(", ")) == sorted(front["trial_id"])
+    assert sorted(line.split(": ", 1)[1].split(", ")) == sorted(front["trial"])  # t003, as everywhere
 
 
 def test_status_and_report(searched):
     tmp, _, _, _ = searched
-    status = run("status", tmp / "runs" / "first", cwd=tmp)
+    status = run("status", tmp / "runs" / "first", cwd=tmp, env={"COLUMNS": "80"})
     assert status.returncode == 0, status.stderr
-    assert "4 trial(s)" in status.stdout and "best so far" in status.stdout
+    assert "4 trial(s)" in status.stdout and "best so far: t0" in status.stdout
+    rows = [x.split() for x in status.stdout.splitlines() if re.match(r"\s*t\d{3} ", x)]
+    assert len(rows) == 4 and "…" not in status.stdout  # one line per trial, named t001.., nothing cut at 80
+    assert max(map(len, status.stdout.splitlines())) <= 80
     assert "reference scratch: val_dice" in status.stdout and "gain: a trial's val_dice minus" in status.stdout
     report = run("report", tmp / "runs" / "first", "--out", tmp / "report", cwd=tmp)
     assert report.returncode == 0, report.stderr

@@ -191,15 +191,24 @@ def status_view(path: Path):
     objectives = cfg.search.objective_items()
     metric = objectives[0][0]
     extra = [m for m, _ in objectives[1:] if m != "val_hd95"]
+    from rich import box
+
+    from tskd_tune.report import trial_label
+    from tskd_tune.search.tuner import SHORT_NAMES
+
     board = objective_board(path, objectives)
+    # the names of the live table and the MLflow runs (t003, T, kd, lr): 80 columns hold a demo search
+    knobs = [SHORT_NAMES.get(k, k.rsplit(".", 1)[-1]) for k in cfg.search.space]
     table = Table("trial", "state", "epoch", metric, "gain", "hd95", *extra,
-                  *(["pareto"] if len(objectives) > 1 else []), *cfg.search.space, title=f"search {path.name}",
-                  title_justify="left")  # fmt: skip
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+                  *(["pareto"] if len(objectives) > 1 else []), *knobs, title=f"search {path.name}",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)  # fmt: skip
+    for column in table.columns:
+        column.no_wrap = True
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) and pd.notna(v) else "" if isinstance(v, float) else str(v)  # noqa: E731
     for _, row in board.iterrows():
         front = ["yes" if row["pareto"] else ""] if len(objectives) > 1 else []
-        gain = f"{row['gain_vs_scratch']:+.4f}" if pd.notna(row["gain_vs_scratch"]) else ""
-        table.add_row(str(row["trial_id"]), row["state"], str(row["epoch"]), fmt(row[metric]), gain,
+        gain = f"{row['gain_vs_scratch']:+.3f}" if pd.notna(row["gain_vs_scratch"]) else ""
+        table.add_row(trial_label(row), row["state"], str(row["epoch"]), fmt(row[metric]), gain,
                       fmt(row["val_hd95"]), *(fmt(row[m]) for m in extra), *front,
                       *(fmt(row.get(p, "")) for p in cfg.search.space))  # fmt: skip
     lines = []
@@ -212,9 +221,9 @@ def status_view(path: Path):
     lines.append(f"{len(board)} trial(s){': ' + states if states else ''}; MLflow parent run {parent}")
     if not board.empty and board[metric].notna().any():
         best = board.iloc[0]
-        lines.append(f"best so far: {best['trial_id']} {metric} {best[metric]:.4f}")
+        lines.append(f"best so far: {trial_label(best)} ({best['trial_id']}) {metric} {best[metric]:.4f}")
     if len(objectives) > 1 and board["pareto"].any():
-        front = ", ".join(board.loc[board["pareto"], "trial_id"].astype(str))
+        front = ", ".join(trial_label(row) for _, row in board[board["pareto"]].iterrows())
         names = ", ".join(f"{m} {d}" for m, d in objectives)
         lines.append(f"Pareto front ({names}): {front}")
     if len(done) >= FEW_TRIALS:  # importances of fewer trials rank the parameters mostly by chance
@@ -252,16 +261,106 @@ def ui(
     port: Annotated[int, typer.Option("--port")] = 5000,
 ) -> None:
     """Open the MLflow UI on the local store, bound to 127.0.0.1 (a store moved with its mlartifacts folder
-    is first pointed at it there)."""
+    is first pointed at it there). The link is printed once the server answers, on the latest search's runs
+    table; the server's own log goes to a file; Ctrl-C or SIGTERM stops the server with it."""
+    import signal
+    import socket
     import subprocess
+    import tempfile
 
     from tskd_tune.tracking import absolute_uri, reroot
 
-    moved = reroot(absolute_uri(uri))
+    uri = absolute_uri(uri)
+    moved = reroot(uri)
     if moved:
         out.print(f"artifacts of {', '.join(moved)} found beside the moved store", markup=False)
-    out.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)", markup=False)
-    raise typer.Exit(subprocess.call(ui_command(uri, port), env=os.environ | UI_ENV))
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise TskdError(f"--port {port}: 127.0.0.1:{port} is taken (another MLflow UI?); pass --port N") from None
+    store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    folder = store.parent if store is not None and os.access(store.parent, os.W_OK) else Path(tempfile.gettempdir())
+    log = folder / f"mlflow-ui-{port}.log"
+    with open(log, "w") as sink:
+        server = subprocess.Popen(ui_command(uri, port), stdout=sink, stderr=subprocess.STDOUT,
+                                  env=os.environ | UI_ENV, start_new_session=True)  # fmt: skip
+
+    def stop(*_) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        view = latest_view(uri)  # while the server starts
+        if not _answers(port, server):
+            raise TskdError(f"mlflow ui did not start; its log: {log} ({_last_line(log)})")
+        out.print(f"MLflow UI on http://127.0.0.1:{port}/{view or ''}  (server log: {log}; Ctrl-C stops it)",
+                  markup=False)  # fmt: skip
+        code = server.wait()
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        _stop_group(server)
+    raise typer.Exit(code)
+
+
+def latest_view(uri: str) -> str | None:
+    """The runs-table link (``#/experiments/...``) of the latest search in the store: the view its parent run's
+    search saved (see search/summary.py's ``leaderboard_view``); None when there is none."""
+    from mlflow.tracking import MlflowClient
+
+    from tskd_tune.search.summary import TRAINING_UI, VIEW_TAG
+
+    try:
+        client = MlflowClient(uri)
+        found = []
+        for exp in client.search_experiments():
+            keys = [k.removeprefix(VIEW_TAG) for k in exp.tags if k.startswith(VIEW_TAG + "tskd-")]
+            found += [(exp.experiment_id, key, exp.last_update_time or 0) for key in keys]
+        if not found:
+            return None
+        runs = {k: client.get_run(k.removeprefix("tskd-")).info.start_time for _, k, _ in found}
+    except Exception:  # noqa: BLE001 - a convenience: the UI opens on its home page instead
+        return None
+    experiment, key, _ = max(found, key=lambda f: runs.get(f[1]) or 0)
+    return f"#/experiments/{experiment}/runs?viewStateShareKey={key}&{TRAINING_UI}"
+
+
+def _answers(port: int, server, timeout: float = 180.0) -> bool:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.3)
+    return False
+
+
+def _last_line(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "no output"
+
+
+def _stop_group(server) -> None:
+    """SIGTERM to the server's process group (mlflow ui, its uvicorn workers), SIGKILL after 10 s."""
+    import signal
+    import subprocess
+
+    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            server.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 UI_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

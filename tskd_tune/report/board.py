@@ -166,6 +166,39 @@ def trial_label(row: pd.Series) -> str:
     return f"t{number:03d}" if number is not None else str(row["trial_id"])
 
 
+def test_dice(search_path: Path, board: pd.DataFrame, summary: dict | None = None) -> dict[str, float]:
+    """Test Dice where known: a trial's own metrics.json (rare: tests run only once), and the best trial's
+    from ``summary`` or summary.json, which the search writes at its end."""
+    out = {}
+    for _, r in board.iterrows():
+        try:
+            value = json.loads((Path(r["trial_dir"]) / "outputs" / "metrics.json").read_text()).get(
+                "test_dice"
+            )
+        except (OSError, ValueError):
+            value = None
+        if value is not None:
+            out[str(r["trial_id"])] = float(value)
+    try:
+        summary = summary if summary is not None else json.loads((Path(search_path) / "summary.json").read_text())
+        if summary.get("test_dice") is not None:
+            out[str(summary["best_trial"])] = float(summary["test_dice"])
+    except (OSError, ValueError, KeyError):
+        pass
+    return out
+
+
+def leaderboard_csv(board: pd.DataFrame, tests: dict[str, float]) -> pd.DataFrame:
+    """The leaderboard as leaderboard.csv holds it: each trial's short name first (``t007``, as in its folder and
+    MLflow run), its test Dice where known (``tests``: trial id -> test Dice; the best trial's, at the end),
+    then the scores, the sampled values and the MLflow run id."""
+    out = board.copy()
+    out.insert(0, "trial", [trial_label(row) for _, row in board.iterrows()])
+    after = out.columns.get_loc("gain_vs_scratch") + 1 if "gain_vs_scratch" in out else len(out.columns)
+    out.insert(after, "test_dice", [tests.get(str(t), float("nan")) for t in board["trial_id"]])
+    return out
+
+
 def run_order(board: pd.DataFrame) -> pd.DataFrame:
     """``board``'s rows in the order the trials ran: by the number in their folder's name, then by the
     timestamp of their first report (a trial that has not reported yet last)."""

@@ -18,7 +18,14 @@ import pandas as pd
 
 from tskd_tune.cache import write_json
 from tskd_tune.errors import TskdError
-from tskd_tune.report.board import best_trial, objective_board, references, trial_label
+from tskd_tune.report.board import (
+    best_trial,
+    leaderboard_csv,
+    objective_board,
+    references,
+    test_dice,
+    trial_label,
+)
 from tskd_tune.report.importance import importances
 from tskd_tune.report.plots import FEW_TRIALS, completed, curves_plot, optuna_plots, study
 from tskd_tune.secrets import mask_secrets
@@ -154,28 +161,6 @@ def _references_table(refs: dict) -> str:
             "<code>gain_vs_scratch</code> is a trial's val Dice minus the scratch student's.</p>")  # fmt: skip
 
 
-def _test_dice(search_path: Path, board: pd.DataFrame, summary: dict | None = None) -> dict[str, float]:
-    """Test Dice where known: a trial's own metrics.json (rare: tests run only once), and the best trial's
-    from ``summary`` or summary.json, which the search writes at its end."""
-    out = {}
-    for _, r in board.iterrows():
-        try:
-            value = json.loads((Path(r["trial_dir"]) / "outputs" / "metrics.json").read_text()).get(
-                "test_dice"
-            )
-        except (OSError, ValueError):
-            value = None
-        if value is not None:
-            out[str(r["trial_id"])] = float(value)
-    try:
-        summary = summary if summary is not None else json.loads((Path(search_path) / "summary.json").read_text())
-        if summary.get("test_dice") is not None:
-            out[str(summary["best_trial"])] = float(summary["test_dice"])
-    except (OSError, ValueError, KeyError):
-        pass
-    return out
-
-
 def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list[tuple[str, str]],
                  summary: dict | None = None) -> dict:  # fmt: skip
     """leaderboard.csv, plots (PNG), the best trial's overlays and report.html in ``out_dir``; returns what was
@@ -194,7 +179,8 @@ def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list
     out_dir.mkdir(parents=True, exist_ok=True)
     metric, mode = objectives[0]
     written = {"leaderboard": out_dir / "leaderboard.csv"}
-    board.drop(columns=["trial_dir", "mlflow_run_id"]).to_csv(written["leaderboard"], index=False)
+    tests = test_dice(search_path, board, summary)
+    leaderboard_csv(board, tests).drop(columns=["trial_dir"]).to_csv(written["leaderboard"], index=False)
     best = best_trial(board)
     refs = references(search_path)
     curves = curves_plot(board, best["trial_id"], refs, out_dir / "curves.png")
@@ -210,7 +196,6 @@ def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list
     written["importances_json"] = out_dir / "importances.json"
     write_json(written["importances_json"], importances(board, space, objectives))
     n_done = completed(study(board, space, objectives[:1]))
-    tests = _test_dice(search_path, board, summary)
     meta = _search_json(search_path)
     run_ids = [r for r in board["mlflow_run_id"] if isinstance(r, str)]
     links, mlflow_note = run_links(meta.get("options", {}).get("tracking_uri"), run_ids)

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from tskd_tune import fidelity, tracking
 from tskd_tune.cache import atomic_write
 from tskd_tune.config import Config
-from tskd_tune.report import best_trial, objective_board, references, trial_label
+from tskd_tune.report import best_trial, leaderboard_csv, objective_board, references, trial_label
 from tskd_tune.search.folder import GRACE_FILE, SearchOptions, state_path
 from tskd_tune.search.staged import TEACHER_STAGE
 from tskd_tune.search.tuner import trial_name
@@ -26,11 +26,15 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
     metric, _ = objectives[0]
     board = objective_board(opts.path, objectives)
     board_path = opts.path / "leaderboard.csv"
-    board.to_csv(board_path, index=False)
-    c.log_artifact(parent, str(board_path))
+
+    def write_board(tests: dict[str, float]) -> None:
+        leaderboard_csv(board, tests).to_csv(board_path, index=False)
+        c.log_artifact(parent, str(board_path))
+
     errors = sum(1 for r in results if r.error is not None)
     summary = {"trials": len(board), "errored": errors, "leaderboard": str(board_path)}
     if board.empty or board[metric].isna().all():
+        write_board({})
         console.print("no trial produced a result", markup=False)
         return summary
     if len(objectives) > 1:
@@ -50,6 +54,7 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
     atomic_write(best_cfg_path, (trial_dir / "outputs" / "config.yaml").read_text())
     c.log_artifact(parent, str(best_cfg_path))
     test = evaluate_on_test(trial_dir / "outputs", data)
+    write_board({best["trial_id"]: test["test_dice"]} if "test_dice" in test else {})
     summary |= {"best_trial": best["trial_id"], "best_" + metric: float(best[metric]),
                 "best_config": str(best_cfg_path), **test}  # fmt: skip
     refs = reference_metrics(opts.path)
@@ -184,6 +189,8 @@ def trust_lines(trust: list[dict], metric: str) -> list[str]:
         [warning] if warning else [])  # fmt: skip
 
 
+VIEW_TAG = "mlflow.sharedViewState."
+"""The experiment tag MLflow's "share" button writes a runs-table view to (the key follows)."""
 TRAINING_UI = "workflowType=machine_learning"
 """Opens MLflow's UI on its model-training pages (its default is GenAI, where runs are "evaluation runs")."""
 
@@ -280,7 +287,7 @@ def leaderboard_view(c, parent: str, cfg: Config) -> str | None:
     key = f"tskd-{parent}"
     try:
         experiment = c.get_run(parent).info.experiment_id
-        c.set_experiment_tag(experiment, f"mlflow.sharedViewState.{key}", json.dumps(state))
+        c.set_experiment_tag(experiment, f"{VIEW_TAG}{key}", json.dumps(state))
     except Exception as exc:  # noqa: BLE001 - a convenience: the note goes without the link
         if not tracking.unreachable(exc):
             raise
