@@ -1,5 +1,6 @@
 """End to end: `tskd-tune launch` with a real local Ray and a real MLflow SQLite store."""
 
+import json
 import os
 import re
 import subprocess
@@ -230,7 +231,7 @@ def test_status_and_report(searched):
     assert "4 trial(s)" in status.stdout and "best so far: t0" in status.stdout
     rows = [x.split() for x in status.stdout.splitlines() if re.match(r"\s*t\d{3} ", x)]
     assert len(rows) == 4 and "…" not in status.stdout  # one line per trial, named t001.., nothing cut at 80
-    assert max(map(len, status.stdout.splitlines())) <= 80
+    assert max(len(x.rstrip()) for x in status.stdout.splitlines() if re.match(r"\s*(trial|t\d{3}) ", x)) <= 80
     assert "reference scratch: val_dice" in status.stdout and "gain: a trial's val_dice minus" in status.stdout
     report = run("report", tmp / "runs" / "first", "--out", tmp / "report", cwd=tmp)
     assert report.returncode == 0, report.stderr
@@ -266,9 +267,26 @@ def test_export_best_trial_registers_it_in_mlflow(searched):
     assert proc.returncode == 0, proc.stderr[-2000:]
     from mlflow.tracking import MlflowClient
 
-    versions = MlflowClient(raw["tracking"]["uri"]).search_model_versions("name='e2e-student'")
+    client = MlflowClient(raw["tracking"]["uri"])
+    versions = client.search_model_versions("name='e2e-student'")
     assert [str(v.version) for v in versions] == ["1"]
     assert (tmp / "exported" / "model.onnx").is_file()
+    card = json.loads((tmp / "exported" / "model_card.json").read_text())
+    origin = card["trial"]
+    assert origin["search"] == "first" and re.fullmatch(r"t\d{3}", origin["name"]) and "test_dice" in card
+    # the version points to its trial and search; the run that logged it sits under the search's run
+    version = client.get_model_version("e2e-student", "1")
+    assert f"trial {origin['name']} of search first" in version.description and "test_dice" in version.description
+    assert version.tags["tskd.mlflow_run_id"] == origin["mlflow_run_id"]
+    logged_by = client.get_run(version.run_id)
+    assert logged_by.data.tags["mlflow.parentRunId"] == origin["search_run_id"]
+    assert set(logged_by.data.metrics) <= {"val_dice", "test_dice", "val_hd95", "test_hd95", "student_params",
+                                           "student_latency_ms"}  # fmt: skip
+    import mlflow
+
+    mlflow.set_tracking_uri(raw["tracking"]["uri"])
+    signature = mlflow.models.get_model_info("models:/e2e-student/1").signature
+    assert signature is not None and signature.inputs.to_dict()[0]["tensor-spec"]["shape"][1:] == [1, 32, 32]
 
 
 def test_a_search_with_augmented_teacher_views_fills_them_on_the_driver(tmp_path):

@@ -85,6 +85,28 @@ def trial_outputs(path: Path) -> tuple[Path, dict]:
     return path, {}
 
 
+def provenance(outputs: Path) -> dict:
+    """Where a search trial's student comes from: its name (t003), Ray's trial id, its MLflow run, and its
+    search's name and MLflow parent run (empty for a standalone trial, whose folder has no Ray records)."""
+    from tskd_tune.report import read_results, trial_number
+    from tskd_tune.search.folder import SEARCH_FILE
+
+    trial_dir = Path(outputs).parent
+    results = read_results(trial_dir) if (trial_dir / "result.json").is_file() else []
+    if not results:
+        return {}
+    last = results[-1]
+    number = trial_number(str(trial_dir))
+    origin = {"name": f"t{number:03d}" if number is not None else trial_dir.name, "trial_id": last.get("trial_id"),
+              "mlflow_run_id": last.get("mlflow_run_id")}  # fmt: skip
+    try:
+        search = json.loads((trial_dir.parent / SEARCH_FILE).read_text())
+        origin |= {"search": search["options"]["name"], "search_run_id": search["parent_run_id"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return {k: v for k, v in origin.items() if v is not None}
+
+
 def _student_card(student) -> dict:
     """The student's settings that describe it (``encoder`` only where the model has one: timm_unet)."""
     card = student.model_dump(mode="json")
@@ -145,6 +167,7 @@ def export(trial_dir: Path, fmt: str, out_dir: Path, known: dict | None = None) 
         "method": cfg.distill.method,
         **({"test_dice": metrics["test_dice"]} if "test_dice" in metrics else {}),
         "metrics": metrics,
+        **({"trial": origin} if (origin := provenance(Path(trial_dir))) else {}),
         "max_abs_diff_vs_pytorch": diff,
         "config": cfg.model_dump(mode="json"),
     }
