@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -183,6 +184,11 @@ def test_killed_worker_resumes_from_its_checkpoint_and_a_hung_trial_is_stopped(t
     os.kill(pid, signal.SIGKILL)  # in its 15 s sleep at the start of epoch 2
     assert driver.wait(timeout=900) == 0, (tmp_path / "driver.log").read_text()[-4000:]
     wall = time.monotonic() - t0
+    said = (tmp_path / "driver.log").read_text()
+    # one line for the retry; Ray's traceback of the dead worker went to the search's own log
+    notice = rf"^t\d{{3}}: its worker process on \S+ died; retried from epoch 1 \(details: {re.escape(str(search))}/driver.log\)$"
+    assert len(re.findall(notice, said, re.M)) == 1, said[-3000:]
+    assert "Traceback" not in said and "Trial task failed" in (search / "driver.log").read_text()
 
     client, parent, kids = runs(uri, "kill")
     assert parent.info.status == "FINISHED" and len(kids) == 2

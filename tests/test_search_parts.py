@@ -242,3 +242,30 @@ def test_a_teacher_below_scratch_is_named_with_what_to_try():
     assert "teacher.head: sam_decoder" in line and "teacher.adapt: lora" in line and "\n" not in line
     assert teacher_below_scratch({"reference_teacher_val_dice": 0.8, "reference_scratch_val_dice": 0.75}) is None
     assert teacher_below_scratch({"reference_scratch_val_dice": 0.75}) is None  # no teacher reference
+
+
+def test_the_live_table_names_trials_and_knobs_short_and_fits_80_columns(tmp_path):
+    """The live table of `launch` in a terminal: t001 (not the name that repeats the values), the knobs as
+    T / kd / lr, one line per trial at 80 columns, the best marked."""
+    from ray.tune.experiment import Trial
+    from rich.console import Console
+
+    from tskd_tune.search.progress import SearchProgress
+
+    space = ["distill.temperature", "distill.kd_weight", "student.lr"]
+    trials = []
+    for i in range(3):
+        config = {"distill.temperature": 2.0 + i, "distill.kd_weight": 0.5, "student.lr": 0.00123}
+        trial = Trial("tskd", config=config, stub=True, experiment_tag=f"{i + 1}_x")
+        trial.custom_trial_name = f"t{i + 1:03d} T={2.0 + i} kd=0.5 lr=0.00123"
+        trial.set_status("RUNNING")
+        trial.update_last_result({"epoch": 3, "val_dice": 0.7 + i / 100})
+        trials.append(trial)
+    console = Console(width=80, record=True, force_terminal=True)
+    console.print(SearchProgress(console, "val_dice", "max", space, 40, 8, 2, tmp_path).table(trials))
+    lines = console.export_text().splitlines()
+    header = next(line for line in lines if line.split()[:2] == ["trial", "state"])
+    assert header.split() == ["trial", "state", "T", "kd", "lr", "epoch", "val_dice", "gain"]
+    rows = [line.split() for line in lines if line.split()[:1] and line.split()[0].startswith("t00")]
+    assert [r[:3] for r in rows] == [["t001", "running", "2"], ["t002", "running", "3"], ["t003", "running", "4"]]
+    assert rows[2][-1] == "*" and max(map(len, lines)) <= 80 and "…" not in console.export_text()

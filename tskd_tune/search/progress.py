@@ -94,14 +94,23 @@ class SearchProgress(ProgressReporter):
         scratch, best = self.scratch(), self.best(trials)
         ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
         title = f"{ended}/{self.num_samples} trials ended; best {self.metric} {_num(best)}; {self.eta(trials)}"
-        table = Table("trial", "state", *self.space, "epoch", self.metric, "gain vs scratch", title=title,
-                      title_justify="left")  # fmt: skip
+        from rich import box
+
+        from tskd_tune.search.tuner import SHORT_NAMES
+
+        # the trial's number (its name repeats the values of the knob columns) and the knobs' short names
+        # (T, kd, lr), as `status` shows them: one line per trial at 80 columns
+        knobs = [SHORT_NAMES.get(p, p.rsplit(".", 1)[-1]) for p in self.space]
+        table = Table("trial", "state", *knobs, "epoch", self.metric, "gain", title=title, title_justify="left",
+                      box=box.SIMPLE_HEAD, pad_edge=False)  # fmt: skip
+        for column in table.columns:
+            column.no_wrap = True
         for t in trials:
             last = t.last_result or {}
             value = last.get(self.metric)
             gain = value - scratch if isinstance(value, int | float) and scratch is not None else None
             mark = " *" if value is not None and value == best else ""
-            table.add_row(str(t), self.state(t), *(_num(t.config.get(p)) for p in self.space),
+            table.add_row(str(t).split(" ", 1)[0], self.state(t), *(_num(t.config.get(p)) for p in self.space),
                           f"{last.get('epoch', 0)}/{self.max_t}", _num(value) + mark, _num(gain, signed=True))  # fmt: skip
         return table
 

@@ -161,8 +161,9 @@ def retry_notice(log: Path | None, resume_hint: str):
                 self._say(final=False)
 
         def on_experiment_end(self, trials, **info):
-            # a search may end before Ray has marked the node dead: ask a little longer, then say what is known
-            deadline = time.monotonic() + 30
+            # a search may end before Ray has marked a lost node dead (seconds after its raylet stopped
+            # answering): ask until 30 s after the last retry at most, then say what is known
+            deadline = max((since for *_, since in self.pending), default=0.0) + 30
             while self.pending and time.monotonic() < deadline:
                 self._say(final=False)
                 if self.pending:
