@@ -234,7 +234,7 @@ def test_the_report_page_has_the_leaderboard_references_curves_overlays_and_runs
     # the page holds its images: one file that MLflow's artifact preview shows whole
     assert inlined(out / "best_overlays.png") in page and (out / "best_overlays.png").read_bytes() == best.read_bytes()
     assert "src='" not in page.replace("src='data:image/png;base64,", "")
-    assert "mlflow ui --backend-store-uri sqlite:////srv/runs/mlflow.db --host 127.0.0.1" in page
+    assert "tskd-tune ui --uri sqlite:////srv/runs/mlflow.db" in page
     assert "Only 4 trials" in page  # the importance caveat, under the plot (finished trials only)
     order = [page.index(inlined(out / "importances.png")), page.index("Only 4 trials"),
              page.index(inlined(out / "parallel_coordinates.png"))]  # fmt: skip

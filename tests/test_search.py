@@ -168,7 +168,7 @@ def test_search_folder_has_leaderboard_best_config_and_test_score(searched):
     assert 1.0 <= best["distill"]["temperature"] <= 8.0
     assert "test_dice" in (folder / "summary.json").read_text()
     assert "Ray dashboard: http://127.0.0.1:" in first.stdout
-    assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
+    assert "open it with: tskd-tune ui --uri sqlite:///" in first.stdout
     # the runs table with the scores and values, which MLflow's default table lacks, is one link away
     assert re.search(r"compare the trials in MLflow: `tskd-tune ui --uri sqlite:///\S+`, then "
                      r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs\?viewStateShareKey=tskd-\w+", first.stdout)  # fmt: skip

@@ -109,9 +109,9 @@ def run_links(uri: str | None, run_ids: list[str]) -> tuple[dict[str, str], str]
             f"Runs on the MLflow server <code>{shown}</code> (experiment {html.escape(experiment)}).",
         )
     # a local store (sqlite, a folder) has no address to link to until someone serves it
-    command = html.escape(f"mlflow ui --backend-store-uri {mask_secrets(uri)} --host 127.0.0.1")
-    return ids, (f"MLflow is a local store: open it with <code>{command}</code>, then find a trial's run by "
-                 "the run id in the table.")  # fmt: skip
+    command = html.escape(f"tskd-tune ui --uri {mask_secrets(uri)}")
+    return ids, (f"MLflow is a local store: open it with <code>{command}</code> (it prints the link to this "
+                 "search's runs), then find a trial's run by the run id in the table.")  # fmt: skip
 
 
 def _state(state: str) -> str:

@@ -222,7 +222,7 @@ def _parent_run(cfg: Config, opts: SearchOptions, resume: bool, console) -> str:
         console.print(f"Optuna study {opts.name!r} in {mask_uri(cfg.search.study_storage)} "
                       f"(optuna-dashboard {mask_uri(cfg.search.study_storage)})", markup=False)  # fmt: skip
     if opts.tracking_uri.startswith("sqlite:///"):
-        console.print(f"  open it with: mlflow ui --backend-store-uri {opts.tracking_uri} --host 127.0.0.1", markup=False)
+        console.print(f"  open it with: tskd-tune ui --uri {opts.tracking_uri}", markup=False)
     return parent
 
 
