@@ -202,3 +202,18 @@ def test_a_job_says_every_launch_option_again_on_the_cluster():
     assert parsed == dataclasses.asdict(job)
     bare = cluster.JobLaunch("s.yaml", "n1", "/mnt/shared/runs").to_argv()
     assert bare == ["tskd-tune", "launch", "s.yaml", "--address", "auto", "--name", "n1", "--storage", "/mnt/shared/runs"]
+
+
+def test_what_trials_know_of_the_search_is_typed_and_hides_credentials(tmp_path):
+    """SearchRun crosses into every Ray trial (through the object store): a typed, picklable value whose repr,
+    as a traceback or log would show it, leaves out the MLflow credentials it carries."""
+    import dataclasses
+
+    from tskd_tune.search.folder import SearchRun
+
+    run = SearchRun("http://mlflow:5000", "p" * 32, tmp_path, 1.0, {"MLFLOW_TRACKING_PASSWORD": "hunter2"})
+    assert "hunter2" not in repr(run) and pickle.loads(pickle.dumps(run)) == run
+    student = dataclasses.replace(run, stage="student", teachers={"a": {"teacher.lr": 1e-3}})
+    assert (student.stage, run.stage, student.mlflow_env) == ("student", None, run.mlflow_env)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.stage = "teacher"

@@ -1,6 +1,7 @@
 """The schedulers by name, and the grace period a search takes from its first finished trials (driven here
 call by call, as Ray Tune's controller calls a scheduler; the end-to-end search runs one in test_search)."""
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -91,10 +92,11 @@ def test_a_restored_search_reads_its_pilot_back(tiny, tmp_path):
 
 
 def test_the_teacher_stage_protects_top_teachers(tiny, tmp_path):
-    from tskd_tune.search.folder import SearchOptions
+    from tskd_tune.search.folder import SearchOptions, SearchRun
     from tskd_tune.search.tuner import _scheduler
 
     cfg = tiny(search={"grace_period": 1, "top_teachers": 2})
     opts = SearchOptions("s", tmp_path, "sqlite:///x.db")
-    assert _scheduler(cfg, opts, {"stage": "teacher"}, 3).pilot == 2
-    assert isinstance(_scheduler(cfg, opts, {}, 3), AsyncHyperBandScheduler)  # a joint search: plain ASHA
+    run = SearchRun("sqlite:///x.db", "p" * 32, tmp_path / "s", 0.0)
+    assert _scheduler(cfg, opts, dataclasses.replace(run, stage="teacher"), 3).pilot == 2
+    assert isinstance(_scheduler(cfg, opts, run, 3), AsyncHyperBandScheduler)  # a joint search: plain ASHA

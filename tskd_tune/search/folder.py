@@ -18,6 +18,25 @@ REFERENCES = "baselines"
 """Folder of the search that holds the reference trials (``baselines/<method>/outputs``)."""
 
 
+@dataclass(frozen=True)
+class SearchRun:
+    """What every trial of a search (or of one stage of it) knows of the search: it travels with the trainable
+    through Ray's object store, never in a runtime_env, so the MLflow credentials in ``mlflow_env`` reach the
+    trials without showing in a dashboard, a log or this object's repr."""
+
+    tracking_uri: str
+    parent_run_id: str
+    state_path: Path
+    """The search folder on this node: MLflow journals, failure records, reference trials."""
+    started: float
+    """When the search started (time.time()): what the cache keeper spares."""
+    mlflow_env: dict[str, str] = field(default_factory=dict, repr=False)
+    stage: str | None = None
+    """A staged search's stage (``teacher``, ``student``); None for a joint search."""
+    teachers: dict[str, dict] = field(default_factory=dict)
+    """The student stage's chosen teachers: name -> their teacher.* values."""
+
+
 @dataclass
 class SearchOptions:
     """How a search runs (CLI flags), as opposed to what it searches (the config)."""

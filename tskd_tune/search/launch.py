@@ -21,7 +21,7 @@ from tskd_tune.errors import TskdError
 from tskd_tune.methods.checks import premise_warning, search_uses_transfer
 from tskd_tune.models.teacher import is_pretrained
 from tskd_tune.search import staged
-from tskd_tune.search.folder import SEARCH_FILE, SearchOptions, git_commit, state_path, trial_id_of
+from tskd_tune.search.folder import SEARCH_FILE, SearchOptions, SearchRun, git_commit, state_path, trial_id_of
 from tskd_tune.search.restore import reconcile
 from tskd_tune.search.summary import TEACHER_BELOW_SCRATCH_TAG, summarize, teacher_below_scratch
 from tskd_tune.search.tuner import build_tuner, keep_cache
@@ -80,7 +80,7 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
     # after the fill, which imports MONAI's transforms on this thread for augmented views: importing MONAI
     # from two threads at once fails in its transforms ("applying transform RandFlipd")
     _preload_in_background()
-    run = run_info(opts, parent) | {"started": started}
+    run = run_info(opts, parent, started)
     references = _start_references(cfg, data_ref, run)
     _warn_when_teacher_below_scratch(references, console, opts.tracking_uri, parent, state_path(opts))
     parent_client = tracking.BufferedClient(opts.tracking_uri, tracking.journal_path(state_path(opts), "parent"))
@@ -110,7 +110,7 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
     return summary
 
 
-def _fit(cfg: Config, opts: SearchOptions, run: dict, data_ref, resume: bool, console, study: str | None = None,
+def _fit(cfg: Config, opts: SearchOptions, run: SearchRun, data_ref, resume: bool, console, study: str | None = None,
          warm: list = ()):  # fmt: skip
     """Run (or, when it was interrupted, restore and continue) one Ray Tune experiment to its end."""
     restore = resume and (opts.path / "tuner.pkl").exists()
@@ -124,20 +124,20 @@ def _fit(cfg: Config, opts: SearchOptions, run: dict, data_ref, resume: bool, co
                        console=console, driver_log=log).fit()  # fmt: skip
 
 
-def _staged(cfg: Config, opts: SearchOptions, run: dict, data_ref, resume: bool, console):
+def _staged(cfg: Config, opts: SearchOptions, run: SearchRun, data_ref, resume: bool, console):
     """Both stages of a staged search (see :mod:`.staged`); returns the student stage's results."""
     teachers = staged.chosen_teachers(opts) if resume else None
     if teachers is None:
         console.print(f"teacher stage: {cfg.search.teacher_trials} teacher(s) over {', '.join(staged.teacher_knobs(cfg))}",
                       markup=False)  # fmt: skip
-        _fit(staged.teacher_stage(cfg), staged.stage_options(opts, "teacher"), run | {"stage": "teacher"}, data_ref,
+        _fit(staged.teacher_stage(cfg), staged.stage_options(opts, "teacher"), dataclasses.replace(run, stage="teacher"), data_ref,
              resume, console, study=f"{opts.name}-teacher")  # fmt: skip
         teachers = staged.choose_teachers(cfg, opts)
     console.print(f"student stage: distilling the best {len(teachers)} teacher(s): {'; '.join(teachers)}", markup=False)
     if note := staged.fewer_teachers(cfg, teachers):
         console.print(note, markup=False)
     student_cfg = staged.student_stage(cfg, teachers)
-    results = _fit(student_cfg, opts, run | {"stage": "student", "teachers": teachers}, data_ref, resume, console,
+    results = _fit(student_cfg, opts, dataclasses.replace(run, stage="student", teachers=teachers), data_ref, resume, console,
                    study=f"{opts.name}-student")  # fmt: skip
     return results, {"teachers": list(teachers)}
 
@@ -249,11 +249,9 @@ def _preload_in_background() -> None:
     threading.Thread(target=importlib.import_module, args=("monai.metrics",), daemon=True, name="preload").start()
 
 
-def run_info(opts: SearchOptions, parent_run_id: str) -> dict:
-    """What every trial needs to know of the search. MLflow credentials ride in the object store with the
-    trainable: no runtime_env, dashboard or log shows them."""
-    return {"tracking_uri": opts.tracking_uri, "parent_run_id": parent_run_id, "mlflow_env": mlflow_env(),
-            "state_path": str(state_path(opts))}  # fmt: skip
+def run_info(opts: SearchOptions, parent_run_id: str, started: float) -> SearchRun:
+    """What every trial needs to know of the search (see :class:`SearchRun`)."""
+    return SearchRun(opts.tracking_uri, parent_run_id, state_path(opts), started, mlflow_env())
 
 
 def init_ray(address: str | None) -> str | None:
@@ -282,7 +280,7 @@ def init_ray(address: str | None) -> str | None:
     return f"Ray dashboard: http://{url}  (it asks for a token: paste what `ray get-auth-token` prints)" if url else None
 
 
-def _start_references(cfg: Config, data_ref, run: dict) -> dict:
+def _start_references(cfg: Config, data_ref, run: SearchRun) -> dict:
     """Start the reference trials as Ray tasks with a trial's resources; method -> object ref."""
     import ray
 

@@ -22,38 +22,38 @@ from tskd_tune import faults, tracking
 from tskd_tune.config import END_OF_TRIAL_METRICS, Config, apply_values, to_yaml
 from tskd_tune.methods import get_method
 from tskd_tune.models.teacher import is_pretrained
-from tskd_tune.search.folder import REFERENCES
+from tskd_tune.search.folder import REFERENCES, SearchRun
 from tskd_tune.search.staged import CHOICE
 from tskd_tune.states import MLFLOW_STATUS, TIMED_OUT
 from tskd_tune.trial import TrialResult, resolve_device, run_trial
 
 
-def trial(config: dict, data: tuple, base: Config, run: dict) -> None:
+def trial(config: dict, data: tuple, base: Config, run: SearchRun) -> None:
     """One Ray Tune trial: sampled values -> config -> child MLflow run -> ``run_trial``, reporting every epoch."""
     from ray import tune
 
-    os.environ.update(run["mlflow_env"])  # before the first MLflow call: credentials this worker lacks
+    os.environ.update(run.mlflow_env)  # before the first MLflow call: credentials this worker lacks
     for name in ("ray.tune", "ray.train"):  # one "checkpoint created" line per epoch is noise
         logging.getLogger(name).setLevel(logging.WARNING)
     values = dict(config)
     if CHOICE in values:  # a staged search's student stage: the chosen teacher's values, a config of real paths
-        values |= run["teachers"][values.pop(CHOICE)]
+        values |= run.teachers[values.pop(CHOICE)]
         base = base.model_copy(update={"search": base.search.model_copy(
             update={"space": {k: v for k, v in base.search.space.items() if k != CHOICE}})})  # fmt: skip
     cfg = apply_values(base, values)
     _cap_gpu_memory(cfg)
-    ctx, state = tune.get_context(), Path(run["state_path"])
+    ctx, state = tune.get_context(), run.state_path
     marker = faults.marker_path(state, ctx.get_trial_id())
     faults.fail_if_failed_before(marker)  # a trial that raised would fail the same way again: no retry
     report = TuneReport(cfg)
     with (faults.recorded(marker),
-          tracking.trial_run(run["tracking_uri"], run["parent_run_id"], ctx.get_trial_id(), ctx.get_trial_name(),
+          tracking.trial_run(run.tracking_uri, run.parent_run_id, ctx.get_trial_id(), ctx.get_trial_name(),
                              search_path=state, tracking_cfg=cfg.tracking) as mlflow_run,
           faults.watchdog(cfg.search.trial_timeout_s, partial(_timed_out, marker, mlflow_run.tracker,
                                                               cfg.search.trial_timeout_s))):  # fmt: skip
         tracker = report.tracker = mlflow_run.tracker
         tracker.log_params(config | {"distill.method": cfg.distill.method, "student.model": cfg.student.model})
-        stage = {"tskd.stage": run["stage"]} if "stage" in run else {}
+        stage = {"tskd.stage": run.stage} if run.stage else {}
         tracker.set_tags(_run_tags(cfg) | {"resumed": mlflow_run.resumed} | stage)
         tracker.log_text(to_yaml(cfg), "config.yaml")  # at the start: a trial stopped early never reaches its end
         result = run_trial(cfg, report, tracker, out_dir=_working_dir() / "outputs", resume_from=_restored(),
@@ -126,19 +126,19 @@ def process_stats() -> dict:
     return stats
 
 
-def reference_trial(method: str, data: tuple, base: Config, run: dict) -> dict:
+def reference_trial(method: str, data: tuple, base: Config, run: SearchRun) -> dict:
     """One reference trial (a Ray task beside the search, outside the Optuna study): ``method`` on the
     search's base config, evaluated on val and test, recorded as a child run tagged ``tskd.baseline``."""
     import json
 
-    os.environ.update(run["mlflow_env"])
+    os.environ.update(run.mlflow_env)
     # a reference is one trial, not a search: the search's strategy does not apply to it
     cfg = apply_values(base, {"distill.method": method, "search.strategy": "joint"})
-    out_dir = Path(run["state_path"]) / REFERENCES / method / "outputs"
+    out_dir = run.state_path / REFERENCES / method / "outputs"
     if (out_dir / "metrics.json").is_file():  # finished before the search was interrupted
         return json.loads((out_dir / "metrics.json").read_text())
-    with tracking.trial_run(run["tracking_uri"], run["parent_run_id"], f"baseline-{method}", f"reference {method}",
-                            search_path=Path(run["state_path"])) as mlflow_run:  # fmt: skip
+    with tracking.trial_run(run.tracking_uri, run.parent_run_id, f"baseline-{method}", f"reference {method}",
+                            search_path=run.state_path) as mlflow_run:  # fmt: skip
         tracker = mlflow_run.tracker
         tracker.log_params({"distill.method": method, "student.model": cfg.student.model, "teacher.model": cfg.teacher.model})
         tracker.set_tags(_run_tags(cfg) | {"tskd.baseline": method})

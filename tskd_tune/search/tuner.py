@@ -11,7 +11,7 @@ from tskd_tune.cluster import mask_uri
 from tskd_tune.config import Config
 from tskd_tune.errors import TskdError
 from tskd_tune.methods import get_method
-from tskd_tune.search.folder import SearchOptions
+from tskd_tune.search.folder import SearchOptions, SearchRun
 from tskd_tune.states import FAILED, MLFLOW_STATUS, STOPPED_EARLY
 
 
@@ -262,17 +262,17 @@ def make_searcher(cfg: Config, opts: SearchOptions, *, resume: bool = False, stu
     return searcher
 
 
-def _scheduler(cfg: Config, opts: SearchOptions, run: dict, max_t: int):
+def _scheduler(cfg: Config, opts: SearchOptions, run: SearchRun, max_t: int):
     """The stage's scheduler: a staged search's teacher stage lets ``top_teachers`` teachers run to the end,
     so the student stage always has that many finished teachers to distil."""
     from tskd_tune.search.schedulers import make_scheduler  # imports Ray
 
-    stage = run.get("stage", "search")
+    stage = run.stage or "search"
     protect = cfg.search.top_teachers if stage == "teacher" else 0
     return make_scheduler(cfg, max_t, folder=opts.path, protect=protect, stage=stage)
 
 
-def build_tuner(cfg: Config, opts: SearchOptions, run: dict, data_ref, *, restore: bool = False, resume: bool = False,
+def build_tuner(cfg: Config, opts: SearchOptions, run: SearchRun, data_ref, *, restore: bool = False, resume: bool = False,
                 study: str | None = None, warm: list[tuple[dict, float]] = (), console=None,
                 driver_log: Path | None = None):  # fmt: skip
     """The Tuner of the search, or of one stage of it (or, with ``restore``, the interrupted one restored from
@@ -304,7 +304,7 @@ def build_tuner(cfg: Config, opts: SearchOptions, run: dict, data_ref, *, restor
         from tskd_tune.search.progress import SearchProgress
 
         reporter = SearchProgress(console, s.metric, s.mode, list(s.space), max_t, s.num_samples, s.max_concurrent,
-                                  Path(run["state_path"]))  # fmt: skip
+                                  run.state_path)  # fmt: skip
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -326,10 +326,10 @@ def build_tuner(cfg: Config, opts: SearchOptions, run: dict, data_ref, *, restor
             sync_config=tune.SyncConfig(sync_artifacts=True),
             # JSON only (not CSV/TensorBoard): result.json and params.json are what `status` and `report` read
             callbacks=[
-                finalizer(opts.tracking_uri, run["parent_run_id"], Path(run["state_path"])),
+                finalizer(opts.tracking_uri, run.parent_run_id, run.state_path),
                 retry_notice(driver_log, f"tskd-tune resume {opts.path}"),
                 JsonLoggerCallback(),
-                *([cache_keeper(cfg, run.get("started") or time.time())] if cfg.cache.enabled and cfg.cache.max_gb else []),
+                *([cache_keeper(cfg, run.started)] if cfg.cache.enabled and cfg.cache.max_gb else []),
             ],
             progress_reporter=reporter,
             verbose=1,
