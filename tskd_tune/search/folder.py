@@ -37,7 +37,7 @@ class SearchRun:
     """The student stage's chosen teachers: name -> their teacher.* values."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchOptions:
     """How a search runs (CLI flags), as opposed to what it searches (the config)."""
 

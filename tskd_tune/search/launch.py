@@ -40,10 +40,11 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
     import ray
 
     _quiet_libraries()
-    cfg = _check(cfg, opts, resume)
+    cfg, opts = _check(cfg, opts, resume)
     warm: list = []
     if opts.warm_start and not resume:  # a resumed study already holds them
-        warm, lines, opts.warm_start = warm_trials(cfg, opts.warm_start)
+        warm, lines, found = warm_trials(cfg, opts.warm_start)
+        opts = dataclasses.replace(opts, warm_start=found)
         for line in lines:
             console.print(line, markup=False)
     t0, started = time.perf_counter(), time.time()
@@ -157,26 +158,27 @@ def _quiet_libraries() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def _check(cfg: Config, opts: SearchOptions, resume: bool) -> Config:
-    """The cheap checks, before anything starts: the tracking URI's form, storage, the search folder."""
+def _check(cfg: Config, opts: SearchOptions, resume: bool) -> tuple[Config, SearchOptions]:
+    """The cheap checks, before anything starts: the tracking URI's form, storage, the search folder. Returns
+    the config and options with their paths and URIs made absolute (trials run elsewhere)."""
     cluster.check_tracking_uri(opts.tracking_uri)
     cluster.refuse_embedded_password(cfg.search.study_storage, "search.study_storage",
                                      "let the driver read it from the environment (e.g. PGPASSWORD or ~/.pgpass)")  # fmt: skip
     cfg = absolutize(cfg)
-    opts.tracking_uri = tracking.absolute_uri(opts.tracking_uri)
+    opts = dataclasses.replace(opts, tracking_uri=tracking.absolute_uri(opts.tracking_uri))
     cluster.check_storage(str(opts.storage))
     if cluster.is_uri(opts.storage):
         # the checks below and Tuner.restore read these; the rest of the folder is fetched after the search
         cluster.pull(opts.location, opts.path, only=(SEARCH_FILE, "tuner.pkl"))
     else:
-        opts.storage = Path(opts.storage).resolve()
+        opts = dataclasses.replace(opts, storage=Path(opts.storage).resolve())
     if resume and not (opts.path / SEARCH_FILE).is_file():
         raise TskdError(f"{opts.path}: no search to resume here (no {SEARCH_FILE})")
     if not resume and (opts.path / SEARCH_FILE).is_file():
         raise TskdError(
             f"{opts.path}: a search named {opts.name!r} exists; `tskd-tune resume {opts.path}` or pick --name"
         )
-    return cfg
+    return cfg, opts
 
 
 def _reach(cfg: Config, opts: SearchOptions) -> None:
