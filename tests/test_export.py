@@ -85,3 +85,26 @@ def test_export_cli_and_bad_inputs(trial_dir, tmp_path):
         export(trial_dir, "tflite", tmp_path / "x")
     with pytest.raises(TskdError, match="no images"):
         predict_folder(trial_dir, tmp_path / "e", tmp_path / "p")
+
+
+def test_slices_the_demo_can_write_are_what_predict_reads(trial_dir, tmp_path):
+    """`data export-slices` writes test images as the models see them with their true masks (palette PNGs),
+    spread over the split; `predict` segments them at the same size."""
+    import yaml
+
+    from tests.conftest import tiny_raw
+
+    space = tmp_path / "s.yaml"
+    space.write_text(yaml.safe_dump(tiny_raw(tmp_path)))
+    proc = subprocess.run([sys.executable, "-m", "tskd_tune", "data", "export-slices", str(space), "--n", "3",
+                           "--out", str(tmp_path / "slices")], capture_output=True, text=True, cwd=REPO, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    images = sorted((tmp_path / "slices" / "images").iterdir())
+    truths = sorted((tmp_path / "slices" / "masks").iterdir())
+    assert len(images) == len(truths) == 3 and [t.name for t in truths] == [f"{i.stem}_mask.png" for i in images]
+    assert Image.open(truths[0]).mode == "P" and np.asarray(Image.open(truths[0])).max() <= 3
+    written = predict_folder(trial_dir, tmp_path / "slices" / "images", tmp_path / "pred")
+    assert [np.asarray(Image.open(w)).shape for w in written] == [np.asarray(Image.open(t)).shape for t in truths]
+    bad = subprocess.run([sys.executable, "-m", "tskd_tune", "data", "export-slices", str(space), "--split", "train"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --split: must be test, val, labeled or unlabeled, got 'train'"

@@ -187,7 +187,9 @@ def test_killed_worker_resumes_from_its_checkpoint_and_a_hung_trial_is_stopped(t
     said = (tmp_path / "driver.log").read_text()
     # one line for the retry; Ray's traceback of the dead worker went to the search's own log
     notice = rf"^t\d{{3}}: its worker process on \S+ died; retried from epoch 1 \(details: {re.escape(str(search))}/driver.log\)$"
-    assert len(re.findall(notice, said, re.M)) == 1, said[-3000:]
+    assert len(re.findall(notice, said, re.M)) == 1, said[-3000:]  # the killed worker's; the hung one raised
+    failed = r"^t\d{3} .*failed: TrialFailed: no progress for \d+ s \(search.trial_timeout_s: 30\)"
+    assert len(re.findall(failed, said, re.M)) == 1 and "Restored on" not in said, said[-3000:]
     assert "Traceback" not in said and "Trial task failed" in (search / "driver.log").read_text()
 
     client, parent, kids = runs(uri, "kill")

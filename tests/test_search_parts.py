@@ -269,3 +269,40 @@ def test_the_live_table_names_trials_and_knobs_short_and_fits_80_columns(tmp_pat
     rows = [line.split() for line in lines if line.split()[:1] and line.split()[0].startswith("t00")]
     assert [r[:3] for r in rows] == [["t001", "running", "2"], ["t002", "running", "3"], ["t003", "running", "4"]]
     assert rows[2][-1] == "*" and max(map(len, lines)) <= 80 and "…" not in console.export_text()
+
+
+def test_rays_own_lines_and_trial_tracebacks_go_to_the_search_log(tmp_path, capsys):
+    """What Ray's processes print (a raylet's state dump, the GCS) and its restore line in a retried worker go
+    to driver.log; a trial's own output stays on the console; Tune's traceback of a trial that raised becomes
+    one stderr line, said once however often Ray retries it."""
+    import logging
+
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from tskd_tune.errors import TrialFailed
+    from tskd_tune.search import ray_log
+
+    sink = ray_log._ToFile(tmp_path / ray_log.LOG_FILE)
+    assert ray_log._split({"pid": "raylet", "lines": ["[state-dump] NodeManager:"]}, sink) is None
+    assert ray_log._split({"pid": "gcs_server", "lines": ["Failed to remove 1 bundle(s)"]}, sink) is None
+    mixed = {"pid": 4361, "lines": ["Restored on 10.0.0.7 from checkpoint: Checkpoint(...)", "epoch 2 done"]}
+    assert ray_log._split(mixed, sink)["lines"] == ["epoch 2 done"]
+    assert ray_log._split({"pid": "autoscaler", "lines": ["Adding 1 node(s)"]}, sink) is not None
+    logged = (tmp_path / ray_log.LOG_FILE).read_text()
+    assert "(raylet) [state-dump]" in logged and "(gcs_server)" in logged and "(pid=4361) Restored on" in logged
+    assert "epoch 2 done" not in logged and "Adding" not in logged
+
+    keep = ray_log._TrialErrorFilter(sink)
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        return logging.LogRecord("ray.tune", logging.ERROR, __file__, 1, "Trial task failed for trial t002 T=6",
+                                 None, (type(exc), exc, None))  # fmt: skip
+
+    raised = RayTaskError("trial", "Traceback ...\ntskd_tune.errors.TrialFailed: loss became nan at epoch 2",
+                          TrialFailed("loss became nan at epoch 2"))  # fmt: skip
+    assert not keep.filter(record(raised)) and not keep.filter(record(raised))
+    assert not keep.filter(record(ActorDiedError()))  # the retry notice speaks for a dead worker
+    assert capsys.readouterr().err == "t002 T=6 failed: TrialFailed: loss became nan at epoch 2\n"
+    assert (tmp_path / ray_log.LOG_FILE).read_text().count("Trial task failed for trial t002") == 3
+    unrelated = logging.LogRecord("ray.tune", logging.ERROR, __file__, 1, "something else", None, None)
+    assert keep.filter(unrelated)

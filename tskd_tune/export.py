@@ -19,7 +19,7 @@ from PIL import Image
 
 from tskd_tune.config import Config, DataConfig, load_config
 from tskd_tune.data.folder import read_any_image
-from tskd_tune.data.inspect import PALETTE, overlay
+from tskd_tune.data.inspect import overlay, save_png
 from tskd_tune.data.prepare import preprocess_image
 from tskd_tune.data.registry import class_names
 from tskd_tune.errors import TskdError
@@ -280,22 +280,9 @@ def predict_folder(model_dir: Path, images_dir: Path, out_dir: Path) -> list[Pat
     for path in files:
         image = read_any_image(path, mode)
         mask = predictor.predict(image)
-        _save_png(mask, out_dir / f"{path.stem}_mask.png", palette=True)
+        save_png(mask, out_dir / f"{path.stem}_mask.png", palette=True)
         shown = image if image.ndim == 2 else image.mean(-1) if predictor.data.channels == 1 else image
         chw = shown[None] if shown.ndim == 2 else np.moveaxis(shown, -1, 0)
-        _save_png(overlay(chw, mask), out_dir / f"{path.stem}_overlay.png")
+        save_png(overlay(chw, mask), out_dir / f"{path.stem}_overlay.png")
         written.append(out_dir / f"{path.stem}_mask.png")
     return written
-
-
-def _save_png(array: np.ndarray, path: Path, palette: bool = False) -> None:
-    """``palette``: a class-index mask as a palette PNG: its pixel values stay the class indices (what a
-    program reads), and an image viewer shows each class in the overlay's colour instead of near-black."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    image = Image.fromarray(array)
-    if palette:
-        image = image.convert("P")
-        colours = np.resize(PALETTE.astype(np.uint8), (256, 3))  # class k -> PALETTE[k % len(PALETTE)]
-        image.putpalette(colours.flatten().tolist())
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)

@@ -84,6 +84,31 @@ def data_inspect(
     out.print(f"  cache: {summary['cache']} ({'reused' if summary['cached'] else 'built now'})")
 
 
+@data_app.command("export-slices")
+def data_export_slices(
+    space: SpaceArg,
+    split: Annotated[str, typer.Option("--split", help="Which split's images: test, val, labeled or unlabeled.")] = "test",
+    n: Annotated[int, typer.Option("--n", min=1, help="How many images.")] = 8,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Folder for images/ and masks/ (default runs/slices/NAME).")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write a split's images as the models see them (PNG) with their true masks: images to try `predict` on."""
+    from tskd_tune.data.inspect import export_slices
+    from tskd_tune.data.prepare import load
+
+    if split not in ("test", "val", "labeled", "unlabeled"):
+        raise TskdError(f"--split: must be test, val, labeled or unlabeled, got {split!r}")
+    cfg = load_cfg(space, set_)
+    prepared, splits = load(cfg)
+    out_dir = out_dir or Path("runs") / "slices" / (cfg.name or cfg.data.dataset)
+    images, masks = export_slices(prepared, splits, split, n, out_dir)
+    count = min(n, len(getattr(splits, split)))
+    out.print(f"wrote {count} {split} image(s) to {images} and their true masks to {masks}; try: "
+              f"tskd-tune predict runs/NAME {images} --out runs/predict", markup=False)  # fmt: skip
+
+
 @app.command()
 def trial(
     space: SpaceArg,

@@ -131,3 +131,35 @@ def preview_indices(splits: Splits, n: int = 16) -> np.ndarray:
     take = list(splits.labeled[: n // 2])
     take += list(splits.val[: n - len(take)])
     return np.array(take, dtype=int)
+
+
+def save_png(array: np.ndarray, path: Path, palette: bool = False) -> None:
+    """An image or a class-index mask as a PNG, written to a temporary file and renamed. ``palette``: a mask
+    as a palette PNG, whose pixel values stay the class indices (what a program reads) while an image viewer
+    shows each class in the overlay's colour (a grey-level mask of classes 0-3 looks black)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    image = Image.fromarray(array)
+    if palette:
+        image = image.convert("P")
+        colours = np.resize(PALETTE.astype(np.uint8), (256, 3))  # class k -> PALETTE[k % len(PALETTE)]
+        image.putpalette(colours.flatten().tolist())
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def export_slices(prepared: Prepared, splits: Splits, split: str, n: int, out_dir: Path) -> tuple[Path, Path]:
+    """``n`` images of ``split``, spread over it, as they reach the models (preprocessed, 8-bit PNG) in
+    ``out_dir/images`` and their true masks (palette PNGs) in ``out_dir/masks``: images for `predict` to try,
+    with the answers beside them."""
+    images, masks = Path(out_dir) / "images", Path(out_dir) / "masks"
+    images.mkdir(parents=True, exist_ok=True)
+    masks.mkdir(parents=True, exist_ok=True)
+    chosen = getattr(splits, split)
+    if len(chosen) > n:  # spread over the split (a test split of consecutive slices would give near-copies)
+        chosen = chosen[np.unique(np.linspace(0, len(chosen) - 1, n).round().astype(int))]
+    for i in chosen:
+        name = prepared.ids[i].replace("/", "_")
+        pixels = np.clip(np.asarray(prepared.images[i], dtype=np.float32) * 255 + 0.5, 0, 255).astype(np.uint8)
+        save_png(pixels[0] if pixels.shape[0] == 1 else np.moveaxis(pixels, 0, -1), images / f"{name}.png")
+        save_png(np.asarray(prepared.masks[i], dtype=np.uint8), masks / f"{name}_mask.png", palette=True)
+    return images, masks

@@ -8,8 +8,9 @@ traceback of the trial it is about to retry. The search goes on by itself; the u
 - log lines of Ray's system processes (a ``pid`` that is not a number: ``raylet``, ``gcs_server``, ...)
   and the error messages Ray publishes to drivers, to ``driver.log``; lines of trials' workers (numbered
   ``pid``) and of the autoscaler still reach the console as Ray prints them;
-- Tune's "Trial task failed" record when the trial's worker process died (a ``RayActorError``: node lost,
-  process killed, out of memory), to ``driver.log``; a trial that raised still shows its traceback.
+- Tune's "Trial task failed" record with its traceback, to ``driver.log``: when the trial's worker process
+  died (a ``RayActorError``: node lost, process killed, out of memory) the retry notice says it; when the
+  trial raised, one line on stderr says which trial and the error's last line.
 
 Ray's driver-side log printing has no public hook, so this wraps ``ray._private.worker.print_to_stdstream``
 and the handler Ray registers on its stream dispatcher; with a Ray that lacks either, nothing is routed
@@ -19,6 +20,8 @@ and Ray prints as it always did.
 from __future__ import annotations
 
 import logging
+import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,7 +29,10 @@ from pathlib import Path
 LOG_FILE = "driver.log"
 """In the search folder: what Ray printed about its own processes and retried trials."""
 _TUNE_LOGGER = "ray.tune.execution.tune_controller"
-_KEEP_ON_CONSOLE = {"autoscaler"}  # node launches and resource demands on a real cluster: worth seeing
+_FAILED = "Trial task failed for trial "  # Tune's message before a failed trial's traceback
+_QUALIFIED = re.compile(r"^[\w.]+\.(\w+: )")
+_KEEP_ON_CONSOLE = {"autoscaler"}
+_WORKER_NOISE = re.compile(r"^Restored on \S+ from checkpoint: ")  # Ray Train's line in a retried trial  # node launches and resource demands on a real cluster: worth seeing
 _lock = threading.Lock()
 _routed: dict = {}
 
@@ -34,6 +40,19 @@ _routed: dict = {}
 def _system(data: dict) -> bool:
     pid = data.get("pid")
     return not (isinstance(pid, int) or str(pid).isdigit() or pid in _KEEP_ON_CONSOLE)
+
+
+def _split(data: dict, sink: _ToFile) -> dict | None:
+    """``data`` for the console: None when all of it goes to the file (a Ray process's lines, or only Ray's own
+    lines of a trial's worker, such as "Restored on ... from checkpoint", which the retry notice says)."""
+    if _system(data):
+        sink.lines(str(data.get("pid")), data.get("lines", []))
+        return None
+    lines = data.get("lines", [])
+    keep = [line for line in lines if not _WORKER_NOISE.match(line)]
+    if len(keep) < len(lines):
+        sink.lines(f"pid={data.get('pid')}", [line for line in lines if _WORKER_NOISE.match(line)])
+    return (data | {"lines": keep}) if keep else None
 
 
 class _ToFile:
@@ -48,20 +67,30 @@ class _ToFile:
             fh.writelines(f"{stamp} ({source}) {line.rstrip()}\n" for line in lines)
 
 
-class _RetriedTrialFilter(logging.Filter):
-    """Drops Tune's traceback of a trial whose worker died (Tune retries it) from the console, into the file."""
+class _TrialErrorFilter(logging.Filter):
+    """Tune's traceback of a failed trial goes to the file. A trial whose worker died (a ``RayActorError``)
+    gets its console line from :func:`tuner.retry_notice`; a trial that raised gets one line here, on stderr:
+    ``t002 T=6 failed: TrialFailed: loss became nan at epoch 2``."""
 
     def __init__(self, sink: _ToFile):
         super().__init__()
-        self.sink = sink
+        self.sink, self.said = sink, set()
 
     def filter(self, record: logging.LogRecord) -> bool:
         from ray.exceptions import RayActorError
 
         exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, RayActorError):
+        if exc is None or not record.getMessage().startswith(_FAILED):
             return True
         self.sink.lines("tune", [record.getMessage(), *logging.Formatter().formatException(record.exc_info).splitlines()])
+        if not isinstance(exc, RayActorError):
+            lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+            last = lines[-1].strip() if lines else exc.__class__.__name__
+            name = record.getMessage().removeprefix(_FAILED).strip()
+            short = _QUALIFIED.sub(r"\1", last)[:300]  # tskd_tune.errors.TrialFailed: ... -> TrialFailed: ...
+            if (name, short) not in self.said:  # Ray's retries of a failed trial fail the same way: said once
+                self.said.add((name, short))
+                print(f"{name} failed: {short}", file=sys.stderr, flush=True)
         return False
 
 
@@ -85,26 +114,22 @@ def route(folder: Path) -> Path | None:
     original = printer
 
     def print_or_log(data: dict, ignore_prefix: bool = False) -> None:
-        if _system(data):
-            sink.lines(str(data.get("pid")), data.get("lines", []))
-        else:
-            original(data, ignore_prefix)
+        if (shown := _split(data, sink)) is not None:
+            original(shown, ignore_prefix)
 
     ray_worker.print_to_stdstream = print_or_log  # error messages Ray publishes to drivers
     with dispatcher._lock:  # the handler that prints the workers' and Ray's processes' log lines
         dispatcher.handlers = [
             (name, _wrap(handler, sink) if name == "ray_print_logs" else handler) for name, handler in dispatcher.handlers
         ]
-    logging.getLogger(_TUNE_LOGGER).addFilter(_RetriedTrialFilter(sink))
+    logging.getLogger(_TUNE_LOGGER).addFilter(_TrialErrorFilter(sink))
     _routed["sink"] = sink
     return sink.path
 
 
 def _wrap(handler, sink: _ToFile):
     def handle(data: dict) -> None:
-        if _system(data):
-            sink.lines(str(data.get("pid")), data.get("lines", []))
-        else:
-            handler(data)
+        if (shown := _split(data, sink)) is not None:
+            handler(shown)
 
     return handle

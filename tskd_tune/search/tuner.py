@@ -10,6 +10,7 @@ from tskd_tune import tracking
 from tskd_tune.cluster import mask_uri
 from tskd_tune.config import Config
 from tskd_tune.errors import TskdError
+from tskd_tune.faults import FAILED_DIR
 from tskd_tune.methods import get_method
 from tskd_tune.search.folder import SearchOptions, SearchRun
 from tskd_tune.states import FAILED, MLFLOW_STATUS, STOPPED_EARLY
@@ -131,13 +132,14 @@ def finalizer(tracking_uri: str, parent_run_id: str, search_path: Path):
     return MlflowFinalizer()
 
 
-def retry_notice(log: Path | None, resume_hint: str):
+def retry_notice(log: Path | None, resume_hint: str, search_path: Path):
     """A Tune callback that says in one line what became of a trial whose worker died: ``node 10.0.1.7 lost;
     t002 retried from epoch 3`` (or that its worker process died), and, when Ray gives up on it, how to
     finish it (``resume_hint``). The tracebacks are in ``log`` (:mod:`.ray_log`)."""
     from ray import tune
 
     where = f" (details: {log})" if log is not None else ""
+    failed_dir = Path(search_path) / FAILED_DIR
 
     def number(trial) -> str:
         return trial_name(trial).split(" ", 1)[0]
@@ -152,6 +154,8 @@ def retry_notice(log: Path | None, resume_hint: str):
             self.pending: list[tuple] = []  # (trial, node id, node ip, restart point, when)
 
         def on_trial_recover(self, iteration, trials, trial, **info):
+            if not _worker_died(trial) or (failed_dir / f"{trial.trial_id}.json").is_file():
+                return  # the trial raised or hung (faults.py recorded it): its retry fails at once, and says so
             last = trial.last_result or {}
             self.pending.append((trial, last.get("node_id"), last.get("node_ip", "?"), restart_point(trial),
                                  time.monotonic()))  # fmt: skip
@@ -327,7 +331,7 @@ def build_tuner(cfg: Config, opts: SearchOptions, run: SearchRun, data_ref, *, r
             # JSON only (not CSV/TensorBoard): result.json and params.json are what `status` and `report` read
             callbacks=[
                 finalizer(opts.tracking_uri, run.parent_run_id, run.state_path),
-                retry_notice(driver_log, f"tskd-tune resume {opts.path}"),
+                retry_notice(driver_log, f"tskd-tune resume {opts.path}", run.state_path),
                 JsonLoggerCallback(),
                 *([cache_keeper(cfg, run.started)] if cfg.cache.enabled and cfg.cache.max_gb else []),
             ],
