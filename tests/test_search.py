@@ -277,7 +277,8 @@ def test_export_best_trial_registers_it_in_mlflow(searched):
     # the version points to its trial and search; the run that logged it sits under the search's run
     version = client.get_model_version("e2e-student", "1")
     assert f"trial {origin['name']} of search first" in version.description and "test_dice" in version.description
-    assert version.tags["tskd.mlflow_run_id"] == origin["mlflow_run_id"]
+    assert version.tags["tskd.mlflow_run_id"] == origin["mlflow_run_id"] and version.tags["tskd.teacher"]
+    assert f"teacher {version.tags['tskd.teacher']}" in version.description
     logged_by = client.get_run(version.run_id)
     assert logged_by.data.tags["mlflow.parentRunId"] == origin["search_run_id"]
     assert set(logged_by.data.metrics) <= {"val_dice", "test_dice", "val_hd95", "test_hd95", "student_params",

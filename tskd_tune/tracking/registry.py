@@ -44,10 +44,16 @@ def register_export(uri: str, export_dir: Path, card: dict, name: str) -> str:
     scores = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("val_dice", "test_dice") if isinstance(metrics.get(k), int | float))
     where = (f"trial {origin['name']} of search {origin.get('search', '?')} (MLflow run {origin.get('mlflow_run_id', '?')})"
              if origin else "a standalone trial")  # fmt: skip
+    from tskd_tune.methods import get_method
+
+    t = card["config"]["teacher"]
+    uses = get_method(card["method"]).teacher is not None
+    teacher = f"{t['model']} ({'LoRA' if t['adapt'] == 'lora' else 'frozen encoder'}, {t['head']} head)" if uses else "none"
     c.update_model_version(name, version, description=(
-        f"{card['student']['model']} student, method {card['method']}, classes {', '.join(card['classes'])}; "
+        f"{card['student']['model']} student, method {card['method']}, teacher {teacher}, "
+        f"classes {', '.join(card['classes'])}; "
         f"{where}{'; ' + scores if scores else ''}. Input {inp['layout']} {inp['channels']}x{inp['size'][0]}x{inp['size'][1]} "
         f"in [0, 1]; output: class logits."))  # fmt: skip
-    for key, value in {"method": card["method"], "student": card["student"]["model"], **origin}.items():
+    for key, value in {"method": card["method"], "student": card["student"]["model"], "teacher": teacher, **origin}.items():
         c.set_model_version_tag(name, version, f"tskd.{key}", str(value))
     return version
