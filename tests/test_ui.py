@@ -175,6 +175,27 @@ def test_the_search_run_names_its_best_trial_and_describes_the_leaderboard(searc
     browser.resize(1600, 1000)
 
 
+def test_the_report_on_the_search_run_previews_whole_with_the_best_trials_test_dice(search, ui, shots):
+    """MLflow's artifact preview of report.html: the page holds its images (a preview has no folder beside it
+    to load them from), the best trial's test Dice is filled in (the report is written after the test
+    evaluation), and every plot reached the run."""
+    tmp, client, exp, parent, _ = search
+    base, browser = ui
+    summary = json.loads((tmp / "runs" / "demo" / "summary.json").read_text())
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/best_overlays.png", "report/parallel_coordinates.png"} <= report
+    show(browser, f"{base}#/experiments/{exp}/runs/{parent.info.run_id}/artifacts/report/report.html?{TRAINING}",
+         "report.html")  # fmt: skip
+    browser.wait(lambda: browser.js("!!document.querySelector('iframe')"), what="the HTML preview")
+    # the preview's page, as the iframe holds it (srcdoc) or as it fetches it from the server (src)
+    page = browser.js("(async () => { const f = document.querySelector('iframe');"
+                      " return f.srcdoc || await (await fetch(f.src)).text(); })()")  # fmt: skip
+    sources = re.findall(r"src='([^']*)'", page)
+    assert len(sources) >= 3 and all(s.startswith("data:image/png;base64,") for s in sources), sources[:3]
+    assert f"{summary['test_dice']:.4f}" in page  # the best trial's test Dice, not "–"
+    browser.screenshot(shots / "mlflow_report_preview.png")
+
+
 def test_the_compare_view_shows_the_trials_by_name_with_their_scores(search, ui, shots):
     _, _, exp, _, children = search
     base, browser = ui

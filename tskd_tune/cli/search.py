@@ -194,11 +194,11 @@ def status_view(path: Path):
     from rich import box
 
     from tskd_tune.report import trial_label
-    from tskd_tune.search.tuner import SHORT_NAMES
+    from tskd_tune.search.names import short_name
 
     board = objective_board(path, objectives)
     # the names of the live table and the MLflow runs (t003, T, kd, lr): 80 columns hold a demo search
-    knobs = [SHORT_NAMES.get(k, k.rsplit(".", 1)[-1]) for k in cfg.search.space]
+    knobs = [short_name(k) for k in cfg.search.space]
     table = Table("trial", "state", "epoch", metric, "gain", "hd95", *extra,
                   *(["pareto"] if len(objectives) > 1 else []), *knobs, title=f"search {path.name}",
                   title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)  # fmt: skip

@@ -15,6 +15,7 @@ from pathlib import Path
 from ray.tune import ProgressReporter
 
 from tskd_tune import states
+from tskd_tune.search.names import short_name
 
 STATES = {"PENDING": states.PENDING, "RUNNING": states.RUNNING, "PAUSED": "paused", "ERROR": states.FAILED}
 
@@ -96,11 +97,9 @@ class SearchProgress(ProgressReporter):
         title = f"{ended}/{self.num_samples} trials ended; best {self.metric} {_num(best)}; {self.eta(trials)}"
         from rich import box
 
-        from tskd_tune.search.tuner import SHORT_NAMES
-
         # the trial's number (its name repeats the values of the knob columns) and the knobs' short names
         # (T, kd, lr), as `status` shows them: one line per trial at 80 columns
-        knobs = [SHORT_NAMES.get(p, p.rsplit(".", 1)[-1]) for p in self.space]
+        knobs = [short_name(p) for p in self.space]
         table = Table("trial", "state", *knobs, "epoch", self.metric, "gain", title=title, title_justify="left",
                       box=box.SIMPLE_HEAD, pad_edge=False)  # fmt: skip
         for column in table.columns:

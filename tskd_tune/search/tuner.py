@@ -13,6 +13,7 @@ from tskd_tune.errors import TskdError
 from tskd_tune.faults import FAILED_DIR
 from tskd_tune.methods import get_method
 from tskd_tune.search.folder import SearchOptions, SearchRun
+from tskd_tune.search.names import short_name
 from tskd_tune.states import FAILED, MLFLOW_STATUS, STOPPED_EARLY
 
 
@@ -44,10 +45,6 @@ random start-up trials when set (Optuna's defaults otherwise: 10 for tpe and gp,
 SCHEDULERS = ("asha", "hyperband", "fifo")
 """``search.scheduler``'s names (built by :func:`schedulers.make_scheduler`)."""
 
-SHORT_NAMES = {"distill.temperature": "T", "distill.kd_weight": "kd", "distill.sup_weight": "sup",
-               "distill.feature_weight": "feat", "student.lr": "lr", "teacher.lr": "t.lr", "synthetic.ratio": "synth",
-               "teacher.lora.rank": "rank", "teacher.lora.alpha": "alpha", "teacher.lora.last_blocks": "blocks",
-               "stage.teacher": "teacher"}  # fmt: skip
 
 
 def trial_name(trial) -> str:
@@ -55,7 +52,7 @@ def trial_name(trial) -> str:
     within the search (Tune's display name, the MLflow run name)."""
     number = str(trial.experiment_tag).split("_", 1)[0]
     values = [
-        f"{SHORT_NAMES.get(k, k.rsplit('.', 1)[-1])}={_short(v)}"
+        f"{short_name(k)}={_short(v)}"
         for k, v in (trial.evaluated_params or {}).items()
     ]
     return " ".join([f"t{int(number):03d}" if number.isdigit() else "t", *values])
