@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,9 +33,12 @@ from tskd_tune.synth.pool import pretrained_folder
 from tskd_tune.synth.semantic import SEMANTIC_FIGURES
 from tskd_tune.synth.semantic import K as SEMANTIC_MIN_POOL
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 
 @contextmanager
-def progress_bar(console=None) -> Iterator[Progress]:
+def progress_bar(console: Console | None = None) -> Iterator[Progress]:
     """A rich progress bar (one line per phase) as a ``Progress`` callback."""
     from rich.progress import (
         BarColumn,
@@ -58,7 +62,7 @@ def progress_bar(console=None) -> Iterator[Progress]:
         yield update
 
 
-def synth_command(cfg: Config, out_dir: Path, console=None) -> dict:
+def synth_command(cfg: Config, out_dir: Path, console: Console | None = None) -> dict:
     """`tskd-tune synth`: train or load the generator, fill the pool (progress bar), write grid.png and gate.json."""
     gc = cfg.synthetic
     if gc.generator == "none":
@@ -107,7 +111,7 @@ def synth_command(cfg: Config, out_dir: Path, console=None) -> dict:
     return summary
 
 
-def print_summary(summary: dict, console) -> None:
+def print_summary(summary: dict, console: Console) -> None:
     """Human-readable `tskd-tune synth` output: the pool, the gate's figures, and a warning if it failed."""
     from rich.table import Table
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tskd_tune.cluster.storage import storage_dir
 from tskd_tune.errors import TskdError
 from tskd_tune.secrets import mask_uri, refuse_embedded_password
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -81,7 +85,7 @@ def check_visible(dirs: dict[str, Path], files: dict[str, Path], nodes: list[dic
             )
 
 
-def prepare(cfg, opts, console):
+def prepare(cfg, opts, console: Console):
     """Cluster mode (more than one alive node): shared storage checked, trial cache moved under it.
 
     Returns the config the search uses. On one node nothing changes. The default ``cache.dir`` moves to

@@ -9,10 +9,14 @@ import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tskd_tune.cluster.storage import check_storage, is_bucket, storage_dir
 from tskd_tune.errors import TskdError
 from tskd_tune.secrets import mlflow_env, secret_values
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 TOKEN_HELP = (
     "the token is in ~/.ray/auth_token on the head node (or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH here)"
@@ -133,7 +137,7 @@ def _relative_paths(cfg, storage: str) -> list[str]:
     return bad
 
 
-def submit(cfg, space: Path, job: JobLaunch, address: str, console, detach: bool = False) -> int:
+def submit(cfg, space: Path, job: JobLaunch, address: str, console: Console, detach: bool = False) -> int:
     """Submit ``tskd-tune launch`` as a Ray Job; stream its logs until it ends (or return at once with ``detach``).
 
     The package and the YAML travel in the job's runtime_env (py_modules, working_dir); MLflow settings
@@ -212,7 +216,7 @@ def _wait_final(address: str, client, job_id: str, timeout: float = 60.0) -> str
         time.sleep(1)
 
 
-def job_status(address: str, job_id: str, console, tail: int = 40) -> dict:
+def job_status(address: str, job_id: str, console: Console, tail: int = 40) -> dict:
     """Print a Ray Job's status, entrypoint and the last lines of its log (the live trial table)."""
     client = job_client(address)
     jobs = {j.submission_id: j for j in _call(address, client.list_jobs) if j.submission_id}

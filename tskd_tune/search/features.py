@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from tskd_tune.features import KIND, Arrays, data_source, feature_key, pool_sour
 from tskd_tune.methods.checks import search_methods
 from tskd_tune.methods.registry import METHODS
 from tskd_tune.models.teacher import ALL_FROZEN, build_teacher
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 CHUNK = 4
 """Images per task: small enough for an even spread and a live progress bar."""
@@ -99,7 +103,7 @@ def _jobs(cfg: Config, prepared: Prepared, splits, data_ref, pool, store: Store)
     return jobs
 
 
-def fill_features(cfg: Config, prepared: Prepared, splits, data_ref, pool, console, workers: int | None = None) -> dict:
+def fill_features(cfg: Config, prepared: Prepared, splits, data_ref, pool, console: Console, workers: int | None = None) -> dict:
     """Compute every missing feature entry the search needs (the prepared images, the synthetic pool, the
     labelled images' augmented views) on Ray actors, or on the driver for a small encoder."""
     import ray
@@ -187,7 +191,7 @@ def _distribute(pool_of: list, job: Job, write, advance) -> None:
         advance(b - a)
 
 
-def _on_driver(job: Job, num_classes: int, console):
+def _on_driver(job: Job, num_classes: int, console: Console):
     import os
 
     import ray
@@ -257,7 +261,7 @@ class FeatureWorker:
         return out
 
 
-def _progress(console):
+def _progress(console: Console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

@@ -9,6 +9,7 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from tskd_tune.search.summary import TEACHER_BELOW_SCRATCH_TAG, summarize, teach
 from tskd_tune.search.tuner import build_tuner, keep_cache
 from tskd_tune.search.warm import warm_trials
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 
 def absolutize(cfg: Config) -> Config:
     """Every path field resolved against the driver's working directory (trials run elsewhere, on other
@@ -35,7 +39,7 @@ def absolutize(cfg: Config) -> Config:
     return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": tracking.absolute_uri(cfg.tracking.uri)})})
 
 
-def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -> dict:
+def launch(cfg: Config, opts: SearchOptions, console: Console, *, resume: bool = False) -> dict:
     """Run (or resume) a search; returns the summary also written to the search folder."""
     import ray
 
@@ -111,7 +115,7 @@ def launch(cfg: Config, opts: SearchOptions, console, *, resume: bool = False) -
     return summary
 
 
-def _fit(cfg: Config, opts: SearchOptions, run: SearchRun, data_ref, resume: bool, console, study: str | None = None,
+def _fit(cfg: Config, opts: SearchOptions, run: SearchRun, data_ref, resume: bool, console: Console, study: str | None = None,
          warm: list = ()):  # fmt: skip
     """Run (or, when it was interrupted, restore and continue) one Ray Tune experiment to its end."""
     restore = resume and (opts.path / "tuner.pkl").exists()
@@ -125,7 +129,7 @@ def _fit(cfg: Config, opts: SearchOptions, run: SearchRun, data_ref, resume: boo
                        console=console, driver_log=log).fit()  # fmt: skip
 
 
-def _staged(cfg: Config, opts: SearchOptions, run: SearchRun, data_ref, resume: bool, console):
+def _staged(cfg: Config, opts: SearchOptions, run: SearchRun, data_ref, resume: bool, console: Console):
     """Both stages of a staged search (see :mod:`.staged`); returns the student stage's results."""
     teachers = staged.chosen_teachers(opts) if resume else None
     if teachers is None:
@@ -194,7 +198,7 @@ def _reach_and_prepare(cfg: Config, opts: SearchOptions):
     return _data(cfg)
 
 
-def _ready(cfg: Config, opts: SearchOptions, resume: bool, console) -> None:
+def _ready(cfg: Config, opts: SearchOptions, resume: bool, console: Console) -> None:
     """Once the input is known to be good: the search folder, the premise warning, a resume's fresh start."""
     writable_dir(opts.path, "--storage")
     warning = premise_warning(cfg)  # after the checks: bad input gets its one error line, not a warning first
@@ -204,7 +208,7 @@ def _ready(cfg: Config, opts: SearchOptions, resume: bool, console) -> None:
         shutil.rmtree(state_path(opts) / faults.FAILED_DIR, ignore_errors=True)
 
 
-def _parent_run(cfg: Config, opts: SearchOptions, resume: bool, console) -> str:
+def _parent_run(cfg: Config, opts: SearchOptions, resume: bool, console: Console) -> str:
     """The search's MLflow parent run (reused on resume), with search.json written beside it."""
     parent = tracking.parent_run(
         opts.tracking_uri, cfg.tracking.experiment, opts.location, opts.name,
@@ -292,7 +296,7 @@ def _start_references(cfg: Config, data_ref, run: SearchRun) -> dict:
     return {m: task.remote(m, data_ref, cfg, run) for m in cfg.search.baselines}
 
 
-def _warn_when_teacher_below_scratch(refs: dict, console, uri: str, parent: str, state: Path) -> None:
+def _warn_when_teacher_below_scratch(refs: dict, console: Console, uri: str, parent: str, state: Path) -> None:
     """As soon as both the teacher and the scratch reference have finished (the search still running), say in
     one line when the teacher is below scratch and tag the parent run; the summary says it again at the end."""
     if not {"teacher", "scratch"} <= refs.keys():
@@ -316,7 +320,7 @@ def _warn_when_teacher_below_scratch(refs: dict, console, uri: str, parent: str,
     threading.Thread(target=watch, name="teacher-vs-scratch", daemon=True).start()
 
 
-def _finish_references(refs: dict, console) -> dict:
+def _finish_references(refs: dict, console: Console) -> dict:
     """Wait for the reference trials; a failed one is reported in one line, the search still ends."""
     import ray
 
@@ -331,7 +335,7 @@ def _finish_references(refs: dict, console) -> dict:
     return out
 
 
-def _close_lost_children(opts: SearchOptions, parent: str, results, console) -> None:
+def _close_lost_children(opts: SearchOptions, parent: str, results, console: Console) -> None:
     """After a resume: end the child runs of trials the killed driver started but Ray never recorded."""
     known = {trial_id_of(Path(r.path).name) for r in results if r.path}
     try:

@@ -11,11 +11,15 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ray.tune import ProgressReporter
 
 from tskd_tune import states
 from tskd_tune.search.names import short_name
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 STATES = {"PENDING": states.PENDING, "RUNNING": states.RUNNING, "PAUSED": "paused", "ERROR": states.FAILED}
 
@@ -23,7 +27,7 @@ STATES = {"PENDING": states.PENDING, "RUNNING": states.RUNNING, "PAUSED": "pause
 class SearchProgress(ProgressReporter):
     """A Ray Tune progress reporter over rich: live in a terminal, a line per finished trial elsewhere."""
 
-    def __init__(self, console, metric: str, mode: str, space: list[str], max_t: int, num_samples: int,
+    def __init__(self, console: Console, metric: str, mode: str, space: list[str], max_t: int, num_samples: int,
                  concurrency: int, search_path: Path):  # fmt: skip
         self.console, self.metric, self.mode, self.space = console, metric, mode, space
         self.max_t, self.num_samples, self.concurrency = max_t, num_samples, max(1, concurrency)

@@ -9,6 +9,7 @@ import math
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 from tskd_tune import fidelity, tracking
 from tskd_tune.cache import atomic_write
@@ -18,8 +19,11 @@ from tskd_tune.search.folder import GRACE_FILE, SearchOptions, state_path
 from tskd_tune.search.staged import TEACHER_STAGE
 from tskd_tune.search.tuner import trial_name
 
+if TYPE_CHECKING:
+    from rich.console import Console
 
-def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tuple, console) -> dict:
+
+def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tuple, console: Console) -> dict:
     """Leaderboard, best config and the best trial evaluated once on the test split; logged to the parent."""
     c = tracking.BufferedClient(opts.tracking_uri, tracking.journal_path(state_path(opts), "parent"))
     objectives = cfg.search.objective_items()
@@ -100,7 +104,7 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
     return summary
 
 
-def _report(cfg: Config, opts: SearchOptions, parent: str, client, console, summary: dict) -> None:
+def _report(cfg: Config, opts: SearchOptions, parent: str, client, console: Console, summary: dict) -> None:
     """report.html (with its images inside), its plots and importances.json in SEARCH/report, all logged on the
     parent run, so the MLflow UI shows them without running `tskd-tune report`; the three most important paths
     are printed. ``summary``: what the search found, the best trial's test Dice included."""
