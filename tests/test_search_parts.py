@@ -306,3 +306,30 @@ def test_rays_own_lines_and_trial_tracebacks_go_to_the_search_log(tmp_path, caps
     assert (tmp_path / ray_log.LOG_FILE).read_text().count("Trial task failed for trial t002") == 3
     unrelated = logging.LogRecord("ray.tune", logging.ERROR, __file__, 1, "something else", None, None)
     assert keep.filter(unrelated)
+
+
+def test_routing_wraps_a_printer_that_a_new_ray_init_registers_once(tmp_path):
+    """A second search in one process (or a new ray.init, which registers Ray's printer anew) is routed too,
+    and nothing is wrapped twice; the log follows the latest search folder."""
+    import ray._private.worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from tskd_tune.search import ray_log
+
+    seen, before, printer = [], list(dispatcher.handlers), ray_worker.print_to_stdstream
+    try:
+        dispatcher.add_handler("ray_print_logs", seen.append)
+        first = ray_log.route(tmp_path / "a")
+        dispatcher.remove_handler("ray_print_logs")  # ray.shutdown(), then ray.init() registers a new one
+        dispatcher.add_handler("ray_print_logs", seen.append)
+        second = ray_log.route(tmp_path / "b")
+        assert ray_log.route(tmp_path / "b") == second == tmp_path / "b" / ray_log.LOG_FILE != first
+        handlers = [h for name, h in dispatcher.handlers if name == "ray_print_logs"]
+        assert len(handlers) == 1 and handlers[0]._tskd and ray_worker.print_to_stdstream._tskd
+        dispatcher.emit({"pid": "raylet", "lines": ["[state-dump] x"]})
+        dispatcher.emit({"pid": 7, "lines": ["epoch 1"]})
+        assert [d["lines"] for d in seen] == [["epoch 1"]]
+        assert "(raylet) [state-dump] x" in second.read_text() and not first.exists()
+    finally:
+        dispatcher.handlers = before
+        ray_worker.print_to_stdstream = printer

@@ -95,8 +95,9 @@ class _TrialErrorFilter(logging.Filter):
 
 
 def route(folder: Path) -> Path | None:
-    """Send Ray's system lines and retried trials' tracebacks to ``folder/driver.log`` from now on (once per
-    process; a later call moves them to the new folder). The log's path, or None where Ray offers no hook."""
+    """Send Ray's system lines and trials' tracebacks to ``folder/driver.log`` from now on; the log's path, or
+    None where Ray offers no hook. Called again (another stage, another search in this process, a new
+    ``ray.init`` that registered its printer anew), it moves the file and wraps what is not wrapped yet."""
     import ray._private.worker as ray_worker
 
     try:
@@ -107,29 +108,33 @@ def route(folder: Path) -> Path | None:
     if printer is None or not hasattr(dispatcher, "handlers"):
         return None
     folder.mkdir(parents=True, exist_ok=True)
-    sink = _ToFile(folder / LOG_FILE)
-    if _routed:
-        _routed["sink"].path = sink.path
-        return sink.path
-    original = printer
-
-    def print_or_log(data: dict, ignore_prefix: bool = False) -> None:
-        if (shown := _split(data, sink)) is not None:
-            original(shown, ignore_prefix)
-
-    ray_worker.print_to_stdstream = print_or_log  # error messages Ray publishes to drivers
+    sink = _routed.setdefault("sink", _ToFile(folder / LOG_FILE))
+    sink.path = folder / LOG_FILE
+    if not getattr(printer, "_tskd", False):  # error messages Ray publishes to drivers
+        ray_worker.print_to_stdstream = _wrap(printer, sink, takes_prefix=True)
     with dispatcher._lock:  # the handler that prints the workers' and Ray's processes' log lines
         dispatcher.handlers = [
-            (name, _wrap(handler, sink) if name == "ray_print_logs" else handler) for name, handler in dispatcher.handlers
+            (name, _wrap(handler, sink) if name == "ray_print_logs" and not getattr(handler, "_tskd", False) else handler)
+            for name, handler in dispatcher.handlers
         ]
-    logging.getLogger(_TUNE_LOGGER).addFilter(_TrialErrorFilter(sink))
-    _routed["sink"] = sink
+    if "filter" not in _routed:
+        logging.getLogger(_TUNE_LOGGER).addFilter(_TrialErrorFilter(sink))
+        _routed["filter"] = True
     return sink.path
 
 
-def _wrap(handler, sink: _ToFile):
-    def handle(data: dict) -> None:
-        if (shown := _split(data, sink)) is not None:
-            handler(shown)
+def _wrap(handler, sink: _ToFile, takes_prefix: bool = False):
+    """``handler`` (Ray's printer of log batches) behind :func:`_split`, marked as wrapped."""
+    if takes_prefix:
 
+        def handle(data: dict, ignore_prefix: bool = False) -> None:
+            if (shown := _split(data, sink)) is not None:
+                handler(shown, ignore_prefix)
+    else:
+
+        def handle(data: dict) -> None:
+            if (shown := _split(data, sink)) is not None:
+                handler(shown)
+
+    handle._tskd = True
     return handle

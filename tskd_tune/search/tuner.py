@@ -46,7 +46,6 @@ SCHEDULERS = ("asha", "hyperband", "fifo")
 """``search.scheduler``'s names (built by :func:`schedulers.make_scheduler`)."""
 
 
-
 def trial_name(trial) -> str:
     """``t007 T=3.7 kd=1.6 lr=0.0026``: the trial's number and its sampled values, readable and unique
     within the search (Tune's display name, the MLflow run name)."""
