@@ -71,15 +71,12 @@ def trial_outputs(path: Path) -> tuple[Path, dict]:
             raise TskdError(f"{path}: the search has no leaderboard yet; it writes one when it ends")
         import pandas as pd
 
-        from tskd_tune.report import best_trial
+        from tskd_tune.report import best_trial, test_dice
 
-        best = best_trial(pd.read_csv(board))
-        try:
-            summary = json.loads((path / "summary.json").read_text())
-        except (OSError, ValueError):
-            summary = {}
-        known = {"test_dice": summary["test_dice"]} if summary.get("best_trial") == best["trial_id"] and "test_dice" in summary else {}
-        return Path(best["trial_dir"]) / "outputs", known
+        rows = pd.read_csv(board)
+        best = best_trial(rows)
+        value = test_dice(path, rows).get(str(best["trial_id"]))
+        return Path(best["trial_dir"]) / "outputs", ({"test_dice": value} if value is not None else {})
     if not (path / "student.safetensors").is_file() and (path / "outputs" / "student.safetensors").is_file():
         return path / "outputs", {}
     return path, {}

@@ -90,17 +90,30 @@ def trial_state(trial_dir: Path, results: list[dict], ended: bool) -> str:
     return states.STOPPED_EARLY if results[-1].get("done") or ended else states.RUNNING
 
 
+def last_failure(error_file: Path) -> tuple[float | None, str] | None:
+    """The last failure Ray Tune recorded in a trial's ``error.txt`` ("Failure # 2 (occurred at
+    2026-12-05_18-17-29)" then the error's text): (when, in epoch seconds, or None; its text); None when the
+    file is missing."""
+    try:
+        text = Path(error_file).read_text()
+    except (OSError, TypeError):
+        return None
+    last = text.rsplit("Failure # ", 1)[-1]
+    stamp = re.match(r"\d+ \(occurred at (\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d)\)", last)  # Ray's local time
+    when = time.mktime(time.strptime(stamp.group(1), "%Y-%m-%d_%H-%M-%S")) if stamp else None
+    return when, last
+
+
 def _failed_last(trial_dir: Path, results: list[dict]) -> bool:
     """Whether the trial's last attempt failed: an error record (Ray's error.txt) and no result reported after
     its last failure. A trial Ray retried (its node was lost, its worker killed) that reported again is not."""
-    error = trial_dir / "error.txt"
-    if not error.is_file():
+    failure = last_failure(trial_dir / "error.txt")
+    if failure is None:
         return (trial_dir / "error.pkl").is_file()
-    # "Failure # 2 (occurred at 2026-12-05_18-17-29)": Ray's local time, to the second
-    stamps = re.findall(r"^Failure # \d+ \(occurred at (\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d)\)", error.read_text(), re.M)
-    if not stamps or not results or "timestamp" not in results[-1]:
+    when = failure[0]
+    if when is None or not results or "timestamp" not in results[-1]:
         return True
-    return results[-1]["timestamp"] <= time.mktime(time.strptime(stamps[-1], "%Y-%m-%d_%H-%M-%S"))
+    return results[-1]["timestamp"] <= when
 
 
 def pareto_front(board: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.Series:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ray.tune import ProgressReporter
 
 from tskd_tune import states
-from tskd_tune.search.names import short_name
+from tskd_tune.search.names import short_name, trial_number
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -113,7 +113,7 @@ class SearchProgress(ProgressReporter):
             value = last.get(self.metric)
             gain = value - scratch if isinstance(value, int | float) and scratch is not None else None
             mark = " *" if value is not None and value == best else ""
-            table.add_row(str(t).split(" ", 1)[0], self.state(t), *(_num(t.config.get(p)) for p in self.space),
+            table.add_row(trial_number(t), self.state(t), *(_num(t.config.get(p)) for p in self.space),
                           f"{last.get('epoch', 0)}/{self.max_t}", _num(value) + mark, _num(gain, signed=True))  # fmt: skip
         return table
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from tskd_tune import fidelity, tracking
 from tskd_tune.cache import atomic_write
 from tskd_tune.config import Config
-from tskd_tune.report import best_trial, leaderboard_csv, objective_board, references, trial_label
+from tskd_tune.report import best_trial, leaderboard_csv, objective_board, references, test_dice, trial_label
 from tskd_tune.search.folder import GRACE_FILE, SearchOptions, state_path
 from tskd_tune.search.staged import TEACHER_STAGE
 from tskd_tune.search.tuner import trial_name
@@ -58,9 +58,9 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
     atomic_write(best_cfg_path, (trial_dir / "outputs" / "config.yaml").read_text())
     c.log_artifact(parent, str(best_cfg_path))
     test = evaluate_on_test(trial_dir / "outputs", data)
-    write_board({best["trial_id"]: test["test_dice"]} if "test_dice" in test else {})
     summary |= {"best_trial": best["trial_id"], "best_" + metric: float(best[metric]),
                 "best_config": str(best_cfg_path), **test}  # fmt: skip
+    write_board(test_dice(opts.path, board, summary))  # as the report reads it: summary.json is not written yet
     refs = reference_metrics(opts.path)
     summary |= refs
     if "reference_scratch_val_dice" in refs:

@@ -13,7 +13,7 @@ from tskd_tune.errors import TskdError
 from tskd_tune.faults import FAILED_DIR
 from tskd_tune.methods import get_method
 from tskd_tune.search.folder import SearchOptions, SearchRun
-from tskd_tune.search.names import short_name
+from tskd_tune.search.names import short_name, trial_number
 from tskd_tune.states import FAILED, MLFLOW_STATUS, STOPPED_EARLY
 
 
@@ -49,12 +49,11 @@ SCHEDULERS = ("asha", "hyperband", "fifo")
 def trial_name(trial) -> str:
     """``t007 T=3.7 kd=1.6 lr=0.0026``: the trial's number and its sampled values, readable and unique
     within the search (Tune's display name, the MLflow run name)."""
-    number = str(trial.experiment_tag).split("_", 1)[0]
     values = [
         f"{short_name(k)}={_short(v)}"
         for k, v in (trial.evaluated_params or {}).items()
     ]
-    return " ".join([f"t{int(number):03d}" if number.isdigit() else "t", *values])
+    return " ".join([trial_number(trial), *values])
 
 
 def trial_dirname(trial) -> str:
@@ -137,9 +136,6 @@ def retry_notice(log: Path | None, resume_hint: str, search_path: Path):
     where = f" (details: {log})" if log is not None else ""
     failed_dir = Path(search_path) / FAILED_DIR
 
-    def number(trial) -> str:
-        return trial_name(trial).split(" ", 1)[0]
-
     def restart_point(trial) -> str:
         kept = trial.latest_checkpoint_result
         epoch = (kept.metrics or {}).get("epoch") if kept is not None else None
@@ -176,16 +172,16 @@ def retry_notice(log: Path | None, resume_hint: str, search_path: Path):
             for trial, node, ip, point, since in self.pending:
                 alive, address = (nodes or {}).get(node, (True, ip))
                 if nodes is not None and not alive:
-                    print(f"node {address} lost; {number(trial)} retried {point}", flush=True)
+                    print(f"node {address} lost; {trial_number(trial)} retried {point}", flush=True)
                 elif final or node is None or nodes is None or time.monotonic() - since > 60:
-                    print(f"{number(trial)}: its worker process on {address} died; retried {point}{where}", flush=True)
+                    print(f"{trial_number(trial)}: its worker process on {address} died; retried {point}{where}", flush=True)
                 else:
                     waiting.append((trial, node, ip, point, since))
             self.pending = waiting
 
         def on_trial_error(self, iteration, trials, trial, **info):
             if _worker_died(trial):
-                print(f"{number(trial)}: its worker died {trial.run_metadata.num_failures} times, more than Ray "
+                print(f"{trial_number(trial)}: its worker died {trial.run_metadata.num_failures} times, more than Ray "
                       f"retries; `{resume_hint}` runs it again {restart_point(trial)}{where}", flush=True)  # fmt: skip
 
         def get_state(self):  # nothing to keep across a restore: a pending trial is retried either way
@@ -206,12 +202,11 @@ def _nodes() -> dict[str, tuple[bool, str]] | None:
 
 def _worker_died(trial) -> bool:
     """Whether the trial's last error was its worker dying (node lost, process killed), not the trial raising:
-    Tune's error.txt holds each failure's text, and Ray's actor errors all read "The actor ..."."""
-    try:
-        last = Path(trial.error_file).read_text().rsplit("Failure # ", 1)[-1]
-    except (OSError, TypeError):
-        return False
-    return "The actor " in last and ("died" in last or "unavailable" in last)
+    Ray's actor errors all read "The actor ..."."""
+    from tskd_tune.report import last_failure
+
+    failure = last_failure(trial.error_file) if trial.error_file else None
+    return failure is not None and "The actor " in failure[1] and ("died" in failure[1] or "unavailable" in failure[1])
 
 
 def keep_cache(cfg: Config, since: float) -> str | None:

@@ -21,6 +21,8 @@ def register_export(uri: str, export_dir: Path, card: dict, name: str) -> str:
     import onnx
     from mlflow.models import infer_signature
 
+    from tskd_tune.methods import get_method
+
     origin = card.get("trial", {})
     mlflow.set_tracking_uri(uri)
     # created as a search creates it (artifacts beside a SQLite store), if it is not there yet
@@ -44,8 +46,6 @@ def register_export(uri: str, export_dir: Path, card: dict, name: str) -> str:
     scores = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("val_dice", "test_dice") if isinstance(metrics.get(k), int | float))
     where = (f"trial {origin['name']} of search {origin.get('search', '?')} (MLflow run {origin.get('mlflow_run_id', '?')})"
              if origin else "a standalone trial")  # fmt: skip
-    from tskd_tune.methods import get_method
-
     t = card["config"]["teacher"]
     uses = get_method(card["method"]).teacher is not None
     teacher = f"{t['model']} ({'LoRA' if t['adapt'] == 'lora' else 'frozen encoder'}, {t['head']} head)" if uses else "none"
