@@ -80,13 +80,18 @@ def test_no_module_is_too_long():
 
 
 def test_config_literals_equal_the_registries():
-    from tskd_tune.config import DistillConfig, SearchConfig
+    from tskd_tune.config import DistillConfig, SearchConfig, StudentConfig, SyntheticConfig
+    from tskd_tune.kinds import GENERATOR_KINDS
     from tskd_tune.methods import METHODS
+    from tskd_tune.models.students import STUDENTS
 
     assert set(get_args(DistillConfig.model_fields["method"].annotation)) == set(METHODS)
     # any method can be a search's reference trial
     (baseline,) = get_args(SearchConfig.model_fields["baselines"].annotation)
     assert set(get_args(baseline)) == set(METHODS)
+    assert set(get_args(StudentConfig.model_fields["model"].annotation)) == set(STUDENTS)
+    # a generator is built from its kind's properties (synth.pool), so its kind is its registry entry
+    assert set(get_args(SyntheticConfig.model_fields["generator"].annotation)) == set(GENERATOR_KINDS)
     from tskd_tune.search import SAMPLERS, SCHEDULERS
 
     assert set(get_args(SearchConfig.model_fields["algorithm"].annotation)) == set(SAMPLERS)

@@ -1,8 +1,9 @@
 """The config tree: one pydantic model per YAML section, and the constants that describe it.
 
 Field docstrings are the fields' descriptions. Beside :mod:`tskd_tune.space` (whose distributions are a
-field type) and :mod:`tskd_tune.secrets` (where passwords go) this module imports nothing of the package, so the layers below validation (data, models,
-training) take their config types from here.
+field type), :mod:`tskd_tune.secrets` (where passwords go) and :mod:`tskd_tune.kinds` (the names of the
+students, generators and methods, which the Literal types below are built from) this module imports nothing
+of the package, so the layers below validation (data, models, training) take their config types from here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tskd_tune.kinds import GENERATOR_KINDS, METHOD_NAMES, STUDENT_KINDS
 from tskd_tune.secrets import WHERE_PASSWORDS_GO
 from tskd_tune.space import Distribution
 
@@ -144,8 +146,15 @@ class TeacherConfig(Section):
         return None
 
 
+# the names the kinds' fields accept are those declared in tskd_tune.kinds (an unknown one is a literal_error:
+# one line naming the field, like any other); Method is also what a search's reference trials may name
+StudentName = Literal[tuple(STUDENT_KINDS)]
+GeneratorName = Literal[tuple(GENERATOR_KINDS)]
+Method = Literal[METHOD_NAMES]
+
+
 class StudentConfig(Section):
-    model: Literal["unet", "timm_unet", "vit_tiny"] = "unet"
+    model: StudentName = "unet"
     """Student architecture from the registry: unet, timm_unet, vit_tiny."""
     channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], min_length=2)
     """Channels per resolution level (unet; decoder widths and encoder levels of timm_unet)."""
@@ -172,8 +181,9 @@ class StudentConfig(Section):
 
 
 class SyntheticConfig(Section):
-    generator: Literal["none", "ddpm", "pretrained"] = "none"
-    """Source of synthetic transfer images: none, a small DDPM trained on the training images, or a local pipeline."""
+    generator: GeneratorName = "none"
+    """Source of synthetic transfer images: none, ddpm (a small DDPM trained on the training images) or
+    pretrained (a local pipeline, synthetic.pretrained_path)."""
     ratio: float = Field(0.0, ge=0)
     """Synthetic images per real transfer image, min(pool_size, round(ratio * real)) drawn from the pool (0: none)."""
     pool_size: int = Field(256, ge=0)
@@ -207,11 +217,6 @@ class SyntheticConfig(Section):
     method), or both. The trial records how many were drawn and kept."""
     min_confidence: float = Field(0.9, ge=0, le=1)
     """The confidence filter's threshold: the teacher's mean max-softmax over an image's pixels."""
-
-
-# the registered methods (tskd_tune.methods; a test holds the two equal): what distill.method and a
-# search's reference trials may name
-Method = Literal["ts_kd", "ta_kd", "mae", "scratch", "teacher"]
 
 
 class DistillConfig(Section):

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from tskd_tune.config.schema import OBJECTIVE_METRICS, PATH_FIELDS, Config, DataConfig, SearchConfig
 from tskd_tune.config.yaml_io import read_yaml, set_by_path
 from tskd_tune.errors import ConfigError, DataError
+from tskd_tune.kinds import STUDENT_KINDS, generator_kind, names_where, student_kind
 from tskd_tune.space import DISTRIBUTION_TYPES
 
 # ---------------------------------------------------------------------------------- error messages
@@ -92,10 +93,10 @@ def _cross_checks(cfg: Config, check_search_space: bool) -> list[str]:
         problems.append("distill: kd_weight and sup_weight are both 0, so the student learns nothing")
     for where, methods in (("distill.method", [d.method]), ("search.baselines", cfg.search.baselines)):
         # masked-image modelling drops patch tokens: only a ViT encoder can run on the visible ones alone
-        if "mae" in methods and cfg.student.model != "vit_tiny":
+        if "mae" in methods and not student_kind(cfg.student.model).vit:
             problems.append(
-                f"{where}: mae pretrains a ViT student's encoder (student.model: vit_tiny), "
-                f"got {cfg.student.model}"
+                f"{where}: mae pretrains a ViT student's encoder "
+                f"(student.model: {names_where(STUDENT_KINDS, 'vit')}), got {cfg.student.model}"
             )
     if cfg.teacher.head_problem():
         problems.append(cfg.teacher.head_problem())
@@ -106,11 +107,12 @@ def _cross_checks(cfg: Config, check_search_space: bool) -> list[str]:
                 f"{section}: ce_weight and dice_weight are both 0, so the {section} learns nothing from labels"
             )
     synthetic = cfg.synthetic
-    if synthetic.generator == "pretrained" and synthetic.pretrained_path is None:
+    generator = generator_kind(synthetic.generator)
+    if generator.folder and synthetic.pretrained_path is None:
         problems.append("synthetic.pretrained_path: required when synthetic.generator is pretrained")
     levels = 2 ** (len(synthetic.channels) - 1)
     size = synthetic.image_size or cfg.data.image_size
-    if synthetic.generator == "ddpm" and size % levels:
+    if generator.trained and size % levels:
         problems.append(
             f"synthetic.image_size: must be divisible by {levels} (the UNet halves it "
             f"{len(synthetic.channels) - 1} time(s)), got {size}"

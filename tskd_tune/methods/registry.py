@@ -3,8 +3,9 @@
 As peft registers its tuners, each method module calls :func:`register_method` with a
 :class:`MethodSpec`; every caller that needs to know something about a method (does it need a teacher,
 which one, does it distil on the transfer set, does it save a student, how many epochs does it report)
-asks the spec instead of comparing names. ``distill.method`` in the config accepts exactly the
-registered names (a test holds the two equal).
+asks the spec instead of comparing names. The names themselves are declared in the light
+:mod:`tskd_tune.kinds` (``METHOD_NAMES``), which ``distill.method``'s Literal is built from without importing
+the methods; a method registers only under a declared name, and a test holds the two tables equal.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from tskd_tune.errors import TskdError
+from tskd_tune.kinds import METHOD_NAMES
 
 if TYPE_CHECKING:
     from tskd_tune.config import Config
@@ -45,6 +47,9 @@ METHODS: dict[str, MethodSpec] = {}
 
 def register_method(spec: MethodSpec) -> MethodSpec:
     """Add a method to the registry (each method module calls this once, at import)."""
+    if spec.name not in METHOD_NAMES:
+        # the config would refuse the name: declare it beside the others first
+        raise ValueError(f"method {spec.name!r} is not declared in tskd_tune.kinds.METHOD_NAMES")
     METHODS[spec.name] = spec
     return spec
 

@@ -3,7 +3,8 @@
 Every student maps (B, C, S, S) images in [0, 1] to logits (B, K, S, S) at the input resolution, gives its
 encoder feature maps with ``features(x)`` (shallow to deep, deepest last) for feature distillation, and
 has an int ``feature_dim``, the channel count of the deepest map. Variants are factories in
-:data:`STUDENTS`, selected by ``student.model``.
+:data:`STUDENTS`, selected by ``student.model``; each registers under a kind declared in
+:data:`tskd_tune.kinds.STUDENT_KINDS` (the names the config accepts, and what callers ask of a student).
 """
 
 from __future__ import annotations
@@ -18,8 +19,25 @@ from torch import nn
 
 from tskd_tune.config.schema import StudentConfig
 from tskd_tune.errors import TskdError
+from tskd_tune.kinds import STUDENT_KINDS, student_kind
 
 StudentFactory = Callable[[StudentConfig, int, int, int], nn.Module]
+
+STUDENTS: dict[str, StudentFactory] = {}
+"""``student.model`` -> ``factory(cfg, in_chans, num_classes, image_size)``; filled by :func:`register_student`."""
+
+
+def register_student(name: str) -> Callable[[StudentFactory], StudentFactory]:
+    """Register the decorated factory as student ``name``, a kind declared in ``tskd_tune.kinds``."""
+    if name not in STUDENT_KINDS:
+        # the config would refuse the name: declare the kind (and what it is) first
+        raise ValueError(f"student {name!r} is not declared in tskd_tune.kinds.STUDENT_KINDS")
+
+    def add(factory: StudentFactory) -> StudentFactory:
+        STUDENTS[name] = factory
+        return factory
+
+    return add
 
 
 def _first_line(exc: BaseException) -> str:
@@ -66,6 +84,7 @@ class UNetStudent(nn.Module):
 _UNET_FIXED = ("spatial_dims", "in_channels", "out_channels", "channels", "strides")
 
 
+@register_student("unet")
 def unet(cfg: StudentConfig, in_chans: int, num_classes: int, image_size: int) -> nn.Module:
     """MONAI UNet with ``student.channels`` per level and a stride-2 step between levels."""
     from monai.networks.nets import UNet
@@ -147,6 +166,7 @@ class TimmUNet(nn.Module):
 _TIMM_FIXED = ("features_only", "pretrained", "in_chans", "out_indices", "feature_cls", "pretrained_cfg")
 
 
+@register_student("timm_unet")
 def timm_unet(cfg: StudentConfig, in_chans: int, num_classes: int, image_size: int) -> nn.Module:
     """Randomly initialised timm encoder (``student.encoder``) cut to ``len(student.channels)`` levels."""
     import timm
@@ -198,6 +218,7 @@ def _dry_run(encoder: nn.Module, name: str, in_chans: int, image_size: int) -> N
 
 
 # ----------------------------------------------------------------------------------------- vit_tiny
+@register_student("vit_tiny")
 def vit_tiny(cfg: StudentConfig, in_chans: int, num_classes: int, image_size: int) -> nn.Module:
     """ViT-Tiny (patch 8 by default, for small images) with a light progressive-upsampling head."""
     from tskd_tune.models.vit import timm_segmenter
@@ -216,13 +237,7 @@ def vit_tiny(cfg: StudentConfig, in_chans: int, num_classes: int, image_size: in
         raise TskdError(f"student.model_kwargs: not accepted by vit_tiny: {_first_line(exc)}") from None
 
 
-# ----------------------------------------------------------------------------------------- registry
-STUDENTS: dict[str, StudentFactory] = {"unet": unet, "timm_unet": timm_unet, "vit_tiny": vit_tiny}
-
-
+# --------------------------------------------------------------------------------------------- build
 def build_student(cfg: StudentConfig, in_chans: int, num_classes: int, image_size: int) -> nn.Module:
     """Build the student named by ``cfg.model`` (weights are random; nothing is downloaded)."""
-    factory = STUDENTS.get(cfg.model)
-    if factory is None:
-        raise TskdError(f"student.model: unknown student {cfg.model!r} (known: {', '.join(STUDENTS)})")
-    return factory(cfg, in_chans, num_classes, image_size)
+    return STUDENTS[student_kind(cfg.model).name](cfg, in_chans, num_classes, image_size)

@@ -23,6 +23,7 @@ from tskd_tune.config import Config, SyntheticConfig
 from tskd_tune.data.prepare import Prepared, Splits, take_rows
 from tskd_tune.errors import TskdError
 from tskd_tune.faults import beat
+from tskd_tune.kinds import generator_kind
 from tskd_tune.runtime import resolve_device
 from tskd_tune.synth.gate import GATE_FIGURES, GATE_MAX_IMAGES, quality_gate, spread
 from tskd_tune.synth.generator import (
@@ -110,7 +111,7 @@ def generator_key(cfg: Config, prepared: Prepared, splits: Splits) -> dict:
         "generator": gc.generator,
         "seed": cfg.seed,
     }
-    if gc.generator == "pretrained":
+    if generator_kind(gc.generator).folder:
         return key | {"pretrained": pipeline_fingerprint(pretrained_folder(gc))}
     train_fields = {
         "channels",
@@ -170,7 +171,7 @@ def draws_synthetic(cfg: Config) -> bool:
     """Whether ``cfg``'s synthetic settings give images to draw: a generator, a pool, a ratio > 0 (whether
     its method distils on a transfer set at all is the method's to say: ``methods.checks.uses_pool``)."""
     gc = cfg.synthetic
-    return gc.generator != "none" and gc.pool_size > 0 and gc.ratio > 0
+    return generator_kind(gc.generator).images and gc.pool_size > 0 and gc.ratio > 0
 
 
 def pool_for_search(cfg: Config, prepared: Prepared, splits: Splits, progress: Progress | None = None) -> Pool | None:
@@ -197,11 +198,12 @@ def build_pool(
 ) -> Pool | None:
     """The synthetic pool for ``cfg`` from the cache, or generated now (training the generator if needed).
 
-    Returns None when ``synthetic.generator`` is none or ``synthetic.pool_size`` is 0. A pool that fails
-    the quality gate is returned all the same, with a warning; its ``gate["passed"]`` is False.
+    Returns None when ``synthetic.generator`` makes no images (none) or ``synthetic.pool_size`` is 0. A
+    pool that fails the quality gate is returned all the same, with a warning; its ``gate["passed"]`` is
+    False.
     """
     gc = cfg.synthetic
-    if gc.generator == "none" or gc.pool_size == 0:
+    if not generator_kind(gc.generator).images or gc.pool_size == 0:
         return None
     if device is None:
         device = resolve_device(cfg)
@@ -297,7 +299,8 @@ def pool_semantics(
 
 
 def _where(gc: SyntheticConfig) -> str:
-    return "synthetic.pretrained_path" if gc.generator == "pretrained" else "synthetic (trained generator)"
+    folder = generator_kind(gc.generator).folder
+    return "synthetic.pretrained_path" if folder else "synthetic (trained generator)"
 
 
 def _generator(
@@ -305,7 +308,7 @@ def _generator(
 ) -> tuple[Path, bool]:
     """The generator's pipeline folder: the user's (``pretrained``) or a cached, trained ``ddpm``."""
     gc = cfg.synthetic
-    if gc.generator == "pretrained":
+    if generator_kind(gc.generator).folder:
         return pretrained_folder(gc), True
 
     def build(tmp: Path) -> None:
