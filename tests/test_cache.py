@@ -232,3 +232,24 @@ def test_cache_ls_and_prune_commands(tmp_path):
         proc = cli(*bad)
         assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
         assert proc.stderr.startswith(f"error: {field}") and "Traceback" not in proc.stderr
+
+
+def test_written_json_is_strict_an_undefined_number_is_null(tmp_path):
+    import json
+    import math
+
+    import numpy as np
+
+    from tskd_tune.cache import json_text, write_json
+
+    obj = {"rank_correlation": [{"epoch": 2, "spearman": math.nan}], "best": np.float32(0.5), "worst": -math.inf,
+           "test_dice": np.float64("nan"), "per_class": np.array([0.25, np.nan]), "path": tmp_path, "n": 3}  # fmt: skip
+    write_json(tmp_path / "summary.json", obj)
+
+    def refuse(constant):  # what strict parsers (jq, browsers) do with NaN or Infinity
+        raise ValueError(constant)
+
+    back = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    assert back == {"rank_correlation": [{"epoch": 2, "spearman": None}], "best": 0.5, "worst": None, "test_dice": None,
+                    "per_class": [0.25, None], "path": str(tmp_path), "n": 3}  # fmt: skip
+    assert json.loads(json_text(obj, indent=None), parse_constant=refuse) == back

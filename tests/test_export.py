@@ -108,3 +108,25 @@ def test_slices_the_demo_can_write_are_what_predict_reads(trial_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tskd_tune", "data", "export-slices", str(space), "--split", "train"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --split: must be test, val, labeled or unlabeled, got 'train'"
+
+
+def test_save_student_writes_what_load_trial_student_reads(tiny, tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    from tskd_tune.config import to_yaml
+    from tskd_tune.export import save_student
+    from tskd_tune.models.students import build_student
+
+    cfg = tiny(distill={"method": "scratch"})
+    torch.manual_seed(3)
+    model = build_student(cfg.student, cfg.data.channels, 4, cfg.data.image_size)  # the phantom's 4 classes
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    path = save_student(model, tmp_path, "scratch", cfg.student.model)
+    assert path == tmp_path / "student.safetensors" and not list(tmp_path.glob(".*.tmp"))
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"method": "scratch", "model": "unet"}
+    loaded, loaded_cfg, metrics = load_trial_student(tmp_path)
+    assert loaded_cfg.student == cfg.student and metrics == {}  # no metrics.json: none
+    saved, back = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved)

@@ -1,6 +1,8 @@
 """The method registry, and each method on its own: golden losses of one tiny seeded step (a silent change
 of a loss, a batch order or an initialisation shows up here), what the teacher's cache key depends on."""
 
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import TINY_VIT_STUDENT
@@ -79,3 +81,71 @@ def test_the_lora_rank_reaches_peft(tiny, rank):
     b = [m for n, m in model.named_modules() if n.endswith("lora_B.default")]
     assert a and all(m.weight.shape[0] == rank for m in a) and all(m.weight.shape[1] == rank for m in b)
     assert {m.scaling["default"] for n, m in model.named_modules() if n.endswith(".qkv")} == {2.0}
+
+
+def test_a_record_flattens_into_the_trial_metrics_in_metrics_json_order():
+    from tskd_tune.methods import Record, TeacherSource
+    from tskd_tune.methods.record import FROZEN_ENCODER
+
+    pool = {"synth_pool": 8, "synth_cached": True}
+    record = Record(pool=pool, logits_cached=False, synth_drawn=4, synth_kept=3)
+    record.teacher = TeacherSource(cached=True, adapter="/cache/teacher/abc")
+    record.read_features(cached=True, seconds=1.5)
+    record.read_features(cached=False, seconds=0.5, backend="onnx batch 16")
+    record.transfer_real, record.transfer_synthetic = 40, 8
+    assert list(record.metrics().items()) == [
+        ("teacher_features_cached", False),  # one read computed features: not all came from the cache
+        ("teacher_features_s", 2.0),
+        ("synth_pool", 8),
+        ("synth_cached", True),
+        ("teacher_features_backend", "onnx batch 16"),
+        ("teacher_cached", True),
+        ("teacher_adapter", "/cache/teacher/abc"),
+        ("logits_cached", False),
+        ("transfer_real", 40),
+        ("transfer_synthetic", 8),
+        ("synth_drawn", 4),
+        ("synth_kept", 3),
+    ]
+    # the teacher-feature figures are always reported; the rest only when measured
+    assert Record().metrics() == {"teacher_features_cached": None, "teacher_features_s": None}
+    # the frozen encoder is a teacher with nothing fine-tuned to cache: reported as None, with no adapter
+    assert Record(teacher=FROZEN_ENCODER).metrics() == Record().metrics() | {"teacher_cached": None}
+    timed = Record(timings={"data": 0.25})
+    with timed.timed("student"):
+        pass
+    with timed.timed("data"):  # a phase timed twice adds up, in the order first timed
+        pass
+    assert list(timed.seconds()) == ["data_s", "student_s"] and timed.seconds()["data_s"] >= 0.25
+
+
+@pytest.mark.parametrize("method", ["ts_kd", "scratch"])
+def test_a_method_returns_its_record_with_typed_fields(tiny, method):
+    import torch
+
+    from tskd_tune.cache import Store
+    from tskd_tune.data.prepare import load
+    from tskd_tune.methods import Record, TeacherSource, TrialContext
+
+    cfg = tiny(distill={"method": method}, teacher={"epochs": 1}, student={"epochs": 1, "steps_per_epoch": 1})
+    prepared, splits = load(cfg)
+    st = TrialContext(cfg, prepared, splits, Store(cfg.cache.dir), torch.device("cpu"))
+    outcome = get_method(method).run(st, None)
+    record = outcome.record
+    assert isinstance(record, Record) and record is st.record
+    assert all(isinstance(s, float) and s >= 0 for s in record.timings.values())
+    if method == "scratch":
+        assert record.teacher is None and (record.transfer_real, record.transfer_synthetic) == (0, 0)
+        assert list(record.timings) == ["student"] and record.teacher_features_cached is None
+        return
+    assert record.teacher.cached is False and (Path(record.teacher.adapter) / "head.safetensors").is_file()
+    assert record.logits_cached is False and record.teacher_features_cached is False
+    assert record.transfer_real == len(splits.labeled) + len(splits.unlabeled)
+    assert record.transfer_synthetic == 0
+    assert record.synth_drawn is None  # no synthetic image, no filter
+    assert list(record.timings) == ["teacher", "transfer", "student"]
+    # the same teacher again: the record says it came from the cache, with its logits and features
+    st = TrialContext(cfg, prepared, splits, Store(cfg.cache.dir), torch.device("cpu"))
+    again = get_method(method).run(st, None).record
+    assert again.teacher == TeacherSource(cached=True, adapter=record.teacher.adapter)
+    assert again.logits_cached is True and again.teacher_features_cached is True

@@ -355,3 +355,48 @@ def test_the_report_shows_the_best_trials_synthetic_pool_its_gates_and_what_the_
     # a search without synthetic images has no such section
     plain = write_report(write_search(tmp_path / "p"), tmp_path / "r2", space(), [("val_dice", "max")])
     assert "Synthetic pool" not in plain["html"].read_text() and "synthetic_grid" not in plain
+
+
+def test_run_ids_of_a_local_store_link_to_the_run_pages_tskd_tune_ui_serves(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e")
+    run = client.create_run(exp).info.run_id
+    links, note = run_links(uri, [run])
+    assert links[run] == f'<a href="http://127.0.0.1:5000/#/experiments/{exp}/runs/{run}">{run[:8]}…</a>'
+    assert f"tskd-tune ui --uri {uri}</code> serves it at http://127.0.0.1:5000" in note
+    # a store that is not there (moved, or on another machine) is not created by asking it: the ids stand
+    gone = f"sqlite:///{tmp_path}/elsewhere/mlflow.db"
+    links, note = run_links(gone, [run])
+    assert links[run] == f"<code>{run}</code>" and not (tmp_path / "elsewhere").exists()
+
+
+def test_the_best_overlays_show_validation_slices_spread_over_the_split(tmp_path, tiny):
+    """Not the first six: the figure is the best student on slices from one end of the split to the other."""
+    import numpy as np
+    import torch
+
+    from tskd_tune.data.inspect import comparison_grid, spread_indices
+    from tskd_tune.data.prepare import load
+    from tskd_tune.export import load_trial_student
+    from tskd_tune.trial import run_trial
+
+    path = write_search(tmp_path / "s")
+    outputs = path / "t003_cc03" / "outputs"  # the best trial: a real student in its folder
+    cfg = tiny(distill={"method": "scratch"}, student={"epochs": 1})
+    run_trial(cfg, out_dir=outputs)
+    written = write_report(path, tmp_path / "report", space(), [("val_dice", "max")])
+    prepared, splits = load(cfg)
+    fg = (np.asarray(prepared.masks[splits.val]) > 0).reshape(len(splits.val), -1).sum(1)
+    idx = spread_indices(splits.val, 6, foreground=fg)
+    assert list(idx) != list(splits.val[:6]) and idx[-1] > splits.val[5]
+    model, _, _ = load_trial_student(outputs)
+    images = np.asarray(prepared.images[idx], dtype=np.float32)
+    with torch.inference_mode():
+        pred = model(torch.from_numpy(images)).argmax(1).numpy().astype(np.uint8)
+    expected = comparison_grid(images, np.asarray(prepared.masks[idx]), pred, prepared.classes)
+    drawn = Image.open(written["overlays"])
+    assert drawn.size == expected.size and np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(expected))
+    assert "6 validation images spread over the split" in written["html"].read_text()

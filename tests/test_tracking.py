@@ -227,6 +227,18 @@ def test_a_trials_run_holds_the_curves_and_end_metrics_runs_are_compared_on(stor
     assert json.loads(summary.read_text()) == dict(result)  # everything run_trial returned
 
 
+def test_a_trials_summary_artifact_is_strict_json_with_null_for_an_undefined_score(store, tmp_path):
+    from tskd_tune.trial import TrialResult
+
+    uri, client, parent = store
+    t = tracking.RunTracker(uri, parent_run_id=parent, trial_id="t1", run_name="t001")
+    t.start()
+    tracking.record_result(t, TrialResult({"val_dice": 0.6, "val_hd95": float("nan"), "method": "ts_kd"}), step=1)
+    summary = Path(client.download_artifacts(t.run_id, tracking.SUMMARY_FILE, str(tmp_path)))
+    strict = json.loads(summary.read_text(), parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert strict == {"val_dice": 0.6, "val_hd95": None, "method": "ts_kd"}
+
+
 def test_experiment_artifacts_sit_beside_the_store_and_follow_it_when_moved(tmp_path, monkeypatch):
     import shutil
 

@@ -73,3 +73,14 @@ def test_learning_rate_warms_up_linearly_then_decays_as_a_cosine():
     assert [warm(s) for s in range(10)] == pytest.approx([(s + 1) / 11 for s in range(10)])
     assert warm(10) == pytest.approx(1.0) and warm(55) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert warm(100) == pytest.approx(0.0) and max(warm(s) for s in range(101)) == pytest.approx(1.0)
+
+
+def test_each_epoch_reports_the_learning_rate_its_steps_used_never_the_zero_after_the_last():
+    from tskd_tune.train import lr_factor
+
+    reported = []
+    loop, _ = _loop(epochs=3, steps_per_epoch=2)
+    run_loop(loop, None, lambda epoch, metrics, ckpt: reported.append(metrics["lr"]))
+    factor = lr_factor(6, 0)  # 3 epochs of 2 steps: the cosine reaches 0 only after the last step
+    used = [1e-2 * (factor(2 * e) + factor(2 * e + 1)) / 2 for e in range(3)]
+    assert reported == pytest.approx(used) and reported[-1] > 0

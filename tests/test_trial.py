@@ -19,6 +19,23 @@ from tskd_tune.train import TrialFailed
 from tskd_tune.trial import run_trial
 
 REPO = Path(__file__).resolve().parents[1]
+FEATURES = ["teacher_features_cached", "teacher_features_s", "teacher_features_backend"]
+TRANSFER = ["transfer_real", "transfer_synthetic"]
+RECORDED = {
+    "ts_kd": [*FEATURES, "teacher_cached", "teacher_adapter", "logits_cached", *TRANSFER],
+    "ta_kd": [*FEATURES, "teacher_cached", *TRANSFER],
+    "scratch": [*FEATURES[:2], *TRANSFER],
+    "teacher": [*FEATURES, "teacher_cached", "teacher_adapter"],
+}
+"""What each method's record adds to a trial's metrics (a cold cache: teacher features are computed), in
+metrics.json's order: between the trial's measurements (``teacher_pretrained`` last) and the split sizes."""
+TIMED = {
+    "ts_kd": ["teacher", "transfer", "student"],
+    "ta_kd": ["student"],
+    "scratch": ["student"],
+    "teacher": ["teacher"],
+}
+"""The phases each method times, after the data's (``<phase>_s``, closing the metrics)."""
 
 
 @pytest.mark.parametrize("method", ["ts_kd", "ta_kd", "scratch", "teacher"])
@@ -30,7 +47,18 @@ def test_every_method_runs_and_reports(tiny, tmp_path, method):
     expected_epochs = cfg.teacher.epochs if method == "teacher" else cfg.student.epochs
     assert [e for e, _, _ in reports] == list(range(1, expected_epochs + 1))
     assert all("val_dice" in m for _, m, _ in reports)
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["val_dice"] == result["val_dice"]
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written["val_dice"] == result["val_dice"] and list(written) == list(result)
+    keys = list(result)
+    start = keys.index("teacher_pretrained") + 1
+    assert keys[start : keys.index("labeled")] == RECORDED[method]
+    timed = ["data", *TIMED[method]]
+    assert keys[keys.index("unlabeled") + 1 :] == [f"{p}_s" for p in timed] + ["total_s", "threads"]
+    assert result["teacher_features_cached"] is (False if method != "scratch" else None)
+    teacher_cached = {"ts_kd": False, "ta_kd": None, "teacher": False}  # left out: the method has no teacher
+    assert result.get("teacher_cached", "left out") == teacher_cached.get(method, "left out")
+    assert result.teacher_cached == result.get("teacher_cached")
+    assert result.teacher_entry == result.get("teacher_adapter")
     assert "test_dice" not in result  # the test split is only evaluated when asked
     if method == "ts_kd":
         assert result["teacher_val_dice"] > 0 and result["transfer_real"] == 8 + result["unlabeled"]
@@ -193,17 +221,19 @@ def test_val_overlays_are_a_readable_grid_of_image_truth_and_prediction(tiny, tm
     import numpy as np
     from PIL import Image
 
-    from tskd_tune.data.inspect import COLUMNS, PALETTE, TILE_MIN, overlay, tile_box
-    from tskd_tune.trial import overlays
+    from tskd_tune.data.inspect import COLUMNS, PALETTE, TILE_MIN, overlay, tile_box, val_overlays
 
     cfg = tiny()
     prepared, splits = load(cfg)
     model = build_student(cfg.student, cfg.data.channels, len(prepared.classes), cfg.data.image_size)
-    picture = np.asarray(Image.open(overlays(model, prepared, splits, tmp_path, "cpu")).convert("RGB"))
+    picture = np.asarray(Image.open(val_overlays(model, prepared, splits, tmp_path, "cpu")).convert("RGB"))
     assert picture.shape[0] > picture.shape[1]  # one row per image, not a strip
 
-    idx = np.sort(splits.val[:6])
-    assert len(idx) == 6
+    # six validation slices spread over the split in slice order, those with foreground only
+    val = np.sort(splits.val)
+    with_fg = val[(np.asarray(prepared.masks[val]) > 0).reshape(len(val), -1).any(1)]
+    idx = with_fg[np.unique(np.linspace(0, len(with_fg) - 1, 6).round().astype(int))]
+    assert len(idx) == 6 and idx[0] == with_fg[0] and idx[-1] == with_fg[-1]
     images = np.asarray(prepared.images[idx], np.float32)
     with torch.inference_mode():
         preds = model.eval()(torch.from_numpy(images)).argmax(1).numpy().astype(np.uint8)

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -141,8 +142,27 @@ def atomic_write(path: Path, data: bytes | str, write: Callable[[Path, bytes], N
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """:func:`atomic_write` of ``obj`` as indented JSON (what the product writes is never half a file)."""
-    atomic_write(path, json.dumps(obj, indent=2, default=str))
+    """:func:`atomic_write` of ``obj`` as indented strict JSON (:func:`json_text`; never half a file)."""
+    atomic_write(path, json_text(obj))
+
+
+def json_text(obj: Any, indent: int | None = 2) -> str:
+    """``obj`` as strict JSON: a non-finite float (NaN, an infinity: an undefined score) is ``null``, since
+    Python's ``NaN`` is not JSON and strict parsers (``jq``, browsers, most languages) refuse the whole file;
+    numpy numbers and arrays are numbers and lists, anything else its ``str``."""
+    return json.dumps(_finite(obj), indent=indent, default=str, allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy scalars and arrays, tensors
+        return _finite(obj.tolist())
+    return obj
 
 
 def writable_dir(path: Path, what: str) -> Path:

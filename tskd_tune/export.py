@@ -1,4 +1,5 @@
-"""Export a trial's student (ONNX or TorchScript) with a model card, and predict masks with it.
+"""A trial's student: its weights saved and loaded (``student.safetensors``), exported (ONNX or
+TorchScript) with a model card, and masks predicted with it.
 
 An exported folder holds ``model.onnx`` or ``model.pt`` and ``model_card.json`` (classes, input size
 and range, metrics, the resolved config). The ONNX file is checked against PyTorch on random inputs
@@ -17,16 +18,31 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tskd_tune.cache import atomic_write, json_text
 from tskd_tune.config import Config, DataConfig, load_config
 from tskd_tune.data.folder import read_any_image
 from tskd_tune.data.inspect import overlay, save_png
 from tskd_tune.data.prepare import preprocess_image
 from tskd_tune.data.registry import class_names
 from tskd_tune.errors import TskdError
+from tskd_tune.kinds import student_kind
 from tskd_tune.models.students import build_student
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 TOLERANCE = 1e-4
+STUDENT_FILE = "student.safetensors"
+"""The trained student's weights in a trial folder (safetensors: no pickle), beside its ``config.yaml``."""
+
+
+def save_student(model: torch.nn.Module, trial_dir: Path, method: str, model_name: str) -> Path:
+    """Write ``model``'s weights to ``trial_dir/student.safetensors`` (atomically), with the ``method`` that
+    trained it and its ``student.model`` as metadata; what :func:`load_trial_student` reads back."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path = Path(trial_dir) / STUDENT_FILE
+    atomic_write(path, save(state, metadata={"method": method, "model": model_name}))
+    return path
 
 
 def load_trial_student(trial_dir: Path) -> tuple[torch.nn.Module, Config, dict]:
@@ -34,7 +50,7 @@ def load_trial_student(trial_dir: Path) -> tuple[torch.nn.Module, Config, dict]:
     from safetensors.torch import load_file
 
     trial_dir = Path(trial_dir)
-    weights = trial_dir / "student.safetensors"
+    weights = trial_dir / STUDENT_FILE
     if not (trial_dir / "config.yaml").is_file() or not weights.is_file():
         raise TskdError(f"{trial_dir}: not a trial folder (expected config.yaml and student.safetensors)")
     cfg = load_config(trial_dir / "config.yaml")
@@ -107,7 +123,7 @@ def provenance(outputs: Path) -> dict:
 def _student_card(student) -> dict:
     """The student's settings that describe it (``encoder`` only where the model has one: timm_unet)."""
     card = student.model_dump(mode="json")
-    if student.model != "timm_unet":
+    if not student_kind(student.model).encoder:
         card.pop("encoder", None)
     return card
 
@@ -168,7 +184,7 @@ def export(trial_dir: Path, fmt: str, out_dir: Path, known: dict | None = None) 
         "max_abs_diff_vs_pytorch": diff,
         "config": cfg.model_dump(mode="json"),
     }
-    (tmp / "model_card.json").write_text(json.dumps(card, indent=2, default=float))
+    (tmp / "model_card.json").write_text(json_text(card))
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)

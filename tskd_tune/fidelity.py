@@ -18,6 +18,8 @@ TRUST = 0.6
 MIN_TRIALS = 4
 """Fewer finished trials than this make a rank correlation noise (over 3 it can only be -1, -0.5, 0.5 or 1):
 no warning is drawn from them."""
+MIN_RANKED = 3
+"""Fewer trials than this have no rank correlation at all (it is undefined, as it is when their scores tie)."""
 
 
 def rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
@@ -48,7 +50,7 @@ def histories(search_path: Path, metric: str) -> dict[str, dict[int, float]]:
 
 def rank_correlations(search_path: Path, metric: str, rung_epochs: list[int], max_t: int) -> list[dict]:
     """Per rung: ``{"epoch", "spearman", "trials"}`` over the trials that reported ``max_t`` epochs (nan with
-    fewer than 3 such trials, or when every trial scored the same)."""
+    fewer than :data:`MIN_RANKED` such trials, or when every trial scored the same)."""
     return correlations(list(histories(search_path, metric).values()), rung_epochs, max_t)
 
 
@@ -61,7 +63,7 @@ def correlations(curves: list[dict[int, float]], epochs: list[int], max_t: int) 
     for epoch in epochs:
         pairs = [(c[epoch], c[max_t]) for c in done if epoch in c]
         rho = math.nan
-        if len(pairs) >= 3 and len({a for a, _ in pairs}) > 1 and len({b for _, b in pairs}) > 1:
+        if len(pairs) >= MIN_RANKED and len({a for a, _ in pairs}) > 1 and len({b for _, b in pairs}) > 1:
             rho = float(spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic)
         out.append({"epoch": epoch, "spearman": rho, "trials": len(pairs)})
     return out

@@ -186,3 +186,17 @@ def to_optuna(space: dict[str, Any]) -> dict[str, optuna.distributions.BaseDistr
 def describe_space(space: dict[str, Any]) -> list[tuple[str, str]]:
     """(path, distribution) rows for printing."""
     return [(path, dist.describe()) for path, dist in space.items()]
+
+
+PARAM_LIMIT = 6000
+"""The longest param value MLflow stores (``mlflow.utils.validation.MAX_PARAM_VAL_LENGTH``)."""
+
+
+def space_params(space: dict[str, Any]) -> dict[str, str]:
+    """The space as run params, ``space.<path>`` -> its distribution (``space.student.lr`` ->
+    ``loguniform(low=0.0001, high=0.01)``); a value too long for MLflow (a choice of many values) is cut
+    to :data:`PARAM_LIMIT` characters, ending in ``…``."""
+    out = {}
+    for path, text in describe_space(space):
+        out[f"space.{path}"] = text if len(text) <= PARAM_LIMIT else text[: PARAM_LIMIT - 1] + "…"
+    return out

@@ -166,7 +166,7 @@ def run_loop(loop: Loop, out_dir: Path | None, report: Report | None, resume: di
         g = torch.Generator().manual_seed(s)
         for m in loop.modules.values():
             m.train()
-        losses = []
+        losses, lrs = [], []
         for i in range(loop.steps_per_epoch):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=loop.autocast):
                 loss = loop.hooks.on_loss(loop.phase, epoch, i, loop.step(g))
@@ -178,11 +178,14 @@ def run_loop(loop: Loop, out_dir: Path | None, report: Report | None, resume: di
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            lrs.append(opt.param_groups[0]["lr"])
             opt.step()
             sched.step()
             losses.append(loss.item())
             loop.hooks.after_step()
-        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0]}
+        # the rate the epoch's steps used (their mean), not the scheduler's next one: after the last step
+        # of the cosine that is 0, which reads as a bug
+        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": float(np.mean(lrs))}
         if loop.evaluate is not None:
             metrics |= loop.evaluate()
         metrics["epoch_s"] = time.perf_counter() - t0

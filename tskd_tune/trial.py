@@ -3,7 +3,9 @@
 A trial loads (or receives) the prepared data, loads (or builds, once) the synthetic pool when its
 transfer set draws from it, runs the configured method, measures the models and
 writes its outputs to ``out_dir``: ``config.yaml`` (the resolved config, so the result can be re-run),
-``metrics.json``, ``student.safetensors`` and ``checkpoint/`` (resumable state).
+``metrics.json``, ``student.safetensors`` and ``checkpoint/`` (resumable state). It orchestrates only: the
+method reports through its :class:`~tskd_tune.methods.Record`, the student's weights are saved by
+:func:`tskd_tune.export.save_student` and its overlays drawn by :func:`tskd_tune.data.inspect.val_overlays`.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import torch
-
-from tskd_tune.cache import Store, atomic_write, writable_dir
+from tskd_tune.cache import Store, atomic_write, writable_dir, write_json
 from tskd_tune.config import Config, to_yaml
+from tskd_tune.data.inspect import val_overlays
 from tskd_tune.data.prepare import Prepared, Splits, load
 from tskd_tune.errors import StorageError
-from tskd_tune.methods import TrialContext, get_method
+from tskd_tune.export import save_student
+from tskd_tune.methods import Record, TeacherSource, TrialContext, get_method
 from tskd_tune.methods.checks import uses_pool
 from tskd_tune.metrics import count_params, evaluate, latency_ms
 from tskd_tune.models.teacher import is_pretrained
@@ -80,11 +82,12 @@ def run_trial(
     """
     t_start = time.perf_counter()
     threads = set_threads(cfg)
+    fill = fill_threads or threads
     seed_all(cfg.seed)
     device = resolve_device(cfg)
-    t0 = time.perf_counter()
-    prepared, splits = data if data is not None else load(cfg)
-    timings = {"data_s": time.perf_counter() - t0}
+    record = Record()  # what the trial measures before the method; the method's stages fill in the rest
+    with record.timed("data"):
+        prepared, splits = data if data is not None else load(cfg)
     if out_dir is not None:
         out_dir = writable_dir(Path(out_dir), "trial output folder")
         atomic_write(out_dir / "config.yaml", to_yaml(cfg))
@@ -100,20 +103,19 @@ def run_trial(
     pool = None
     if uses_pool(cfg):
         # built once and cached (file-locked), so concurrent trials of a search share one pool
-        t0 = time.perf_counter()
-        pool = build_pool(cfg, prepared, splits, store, device)
-        if pool is not None and len(pool) > SEMANTIC_MIN_POOL:
-            # the pool seen through the teacher's frozen encoder: once per pool and encoder, cached
-            pool.semantic = pool_semantics(cfg, prepared, splits, pool, store, device, fill_threads or threads)
-            if not pool.semantic["passed"]:
-                log.warning("synthetic pool %s FAILED the semantic gate (%s)", pool.path,
-                            "; ".join(pool.semantic["reasons"]))  # fmt: skip
-        timings["synth_s"] = time.perf_counter() - t0
-    spec = get_method(cfg.distill.method)
-    st = TrialContext(cfg, prepared, splits, store, device, out_dir, resume, timings, pool=pool,
-                      fill_threads=fill_threads or threads, hooks=hooks or Hooks())  # fmt: skip
+        with record.timed("synth"):
+            pool = build_pool(cfg, prepared, splits, store, device)
+            if pool is not None and len(pool) > SEMANTIC_MIN_POOL:
+                # the pool seen through the teacher's frozen encoder: once per pool and encoder, cached
+                pool.semantic = pool_semantics(cfg, prepared, splits, pool, store, device, fill)
+                if not pool.semantic["passed"]:
+                    log.warning("synthetic pool %s FAILED the semantic gate (%s)", pool.path,
+                                "; ".join(pool.semantic["reasons"]))  # fmt: skip
     if pool is not None:
-        st.info |= pool.metrics()
+        record.pool = pool.metrics()
+    spec = get_method(cfg.distill.method)
+    st = TrialContext(cfg, prepared, splits, store, device, out_dir, resume, record, pool=pool,
+                      fill_threads=fill, hooks=hooks or Hooks())  # fmt: skip
     outcome = spec.run(st, on_epoch)
 
     image_size, chans = cfg.data.image_size, cfg.data.channels
@@ -127,30 +129,24 @@ def run_trial(
         "teacher_params": count_params(outcome.teacher) if outcome.teacher is not None else None,
         "teacher_latency_ms": outcome.metrics.get("teacher_latency_ms"),
         "teacher_pretrained": is_pretrained(cfg.teacher) if spec.teacher else None,
-        "teacher_features_cached": None,
-        "teacher_features_s": None,
-        **st.info,
+        **outcome.record.metrics(),
         **{"labeled": len(splits.labeled), "unlabeled": len(splits.unlabeled)},
     }
     if test:
         result |= outcome.evaluate("test") if outcome.evaluate else evaluate(
             outcome.model, prepared.images[splits.test], prepared.masks[splits.test], prepared.classes, 32, device,
             prefix="test_")  # fmt: skip
-    result |= timings | {"total_s": time.perf_counter() - t_start, "threads": threads}
+    result |= outcome.record.seconds() | {"total_s": time.perf_counter() - t_start, "threads": threads}
     files = []
     if out_dir is not None:
         files.append(out_dir / "config.yaml")
         if spec.student:
-            from safetensors.torch import save
-
-            state = {k: v.detach().cpu().contiguous() for k, v in outcome.model.state_dict().items()}
-            meta = {"method": cfg.distill.method, "model": cfg.student.model}
-            atomic_write(out_dir / "student.safetensors", save(state, metadata=meta))
-            files += [out_dir / "student.safetensors", overlays(outcome.model, prepared, splits, out_dir, device)]
-        atomic_write(out_dir / "metrics.json", json.dumps(result, indent=2, default=float))
+            files.append(save_student(outcome.model, out_dir, cfg.distill.method, cfg.student.model))
+            files.append(val_overlays(outcome.model, prepared, splits, out_dir, device))
+        write_json(out_dir / "metrics.json", result)
         files.append(out_dir / "metrics.json")
-    return TrialResult(result, files, teacher_cached=st.info.get("teacher_cached"),
-                       teacher_entry=st.info.get("teacher_adapter"))  # fmt: skip
+    teacher = outcome.record.teacher or TeacherSource(cached=None)
+    return TrialResult(result, files, teacher_cached=teacher.cached, teacher_entry=teacher.adapter)
 
 
 @dataclass
@@ -179,24 +175,3 @@ class TrialResult(Mapping):
         """What identifies the trial's reused parts, as run tags."""
         return {"tskd.teacher_cached": str(self.teacher_cached), "tskd.teacher_adapter": str(self.teacher_entry)}
 
-
-def overlays(model: torch.nn.Module, prepared: Prepared, splits: Splits, out_dir: Path, device, n: int = 6) -> Path:
-    """``val_overlays.png``: for the first ``n`` validation images, a row of the image, its true mask and the
-    model's prediction, with the class colours in a legend."""
-    import io
-
-    import numpy as np
-
-    from tskd_tune.data.inspect import comparison_grid
-
-    idx = np.sort(splits.val[:n])
-    images = np.asarray(prepared.images[idx], dtype=np.float32)
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        pred = model(torch.from_numpy(images).to(device)).argmax(1).cpu().numpy().astype(np.uint8)
-    model.train(was_training)
-    buf = io.BytesIO()
-    comparison_grid(images, np.asarray(prepared.masks[idx]), pred, prepared.classes).save(buf, format="PNG")
-    atomic_write(out_dir / "val_overlays.png", buf.getvalue())
-    return out_dir / "val_overlays.png"

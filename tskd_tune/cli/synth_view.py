@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tskd_tune.cache import Store
+from tskd_tune.cache import Store, json_text
 from tskd_tune.config import Config
 from tskd_tune.data.prepare import load, take_rows
 from tskd_tune.errors import TskdError
+from tskd_tune.kinds import GENERATOR_KINDS, generator_kind, names_where
 from tskd_tune.runtime import resolve_device
 from tskd_tune.synth import (
     GATE_FIGURES,
@@ -65,15 +66,17 @@ def progress_bar(console: Console | None = None) -> Iterator[Progress]:
 def synth_command(cfg: Config, out_dir: Path, console: Console | None = None) -> dict:
     """`tskd-tune synth`: train or load the generator, fill the pool (progress bar), write grid.png and gate.json."""
     gc = cfg.synthetic
-    if gc.generator == "none":
+    kind = generator_kind(gc.generator)
+    if not kind.images:
         raise TskdError(
-            "synthetic.generator: is none, so there is nothing to generate (set ddpm or pretrained)"
+            f"synthetic.generator: is {kind.name}, so there is nothing to generate "
+            f"(set {names_where(GENERATOR_KINDS, 'images')})"
         )
     if gc.pool_size == 0:
         raise TskdError("synthetic.pool_size: is 0, so there is nothing to generate")
     # a standalone command has the machine, as `trial` computes teacher features on every core
     torch.set_num_threads(cfg.resources.threads or os.cpu_count() or 1)
-    if gc.generator == "pretrained":
+    if kind.folder:
         pretrained_folder(gc)  # a bad path fails before the data is prepared
     t0 = time.perf_counter()
     prepared, splits = load(cfg)
@@ -95,18 +98,18 @@ def synth_command(cfg: Config, out_dir: Path, console: Console | None = None) ->
         "shape": list(pool.images.shape[1:]),
         "cached": pool.cached,
         "generator": gc.generator,
-        "generator_image_size": generator_size(cfg) if gc.generator == "ddpm" else None,
+        "generator_image_size": generator_size(cfg) if kind.trained else None,
         "grid": str(grid),
         "gate": pool.gate,
         "semantic": semantic,
         "synth_s": time.perf_counter() - t0,
     } | {k: v for k, v in pool.info.items() if k != "generator"}
     training = Path(pool.info.get("generator", "")) / "training.json"
-    if gc.generator == "ddpm" and training.is_file():
+    if kind.trained and training.is_file():
         summary["training"] = json.loads(training.read_text())
     path = Path(out_dir) / "gate.json"
     tmp = path.with_name(".gate.json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.write_text(json_text(summary))
     os.replace(tmp, path)
     return summary
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tskd_tune.cache import write_json
+from tskd_tune.cache import json_text, write_json
 from tskd_tune.cli.app import SetOpt, SpaceArg, app, data_app, load_cfg, out, warn
 from tskd_tune.errors import TskdError
 
@@ -65,7 +64,7 @@ def data_inspect(
     summary["preview"] = str(preview_grid(prepared, preview_indices(splits), out_dir / "preview.png"))
     write_json(out_dir / "summary.json", summary)
     if as_json:
-        print(json.dumps(summary, indent=2))
+        print(json_text(summary))
         return
     s = summary["splits"]
     out.print(
@@ -172,7 +171,7 @@ def trial(
     result = run_trial(cfg, report, JsonlTracker(out_dir / "history.jsonl"), out_dir=out_dir, resume_from=resume_from,
                        test=test, fill_threads=cfg.resources.threads)  # fmt: skip
     if as_json:
-        print(json.dumps(result.metrics, indent=2, default=float))
+        print(json_text(result.metrics))
         return
     table = Table("metric", "value", title=f"trial {cfg.name} ({cfg.distill.method})", title_justify="left")
     for k, v in result.items():
@@ -201,7 +200,7 @@ def synth(
     out_dir = out_dir or Path("runs") / "synth" / (cfg.name or "synth")
     summary = synth_command(cfg, out_dir, console=Console(stderr=True))
     if as_json:
-        print(json.dumps(summary, indent=2, default=float))
+        print(json_text(summary))
         return
     print_summary(summary, out)
 

@@ -1,15 +1,21 @@
 """`tskd-tune data inspect`: counts per split, class pixel frequencies and a preview grid with overlays; the
-image | truth | prediction grid a trial writes as ``val_overlays.png``."""
+image | truth | prediction grid a trial writes as ``val_overlays.png`` (:func:`val_overlays`)."""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from tskd_tune.cache import atomic_write
 from tskd_tune.data.prepare import Prepared, Splits
+
+if TYPE_CHECKING:
+    import torch
 
 # distinct, colour-blind-friendly overlay colours (Okabe-Ito), background transparent
 PALETTE = np.array(
@@ -101,6 +107,29 @@ def comparison_grid(images: np.ndarray, truths: np.ndarray, preds: np.ndarray, c
     return canvas
 
 
+def val_overlays(
+    model: torch.nn.Module, prepared: Prepared, splits: Splits, out_dir: Path, device, n: int = 6
+) -> Path:
+    """``val_overlays.png`` in ``out_dir``: for ``n`` validation images spread over the split (those with
+    foreground first, :func:`spread_indices`), a row of the image, its true mask and ``model``'s prediction,
+    with the class colours in a legend (:func:`comparison_grid`)."""
+    import torch
+
+    val = np.sort(splits.val)  # in slice order: spread over the volume
+    fg = (np.asarray(prepared.masks[val]) > 0).reshape(len(val), -1).sum(1)
+    idx = spread_indices(val, n, foreground=fg)
+    images = np.asarray(prepared.images[idx], dtype=np.float32)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        pred = model(torch.from_numpy(images).to(device)).argmax(1).cpu().numpy().astype(np.uint8)
+    model.train(was_training)
+    buf = io.BytesIO()
+    comparison_grid(images, np.asarray(prepared.masks[idx]), pred, prepared.classes).save(buf, format="PNG")
+    atomic_write(Path(out_dir) / "val_overlays.png", buf.getvalue())
+    return Path(out_dir) / "val_overlays.png"
+
+
 def preview_grid(prepared: Prepared, indices: np.ndarray, path: Path, columns: int = 8) -> Path:
     """Write a PNG grid: each image next to (below) its overlay; written atomically."""
     indices = list(indices)
@@ -154,12 +183,26 @@ def export_slices(prepared: Prepared, splits: Splits, split: str, n: int, out_di
     images, masks = Path(out_dir) / "images", Path(out_dir) / "masks"
     images.mkdir(parents=True, exist_ok=True)
     masks.mkdir(parents=True, exist_ok=True)
-    chosen = getattr(splits, split)
-    if len(chosen) > n:  # spread over the split (a test split of consecutive slices would give near-copies)
-        chosen = chosen[np.unique(np.linspace(0, len(chosen) - 1, n).round().astype(int))]
+    chosen = spread_indices(getattr(splits, split), n)  # a split of consecutive slices would give near-copies
     for i in chosen:
         name = prepared.ids[i].replace("/", "_")
         pixels = np.clip(np.asarray(prepared.images[i], dtype=np.float32) * 255 + 0.5, 0, 255).astype(np.uint8)
         save_png(pixels[0] if pixels.shape[0] == 1 else np.moveaxis(pixels, 0, -1), images / f"{name}.png")
         save_png(np.asarray(prepared.masks[i], dtype=np.uint8), masks / f"{name}_mask.png", palette=True)
     return images, masks
+
+
+def spread_indices(indices: np.ndarray, n: int, foreground: np.ndarray | None = None) -> np.ndarray:
+    """``n`` of ``indices`` (a split, in its order) spread evenly over it, its first and last included, instead
+    of its first ``n``: a split of consecutive slices then shows the volume from one end to the other, not
+    six near-copies of its top. ``foreground``: each index's count of foreground pixels; when at least ``n``
+    indices have some, only those are chosen (an empty slice shows nothing of a segmentation). All of
+    ``indices`` when there are ``n`` or fewer."""
+    indices = np.asarray(indices)
+    if foreground is not None:
+        has = np.asarray(foreground) > 0
+        if has.sum() >= n:
+            indices = indices[has]
+    if len(indices) <= n:
+        return indices.copy()
+    return indices[np.unique(np.linspace(0, len(indices) - 1, n).round().astype(int))]

@@ -6,11 +6,23 @@
 - ``scratch`` the student on the labelled images only;
 - ``teacher`` the fine-tuned teacher itself.
 
-Each registers a :class:`MethodSpec`; callers ask :data:`METHODS` what a method needs.
+Each registers a :class:`MethodSpec`; callers ask :data:`METHODS` what a method needs. A method returns an
+:class:`Outcome`: its model, its scores and its :class:`Record` (cache hits, counts, timings: what it reports
+besides its scores).
 """
 
 from tskd_tune.methods import mae, scratch, ta_kd, teacher, ts_kd  # noqa: F401  (each registers itself)
 from tskd_tune.methods.context import Outcome, TrialContext
+from tskd_tune.methods.record import Record, TeacherSource
 from tskd_tune.methods.registry import METHODS, MethodSpec, get_method, register_method
 
-__all__ = ["METHODS", "MethodSpec", "Outcome", "TrialContext", "get_method", "register_method"]
+__all__ = [
+    "METHODS",
+    "MethodSpec",
+    "Outcome",
+    "Record",
+    "TeacherSource",
+    "TrialContext",
+    "get_method",
+    "register_method",
+]

@@ -10,9 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from tskd_tune.cache import json_text
 from tskd_tune.features import Features
 from tskd_tune.losses import FeatureLoss, supervised_loss
 from tskd_tune.methods.context import TrialContext
+from tskd_tune.methods.record import TeacherSource
 from tskd_tune.metrics import latency_ms
 from tskd_tune.models.students import build_student
 from tskd_tune.models.teacher import adapted, load_adapted, save_adapted
@@ -27,7 +29,7 @@ def fine_tuned_teacher(st: TrialContext, report: Report | None = None) -> tuple[
     ``teacher.augment_views`` augmented views (pixel augmentation cannot happen after the prefix); with
     LoRA in every block it trains on images augmented on the fly. ``report`` gets every fine-tuning epoch's
     val scores (a teacher search's scheduler compares teachers on them); a cached teacher is not trained,
-    so it reports nothing here.
+    so it reports nothing here. Where the teacher came from goes into the trial's record.
     """
     cfg, t = st.cfg, st.cfg.teacher
     feats = st.teacher_features(st.teacher_base())
@@ -70,13 +72,12 @@ def fine_tuned_teacher(st: TrialContext, report: Report | None = None) -> tuple[
         metrics["teacher_latency_ms"] = latency_ms(model, cfg.data.channels, cfg.data.image_size,
                                                    device=st.device, repeats=3, warmup=1)  # fmt: skip
         save_adapted(model, tmp)
-        (tmp / "metrics.json").write_text(json.dumps(metrics))
+        (tmp / "metrics.json").write_text(json_text(metrics))
 
     with st.timed("teacher"):
         hit = st.store.get_or_build("teacher", teacher_key(cfg, st.prepared, st.splits), build)
         model = load_adapted(st.teacher_base(), hit.path).to(st.device).eval()
-    st.info["teacher_cached"] = hit.cached
-    st.info["teacher_adapter"] = str(hit.path)  # where the trained head / LoRA adapter lives (a reference)
+    st.record.teacher = TeacherSource(cached=hit.cached, adapter=str(hit.path))
     return model, json.loads((hit.path / "metrics.json").read_text())
 
 
@@ -97,8 +98,8 @@ def transfer_positions(
 ) -> np.ndarray:
     """The transfer-set positions the student learns from: every real image, and the drawn synthetic images
     that ``synthetic.filter`` keeps: those inside the real manifold (the pool's semantic gate) and, given the
-    teacher's ``logits`` on the transfer set, those the teacher is confident on. Adds ``synth_drawn`` and
-    ``synth_kept`` to the trial's metrics when a filter applies."""
+    teacher's ``logits`` on the transfer set, those the teacher is confident on. Sets the record's
+    ``synth_drawn`` and ``synth_kept`` when a filter applies."""
     n_real, sc = len(transfer.real), st.cfg.synthetic
     everything = np.arange(len(transfer), dtype=np.int64)
     if sc.filter == "none" or not len(transfer.synthetic):
@@ -108,7 +109,7 @@ def transfer_positions(
         keep &= st.pool.semantic["inside"][transfer.synthetic]
     if sc.filter in ("confidence", "both") and logits is not None:
         keep &= confidence(logits, everything[n_real:]) >= sc.min_confidence
-    st.info |= {"synth_drawn": len(keep), "synth_kept": int(keep.sum())}
+    st.record.synth_drawn, st.record.synth_kept = len(keep), int(keep.sum())
     return np.concatenate([everything[:n_real], everything[n_real:][keep]])
 
 

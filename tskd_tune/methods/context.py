@@ -1,5 +1,5 @@
-"""The trial context every method works with (config, data, cache, device, bookkeeping) and what a
-method hands back."""
+"""The trial context every method works with (config, data, cache, device, the record its stages fill) and
+what a method hands back."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from tskd_tune.config import Config
 from tskd_tune.data.lateral import FlipPlan, flip_plan
 from tskd_tune.data.prepare import Prepared, Splits, take_rows
 from tskd_tune.features import Features, FromState, StateRows, Views, augmented_views, encoder_features
+from tskd_tune.methods.record import Record
 from tskd_tune.metrics import evaluate
 from tskd_tune.models.teacher import build_teacher
 from tskd_tune.models.vit import Segmenter
@@ -29,8 +30,9 @@ from tskd_tune.transfer import TransferSet
 
 @dataclass
 class TrialContext:
-    """What every method works with: the config, the data, the cache, the device and the trial's bookkeeping
-    (``timings`` and ``info`` become the trial's metrics)."""
+    """What every method works with: the config, the data, the cache, the device and the trial's
+    :class:`Record`, which the stages fill while the method runs and the method hands back on its
+    :class:`Outcome`."""
 
     cfg: Config
     prepared: Prepared
@@ -39,8 +41,9 @@ class TrialContext:
     device: torch.device
     out_dir: Path | None = None
     resume: dict | None = None
-    timings: dict = field(default_factory=dict)
-    info: dict = field(default_factory=dict)
+    record: Record = field(default_factory=Record)
+    """What the method reports besides its scores; the trial starts it (data and pool timings, the pool's
+    figures)."""
     pool: Pool | None = None
     fill_threads: int = 1
     """Threads for computing teacher features that are not in the cache yet."""
@@ -62,8 +65,9 @@ class TrialContext:
         """bf16 autocast: asked for (``resources.mixed_precision``) and on CUDA."""
         return self.cfg.resources.mixed_precision and self.device.type == "cuda"
 
-    def timed(self, name: str):
-        return Timer(self.timings, name)
+    def timed(self, phase: str):
+        """Add the seconds the ``with`` block takes to ``phase`` in the record's timings."""
+        return self.record.timed(phase)
 
     def validator(self, model: nn.Module, split: str = "val") -> Callable[[], dict]:
         idx = getattr(self.splits, split)
@@ -90,19 +94,19 @@ class TrialContext:
                              image_size=cfg.data.image_size, seed=cfg.seed, frozen=frozen)  # fmt: skip
 
     def teacher_views(self, model: Segmenter, indices: np.ndarray) -> Views:
-        """Cached states of ``teacher.augment_views`` augmented views of images ``indices`` (counted into
-        ``teacher_features_cached`` / ``teacher_features_s`` like the other teacher features)."""
+        """Cached states of ``teacher.augment_views`` augmented views of images ``indices`` (counted into the
+        record's ``teacher_features_cached`` / ``teacher_features_s`` like the other teacher features)."""
         t0 = time.perf_counter()
         views = augmented_views(self.cfg, model, self.prepared, indices, self.store, self.device,
                                 threads=self.fill_threads, progress=log_progress)  # fmt: skip
-        self.info["teacher_features_cached"] = self.info.get("teacher_features_cached", True) and views.cached
-        self.info["teacher_features_s"] = self.info.get("teacher_features_s", 0.0) + time.perf_counter() - t0
+        self.record.read_features(views.cached, time.perf_counter() - t0)
         return views
 
     def teacher_features(self, model: Segmenter) -> Features | None:
         """The cached states of ``model``'s frozen prefix for every image (and the synthetic pool), or None
-        when nothing is frozen before its first adapted block. Adds ``teacher_features_cached`` (False if any
-        state was computed in this trial) and ``teacher_features_s`` to the trial's metrics."""
+        when nothing is frozen before its first adapted block. Counts the read into the record
+        (``teacher_features_cached``: False if any state was computed in this trial; its seconds; the
+        backend)."""
         if model.frozen == 0:
             return None
         if model.frozen not in self._features:
@@ -110,10 +114,8 @@ class TrialContext:
             f = encoder_features(self.cfg, model.to(self.device), self.prepared, self.store, self.device,
                                  pool=pool, threads=self.fill_threads, progress=log_progress)  # fmt: skip
             self._features[model.frozen] = f
-            self.info["teacher_features_cached"] = self.info.get("teacher_features_cached", True) and f.cached
-            self.info["teacher_features_s"] = self.info.get("teacher_features_s", 0.0) + f.seconds
-            if f.plan:
-                self.info["teacher_features_backend"] = f"{f.plan['backend']} batch {f.plan['batch_size']}"
+            backend = f"{f.plan['backend']} batch {f.plan['batch_size']}" if f.plan else None
+            self.record.read_features(f.cached, f.seconds, backend)
         return self._features[model.frozen]
 
     def steps_per_epoch(self, transfer: TransferSet) -> int:
@@ -127,28 +129,17 @@ def rows(array: np.ndarray, indices: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(take_rows(array, indices))
 
 
-class Timer:
-    def __init__(self, timings: dict, name: str):
-        self.timings, self.name = timings, name
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.timings[f"{self.name}_s"] = (
-            self.timings.get(f"{self.name}_s", 0.0) + time.perf_counter() - self.t0
-        )
-
-
 @dataclass
 class Outcome:
-    """What a method hands back: the model to evaluate and export, and its final metrics."""
+    """What a method hands back: the model to evaluate and export, its final scores and its record."""
 
     model: nn.Module
     metrics: dict
     teacher: nn.Module | None = None
     evaluate: Callable[[str], dict] | None = None
     """Scores of ``model`` on a split when it needs more than images (a teacher on cached states)."""
+    record: Record = field(kw_only=True)
+    """What the method reports besides its scores (the context's record, as its stages filled it)."""
 
 
 def log_progress(what: str, done: int, total: int) -> None:

@@ -154,7 +154,7 @@ def pretrain(st: TrialContext, student: Segmenter, transfer: TransferSet, steps:
 def mae(st: TrialContext, report: Report | None) -> Outcome:
     """MAE pretraining of the ViT student's encoder on the transfer set, then fine-tuning on the labels."""
     transfer = build_transfer_set(st.splits, st.pool, st.cfg)
-    st.info |= transfer.counts
+    st.record.count_transfer(transfer)
     student = common.student(st)
     steps = st.steps_per_epoch(transfer)
     with st.timed("student"):
@@ -162,7 +162,7 @@ def mae(st: TrialContext, report: Report | None) -> Outcome:
             # pretraining epochs are not reported: the scheduler compares trials on the fine-tuning epochs
             pretrain(st, student, transfer, steps)
         metrics = common.fine_tune(st, student, steps, report)
-    return Outcome(student, metrics)
+    return Outcome(student, metrics, record=st.record)
 
 
 SPEC = register_method(MethodSpec("mae", mae, teacher=None, transfer=True, student=True))

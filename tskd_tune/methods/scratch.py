@@ -15,7 +15,7 @@ def scratch(st: TrialContext, report: Report | None) -> Outcome:
     cfg = st.cfg
     student = common.student(st)
     labeled, sup = common.labeled_batches(st), supervised_loss(cfg.student.ce_weight, cfg.student.dice_weight)
-    st.info |= {"transfer_real": 0, "transfer_synthetic": 0}
+    st.record.transfer_real, st.record.transfer_synthetic = 0, 0  # it learns from no transfer set
 
     def step(g):
         x, y = labeled.sample(cfg.student.batch_size, g)
@@ -25,7 +25,7 @@ def scratch(st: TrialContext, report: Report | None) -> Outcome:
                          st.steps_per_epoch(build_transfer_set(st.splits)), st.validator(student))  # fmt: skip
     with st.timed("student"):
         metrics = run_loop(loop, st.out_dir, report, st.resume)
-    return Outcome(student, metrics)
+    return Outcome(student, metrics, record=st.record)
 
 
 SPEC = register_method(MethodSpec("scratch", scratch, teacher=None, transfer=False, student=True))

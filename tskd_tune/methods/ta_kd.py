@@ -8,6 +8,7 @@ import torch
 from tskd_tune.data.transforms import paired_transforms
 from tskd_tune.methods import common
 from tskd_tune.methods.context import Outcome, TrialContext
+from tskd_tune.methods.record import FROZEN_ENCODER
 from tskd_tune.methods.registry import MethodSpec, register_method
 from tskd_tune.models.teacher import ALL_FROZEN
 from tskd_tune.train import Report, run_loop
@@ -20,9 +21,9 @@ def ta_kd(st: TrialContext, report: Report | None) -> Outcome:
     transfer = build_transfer_set(st.splits, st.pool, cfg)
     # the whole pretrained encoder, frozen: its cached output is exactly the features distilled here
     teacher = st.teacher_base(frozen=ALL_FROZEN).to(st.device).eval()
-    st.info["teacher_cached"] = None
+    st.record.teacher = FROZEN_ENCODER
     feats = st.teacher_features(teacher)
-    st.info |= transfer.counts
+    st.record.count_transfer(transfer)
     positions = common.transfer_positions(st, transfer)
     student = common.student(st)
     proj = common.projection(st, student.feature_dim, teacher.feature_dim)
@@ -46,7 +47,7 @@ def ta_kd(st: TrialContext, report: Report | None) -> Outcome:
             run_loop(pre, st.out_dir, None, st.resume)
         metrics = common.fine_tune(st, student, steps, report)
     # the frozen encoder has no trained head: it is not a segmenter to time or score
-    return Outcome(student, metrics)
+    return Outcome(student, metrics, record=st.record)
 
 
 SPEC = register_method(MethodSpec("ta_kd", ta_kd, teacher="frozen", transfer=True, student=True))

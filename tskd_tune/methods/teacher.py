@@ -24,7 +24,11 @@ def teacher(st: TrialContext, report: Report | None) -> Outcome:
     if report is not None and not reported:
         report(st.cfg.teacher.epochs, metrics | {"epoch": st.cfg.teacher.epochs}, None)
     feats = st.teacher_features(model)
-    return Outcome(model, metrics, model, lambda split: st.teacher_validator(model, feats, split)())
+
+    def evaluate(split: str) -> dict:
+        return st.teacher_validator(model, feats, split)()
+
+    return Outcome(model, metrics, model, evaluate, record=st.record)
 
 
 SPEC = register_method(MethodSpec("teacher", teacher, teacher="fine_tuned", transfer=False, student=False,

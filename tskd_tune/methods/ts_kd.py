@@ -26,7 +26,7 @@ def ts_kd(st: TrialContext, report: Report | None) -> Outcome:
     read = common.teacher_inputs(st, st.teacher_features(teacher), transfer)
     with st.timed("transfer"):
         key = teacher_key(cfg, st.prepared, st.splits)
-        logits, st.info["logits_cached"] = cached_outputs(
+        logits, st.record.logits_cached = cached_outputs(
             st.store, "logits", key, transfer, read, teacher.from_state if common.cut(teacher) else teacher,
             st.device, amp=st.amp,
         )  # fmt: skip
@@ -40,7 +40,7 @@ def ts_kd(st: TrialContext, report: Report | None) -> Outcome:
             feats, _ = cached_outputs(
                 st.store, "features", key, transfer, read, deepest, st.device, amp=st.amp
             )
-    st.info |= transfer.counts
+    st.record.count_transfer(transfer)
     positions = common.transfer_positions(st, transfer, logits)
     student = common.student(st)
     modules: dict[str, nn.Module] = {"student": student}
@@ -76,7 +76,7 @@ def ts_kd(st: TrialContext, report: Report | None) -> Outcome:
                          st.steps_per_epoch(transfer), st.validator(student))  # fmt: skip
     with st.timed("student"):
         metrics = run_loop(loop, st.out_dir, report, st.resume)
-    return Outcome(student, metrics | teacher_metrics, teacher)
+    return Outcome(student, metrics | teacher_metrics, teacher, record=st.record)
 
 
 SPEC = register_method(MethodSpec("ts_kd", ts_kd, teacher="fine_tuned", transfer=True, student=True))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tskd_tune.cache import write_json
+from tskd_tune.cache import atomic_write, write_json
 from tskd_tune.errors import TskdError
 from tskd_tune.report.board import (
     best_trial,
@@ -108,10 +109,29 @@ def run_links(uri: str | None, run_ids: list[str]) -> tuple[dict[str, str], str]
             links,
             f"Runs on the MLflow server <code>{shown}</code> (experiment {html.escape(experiment)}).",
         )
-    # a local store (sqlite, a folder) has no address to link to until someone serves it
+    # a local store (sqlite, a folder) has an address once `tskd-tune ui` serves it: 127.0.0.1 on its default port
     command = html.escape(f"tskd-tune ui --uri {mask_secrets(uri)}")
-    return ids, (f"MLflow is a local store: open it with <code>{command}</code> (it prints the link to this "
-                 "search's runs), then find a trial's run by the run id in the table.")  # fmt: skip
+    experiment = _experiment_id(uri, run_ids[0]) if run_ids and _local_store(uri).exists() else None
+    if experiment is None:  # never create a store by asking one that is not there
+        return ids, (f"MLflow is a local store: open it with <code>{command}</code> (it prints the link to this "
+                     "search's runs), then find a trial's run by the run id in the table.")  # fmt: skip
+    links = {r: f'<a href="{LOCAL_UI}/#/experiments/{html.escape(experiment)}/runs/{html.escape(r)}">'
+                f"{html.escape(r[:8])}…</a>" for r in run_ids}  # fmt: skip
+    return links, (f"MLflow is a local store: the run links open once <code>{command}</code> serves it at "
+                   f"{LOCAL_UI} (its default port; with <code>--port N</code>, change the port in the address).")  # fmt: skip
+
+
+LOCAL_UI = "http://127.0.0.1:5000"
+"""Where ``tskd-tune ui`` serves a local store (127.0.0.1 and its default ``--port``)."""
+
+
+def _local_store(uri: str) -> Path:
+    """The file (SQLite) or folder of a local MLflow store URI."""
+    from urllib.parse import urlparse
+
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///"))
+    return Path(urlparse(uri).path) if uri.startswith("file:") else Path(uri)
 
 
 def _state(state: str) -> str:
@@ -186,10 +206,15 @@ def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list
     curves = curves_plot(board, best["trial_id"], refs, out_dir / "curves.png")
     if curves is not None:
         written["curves"] = curves
-    overlays = Path(best["trial_dir"]) / "outputs" / "val_overlays.png"
-    if overlays.is_file():
+    outputs = Path(best["trial_dir"]) / "outputs"
+    overlays_note = "The first validation images, their true masks and the best student's prediction."
+    if _best_overlays(outputs, out_dir / "best_overlays.png"):
         written["overlays"] = out_dir / "best_overlays.png"
-        shutil.copyfile(overlays, written["overlays"])
+        overlays_note = (f"{OVERLAY_ROWS} validation images spread over the split (first to last, those with "
+                         "foreground first), their true masks and the best student's prediction.")  # fmt: skip
+    elif (outputs / "val_overlays.png").is_file():  # the trial's own figure, when its student cannot be drawn
+        written["overlays"] = out_dir / "best_overlays.png"
+        shutil.copyfile(outputs / "val_overlays.png", written["overlays"])
     synthetic = _synthetic(best, out_dir, written)
     plots = optuna_plots(board, space, objectives, out_dir)
     written |= plots
@@ -200,7 +225,7 @@ def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list
     run_ids = [r for r in board["mlflow_run_id"] if isinstance(r, str)]
     links, mlflow_note = run_links(meta.get("options", {}).get("tracking_uri"), run_ids)
     page = _page(
-        search_path, board, best, refs, tests, links, mlflow_note, written, n_done, space, objectives
+        search_path, board, best, refs, tests, links, mlflow_note, written, n_done, space, objectives, overlays_note
     )
     if synthetic:
         page = page.replace("</body>", synthetic + "</body>")
@@ -210,6 +235,47 @@ def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list
     tmp.write_text(page)
     os.replace(tmp, written["html"])
     return written
+
+
+OVERLAY_ROWS = 6
+"""Validation images in the report's ``best_overlays.png``."""
+
+
+def _best_overlays(outputs: Path, path: Path, n: int = OVERLAY_ROWS) -> bool:
+    """Draw ``path``: the trained student of the trial folder ``outputs`` on ``n`` validation images spread over
+    the split (:func:`~tskd_tune.data.inspect.spread_indices`, those with foreground first). False, and nothing
+    written, when the trial has no student or its data is not in the cache it was prepared in (the report
+    never preprocesses a dataset anew)."""
+    if not (outputs / "student.safetensors").is_file() or not (outputs / "config.yaml").is_file():
+        return False
+    import torch
+    from safetensors.torch import load_file
+
+    from tskd_tune.config import load_config
+    from tskd_tune.data.inspect import comparison_grid, spread_indices
+    from tskd_tune.data.prepare import load
+    from tskd_tune.models.students import build_student
+
+    try:
+        cfg = load_config(outputs / "config.yaml")
+        if not cfg.cache.enabled or not Path(cfg.cache.dir).is_dir():
+            return False
+        prepared, splits = load(cfg)
+        model = build_student(cfg.student, cfg.data.channels, len(prepared.classes), cfg.data.image_size)
+        model.load_state_dict(load_file(str(outputs / "student.safetensors")))
+    except Exception:  # noqa: BLE001 - a report never fails on one figure: the trial's own overlays stand in
+        return False
+    val = splits.val
+    foreground = (np.asarray(prepared.masks[val]) > 0).reshape(len(val), -1).sum(1)
+    idx = spread_indices(val, n, foreground=foreground)
+    images = np.asarray(prepared.images[idx], dtype=np.float32)
+    with torch.inference_mode():
+        pred = model.eval()(torch.from_numpy(images)).argmax(1).numpy().astype(np.uint8)
+    picture = comparison_grid(images, np.asarray(prepared.masks[idx]), pred, prepared.classes)
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    atomic_write(path, buf.getvalue())
+    return True
 
 
 def _inline_images(page: str, folder: Path) -> str:
@@ -261,7 +327,7 @@ def _synthetic(best: pd.Series, out_dir: Path, written: dict) -> str:
 
 
 def _page(
-    search_path, board, best, refs, tests, links, mlflow_note, written, n_done, space, objectives
+    search_path, board, best, refs, tests, links, mlflow_note, written, n_done, space, objectives, overlays_note
 ) -> str:
     name = html.escape(search_path.name)
     metric, mode = objectives[0]
@@ -297,8 +363,7 @@ def _page(
         # trials written before the overlays grew came as a 384 px strip: shown larger, pixels kept square
         width = Image.open(written["overlays"]).width
         size = f" width='{3 * width}' style='image-rendering: pixelated'" if width < 400 else ""
-        parts.append(f"<h2>Best trial {best_name}: validation overlays</h2><p class='note'>The first validation "
-                     "images, their true masks and the best student's prediction.</p>"
+        parts.append(f"<h2>Best trial {best_name}: validation overlays</h2><p class='note'>{overlays_note}</p>"
                      f"<img src='best_overlays.png'{size} alt='overlays of the best trial'>")  # fmt: skip
     titles = {"history": "Optimization history", "importances": f"Hyperparameter importances (from {n_done} trials)",
               "parallel_coordinates": "Parallel coordinates", "pareto_front": "Pareto front"}  # fmt: skip

@@ -54,8 +54,11 @@ def trial(config: dict, data: tuple, base: Config, run: SearchRun) -> None:
         tracker = report.tracker = mlflow_run.tracker
         tracker.log_params(config | {"distill.method": cfg.distill.method, "student.model": cfg.student.model})
         stage = {"tskd.stage": run.stage} if run.stage else {}
-        tracker.set_tags(_run_tags(cfg) | {"resumed": mlflow_run.resumed} | stage)
+        kind = {tracking.KIND_TAG: "teacher_trial" if run.stage == "teacher" else "trial"}
+        tracker.set_tags(_run_tags(cfg) | {"resumed": mlflow_run.resumed} | stage | kind)
         tracker.log_text(to_yaml(cfg), "config.yaml")  # at the start: a trial stopped early never reaches its end
+        if not mlflow_run.resumed:  # likewise its student's size and speed, which its weights do not change
+            tracker.log_metrics(student_measures(cfg, len(data[0].classes)), step=0)
         result = run_trial(cfg, report, tracker, out_dir=_working_dir() / "outputs", resume_from=_restored(),
                            data=data, hooks=faults.trial_hooks())  # fmt: skip
         mlflow_run.stop_monitor()
@@ -114,6 +117,24 @@ class TuneReport:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None)
 
 
+def student_measures(cfg: Config, num_classes: int) -> dict:
+    """``student_params`` and ``student_latency_ms`` of the trial's student, built afresh and timed as the trial's
+    end times the trained one (same threads, device and repeats): an architecture's size and speed do not
+    depend on its weights. Logged when the trial starts, so that a trial the scheduler stops early has them
+    in MLflow's compare view too; the end logs them again. Empty for a method that trains no student."""
+    if not get_method(cfg.distill.method).student:
+        return {}
+    from tskd_tune.metrics import count_params, latency_ms
+    from tskd_tune.models.students import build_student
+    from tskd_tune.runtime import set_threads
+
+    set_threads(cfg)  # run_trial sets the same; every random source is reseeded there too
+    device = resolve_device(cfg)
+    model = build_student(cfg.student, cfg.data.channels, num_classes, cfg.data.image_size).to(device)
+    return {"student_params": count_params(model),
+            "student_latency_ms": latency_ms(model, cfg.data.channels, cfg.data.image_size, device=device, repeats=5)}  # fmt: skip
+
+
 def process_stats() -> dict:
     """This worker process's resident memory (MB), open file descriptors and threads, at a trial's end: the
     soak test (``make test-soak``) compares the first trials a worker ran with its last."""
@@ -141,7 +162,7 @@ def reference_trial(method: str, data: tuple, base: Config, run: SearchRun) -> d
                             search_path=run.state_path) as mlflow_run:  # fmt: skip
         tracker = mlflow_run.tracker
         tracker.log_params({"distill.method": method, "student.model": cfg.student.model, "teacher.model": cfg.teacher.model})
-        tracker.set_tags(_run_tags(cfg) | {"tskd.baseline": method})
+        tracker.set_tags(_run_tags(cfg) | {"tskd.baseline": method, tracking.KIND_TAG: "reference"})
         result = run_trial(cfg, None, tracker, out_dir=out_dir, test=True, data=data)
         tracking.record_result(tracker, result, step=get_method(method).reported_epochs(cfg))
     return dict(result)

@@ -17,7 +17,7 @@ second one.
 
 from tskd_tune.secrets import SECRET_ENV, mask_secrets
 from tskd_tune.tracking.artifacts import ARTIFACTS, artifact_location, reroot
-from tskd_tune.tracking.compare import SUMMARY_FILE, at_end, curves, record_result
+from tskd_tune.tracking.compare import KIND_TAG, SUMMARY_FILE, at_end, curves, record_result
 from tskd_tune.tracking.journal import (
     JOURNAL_DIR,
     QUICK_HTTP,
@@ -47,6 +47,7 @@ from tskd_tune.tracking.system import stop_monitor, system_monitor
 __all__ = [
     "ARTIFACTS",
     "JOURNAL_DIR",
+    "KIND_TAG",
     "QUICK_HTTP",
     "SEARCH_TAG",
     "SECRET_ENV",

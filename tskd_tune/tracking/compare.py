@@ -4,8 +4,7 @@ counts, cache flags, synthetic-gate figures) is one ``trial_summary.json`` artif
 
 from __future__ import annotations
 
-import json
-
+from tskd_tune.cache import json_text
 from tskd_tune.tracking.runs import numeric
 
 CURVES = ("val_dice", "val_hd95", "train_loss", "lr")
@@ -17,6 +16,10 @@ only). The search adds ``gain_vs_scratch`` (val Dice over the scratch reference 
 FLAG_TAGS = {"teacher_features_cached": "tskd.features_cached", "logits_cached": "tskd.logits_cached",
              "synth_cached": "tskd.synth_cached", "synth_gate_passed": "tskd.synth_gate_passed"}  # fmt: skip
 """Cache and gate flags of the result, as tags beside ``tskd.teacher_cached`` (where the trial has them)."""
+KIND_TAG = "tskd.kind"
+"""What a child run is, as a tag a filter can ask for (MLflow's search cannot ask for a tag's absence):
+``trial`` (a trial the leaderboard ranks: a joint search's, a staged search's student stage), ``teacher_trial``
+(a staged search's teacher stage) or ``reference`` (a reference trial beside the search)."""
 SUMMARY_FILE = "trial_summary.json"
 """Everything ``run_trial`` returned (what the trial's metrics.json holds), one artifact per run."""
 
@@ -40,7 +43,7 @@ def record_result(tracker, result, step: int) -> None:
     tracker.log_metrics(at_end(result), step=step)
     flags = {tag: result[k] for k, tag in FLAG_TAGS.items() if result.get(k) is not None}
     tracker.set_tags(result.tags() | flags)
-    tracker.log_text(json.dumps(dict(result), indent=2, default=str), SUMMARY_FILE)
+    tracker.log_text(json_text(dict(result)), SUMMARY_FILE)  # strict JSON: an undefined score is null
     for path in result.files:
         if path.name != "metrics.json":  # its content is trial_summary.json
             tracker.log_artifact(path)
