@@ -111,9 +111,14 @@ def test_mlflow_has_one_parent_per_search_and_a_child_per_trial(searched):
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert "config.yaml" in artifacts
         # what runs are compared on: curves per epoch and a few end-of-trial metrics; the rest in trial_summary.json
+        # (the best trial also holds the test score the search measured for it)
         assert set(child.data.metrics) - {"gain_vs_scratch"} <= {
             "val_dice", "val_hd95", "train_loss", "lr", "student_params", "student_latency_ms", "teacher_val_dice",
-            *(k for k in child.data.metrics if k.startswith(("val_dice_", "system/")))}  # fmt: skip
+            *(k for k in child.data.metrics if k.startswith(("val_dice_", "system/", "test_")))}  # fmt: skip
+        # a trial stopped early has its student's size and speed too (measured when it started)
+        assert child.data.metrics["student_params"] > 0 and child.data.metrics["student_latency_ms"] > 0
+        assert child.data.metrics["lr"] > 0  # the rate the last epoch used, not the cosine's 0 after it
+        assert child.data.tags["tskd.kind"] == "trial"
         if child.data.tags["tskd.status"] == "finished":
             assert {"student.safetensors", "trial_summary.json", "val_overlays.png"} <= artifacts
             assert child.data.metrics["system/cpu_utilization_percentage"] >= 0  # MLflow's system metrics
@@ -129,6 +134,19 @@ def test_mlflow_has_one_parent_per_search_and_a_child_per_trial(searched):
     assert best.info.run_name == parent.data.tags["tskd.best_run_name"] and best.info.run_name.startswith("t00")
     note = parent.data.tags["mlflow.note.content"]
     assert f"**[{best.info.run_name}](#/experiments/" in note and "**Reference trials**" in note
+    # the best run says so itself and holds its test Dice; no other run is tagged best
+    assert best.data.tags["tskd.best"] == "true" and "**Best trial** of search `first`" in best.data.tags["mlflow.note.content"]
+    summary = json.loads((tmp / "runs" / "first" / "summary.json").read_text())
+    assert best.data.metrics["test_dice"] == pytest.approx(summary["test_dice"])
+    assert all(c.data.tags.get("tskd.best") is None for c in children if c is not best)
+    assert all(r.data.tags["tskd.kind"] == "reference" for r in references.values())
+    # the searched ranges are the parent's params
+    assert parent.data.params == {"space.distill.temperature": "uniform(low=1.0, high=8.0)",
+                                  "space.distill.kd_weight": "uniform(low=0.2, high=2.0)"}  # fmt: skip
+    # the shared runs-table view ranks the trials only: no reference teacher above the best trial
+    view = client.get_experiment(parent.info.experiment_id).tags[f"mlflow.sharedViewState.tskd-{parent.info.run_id}"]
+    shown = client.search_runs([parent.info.experiment_id], json.loads(view)["searchFilter"])
+    assert sorted(r.info.run_id for r in shown) == sorted(c.info.run_id for c in children)
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"leaderboard.csv", "best.yaml", "search_config.yaml"} <= parent_artifacts
 
@@ -167,6 +185,9 @@ def test_search_folder_has_leaderboard_best_config_and_test_score(searched):
     best = yaml.safe_load((folder / "best.yaml").read_text())
     assert 1.0 <= best["distill"]["temperature"] <= 8.0
     assert "test_dice" in (folder / "summary.json").read_text()
+    # strict JSON: an undefined rank correlation is null, not NaN
+    json.loads((folder / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"summary.json has {c}"))
+    assert not [line for line in first.stdout.splitlines() if line.startswith("early stopping") and "nan" in line]
     assert "Ray dashboard: http://127.0.0.1:" in first.stdout
     assert "open it with: tskd-tune ui --uri sqlite:///" in first.stdout
     # the runs table with the scores and values, which MLflow's default table lacks, is one link away

@@ -10,6 +10,7 @@ import torch
 from tskd_tune.cache import Store, digest
 from tskd_tune.features import data_source, encoder_features, feature_key, load_states
 from tskd_tune.models.teacher import build_teacher
+from tskd_tune.reporter import Reporter
 from tskd_tune.search.features import needed_variants
 
 TINY = {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
@@ -46,7 +47,7 @@ def test_workers_fill_the_same_entry_a_trial_would(tiny, tmp_path, local_ray, mo
     cfg = tiny(teacher={"adapt": "lora", "lora": {"last_blocks": 1}, "augment_views": 2})
     prepared, splits = load(cfg)
     payload = (prepared, splits)  # what launch puts in the object store for its trials
-    summary = sf.fill_features(cfg, prepared, splits, local_ray.put(payload), None, Console(file=io.StringIO()))
+    summary = sf.fill_features(cfg, prepared, splits, local_ray.put(payload), None, Reporter(Console(file=io.StringIO())))
     assert summary["teacher_features_workers"] == 2
     model = build_teacher(cfg.teacher, in_chans=1, num_classes=len(prepared.classes), image_size=32, seed=cfg.seed)
     assert model.frozen == 1
@@ -64,5 +65,5 @@ def test_workers_fill_the_same_entry_a_trial_would(tiny, tmp_path, local_ray, mo
     views = augmented_views(cfg, model, prepared, splits.labeled, store, torch.device("cpu"))
     assert views.cached and len(views) == 2 * len(splits.labeled)
     assert summary["teacher_features_filled"] == len(prepared) + 2 * len(splits.labeled)
-    again = sf.fill_features(cfg, prepared, splits, local_ray.put(payload), None, Console(file=io.StringIO()))
+    again = sf.fill_features(cfg, prepared, splits, local_ray.put(payload), None, Reporter(Console(file=io.StringIO())))
     assert again == {"teacher_features_filled": 0}

@@ -333,3 +333,72 @@ def test_routing_wraps_a_printer_that_a_new_ray_init_registers_once(tmp_path):
     finally:
         dispatcher.handlers = before
         ray_worker.print_to_stdstream = printer
+
+
+def test_a_session_check_returns_a_checked_copy_and_changes_nothing_in_place(tiny, tmp_path, monkeypatch):
+    import dataclasses
+    import io
+
+    from rich.console import Console
+
+    from tskd_tune.reporter import Reporter
+    from tskd_tune.search import SearchOptions, SearchSession
+
+    earlier = _earlier_search(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    space = {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
+             "student.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}  # fmt: skip
+    out = io.StringIO()
+    session = SearchSession(tiny(search={"space": space}), SearchOptions("new", Path("runs"), "sqlite:///mlflow.db",
+                            warm_start=(earlier.name,)), Reporter(Console(file=out, width=300)))  # fmt: skip
+    checked = session.check()
+    assert checked.opts.storage == tmp_path / "runs" and checked.opts.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
+    assert checked.opts.warm_start == (str(earlier),) and checked.warm == (({"distill.temperature": 2.0, "student.lr": 0.001}, 0.6),)
+    assert "warm start from" in out.getvalue()
+    # the session it was called on is as it was: the options are frozen, each step returns its own record
+    assert session.opts.storage == Path("runs") and session.warm == () and session.opts.warm_start == (earlier.name,)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        session.opts.name = "other"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        checked.cfg = session.cfg  # type: ignore[misc]
+
+
+def test_a_session_names_its_lifecycle_steps_in_the_order_run_calls_them():
+    import inspect
+
+    from tskd_tune.search.session import SearchSession
+
+    steps = ["check", "prepare_data", "open_parent_run", "fit", "summarise", "report"]
+    body = inspect.getsource(SearchSession.run)
+    assert all(callable(getattr(SearchSession, s)) for s in steps)
+    assert sorted(steps, key=lambda s: body.index(f".{s}(")) == steps
+
+
+def test_the_reporter_prints_paths_and_overrides_as_typed():
+    import io
+
+    from rich.console import Console
+
+    from tskd_tune.reporter import Reporter
+
+    out = io.StringIO()
+    say = Reporter(Console(file=out, width=200))
+    say.line("config runs/a[1]/best.yaml; --set teacher.lora.targets=[qkv]")
+    say.warn("[bold]teacher below scratch[/bold]")
+    assert out.getvalue().splitlines() == ["config runs/a[1]/best.yaml; --set teacher.lora.targets=[qkv]",
+                                           "[bold]teacher below scratch[/bold]"]  # fmt: skip
+
+
+def test_a_trials_student_is_measured_when_it_starts_as_its_end_measures_it(tiny):
+    """Logged when a trial starts, so a trial the scheduler stops has a size and latency in MLflow too."""
+    from tskd_tune.data.prepare import load
+    from tskd_tune.search.trainable import student_measures
+    from tskd_tune.trial import run_trial
+
+    cfg = tiny(distill={"method": "scratch"}, student={"epochs": 1})
+    data = load(cfg)
+    at_start = student_measures(cfg, len(data[0].classes))
+    at_end = run_trial(cfg, data=data)
+    assert at_start["student_params"] == at_end["student_params"] > 0
+    assert at_start["student_latency_ms"] > 0
+    assert student_measures(tiny(distill={"method": "teacher"}), len(data[0].classes)) == {}  # no student

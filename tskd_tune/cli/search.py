@@ -65,8 +65,8 @@ def launch(
     from tskd_tune import cluster
     from tskd_tune.config import apply_search_overrides
     from tskd_tune.errors import ConfigError
-    from tskd_tune.search import SearchOptions
-    from tskd_tune.search.launch import launch as run_search
+    from tskd_tune.reporter import Reporter
+    from tskd_tune.search import SearchOptions, SearchSession
 
     cfg = apply_search_overrides(load_cfg(space, set_, no_cache), num_samples, max_concurrent)
     if not cfg.search.space:
@@ -85,8 +85,8 @@ def launch(
     # on the driver (a job checks it on the cluster): otherwise every trial would fail on it, each after a retry
     check_teacher(cfg)
     opts = SearchOptions(name or cfg.name or space.stem, storage, tracking_uri or cfg.tracking.uri, address, str(space),
-                         list(warm_start or []), verbose)  # fmt: skip
-    run_search(cfg, opts, out)
+                         tuple(warm_start or ()), verbose)  # fmt: skip
+    SearchSession(cfg, opts, Reporter(out)).run()
 
 
 @app.command()
@@ -96,11 +96,11 @@ def resume(
     ],
 ) -> None:
     """Continue an interrupted search: unfinished and errored trials go on from their checkpoints."""
-    from tskd_tune.search import load_search, resolve_search_path
-    from tskd_tune.search.launch import launch as run_search
+    from tskd_tune.reporter import Reporter
+    from tskd_tune.search import SearchSession, load_search, resolve_search_path
 
     cfg, opts, _ = load_search(resolve_search_path(name_or_path))
-    run_search(cfg, opts, out, resume=True)
+    SearchSession(cfg, opts, Reporter(out), resume=True).run()
 
 
 @app.command()

@@ -12,7 +12,7 @@ from tskd_tune.errors import TskdError
 from tskd_tune.secrets import mask_uri, refuse_embedded_password
 
 if TYPE_CHECKING:
-    from rich.console import Console
+    from tskd_tune.reporter import Reporter
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -85,7 +85,7 @@ def check_visible(dirs: dict[str, Path], files: dict[str, Path], nodes: list[dic
             )
 
 
-def prepare(cfg, opts, console: Console):
+def prepare(cfg, opts, say: Reporter):
     """Cluster mode (more than one alive node): shared storage checked, trial cache moved under it.
 
     Returns the config the search uses. On one node nothing changes. The default ``cache.dir`` moves to
@@ -122,9 +122,6 @@ def prepare(cfg, opts, console: Console):
     check_visible(dirs, files, nodes)
     gpus = sum(n.get("Resources", {}).get("GPU", 0) for n in nodes)
     cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in nodes)
-    console.print(
-        f"cluster: {len(nodes)} nodes ({cpus:g} CPUs, {gpus:g} GPUs); storage {opts.storage} and trial cache "
-        f"{cfg.cache.dir} are shared by every node",
-        markup=False,
-    )
+    say.line(f"cluster: {len(nodes)} nodes ({cpus:g} CPUs, {gpus:g} GPUs); storage {opts.storage} and trial cache "
+             f"{cfg.cache.dir} are shared by every node")
     return cfg

@@ -6,7 +6,8 @@ trials, then Ray Tune starts trials (:mod:`.trainable`, a thin adapter around ``
 marks every child run's final status and writes the leaderboard, the best config and its test score.
 
 - :mod:`.folder`     the search folder: options, search.json, locating a search
-- :mod:`.launch`     launch / resume, Ray, the data, the parent run, the reference trials
+- :mod:`.session`    a search (launched or resumed) as one typed session, one method per lifecycle step
+- :mod:`.launch`     the session's parts: input checks, Ray, the data, the parent run, the reference trials
 - :mod:`.tuner`      samplers and schedulers by name, the study storage, trial names, the Tuner
 - :mod:`.trainable`  the trial adapter and the reference trial
 - :mod:`.features`   filling the teacher-feature cache over the cluster before the trials
@@ -17,7 +18,7 @@ marks every child run's final status and writes the leaderboard, the best config
 # for the driver's modules (launch, summary, the report's pandas and plots: about 0.7 s a worker)
 _EXPORTS = {
     "REFERENCES": "folder", "SEARCH_FILE": "folder", "SearchOptions": "folder", "load_search": "folder",
-    "resolve_search_path": "folder", "state_path": "folder", "absolutize": "launch", "init_ray": "launch",
+    "resolve_search_path": "folder", "state_path": "folder", "absolutize": "launch", "init_ray": "launch", "SearchSession": "session",
     "evaluate_on_test": "summary", "reference_lines": "summary", "reference_metrics": "summary",
     "summarize": "summary", "SAMPLERS": "tuner", "SCHEDULERS": "tuner", "study_storage": "tuner",
 }  # fmt: skip

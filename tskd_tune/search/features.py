@@ -27,6 +27,8 @@ from tskd_tune.models.teacher import ALL_FROZEN, build_teacher
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from tskd_tune.reporter import Reporter
+
 CHUNK = 4
 """Images per task: small enough for an even spread and a live progress bar."""
 ON_DRIVER_S = 20.0
@@ -103,7 +105,7 @@ def _jobs(cfg: Config, prepared: Prepared, splits, data_ref, pool, store: Store)
     return jobs
 
 
-def fill_features(cfg: Config, prepared: Prepared, splits, data_ref, pool, console: Console, workers: int | None = None) -> dict:
+def fill_features(cfg: Config, prepared: Prepared, splits, data_ref, pool, say: Reporter, workers: int | None = None) -> dict:
     """Compute every missing feature entry the search needs (the prepared images, the synthetic pool, the
     labelled images' augmented views) on Ray actors, or on the driver for a small encoder."""
     import ray
@@ -118,17 +120,17 @@ def fill_features(cfg: Config, prepared: Prepared, splits, data_ref, pool, conso
     if _seconds_per_image(jobs[0].variant, len(prepared.classes), jobs[0].frozen, prepared) * total < ON_DRIVER_S:
         # a small encoder: starting workers would cost more than the work; the driver does it on every core
         for job in jobs:
-            _write(store, job, _on_driver(job, len(prepared.classes), console))
+            _write(store, job, _on_driver(job, len(prepared.classes), say.console))
     else:
         cpus = int(ray.available_resources().get("CPU", 1))
         workers = max(1, min(workers or cpus, -(-total // CHUNK)))
         actor = ray.remote(num_cpus=1)(FeatureWorker)
         pool_of = [actor.remote(len(prepared.classes), total // workers + 1) for _ in range(workers)]
         depths = sorted({j.frozen for j in jobs})  # one per teacher variant the space can propose
-        console.print(f"teacher features: {total} inputs through the encoder's {'/'.join(map(str, depths))} frozen blocks, once, on "
-                      f"{workers} worker(s); cached for every trial", markup=False)  # fmt: skip
+        say.line(f"teacher features: {total} inputs through the encoder's {'/'.join(map(str, depths))} frozen blocks, once, on "
+                 f"{workers} worker(s); cached for every trial")  # fmt: skip
         try:
-            with _progress(console) as bar:
+            with _progress(say.console) as bar:
                 for job in jobs:
                     task = bar.add_task(job.what if len(depths) == 1 else f"{job.what} ({job.frozen})", total=job.n)
                     _write(store, job, lambda write, job=job, task=task: _distribute(

@@ -46,7 +46,7 @@ class SearchOptions:
     tracking_uri: str
     address: str | None = None
     space_file: str = ""
-    warm_start: list[str] = field(default_factory=list)
+    warm_start: tuple[str, ...] = ()
     """Earlier searches whose finished trials join the study first (--warm-start)."""
     verbose: bool = False
     """Ray Tune's own periodic status block instead of the live table (--verbose; not saved)."""
@@ -67,7 +67,7 @@ class SearchOptions:
 
     def to_json(self) -> dict:
         return {"name": self.name, "storage": str(self.storage), "tracking_uri": self.tracking_uri,
-                "address": self.address, "space_file": self.space_file, "warm_start": self.warm_start}  # fmt: skip
+                "address": self.address, "space_file": self.space_file, "warm_start": list(self.warm_start)}  # fmt: skip
 
 
 def state_path(opts: SearchOptions) -> Path:
@@ -87,7 +87,7 @@ def load_search(path: Path) -> tuple[Config, SearchOptions, str]:
     saved = json.loads(f.read_text())
     o = saved["options"]
     storage = o["storage"] if cluster.is_uri(o["storage"]) else Path(o["storage"])
-    opts = SearchOptions(o["name"], storage, o["tracking_uri"], o["address"], o["space_file"], o.get("warm_start", []))
+    opts = SearchOptions(o["name"], storage, o["tracking_uri"], o["address"], o["space_file"], tuple(o.get("warm_start", ())))
     cfg = validate(saved["config"])
     if o.get("use_cache") is False:  # searches written before --no-cache became cache.enabled
         cfg = cfg.model_copy(update={"cache": cfg.cache.model_copy(update={"enabled": False})})

@@ -20,11 +20,12 @@ from tskd_tune.search.staged import TEACHER_STAGE
 from tskd_tune.search.tuner import trial_name
 
 if TYPE_CHECKING:
-    from rich.console import Console
+    from tskd_tune.reporter import Reporter
 
 
-def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tuple, console: Console) -> dict:
-    """Leaderboard, best config and the best trial evaluated once on the test split; logged to the parent."""
+def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tuple, say: Reporter) -> dict:
+    """Leaderboard, best config and the best trial evaluated once on the test split; logged to the parent.
+    The report is written after it, with the summary in hand (:func:`write_search_report`)."""
     c = tracking.BufferedClient(opts.tracking_uri, tracking.journal_path(state_path(opts), "parent"))
     objectives = cfg.search.objective_items()
     metric, _ = objectives[0]
@@ -39,7 +40,7 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
     summary = {"trials": len(board), "errored": errors, "leaderboard": str(board_path)}
     if board.empty or board[metric].isna().all():
         write_board({})
-        console.print("no trial produced a result", markup=False)
+        say.line("no trial produced a result")
         return summary
     if len(objectives) > 1:
         front = board[board["pareto"]]
@@ -47,8 +48,8 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
         front.to_csv(front_path, index=False)
         c.log_artifact(parent, str(front_path))
         summary["pareto_front"] = front["trial_id"].tolist()
-        console.print(f"Pareto front ({', '.join(f'{m} {d}' for m, d in objectives)}): "
-                      f"{len(front)} of {len(board)} trials, in {front_path}", markup=False)  # fmt: skip
+        say.line(f"Pareto front ({', '.join(f'{m} {d}' for m, d in objectives)}): "
+                 f"{len(front)} of {len(board)} trials, in {front_path}")
         print(front[["trial_id", *[m for m, _ in objectives]]].to_string(index=False))
     # the best trial that ran to the end: an ASHA-stopped trial's score is from fewer epochs and it has no
     # student to test (with several objectives every trial ends, and the best in the first is on the front)
@@ -88,23 +89,24 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
     shown = board.drop(columns=["trial_id", "trial_dir", "mlflow_run_id"])
     shown.insert(0, "trial", board.apply(trial_label, axis=1))  # t007: the name of its folder and MLflow run
     print(shown.head(10).to_string(index=False))
-    for line in reference_lines(refs) + ([below] if below else []):
-        console.print(line, markup=False)
+    for line in reference_lines(refs):
+        say.line(line)
+    if below:
+        say.warn(below)
     gain = f"; {summary['best_gain_vs_scratch']:+.4f} val Dice over scratch" if "best_gain_vs_scratch" in summary else ""
-    console.print(f"best trial {trial_label(best)} ({best['trial_id']}): {metric} {best[metric]:.4f}{gain}; "
-                  f"test_dice {test.get('test_dice', float('nan')):.4f}; config {best_cfg_path}", markup=False)  # fmt: skip
+    say.line(f"best trial {trial_label(best)} ({best['trial_id']}): {metric} {best[metric]:.4f}{gain}; "
+             f"test_dice {_fmt(test.get('test_dice'))}; config {best_cfg_path}")  # –: no test score, never nan
     for line in trust_lines(trust, metric) + grace_lines(grace, cfg):
-        console.print(line, markup=False)
+        say.line(line)
     if view:  # MLflow's runs table shows no scores or values until columns are picked: this view has them
         uri = opts.tracking_uri
         where = (f"`tskd-tune ui --uri {uri}`, then http://127.0.0.1:5000/" if uri.startswith("sqlite:")
                  else f"{tracking.mask_secrets(uri).rstrip('/')}/")  # fmt: skip
-        console.print(f"compare the trials in MLflow: {where}{view}", markup=False)
-    _report(cfg, opts, parent, c, console, summary)
+        say.line(f"compare the trials in MLflow: {where}{view}")
     return summary
 
 
-def _report(cfg: Config, opts: SearchOptions, parent: str, client, console: Console, summary: dict) -> None:
+def write_search_report(cfg: Config, opts: SearchOptions, parent: str, say: Reporter, summary: dict) -> None:
     """report.html (with its images inside), its plots and importances.json in SEARCH/report, all logged on the
     parent run, so the MLflow UI shows them without running `tskd-tune report`; the three most important paths
     are printed. ``summary``: what the search found, the best trial's test Dice included."""
@@ -114,14 +116,15 @@ def _report(cfg: Config, opts: SearchOptions, parent: str, client, console: Cons
     try:
         written = write_report(opts.path, out, cfg.search.space, cfg.search.objective_items(), summary)
     except Exception as exc:  # noqa: BLE001 - the search's results stand without their report
-        console.print(f"report: not written ({exc.__class__.__name__}: {str(exc)[:200]})", markup=False)
+        say.line(f"report: not written ({exc.__class__.__name__}: {str(exc)[:200]})")
         return
+    client = tracking.BufferedClient(opts.tracking_uri, tracking.journal_path(state_path(opts), "parent"))
     for kind, path in written.items():
         if kind != "leaderboard":  # already on the run, beside summary's best.yaml
             client.log_artifact(parent, str(path), "report")
     found = top(json.loads(written["importances_json"].read_text()))
     if found:
-        console.print("most important: " + ", ".join(f"{k} {v:.2f}" for k, v in found), markup=False)
+        say.line("most important: " + ", ".join(f"{k} {v:.2f}" for k, v in found))
 
 
 def early_stopping(cfg: Config, search_path: Path) -> list[dict]:
@@ -185,7 +188,20 @@ def trust_lines(trust: list[dict], metric: str) -> list[str]:
     """What the rank correlations say: one line of figures, and a warning line when they are low."""
     if not trust:
         return []
-    figures = ", ".join(f"epoch {r['epoch']}: {r['spearman']:.2f} ({r['trials']} trials)" for r in trust)
+    finished = max(r["trials"] for r in trust)
+    if finished < fidelity.MIN_RANKED:  # no rung has a correlation: say why in words, never "nan"
+        return [f"early stopping: {finished} trial(s) ran to the end, too few to rank-correlate {metric} at each "
+                f"rung with its final value ({fidelity.MIN_RANKED} or more are needed, {fidelity.MIN_TRIALS} to "
+                "judge)"]  # fmt: skip
+
+    def figure(r: dict) -> str:
+        rho = r["spearman"]
+        if rho is not None and math.isfinite(rho):
+            return f"epoch {r['epoch']}: {rho:.2f} ({r['trials']} trials)"
+        why = "too few" if r["trials"] < fidelity.MIN_RANKED else "their scores tie, at the rung or at the end"
+        return f"epoch {r['epoch']}: undefined ({r['trials']} trials; {why})"
+
+    figures = ", ".join(figure(r) for r in trust)
     if trust[0]["trials"] < fidelity.MIN_TRIALS:
         figures += f" (too few finished trials to judge: {fidelity.MIN_TRIALS} or more are needed)"
     warning = fidelity.warning(trust, metric)
@@ -207,9 +223,31 @@ def describe_parent(c, parent: str, cfg: Config, name: str, board, best, summary
 
     view = leaderboard_view(c, parent, cfg)
     tags = {"mlflow.note.content": leaderboard_note(cfg, name, board, best, summary, view)}
-    if isinstance(best.get("mlflow_run_id"), str):
-        tags |= {"tskd.best_run_id": best["mlflow_run_id"], "tskd.best_run_name": run_name(best, cfg)}
+    best_run, best_name = best.get("mlflow_run_id"), run_name(best, cfg)
+    if isinstance(best_run, str):
+        tags |= {"tskd.best_run_id": best_run, "tskd.best_run_name": best_name}
     c.log_batch(parent, tags=[RunTag(k, v) for k, v in tags.items()])
+    if not isinstance(best_run, str):
+        return view
+    # the best trial's own run says so (tag tskd.best, its description) and holds the test score measured for it
+    metric = cfg.search.objective_items()[0][0]
+    note = (f"**Best trial** of search `{name}`: {metric} {_fmt(best[metric])}; test Dice {_fmt(summary.get('test_dice'))} "
+            "(its student on the test split, once, when the search ended). The search's leaderboard is the "
+            "description of its parent run.")  # fmt: skip
+    test = tracking.numeric({k: v for k, v in summary.items() if k.startswith("test_")})
+    c.log_batch(best_run, metrics=[_metric(k, v) for k, v in test.items()],
+                tags=[RunTag("tskd.best", "true"), RunTag("mlflow.note.content", note)])  # fmt: skip
+    try:  # a resumed search may have found a better trial than the one tagged best before
+        flt = f"tags.`mlflow.parentRunId` = '{parent}' and tags.`tskd.best` = 'true'"
+        before = c.search_runs([c.get_run(parent).info.experiment_id], filter_string=flt)
+    except Exception as exc:  # noqa: BLE001 - the journal delivers the writes above; the old tag stays
+        if not tracking.unreachable(exc):
+            raise
+        before = []
+    for run in before:
+        if run.info.run_id != best_run:
+            was = f"Was the best trial of search `{name}` until the search was resumed; the best is now {best_name}."
+            c.log_batch(run.info.run_id, tags=[RunTag("tskd.best", "false"), RunTag("mlflow.note.content", was)])
     return view
 
 
@@ -276,10 +314,11 @@ def leaderboard_view(c, parent: str, cfg: Config) -> str | None:
     objectives = cfg.search.objective_items()
     metric, mode = objectives[0]
     extra = [m for m, _ in objectives[1:]]
-    columns = [*(f"metrics.`{m}`" for m in dict.fromkeys([metric, "gain_vs_scratch", *extra, "val_hd95"])),
+    columns = [*(f"metrics.`{m}`" for m in dict.fromkeys([metric, "gain_vs_scratch", *extra, "val_hd95", "test_dice"])),
                *(f"params.`{p}`" for p in cfg.search.space), "tags.`tskd.status`"]  # fmt: skip
     state = {  # the facets and the runs table's state, as MLflow's UI keeps them
-        "searchFilter": f"tags.`mlflow.parentRunId` = '{parent}'",
+        # the ranked trials only: a reference teacher (or a staged search's teacher stage) would top the students
+        "searchFilter": f"tags.`mlflow.parentRunId` = '{parent}' and tags.`{tracking.KIND_TAG}` = 'trial'",
         "orderByKey": f"metrics.`{metric}`",
         "orderByAsc": mode == "min",
         "selectedColumns": [*columns, "attributes.`Duration`"],
@@ -338,8 +377,8 @@ def teacher_below_scratch(refs: dict) -> str | None:
 def reference_lines(refs: dict) -> list[str]:
     """One line per reference trial: its val and test Dice."""
     methods = dict.fromkeys(k.split("_")[1] for k in refs)
-    return [f"reference {m}: val_dice {refs.get(f'reference_{m}_val_dice', float('nan')):.4f}, "
-            f"test_dice {refs.get(f'reference_{m}_test_dice', float('nan')):.4f}" for m in methods]  # fmt: skip
+    return [f"reference {m}: val_dice {_fmt(refs.get(f'reference_{m}_val_dice'))}, "
+            f"test_dice {_fmt(refs.get(f'reference_{m}_test_dice'))}" for m in methods]  # fmt: skip
 
 
 def evaluate_on_test(outputs: Path, data: tuple) -> dict:
