@@ -59,9 +59,15 @@ TEACHERS = {
 # LiteMedSAM's 256 either way), every --teachers recipe and the scratch U-Net at the same R; N = min(--n) only
 VIT = {"student.model": "vit_tiny", "student.lr": 1e-3}
 # ts_kd+synth: kd_methods.py's CPU-sized generator, one synthetic image per real transfer image
-SYNTH = {"synthetic.generator": "ddpm", "synthetic.ratio": 1.0, "synthetic.image_size": 32,
-         "synthetic.channels": [16, 32, 64], "synthetic.train_steps": 1000, "synthetic.pool_size": 128,
-         "synthetic.sample_steps": 25}  # fmt: skip
+SYNTH = {
+    "synthetic.generator": "ddpm",
+    "synthetic.ratio": 1.0,
+    "synthetic.image_size": 32,
+    "synthetic.channels": [16, 32, 64],
+    "synthetic.train_steps": 1000,
+    "synthetic.pool_size": 128,
+    "synthetic.sample_steps": 25,
+}
 # what only changes where or how fast a cell runs, not its result: left out of the cell's identity
 MACHINE_KEYS = ("cache.dir", "resources.threads")
 QUICK = {
@@ -74,8 +80,17 @@ QUICK = {
     "search.grace_period": 1,
 }
 QUICK_VIT = {"student.model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}}
-KEEP = ("test_dice", "test_hd95", "val_dice", "val_hd95", "teacher_val_dice", "student_params", "teacher_s",
-        "student_s", "total_s")  # fmt: skip
+KEEP = (
+    "test_dice",
+    "test_hd95",
+    "val_dice",
+    "val_hd95",
+    "teacher_val_dice",
+    "student_params",
+    "teacher_s",
+    "student_s",
+    "total_s",
+)
 
 
 def students(best: dict, has_mae: bool) -> dict[str, dict]:
@@ -139,8 +154,11 @@ def run_phase(
                 done[cell["id"]] = cell
                 with cells_file.open("a") as fh:
                     fh.write(json.dumps(cell, default=float) + "\n")
-                print(f"{label:<18} N={n:<3} seed={s}  val {cell['val_dice']:.3f}  test {cell['test_dice']:.3f}  "
-                      f"({cell['wall_s']:.0f} s)", flush=True)  # fmt: skip
+                print(
+                    f"{label:<18} N={n:<3} seed={s}  val {cell['val_dice']:.3f}  test {cell['test_dice']:.3f}  "
+                    f"({cell['wall_s']:.0f} s)",
+                    flush=True,
+                )
             running = {f: v for f, v in running.items() if not f.cancelled()}
 
 
@@ -183,9 +201,21 @@ PAIRS = {  # ours -> the references it is compared with, seed by seed
 }
 
 
+DISTILLED = ("ts_kd", "ts_kd+synth", "ts_kd vit")
+"""Phase 2's variants that distil the chosen teacher (the rest do not depend on which was chosen)."""
+
+
+def taught_by(cell: dict) -> dict:
+    """The teacher overrides a cell ran with (from its identity)."""
+    over = json.loads(cell["id"])[3]
+    return {k: v for k, v in over.items() if k.startswith("teacher.")}
+
+
 def aggregate(cells: list[dict], chosen: str | None) -> tuple[list[dict], list[dict]]:
     """Per (variant, N) the spread over seeds; paired differences of test Dice for PAIRS."""
     alias = {f"teacher {chosen}": "teacher*"} if chosen else {}
+    # phase 2's students of the chosen teacher only: "ts_kd" of another phase 2 (another --chosen) distilled another
+    cells = [c for c in cells if c["variant"] not in DISTILLED or taught_by(c) == TEACHERS.get(chosen, {})]
     rows = [c | {"variant": alias.get(c["variant"], c["variant"])} for c in cells]
     rows += [c for c in cells if c["variant"] in alias]  # the chosen teacher also under its own name
     summary = []
@@ -194,9 +224,17 @@ def aggregate(cells: list[dict], chosen: str | None) -> tuple[list[dict], list[d
             sel = [r for r in rows if r["variant"] == label and r["n"] == n]
             if sel:
                 d = spread([r["test_dice"] for r in sel])
-                summary.append({"variant": label, "n": n, "seeds": d["n"], "test_dice": d["mean"], "dice_std": d["std"],
-                                "val_dice": spread([r["val_dice"] for r in sel])["mean"],
-                                "test_hd95": spread([r["test_hd95"] for r in sel])["mean"]})  # fmt: skip
+                summary.append(
+                    {
+                        "variant": label,
+                        "n": n,
+                        "seeds": d["n"],
+                        "test_dice": d["mean"],
+                        "dice_std": d["std"],
+                        "val_dice": spread([r["val_dice"] for r in sel])["mean"],
+                        "test_hd95": spread([r["test_hd95"] for r in sel])["mean"],
+                    }
+                )
     by = {(r["variant"], r["n"], r["seed"]): r for r in rows}
     paired = []
     for ours, others in PAIRS.items():
@@ -208,8 +246,18 @@ def aggregate(cells: list[dict], chosen: str | None) -> tuple[list[dict], list[d
                 diffs = [by[k]["test_dice"] - by[(other, n, k[2])]["test_dice"] for k in keys]
                 sp = spread(diffs)
                 ratio = spread([by[k]["test_dice"] / by[(other, n, k[2])]["test_dice"] for k in keys])["mean"]
-                paired.append({"ours": ours, "vs": other, "n": n, "seeds": sp["n"], "dice_diff": sp["mean"],
-                               "diff_std": sp["std"], "wins": sum(x > 0 for x in diffs), "ratio": ratio})  # fmt: skip
+                paired.append(
+                    {
+                        "ours": ours,
+                        "vs": other,
+                        "n": n,
+                        "seeds": sp["n"],
+                        "dice_diff": sp["mean"],
+                        "diff_std": sp["std"],
+                        "wins": sum(x > 0 for x in diffs),
+                        "ratio": ratio,
+                    }
+                )
     return summary, paired
 
 
@@ -230,16 +278,23 @@ def plot(summary: list[dict], path: Path) -> None:
             "tab:orange" if lab.startswith("teacher") else "tab:blue" if "vit" in lab else "tab:green"
             for lab in shown
         ]
-        ax.barh(y, [rows[lab]["test_dice"] for lab in shown], xerr=[rows[lab]["dice_std"] for lab in shown],
-                color=colors, capsize=3)  # fmt: skip
+        ax.barh(
+            y,
+            [rows[lab]["test_dice"] for lab in shown],
+            xerr=[rows[lab]["dice_std"] for lab in shown],
+            color=colors,
+            capsize=3,
+        )
         ax.set_yticks(list(y), shown)
         ax.invert_yaxis()
         ax.set_xlabel("test Dice (mean over seeds, std as bars)")
         ax.set_title(f"mni152, N = {n} labelled")
         ax.set_xlim(left=min(rows[lab]["test_dice"] for lab in shown) - 0.1)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle("teachers (orange), U-Net students (green), ViT-Tiny students (blue); teacher* = chosen on val Dice",
-                 fontsize=10)  # fmt: skip
+    fig.suptitle(
+        "teachers (orange), U-Net students (green), ViT-Tiny students (blue); teacher* = chosen on val Dice",
+        fontsize=10,
+    )
     save_figure(fig, path)
 
 
@@ -252,8 +307,14 @@ def report(args, cells: list[dict], chosen: str | None) -> None:
     print(table(summary, ["variant", "n", "seeds", "test_dice", "dice_std", "val_dice", "test_hd95"]))
     print()
     print(table(paired, ["ours", "vs", "n", "seeds", "dice_diff", "diff_std", "wins", "ratio"]))
-    payload = {"provenance": provenance(), "chosen_teacher": chosen, "teachers": TEACHERS, "summary": summary,
-               "paired": paired, "cells": [{k: v for k, v in c.items() if k != "id"} for c in cells]}  # fmt: skip
+    payload = {
+        "provenance": provenance(),
+        "chosen_teacher": chosen,
+        "teachers": TEACHERS,
+        "summary": summary,
+        "paired": paired,
+        "cells": [{k: v for k, v in c.items() if k != "id"} for c in cells],
+    }
     print(f"\nwrote {write_result('teacher_heads', payload, quick=args.quick)}")
     plot(summary, plot_path("teacher_heads", quick=args.quick))
 
@@ -269,6 +330,9 @@ def main() -> None:
     )
     ap.add_argument("--teachers-only", action="store_true", help="phase 1 only")
     ap.add_argument(
+        "--variants", nargs="+", help="phase 2's students, a subset of its variants (default: all)"
+    )
+    ap.add_argument(
         "--chosen", choices=list(TEACHERS), help="phase 2's teacher (default: the best on val Dice)"
     )
     ap.add_argument("--workers", type=int, default=1, help="cells at once (a GPU takes several)")
@@ -279,9 +343,13 @@ def main() -> None:
     ap.add_argument(
         "--work", default="runs/bench-teachers", help="cache and finished cells (kept between runs)"
     )
-    ap.add_argument("--cells", type=Path, help="finished cells, one JSON line each (default: "
-                    "benchmarks/results/teacher_heads.cells.jsonl, committed so that a fresh clone resumes; "
-                    "--quick: WORK/cells.jsonl)")  # fmt: skip
+    ap.add_argument(
+        "--cells",
+        type=Path,
+        help="finished cells, one JSON line each (default: "
+        "benchmarks/results/teacher_heads.cells.jsonl, committed so that a fresh clone resumes; "
+        "--quick: WORK/cells.jsonl)",
+    )
     ap.add_argument(
         "--report-only", action="store_true", help="tables, JSON and plot from the finished cells"
     )
@@ -303,18 +371,31 @@ def main() -> None:
     deadline = time.time() + args.budget_s
     cache = work / "cache"
     grid = [(n, s) for n in args.n for s in args.seeds]  # the smallest N first: the issue's targets are there
-    phase1 = [(f"teacher {t}", n, s, overrides(args, {"distill.method": "teacher"} | TEACHERS[t], n, s, cache))
-              for n, s in grid for t in args.teachers]  # fmt: skip
+    phase1 = [
+        (f"teacher {t}", n, s, overrides(args, {"distill.method": "teacher"} | TEACHERS[t], n, s, cache))
+        for n, s in grid
+        for t in args.teachers
+    ]
     phase1 += [
         ("scratch", n, s, overrides(args, {"distill.method": "scratch"}, n, s, cache)) for n, s in grid
     ]
     n0 = min(args.n)
     for r in args.resolutions:
         res = {"data.image_size": r}
-        phase1 += [(f"teacher {t} {r}px", n0, s, overrides(args, {"distill.method": "teacher"} | TEACHERS[t] | res, n0, s, cache))
-                   for s in args.seeds for t in args.teachers]  # fmt: skip
-        phase1 += [(f"scratch {r}px", n0, s, overrides(args, {"distill.method": "scratch"} | res, n0, s, cache))
-                   for s in args.seeds]  # fmt: skip
+        phase1 += [
+            (
+                f"teacher {t} {r}px",
+                n0,
+                s,
+                overrides(args, {"distill.method": "teacher"} | TEACHERS[t] | res, n0, s, cache),
+            )
+            for s in args.seeds
+            for t in args.teachers
+        ]
+        phase1 += [
+            (f"scratch {r}px", n0, s, overrides(args, {"distill.method": "scratch"} | res, n0, s, cache))
+            for s in args.seeds
+        ]
     if not args.report_only:
         run_phase(args, phase1, done, cells_file, deadline)
     cells = list(done.values())
@@ -327,6 +408,10 @@ def main() -> None:
         why = "--chosen" if args.chosen else "the best mean val Dice"
         print(f"phase 2 distils the teacher {chosen} ({why})", flush=True)
         variants = students(TEACHERS[chosen], "mae" in METHODS)
+        unknown = set(args.variants or ()) - set(variants)
+        if unknown:
+            ap.error(f"--variants: {sorted(unknown)} not among {list(variants)}")
+        variants = {k: v for k, v in variants.items() if not args.variants or k in args.variants}
         phase2 = [
             (label, n, s, overrides(args, v, n, s, cache)) for n, s in grid for label, v in variants.items()
         ]

@@ -29,14 +29,28 @@ class Browser:
         self.profile = tempfile.mkdtemp(prefix="tskd-chromium-")
         port = free_port()
         self.proc = subprocess.Popen(
-            [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--no-first-run", "--hide-scrollbars", f"--remote-debugging-port={port}",
-             "--remote-allow-origins=*", f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
-             "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            [
+                chromium(),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--hide-scrollbars",
+                f"--remote-debugging-port={port}",
+                "--remote-allow-origins=*",
+                f"--user-data-dir={self.profile}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         pages = self._wait(lambda: [t for t in self._json(port, "list") or [] if t.get("type") == "page"], 60)
-        self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
+        self.ws = websocket.create_connection(
+            pages[0]["webSocketDebuggerUrl"], timeout=60, suppress_origin=True
+        )
         self._ids = itertools.count(1)
         self.send("Page.enable")
         self.send("Runtime.enable")
@@ -90,10 +104,14 @@ class Browser:
             self._wait(lambda: all(t in self.text() for t in texts), timeout, f"{texts} on the page")
         except AssertionError as exc:
             shown = " | ".join(self.text().split("\n"))
-            raise AssertionError(f"{exc}; missing {[t for t in texts if t not in shown]}; it shows: {shown[:1500]}") from None
+            raise AssertionError(
+                f"{exc}; missing {[t for t in texts if t not in shown]}; it shows: {shown[:1500]}"
+            ) from None
         return self.text()
 
-    def click(self, text: str, selector: str = "a, button, [role=button], [role=tab], [role=menuitem]") -> None:
+    def click(
+        self, text: str, selector: str = "a, button, [role=button], [role=tab], [role=menuitem]"
+    ) -> None:
         """Click the first element matching ``selector`` whose text is ``text``."""
         found = self.js(
             f"(() => {{ const el = [...document.querySelectorAll({json.dumps(selector)})]"
@@ -103,7 +121,13 @@ class Browser:
 
     def resize(self, width: int, height: int) -> None:
         """The viewport's size (what a screenshot shows)."""
-        self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
 
     def screenshot(self, path: Path) -> Path:
         """A PNG of the viewport."""

@@ -102,13 +102,16 @@ def test_trials_racing_for_one_teacher_build_it_once_and_corrupt_entries_are_reb
     from tskd_tune.config import validate
     from tskd_tune.trial import run_trial
 
-    raw = tiny_raw(tmp_path, student={"epochs": 1}, teacher={"epochs": 2}, synthetic=TINY_SYNTH,
-                   resources={"threads": 1})  # fmt: skip
+    raw = tiny_raw(
+        tmp_path, student={"epochs": 1}, teacher={"epochs": 2}, synthetic=TINY_SYNTH, resources={"threads": 1}
+    )
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(raw))
     cmd = [sys.executable, "-m", "tskd_tune", "trial", str(space), "--json", "--out"]
-    procs = [subprocess.Popen([*cmd, str(tmp_path / n)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for n in ("a", "b")]  # fmt: skip
+    procs = [
+        subprocess.Popen([*cmd, str(tmp_path / n)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for n in ("a", "b")
+    ]
     outs = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
     first = [json.loads(out) for out, _ in outs]
@@ -120,8 +123,12 @@ def test_trials_racing_for_one_teacher_build_it_once_and_corrupt_entries_are_reb
     damaged = {}
     # a teacher entry holds its trained head (teacher.adapt: head) or its LoRA adapter (lora)
     teacher = ["head.safetensors", "adapter/adapter_model.safetensors"]
-    for kind, names in [("data", ["images.npy"]), ("teacher", teacher), ("logits", ["outputs.npy"]),
-                        ("synth_pool", ["images.npy"])]:  # fmt: skip
+    for kind, names in [
+        ("data", ["images.npy"]),
+        ("teacher", teacher),
+        ("logits", ["outputs.npy"]),
+        ("synth_pool", ["images.npy"]),
+    ]:
         (entry,) = [p for p in (cache / kind).iterdir() if p.is_dir()]
         f = next(entry / n for n in names if (entry / n).is_file())
         size = f.stat().st_size
@@ -215,8 +222,12 @@ def test_cache_ls_and_prune_commands(tmp_path):
     import sys
 
     def cli(*args) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "tskd_tune", "cache", *args, "--dir", str(tmp_path / "c")],
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "tskd_tune", "cache", *args, "--dir", str(tmp_path / "c")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     store = Store(tmp_path / "c")
     _aged(store, "features", 1, 5000, hours_ago=72)
@@ -226,9 +237,15 @@ def test_cache_ls_and_prune_commands(tmp_path):
     assert ls.stdout.splitlines()[-1].split()[:2] == ["total", "2"]
     pruned = cli("prune", "--older-than", "2d")
     assert pruned.returncode == 0 and "removed 1 entry" in pruned.stdout
-    assert not (tmp_path / "c" / "features" / digest(1)).exists() and (tmp_path / "c" / "teacher" / digest(2)).exists()
-    for bad, field in ((("prune",), "cache prune: give --max-gb"), (("prune", "--max-gb", "1", "--kind", "nope"), "--kind:"),
-                       (("prune", "--older-than", "3x"), "--older-than:")):  # fmt: skip
+    assert (
+        not (tmp_path / "c" / "features" / digest(1)).exists()
+        and (tmp_path / "c" / "teacher" / digest(2)).exists()
+    )
+    for bad, field in (
+        (("prune",), "cache prune: give --max-gb"),
+        (("prune", "--max-gb", "1", "--kind", "nope"), "--kind:"),
+        (("prune", "--older-than", "3x"), "--older-than:"),
+    ):
         proc = cli(*bad)
         assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
         assert proc.stderr.startswith(f"error: {field}") and "Traceback" not in proc.stderr
@@ -242,14 +259,28 @@ def test_written_json_is_strict_an_undefined_number_is_null(tmp_path):
 
     from tskd_tune.cache import json_text, write_json
 
-    obj = {"rank_correlation": [{"epoch": 2, "spearman": math.nan}], "best": np.float32(0.5), "worst": -math.inf,
-           "test_dice": np.float64("nan"), "per_class": np.array([0.25, np.nan]), "path": tmp_path, "n": 3}  # fmt: skip
+    obj = {
+        "rank_correlation": [{"epoch": 2, "spearman": math.nan}],
+        "best": np.float32(0.5),
+        "worst": -math.inf,
+        "test_dice": np.float64("nan"),
+        "per_class": np.array([0.25, np.nan]),
+        "path": tmp_path,
+        "n": 3,
+    }
     write_json(tmp_path / "summary.json", obj)
 
     def refuse(constant):  # what strict parsers (jq, browsers) do with NaN or Infinity
         raise ValueError(constant)
 
     back = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
-    assert back == {"rank_correlation": [{"epoch": 2, "spearman": None}], "best": 0.5, "worst": None, "test_dice": None,
-                    "per_class": [0.25, None], "path": str(tmp_path), "n": 3}  # fmt: skip
+    assert back == {
+        "rank_correlation": [{"epoch": 2, "spearman": None}],
+        "best": 0.5,
+        "worst": None,
+        "test_dice": None,
+        "per_class": [0.25, None],
+        "path": str(tmp_path),
+        "n": 3,
+    }
     assert json.loads(json_text(obj, indent=None), parse_constant=refuse) == back

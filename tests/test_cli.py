@@ -139,8 +139,13 @@ def test_ui_prints_its_link_once_the_server_answers_and_sigterm_stops_the_server
     parent = client.create_run(exp, run_name="demo").info.run_id
     client.set_experiment_tag(exp, f"mlflow.sharedViewState.tskd-{parent}", "{}")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tskd_tune", "ui", "--uri", store, "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tskd_tune", "ui", "--uri", store, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
 
     def answers() -> bool:
         try:
@@ -152,7 +157,9 @@ def test_ui_prints_its_link_once_the_server_answers_and_sigterm_stops_the_server
     try:
         line = proc.stdout.readline()
         assert answers(), line  # printed only once the server answers
-        assert line.startswith(f"MLflow UI on http://127.0.0.1:{port}/#/experiments/{exp}/runs?viewStateShareKey=tskd-{parent}&")
+        assert line.startswith(
+            f"MLflow UI on http://127.0.0.1:{port}/#/experiments/{exp}/runs?viewStateShareKey=tskd-{parent}&"
+        )
         assert f"server log: {tmp_path / f'mlflow-ui-{port}.log'}" in line
         taken = cli("ui", "--uri", store, "--port", port)
         assert_one_line_error(taken, f"--port {port}: 127.0.0.1:{port} is taken")

@@ -81,8 +81,11 @@ def test_mlflow_env_carries_settings_and_secret_values_are_known(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
     monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
     monkeypatch.setenv("UNRELATED", "x")
-    assert cluster.mlflow_env() == {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "hunter2",
-                                    "MLFLOW_TRACKING_INSECURE_TLS": "true"}  # fmt: skip
+    assert cluster.mlflow_env() == {
+        "MLFLOW_TRACKING_USERNAME": "alice",
+        "MLFLOW_TRACKING_PASSWORD": "hunter2",
+        "MLFLOW_TRACKING_INSECURE_TLS": "true",
+    }
     assert sorted(cluster.secret_values()) == ["alice", "hunter2"]
 
 
@@ -116,8 +119,10 @@ def test_job_flags_fail_in_one_line(cli, space):
 def test_unreachable_jobs_api_is_one_line(cli, space, tmp_path):
     port = free_port()  # a port nobody listens on
     proc = cli("launch", space, "--address", f"http://127.0.0.1:{port}", "--storage", tmp_path / "r")
-    assert one_line(proc) == f"error: --address: cannot reach the Ray Jobs API at http://127.0.0.1:{port} " \
-        f"(Failed to connect to Ray at address: http://127.0.0.1:{port}.)"  # fmt: skip
+    assert (
+        one_line(proc) == f"error: --address: cannot reach the Ray Jobs API at http://127.0.0.1:{port} "
+        f"(Failed to connect to Ray at address: http://127.0.0.1:{port}.)"
+    )
 
 
 def test_study_storage_journal_and_rdb(tmp, tiny):
@@ -191,17 +196,39 @@ def test_a_job_says_every_launch_option_again_on_the_cluster():
     client_only = {"address", "detach"}  # this machine's business: the job's driver joins its own cluster
     fields = {f.name for f in dataclasses.fields(cluster.JobLaunch)}
     assert set(inspect.signature(launch).parameters) - client_only == fields
-    job = cluster.JobLaunch("s.yaml", "n1", "/mnt/shared/runs", "http://mlflow:5000", 12, 3, True, True,
-                            ("earlier", "/mnt/shared/runs/other"), ("seed=3", "student.lr=0.001"))  # fmt: skip
+    job = cluster.JobLaunch(
+        "s.yaml",
+        "n1",
+        "/mnt/shared/runs",
+        "http://mlflow:5000",
+        12,
+        3,
+        True,
+        True,
+        ("earlier", "/mnt/shared/runs/other"),
+        ("seed=3", "student.lr=0.001"),
+    )
     argv = job.to_argv()
     assert argv[:2] == ["tskd-tune", "launch"]
     command = typer.main.get_command(app).commands["launch"]
     params = command.make_context("launch", argv[2:]).params
     assert params.pop("address") == "auto" and params.pop("detach") is False
-    parsed = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()} | {"space": str(params["space"])}
+    parsed = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()} | {
+        "space": str(params["space"])
+    }
     assert parsed == dataclasses.asdict(job)
     bare = cluster.JobLaunch("s.yaml", "n1", "/mnt/shared/runs").to_argv()
-    assert bare == ["tskd-tune", "launch", "s.yaml", "--address", "auto", "--name", "n1", "--storage", "/mnt/shared/runs"]
+    assert bare == [
+        "tskd-tune",
+        "launch",
+        "s.yaml",
+        "--address",
+        "auto",
+        "--name",
+        "n1",
+        "--storage",
+        "/mnt/shared/runs",
+    ]
 
 
 def test_what_trials_know_of_the_search_is_typed_and_hides_credentials(tmp_path):

@@ -169,7 +169,9 @@ def test_multi_objective_search_rules():
     assert problems({"search": fifo | {"scheduler": "asha"}}) == [
         "search.scheduler: asha needs a single objective; use fifo with search.objectives, got 'asha'"
     ]
-    assert problems({"search": fifo | {"scheduler": "hyperband"}})[0].startswith("search.scheduler: hyperband needs")
+    assert problems({"search": fifo | {"scheduler": "hyperband"}})[0].startswith(
+        "search.scheduler: hyperband needs"
+    )
     assert problems({"search": fifo | {"objectives": {"val_dice": "max"}}})[0].startswith(
         "search.objectives: needs at least two metrics"
     )
@@ -262,8 +264,13 @@ def test_a_search_resolves_every_path_and_the_tracking_uri(tmp_path, monkeypatch
     from tskd_tune.search import absolutize
 
     monkeypatch.chdir(tmp_path)
-    cfg = validate({"synthetic": {"generator": "pretrained", "pretrained_path": "pipe"},
-                    "teacher": {"checkpoint": "w.safetensors"}, "tracking": {"uri": "sqlite:///runs/m.db"}})  # fmt: skip
+    cfg = validate(
+        {
+            "synthetic": {"generator": "pretrained", "pretrained_path": "pipe"},
+            "teacher": {"checkpoint": "w.safetensors"},
+            "tracking": {"uri": "sqlite:///runs/m.db"},
+        }
+    )
     out = absolutize(cfg)
     assert (
         out.synthetic.pretrained_path == tmp_path / "pipe"

@@ -35,8 +35,14 @@ def test_export_writes_model_and_card(trial_dir, tmp_path, fmt, file):
     assert card["max_abs_diff_vs_pytorch"] < 1e-4
     saved = json.loads((tmp_path / "exp" / "model_card.json").read_text())
     assert saved["classes"] == ["background", "central_echo_complex", "medulla", "cortex"]
-    assert saved["input"] == {"layout": "NCHW", "channels": 1, "size": [32, 32], "range": [0.0, 1.0],
-                              "dtype": "float32", "resize": "pad"}  # fmt: skip
+    assert saved["input"] == {
+        "layout": "NCHW",
+        "channels": 1,
+        "size": [32, 32],
+        "range": [0.0, 1.0],
+        "dtype": "float32",
+        "resize": "pad",
+    }
     assert "val_dice" in saved["metrics"]
     assert saved["student"]["model"] == "unet" and "encoder" not in saved["student"]  # a MONAI U-Net has none
     assert not list(tmp_path.glob(".exp.tmp"))
@@ -61,13 +67,36 @@ def test_predict_cli_writes_masks_and_overlays(trial_dir, tmp_path):
         Image.fromarray((img * 255).astype(np.uint8)).save(images / f"scan{i}.png")
     (images / "notes.txt").write_text("ignored")
     # the trial folder (outputs inside it), as `export` takes it
-    proc = subprocess.run([sys.executable, "-m", "tskd_tune", "predict", str(trial_dir.parent), str(images), "--out", str(tmp_path / "pred")],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tskd_tune",
+            "predict",
+            str(trial_dir.parent),
+            str(images),
+            "--out",
+            str(tmp_path / "pred"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     png = Image.open(tmp_path / "pred" / "scan0_mask.png")
     mask = np.asarray(png)
-    assert mask.shape == (40, 40) and mask.max() <= 3 and (mask == Predictor(trial_dir).predict(
-        np.asarray(Image.open(images / "scan0.png"), dtype=np.float32) / 255)).mean() > 0.99  # fmt: skip
+    assert (
+        mask.shape == (40, 40)
+        and mask.max() <= 3
+        and (
+            mask
+            == Predictor(trial_dir).predict(
+                np.asarray(Image.open(images / "scan0.png"), dtype=np.float32) / 255
+            )
+        ).mean()
+        > 0.99
+    )
     # a palette PNG: the values are the class indices, a viewer shows the classes in the overlay's colours
     assert png.mode == "P" and png.getpalette()[3:6] == [230, 159, 0]
     assert tuple(np.asarray(png.convert("RGB"))[mask == 0][0]) == (0, 0, 0)
@@ -75,8 +104,23 @@ def test_predict_cli_writes_masks_and_overlays(trial_dir, tmp_path):
 
 
 def test_export_cli_and_bad_inputs(trial_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tskd_tune", "export", str(trial_dir), "--format", "onnx", "--out", str(tmp_path / "e")],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tskd_tune",
+            "export",
+            str(trial_dir),
+            "--format",
+            "onnx",
+            "--out",
+            str(tmp_path / "e"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "max |diff| vs PyTorch" in proc.stdout
     with pytest.raises(TskdError, match="not a trial folder"):
@@ -96,18 +140,46 @@ def test_slices_the_demo_can_write_are_what_predict_reads(trial_dir, tmp_path):
 
     space = tmp_path / "s.yaml"
     space.write_text(yaml.safe_dump(tiny_raw(tmp_path)))
-    proc = subprocess.run([sys.executable, "-m", "tskd_tune", "data", "export-slices", str(space), "--n", "3",
-                           "--out", str(tmp_path / "slices")], capture_output=True, text=True, cwd=REPO, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tskd_tune",
+            "data",
+            "export-slices",
+            str(space),
+            "--n",
+            "3",
+            "--out",
+            str(tmp_path / "slices"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     images = sorted((tmp_path / "slices" / "images").iterdir())
     truths = sorted((tmp_path / "slices" / "masks").iterdir())
-    assert len(images) == len(truths) == 3 and [t.name for t in truths] == [f"{i.stem}_mask.png" for i in images]
+    assert len(images) == len(truths) == 3 and [t.name for t in truths] == [
+        f"{i.stem}_mask.png" for i in images
+    ]
     assert Image.open(truths[0]).mode == "P" and np.asarray(Image.open(truths[0])).max() <= 3
     written = predict_folder(trial_dir, tmp_path / "slices" / "images", tmp_path / "pred")
-    assert [np.asarray(Image.open(w)).shape for w in written] == [np.asarray(Image.open(t)).shape for t in truths]
-    bad = subprocess.run([sys.executable, "-m", "tskd_tune", "data", "export-slices", str(space), "--split", "train"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=300)  # fmt: skip
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: --split: must be test, val, labeled or unlabeled, got 'train'"
+    assert [np.asarray(Image.open(w)).shape for w in written] == [
+        np.asarray(Image.open(t)).shape for t in truths
+    ]
+    bad = subprocess.run(
+        [sys.executable, "-m", "tskd_tune", "data", "export-slices", str(space), "--split", "train"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert (
+        bad.returncode == 2
+        and bad.stderr.strip() == "error: --split: must be test, val, labeled or unlabeled, got 'train'"
+    )
 
 
 def test_save_student_writes_what_load_trial_student_reads(tiny, tmp_path):

@@ -40,8 +40,13 @@ def test_hook_matches_phase_and_epoch(monkeypatch):
 
 
 def test_with_a_state_folder_each_fault_goes_to_one_trial_and_retries_run_clean(monkeypatch, tmp_path):
-    _inject(monkeypatch, {"fault": "raise", "epoch": 1, "once": True}, {"fault": "sleep", "epoch": 1, "once": True},
-            {"fault": "nan", "epoch": 2}, state=tmp_path / "state")  # fmt: skip
+    _inject(
+        monkeypatch,
+        {"fault": "raise", "epoch": 1, "once": True},
+        {"fault": "sleep", "epoch": 1, "once": True},
+        {"fault": "nan", "epoch": 2},
+        state=tmp_path / "state",
+    )
     trial_a, trial_b, trial_c = (tmp_path / n for n in "abc")
     for d in (trial_a, trial_b, trial_c):
         d.mkdir()
@@ -84,8 +89,12 @@ def test_injected_nan_is_caught_by_the_real_check_and_keeps_the_last_checkpoint(
     _inject(monkeypatch, {"fault": "nan", "phase": "student", "epoch": 2})
     seen = []
     with pytest.raises(TrialFailed, match=r"student: loss became nan at epoch 2, step 1"):
-        run_trial(tiny(distill={"method": "scratch"}), lambda e, m, c: seen.append(e), out_dir=tmp_path / "out",
-                  hooks=faults.trial_hooks())  # fmt: skip
+        run_trial(
+            tiny(distill={"method": "scratch"}),
+            lambda e, m, c: seen.append(e),
+            out_dir=tmp_path / "out",
+            hooks=faults.trial_hooks(),
+        )
     assert seen == [1]  # epoch 2 never reached the searcher
     assert load_checkpoint(tmp_path / "out" / "checkpoint")["epoch"] == 1
 
@@ -166,8 +175,10 @@ def test_read_only_storage_fails_in_one_line_before_any_work(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     tskd = [sys.executable, "-m", "tskd_tune"]
-    for args, flag, folder in [(["launch", str(space), "--storage", str(ro / "runs")], "--storage", ro / "runs" / "tiny"),
-                               (["trial", str(space), "--out", str(ro / "trial")], "--out", ro / "trial")]:  # fmt: skip
+    for args, flag, folder in [
+        (["launch", str(space), "--storage", str(ro / "runs")], "--storage", ro / "runs" / "tiny"),
+        (["trial", str(space), "--out", str(ro / "trial")], "--out", ro / "trial"),
+    ]:
         proc = subprocess.run(_read_only(ro, tskd + args), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         lines = proc.stderr.strip().splitlines()

@@ -66,8 +66,11 @@ def test_the_teacher_key_follows_every_lora_field_and_no_student_knob(tiny):
     lora = {"rank": 2, "alpha": 3.0, "dropout": 0.1, "target_modules": ["qkv", "fc1"], "last_blocks": 1}
     for field, value in lora.items():
         assert key(tiny(teacher={"adapt": "lora", "lora": {field: value}})) != key(base), field
-    students = [tiny(teacher={"adapt": "lora"}, student={"lr": 0.1}), tiny(teacher={"adapt": "lora"}, distill={"temperature": 2.0}),
-                tiny(teacher={"adapt": "lora"}, student={"channels": [4, 8, 16]})]  # fmt: skip
+    students = [
+        tiny(teacher={"adapt": "lora"}, student={"lr": 0.1}),
+        tiny(teacher={"adapt": "lora"}, distill={"temperature": 2.0}),
+        tiny(teacher={"adapt": "lora"}, student={"channels": [4, 8, 16]}),
+    ]
     assert all(key(cfg) == key(base) for cfg in students)
 
 

@@ -38,8 +38,9 @@ def board(*rows: tuple[str, str, float]) -> pd.DataFrame:
 
 
 def test_a_finished_trial_beats_better_scores_of_stopped_ones():
-    b = board(("a", "stopped_early", 0.9), ("b", "running", 0.8), ("c", "finished", 0.7),
-              ("d", "finished", 0.6))  # fmt: skip
+    b = board(
+        ("a", "stopped_early", 0.9), ("b", "running", 0.8), ("c", "finished", 0.7), ("d", "finished", 0.6)
+    )
     best = best_trial(b)
     assert best["trial_id"] == "c" and best["trial_dir"] == "/runs/s/c" and best["val_dice"] == 0.7
 
@@ -60,11 +61,18 @@ def test_with_no_finished_trial_the_first_row_is_best():
 
 SCRATCH = {"val_dice": 0.50, "test_dice": 0.52, "val_hd95": 9.0, "test_hd95": 9.5, "student_params": 12462}
 TEACHER = {"val_dice": 0.80, "test_dice": 0.81, "val_hd95": 4.0, "test_hd95": 4.2, "student_params": 124068}
-SPACE = {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
-         "distill.kd_weight": {"type": "uniform", "low": 0.1, "high": 2.0}}  # fmt: skip
+SPACE = {
+    "distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
+    "distill.kd_weight": {"type": "uniform", "low": 0.1, "high": 2.0},
+}
 # (number, trial id, val Dice per epoch, finished): run order t001..t005; best first t003, t005, t004, t001, t002
-TRIALS = [(1, "aa01", [0.40, 0.55, 0.60], True), (2, "bb02", [0.45, 0.50, 0.55], True),
-          (3, "cc03", [0.50, 0.65, 0.72], True), (4, "dd04", [0.65], False), (5, "ee05", [0.52, 0.66, 0.70], True)]  # fmt: skip
+TRIALS = [
+    (1, "aa01", [0.40, 0.55, 0.60], True),
+    (2, "bb02", [0.45, 0.50, 0.55], True),
+    (3, "cc03", [0.50, 0.65, 0.72], True),
+    (4, "dd04", [0.65], False),
+    (5, "ee05", [0.52, 0.66, 0.70], True),
+]
 
 
 def space():
@@ -79,17 +87,44 @@ def write_search(root: Path, trials=TRIALS, uri: str = "sqlite:////srv/runs/mlfl
     """A small search folder in the layout a real search leaves: search.json, one folder per trial with
     Ray Tune's params.json and result.json, the trial's outputs, the reference trials and summary.json."""
     root.mkdir(parents=True)
-    (root / "search.json").write_text(json.dumps({"config": {}, "parent_run_id": "p" * 32, "options": {
-        "name": root.name, "storage": str(root.parent), "tracking_uri": uri, "address": None, "space_file": ""}}))  # fmt: skip
+    (root / "search.json").write_text(
+        json.dumps(
+            {
+                "config": {},
+                "parent_run_id": "p" * 32,
+                "options": {
+                    "name": root.name,
+                    "storage": str(root.parent),
+                    "tracking_uri": uri,
+                    "address": None,
+                    "space_file": "",
+                },
+            }
+        )
+    )
     for number, tid, dice, finished in trials:
         d = root / (dirname(number, tid) if dirname else f"t{number:03d}_{tid}")
-        params = {"distill.temperature": 1.0 + 0.6 * number % 7, "distill.kd_weight": 0.1 * (1 + number * 3 % 7)}
+        params = {
+            "distill.temperature": 1.0 + 0.6 * number % 7,
+            "distill.kd_weight": 0.1 * (1 + number * 3 % 7),
+        }
         (d / "outputs").mkdir(parents=True)
         (d / "params.json").write_text(json.dumps(params))
         start = 1_796_000_000 + 100 * number
-        rows = [{"epoch": e, "train_loss": 1.0 / e, "val_dice": v, "val_dice_kidney": v, "val_hd95": 10 - 5 * v,
-                 "mlflow_run_id": f"{tid}{'0' * 28}", "timestamp": start + 30 * e, "trial_id": tid,
-                 "config": params} for e, v in enumerate(dice, start=1)]  # fmt: skip
+        rows = [
+            {
+                "epoch": e,
+                "train_loss": 1.0 / e,
+                "val_dice": v,
+                "val_dice_kidney": v,
+                "val_hd95": 10 - 5 * v,
+                "mlflow_run_id": f"{tid}{'0' * 28}",
+                "timestamp": start + 30 * e,
+                "trial_id": tid,
+                "config": params,
+            }
+            for e, v in enumerate(dice, start=1)
+        ]
         (d / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
         if finished:
             (d / "outputs" / "metrics.json").write_text(json.dumps({"val_dice": dice[-1], "method": "ts_kd"}))
@@ -151,15 +186,20 @@ def test_the_study_holds_the_trials_in_the_order_they_ran(tmp_path):
 def test_without_numbers_the_first_report_orders_the_trials(tmp_path):
     # ids that sort against the run order, in folders without a number: only the timestamps tell
     trials = [(1, "zz", [0.3], True), (2, "mm", [0.9], True), (3, "aa", [0.6], True)]
-    board = objective_board(write_search(tmp_path / "s", trials, dirname=lambda n, t: f"t_{t}"), [("val_dice", "max")])
+    board = objective_board(
+        write_search(tmp_path / "s", trials, dirname=lambda n, t: f"t_{t}"), [("val_dice", "max")]
+    )
     assert list(run_order(board)["trial_id"]) == ["zz", "mm", "aa"]
     assert [t.value for t in study(board, space(), [("val_dice", "max")]).trials] == [0.3, 0.9, 0.6]
 
 
 def test_a_trial_without_a_value_keeps_its_place_in_the_history(tmp_path):
     trials = [*TRIALS[:2], (3, "cc03", [], False), *TRIALS[3:]]  # t003 has not reported yet
-    st = study(objective_board(write_search(tmp_path / "s", trials), [("val_dice", "max")]), space(),
-               [("val_dice", "max")])  # fmt: skip
+    st = study(
+        objective_board(write_search(tmp_path / "s", trials), [("val_dice", "max")]),
+        space(),
+        [("val_dice", "max")],
+    )
     assert [t.state.name for t in st.trials] == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED", "COMPLETE"]
     assert [t.value for t in st.trials if t.value is not None] == [0.60, 0.55, 0.70]
 
@@ -171,12 +211,22 @@ def test_plots_name_their_axes_after_the_metric_and_trials(tmp_path):
         history = axes["history"]
         assert history.get_ylabel() == "val_dice"
         history.figure.canvas.draw()
-        assert [t.get_text() for t in history.get_xticklabels() if t.get_text()] == ["t001", "t002", "t003", "t004",
-                                                                                     "t005"]  # fmt: skip
+        assert [t.get_text() for t in history.get_xticklabels() if t.get_text()] == [
+            "t001",
+            "t002",
+            "t003",
+            "t004",
+            "t005",
+        ]
         importances = axes["importances"]
-        assert "from 4 trials" in importances.get_title("left")  # the finished ones: t004 was stopped and "fewer than 10" in importances.get_title("left")
+        assert "from 4 trials" in importances.get_title(
+            "left"
+        )  # the finished ones: t004 was stopped and "fewer than 10" in importances.get_title("left")
         assert [t.get_text() for t in importances.get_legend().get_texts()] == ["val_dice"]
-        assert (axes["pareto_front"].get_xlabel(), axes["pareto_front"].get_ylabel()) == ("val_dice", "val_hd95")
+        assert (axes["pareto_front"].get_xlabel(), axes["pareto_front"].get_ylabel()) == (
+            "val_dice",
+            "val_hd95",
+        )
     finally:
         plt.close("all")
 
@@ -198,8 +248,15 @@ def test_curves_show_every_trial_by_name_with_the_best_highlighted(tmp_path):
     ax = curves_axes(board, best_trial(board)["trial_id"], references(path))
     try:
         labels = [t.get_text() for t in ax.get_legend().get_texts()]
-        assert labels == ["t001  0.6000", "t002  0.5500", "t003  0.7200  (best)", "t004  0.6500", "t005  0.7000",
-                          "scratch reference  0.5000", "teacher reference  0.8000"]  # fmt: skip
+        assert labels == [
+            "t001  0.6000",
+            "t002  0.5500",
+            "t003  0.7200  (best)",
+            "t004  0.6500",
+            "t005  0.7000",
+            "scratch reference  0.5000",
+            "teacher reference  0.8000",
+        ]
         lines = {line.get_label(): line for line in ax.get_lines()}
         assert list(lines["t003  0.7200  (best)"].get_ydata()) == [0.50, 0.65, 0.72]
         assert list(lines["t004  0.6500"].get_xdata()) == [1]  # stopped after one epoch
@@ -214,16 +271,29 @@ def test_the_report_page_has_the_leaderboard_references_curves_overlays_and_runs
     path = write_search(tmp_path / "s")
     out = tmp_path / "report"
     written = write_report(path, out, space(), [("val_dice", "max")])
-    assert {"leaderboard", "curves", "overlays", "history", "parallel_coordinates", "importances", "html"} <= set(written)
+    assert {
+        "leaderboard",
+        "curves",
+        "overlays",
+        "history",
+        "parallel_coordinates",
+        "importances",
+        "html",
+    } <= set(written)
     assert all(p.is_file() and p.parent == out for p in written.values())
     page = written["html"].read_text()
     board, refs = tables(page)
     head = board[0]
     assert head[:4] == ["trial", "state", "epochs", "val_dice"] and "gain_vs_scratch" in head
-    col = {name: head.index(name) for name in ("trial", "state", "gain_vs_scratch", "test Dice", "MLflow run")}
+    col = {
+        name: head.index(name) for name in ("trial", "state", "gain_vs_scratch", "test Dice", "MLflow run")
+    }
     rows = {r[col["trial"]].rstrip(" ★"): r for r in board[1:]}
     assert [r[col["trial"]] for r in board[1:]] == ["t003 ★", "t005", "t004", "t001", "t002"]
-    assert rows["t003"][col["gain_vs_scratch"]] == "+0.2200" and rows["t002"][col["gain_vs_scratch"]] == "+0.0500"
+    assert (
+        rows["t003"][col["gain_vs_scratch"]] == "+0.2200"
+        and rows["t002"][col["gain_vs_scratch"]] == "+0.0500"
+    )
     assert rows["t003"][col["test Dice"]] == "0.7100" and rows["t005"][col["test Dice"]] == "–"
     assert rows["t004"][col["state"]] == "stopped early" and rows["t001"][col["state"]] == "finished"
     assert rows["t001"][col["MLflow run"]] == "aa01" + "0" * 28
@@ -232,12 +302,18 @@ def test_the_report_page_has_the_leaderboard_references_curves_overlays_and_runs
     assert inlined(out / "curves.png") in page and Image.open(out / "curves.png").size[0] >= 900
     best = path / "t003_cc03" / "outputs" / "val_overlays.png"
     # the page holds its images: one file that MLflow's artifact preview shows whole
-    assert inlined(out / "best_overlays.png") in page and (out / "best_overlays.png").read_bytes() == best.read_bytes()
+    assert (
+        inlined(out / "best_overlays.png") in page
+        and (out / "best_overlays.png").read_bytes() == best.read_bytes()
+    )
     assert "src='" not in page.replace("src='data:image/png;base64,", "")
     assert "tskd-tune ui --uri sqlite:////srv/runs/mlflow.db" in page
     assert "Only 4 trials" in page  # the importance caveat, under the plot (finished trials only)
-    order = [page.index(inlined(out / "importances.png")), page.index("Only 4 trials"),
-             page.index(inlined(out / "parallel_coordinates.png"))]  # fmt: skip
+    order = [
+        page.index(inlined(out / "importances.png")),
+        page.index("Only 4 trials"),
+        page.index(inlined(out / "parallel_coordinates.png")),
+    ]
     assert order == sorted(order)
     assert "http" not in page.replace("http-equiv", "")  # nothing to fetch: the page opens offline
 
@@ -245,7 +321,9 @@ def test_the_report_page_has_the_leaderboard_references_curves_overlays_and_runs
 def test_an_unreachable_mlflow_server_leaves_the_run_ids(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
-    written = write_report(write_search(tmp_path / "s", uri=uri), tmp_path / "report", space(), [("val_dice", "max")])
+    written = write_report(
+        write_search(tmp_path / "s", uri=uri), tmp_path / "report", space(), [("val_dice", "max")]
+    )
     assert time.monotonic() - t0 < 60
     page = written["html"].read_text()
     assert f"MLflow at <code>{uri}</code> did not answer" in page
@@ -256,11 +334,18 @@ def test_a_reachable_mlflow_server_gets_links_to_each_run(monkeypatch):
     from mlflow.tracking import MlflowClient
 
     asked = []
-    monkeypatch.setattr(MlflowClient, "get_run", lambda self, run_id: asked.append(run_id)
-                        or SimpleNamespace(info=SimpleNamespace(experiment_id="7")))  # fmt: skip
+    monkeypatch.setattr(
+        MlflowClient,
+        "get_run",
+        lambda self, run_id: asked.append(run_id) or SimpleNamespace(info=SimpleNamespace(experiment_id="7")),
+    )
     links, note = run_links("https://mlflow.example.org/", ["a" * 32, "b" * 32])
-    assert links["b" * 32].startswith(f'<a href="https://mlflow.example.org/#/experiments/7/runs/{"b" * 32}">')
-    assert asked == ["a" * 32] and "experiment 7" in note  # one question for all runs: they share the experiment
+    assert links["b" * 32].startswith(
+        f'<a href="https://mlflow.example.org/#/experiments/7/runs/{"b" * 32}">'
+    )
+    assert (
+        asked == ["a" * 32] and "experiment 7" in note
+    )  # one question for all runs: they share the experiment
 
 
 def test_without_search_json_the_run_ids_stand_alone():
@@ -272,6 +357,7 @@ def test_the_end_of_search_report_shows_the_best_trials_test_dice_before_summary
     """The search writes its report, then summary.json: the summary it hands over is what the page shows."""
     path = write_search(tmp_path / "s")
     (path / "summary.json").unlink()
+
     def best_test_dice(summary):
         written = write_report(path, tmp_path / "r", space(), [("val_dice", "max")], summary=summary)
         board = tables(written["html"].read_text())[0]
@@ -320,7 +406,9 @@ def test_a_trials_state_reads_its_folder_in_the_words_of_its_mlflow_run(tmp_path
     # a trial Ray retried after its worker died (node lost) and that reported again is not failed
     retried = trial("t007_g")
     failed_at = time.mktime(time.strptime("2026-12-05_18-17-29", "%Y-%m-%d_%H-%M-%S"))
-    (retried / "error.txt").write_text("Failure # 1 (occurred at 2026-12-05_18-17-29)\nThe actor ... is unavailable\n")
+    (retried / "error.txt").write_text(
+        "Failure # 1 (occurred at 2026-12-05_18-17-29)\nThe actor ... is unavailable\n"
+    )
     later = [{"epoch": 1, "timestamp": failed_at - 5}, {"epoch": 2, "timestamp": failed_at + 30}]
     assert trial_state(retried, later, ended=False) == "running"
     assert trial_state(trial("t007_g", "outputs/metrics.json"), later, ended=True) == "finished"
@@ -337,15 +425,30 @@ def test_the_report_shows_the_best_trials_synthetic_pool_its_gates_and_what_the_
     rng = np.random.default_rng(0)
     sample_grid(rng.random((20, 1, 32, 32)), rng.random((30, 1, 32, 32)), pool_dir / "grid.png")
     metrics = path / "t003_cc03" / "outputs" / "metrics.json"
-    metrics.write_text(json.dumps(json.loads(metrics.read_text()) | {
-        "synth_pool": 128, "synth_pool_dir": str(pool_dir), "synth_fd": 0.81, "synth_precision": 0.74,
-        "synth_recall": 0.4, "synth_nn_ratio": 1.3, "synth_gate_passed": False,
-        "synth_gate_reasons": "feature recall 0.20 < 0.25", "transfer_synthetic": 40, "synth_drawn": 40,
-        "synth_kept": 29}))  # fmt: skip
+    metrics.write_text(
+        json.dumps(
+            json.loads(metrics.read_text())
+            | {
+                "synth_pool": 128,
+                "synth_pool_dir": str(pool_dir),
+                "synth_fd": 0.81,
+                "synth_precision": 0.74,
+                "synth_recall": 0.4,
+                "synth_nn_ratio": 1.3,
+                "synth_gate_passed": False,
+                "synth_gate_reasons": "feature recall 0.20 < 0.25",
+                "transfer_synthetic": 40,
+                "synth_drawn": 40,
+                "synth_kept": 29,
+            }
+        )
+    )
     written = write_report(path, tmp_path / "report", space(), [("val_dice", "max")])
     page = written["html"].read_text()
     synth = dict(tables(page)[-1])
-    assert synth["images in the pool"] == "128" and synth["feature precision (in the real manifold)"] == "0.74"
+    assert (
+        synth["images in the pool"] == "128" and synth["feature precision (in the real manifold)"] == "0.74"
+    )
     assert synth["feature Fréchet distance (of the real variance)"] == "0.810"
     assert synth["gates (pixel, then semantic)"] == "FAILED: feature recall 0.20 < 0.25"
     assert synth["kept by synthetic.filter"] == "29 of 40 drawn"
@@ -398,5 +501,7 @@ def test_the_best_overlays_show_validation_slices_spread_over_the_split(tmp_path
         pred = model(torch.from_numpy(images)).argmax(1).numpy().astype(np.uint8)
     expected = comparison_grid(images, np.asarray(prepared.masks[idx]), pred, prepared.classes)
     drawn = Image.open(written["overlays"])
-    assert drawn.size == expected.size and np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(expected))
+    assert drawn.size == expected.size and np.array_equal(
+        np.asarray(drawn.convert("RGB")), np.asarray(expected)
+    )
     assert "6 validation images spread over the split" in written["html"].read_text()

@@ -38,7 +38,9 @@ def test_schedulers_by_name(tiny, tmp_path):
     assert type(make_scheduler(tiny(search={"scheduler": "fifo"}), 6)) is FIFOScheduler
     asha = make_scheduler(tiny(search={"scheduler": "asha", "grace_period": 1}), 27)
     assert isinstance(asha, AsyncHyperBandScheduler) and len(asha._brackets) == 1
-    hyper = make_scheduler(tiny(search={"scheduler": "hyperband", "grace_period": 1, "reduction_factor": 3}), 27)
+    hyper = make_scheduler(
+        tiny(search={"scheduler": "hyperband", "grace_period": 1, "reduction_factor": 3}), 27
+    )
     # brackets whose first rungs are at 1, 3 and 9 epochs, and one whose trials all run to the end
     assert len(hyper._brackets) == 4 and [b._rungs[-1][0] for b in hyper._brackets] == [1, 3, 9, 27]
     assert schedulers.brackets(2, 3, 40) == 3 and schedulers.brackets(30, 3, 40) == 1
@@ -50,12 +52,18 @@ def test_schedulers_by_name(tiny, tmp_path):
 
 
 def test_the_grace_period_comes_from_the_pilot_trials(tiny, tmp_path, capsys):
-    sched = make_scheduler(tiny(search={"scheduler": "asha", "grace_period": None, "pilot_trials": 5}), 6, folder=tmp_path)
+    sched = make_scheduler(
+        tiny(search={"scheduler": "asha", "grace_period": None, "pilot_trials": 5}), 6, folder=tmp_path
+    )
     finals = [0.5, 0.6, 0.7, 0.8, 0.9]
     for i, final in enumerate(finals):  # the pilot: never stopped, however they rank
         assert set(run_curve(sched, f"p{i}", agreeing(final))) == {CONTINUE}
     note = json.loads((tmp_path / "grace.json").read_text())
-    assert note["grace_period"] == 2 and note["pilot_trials"] == 5 and note["spearman_at_grace"] == pytest.approx(1)
+    assert (
+        note["grace_period"] == 2
+        and note["pilot_trials"] == 5
+        and note["spearman_at_grace"] == pytest.approx(1)
+    )
     line = capsys.readouterr().out
     assert "early stopping: grace period 2 of 6 epochs, from the first 5 finished trials" in line
     # the pilot's curves already fill the rungs: a weak trial is stopped at epoch 2, a strong one runs on
@@ -64,7 +72,9 @@ def test_the_grace_period_comes_from_the_pilot_trials(tiny, tmp_path, capsys):
 
 
 def test_no_early_stopping_when_no_epoch_ranks_the_pilot_like_the_end(tiny, tmp_path, capsys):
-    sched = make_scheduler(tiny(search={"scheduler": "hyperband", "grace_period": None, "pilot_trials": 4}), 4, folder=tmp_path)
+    sched = make_scheduler(
+        tiny(search={"scheduler": "hyperband", "grace_period": None, "pilot_trials": 4}), 4, folder=tmp_path
+    )
     for i, final in enumerate([0.5, 0.6, 0.7, 0.8]):  # the ranking flips at the last epoch
         run_curve(sched, f"p{i}", [1 - final, 1 - final, 1 - final, final])
     assert json.loads((tmp_path / "grace.json").read_text())["grace_period"] is None
@@ -73,7 +83,9 @@ def test_no_early_stopping_when_no_epoch_ranks_the_pilot_like_the_end(tiny, tmp_
 
 
 def test_protected_trials_run_to_the_end_with_a_hand_set_grace_period(tiny, tmp_path):
-    sched = make_scheduler(tiny(search={"scheduler": "asha", "grace_period": 1}), 3, folder=tmp_path, protect=2)
+    sched = make_scheduler(
+        tiny(search={"scheduler": "asha", "grace_period": 1}), 3, folder=tmp_path, protect=2
+    )
     assert run_curve(sched, "a", [0.9, 0.9, 0.9]) == [CONTINUE] * 3
     assert run_curve(sched, "b", [0.1, 0.1, 0.1]) == [CONTINUE] * 3  # below the rung, but protected
     assert run_curve(sched, "c", [0.05, 0.05, 0.05]) == [STOP]

@@ -37,18 +37,39 @@ def searched(tmp_path_factory):
         "system_metrics_interval_s": 1,
     }
     # asynchronous Hyperband: ASHA's brackets, of which one judges trials at epoch 1
-    raw["search"] = {"num_samples": 4, "max_concurrent": 2, "grace_period": 1, "scheduler": "hyperband",
-                     "study_storage": f"sqlite:///{tmp}/optuna.db",
-                     "space": {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
-                               "distill.kd_weight": {"type": "uniform", "low": 0.2, "high": 2.0}}}  # fmt: skip
+    raw["search"] = {
+        "num_samples": 4,
+        "max_concurrent": 2,
+        "grace_period": 1,
+        "scheduler": "hyperband",
+        "study_storage": f"sqlite:///{tmp}/optuna.db",
+        "space": {
+            "distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
+            "distill.kd_weight": {"type": "uniform", "low": 0.2, "high": 2.0},
+        },
+    }
     space = tmp / "e2e.yaml"
     space.write_text(yaml.safe_dump(raw))
     first = run("launch", space, "--storage", tmp / "runs", "--name", "first", cwd=tmp)
     assert first.returncode == 0, first.stderr[-3000:]
     # the second search is multi-objective (Dice up, latency down): same teacher key, so a cache hit
-    second = run("launch", space, "--storage", tmp / "runs", "--name", "second", "--num-samples", "3",
-                 "--set", "search.scheduler=fifo", "--set", "search.objectives={val_dice: max, student_latency_ms: min}",
-                 "--set", "search.baselines=[]", cwd=tmp)  # fmt: skip
+    second = run(
+        "launch",
+        space,
+        "--storage",
+        tmp / "runs",
+        "--name",
+        "second",
+        "--num-samples",
+        "3",
+        "--set",
+        "search.scheduler=fifo",
+        "--set",
+        "search.objectives={val_dice: max, student_latency_ms: min}",
+        "--set",
+        "search.baselines=[]",
+        cwd=tmp,
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     return tmp, raw, first, second
 
@@ -60,12 +81,17 @@ def test_the_study_holds_finished_trials_as_complete_and_stopped_ones_as_pruned(
     st = optuna.load_study(study_name="first", storage=raw["search"]["study_storage"])
     _, runs = runs_of(raw["tracking"]["uri"], "e2e")
     # each trial's MLflow run, found by its sampled temperature
-    status = {round(float(r.data.params["distill.temperature"]), 6): r.data.tags.get("tskd.status")
-              for r in runs if "distill.temperature" in r.data.params and "tskd.status" in r.data.tags}  # fmt: skip
+    status = {
+        round(float(r.data.params["distill.temperature"]), 6): r.data.tags.get("tskd.status")
+        for r in runs
+        if "distill.temperature" in r.data.params and "tskd.status" in r.data.tags
+    }
     assert len(st.trials) == 4
     for t in st.trials:
         # every epoch's val Dice reached the study as an intermediate value, as Ray reported it
-        assert t.intermediate_values and set(t.intermediate_values) == set(range(1, len(t.intermediate_values) + 1))
+        assert t.intermediate_values and set(t.intermediate_values) == set(
+            range(1, len(t.intermediate_values) + 1)
+        )
         name = round(t.params["distill.temperature"], 6)
         if status[name] == "finished":
             assert t.state.name == "COMPLETE" and len(t.intermediate_values) == 3
@@ -99,11 +125,16 @@ def test_mlflow_has_one_parent_per_search_and_a_child_per_trial(searched):
         assert ref.info.status == "FINISHED" and ref.data.params["distill.method"] == method
         assert {"val_dice", "test_dice", "student_params"} <= set(ref.data.metrics)
         assert not any(k.startswith("final_") for k in ref.data.metrics)
-        assert parent.data.metrics[f"reference_{method}_val_dice"] == pytest.approx(ref.data.metrics["val_dice"])
+        assert parent.data.metrics[f"reference_{method}_val_dice"] == pytest.approx(
+            ref.data.metrics["val_dice"]
+        )
         assert ref.data.tags["teacher.pretrained"] == "false"
     for child in children:
         # never left RUNNING; a trial stopped early is not a failure: FINISHED too, told apart by its tag
-        assert child.info.status == "FINISHED" and child.data.tags["tskd.status"] in {"finished", "stopped_early"}
+        assert child.info.status == "FINISHED" and child.data.tags["tskd.status"] in {
+            "finished",
+            "stopped_early",
+        }
         assert {"distill.temperature", "distill.kd_weight"} <= set(child.data.params)
         assert "val_dice" in child.data.metrics and "ray.node_ip" in child.data.tags
         history = client.get_metric_history(child.info.run_id, "val_dice")
@@ -113,8 +144,15 @@ def test_mlflow_has_one_parent_per_search_and_a_child_per_trial(searched):
         # what runs are compared on: curves per epoch and a few end-of-trial metrics; the rest in trial_summary.json
         # (the best trial also holds the test score the search measured for it)
         assert set(child.data.metrics) - {"gain_vs_scratch"} <= {
-            "val_dice", "val_hd95", "train_loss", "lr", "student_params", "student_latency_ms", "teacher_val_dice",
-            *(k for k in child.data.metrics if k.startswith(("val_dice_", "system/", "test_")))}  # fmt: skip
+            "val_dice",
+            "val_hd95",
+            "train_loss",
+            "lr",
+            "student_params",
+            "student_latency_ms",
+            "teacher_val_dice",
+            *(k for k in child.data.metrics if k.startswith(("val_dice_", "system/", "test_"))),
+        }
         # a trial stopped early has its student's size and speed too (measured when it started)
         assert child.data.metrics["student_params"] > 0 and child.data.metrics["student_latency_ms"] > 0
         assert child.data.metrics["lr"] > 0  # the rate the last epoch used, not the cosine's 0 after it
@@ -131,20 +169,29 @@ def test_mlflow_has_one_parent_per_search_and_a_child_per_trial(searched):
             assert len(history) < 3 and child.data.tags["tskd.stopped_at_epoch"] == str(len(history))
     # the parent names its best child and describes the search with a markdown leaderboard
     best = next(c for c in children if c.info.run_id == parent.data.tags["tskd.best_run_id"])
-    assert best.info.run_name == parent.data.tags["tskd.best_run_name"] and best.info.run_name.startswith("t00")
+    assert best.info.run_name == parent.data.tags["tskd.best_run_name"] and best.info.run_name.startswith(
+        "t00"
+    )
     note = parent.data.tags["mlflow.note.content"]
     assert f"**[{best.info.run_name}](#/experiments/" in note and "**Reference trials**" in note
     # the best run says so itself and holds its test Dice; no other run is tagged best
-    assert best.data.tags["tskd.best"] == "true" and "**Best trial** of search `first`" in best.data.tags["mlflow.note.content"]
+    assert (
+        best.data.tags["tskd.best"] == "true"
+        and "**Best trial** of search `first`" in best.data.tags["mlflow.note.content"]
+    )
     summary = json.loads((tmp / "runs" / "first" / "summary.json").read_text())
     assert best.data.metrics["test_dice"] == pytest.approx(summary["test_dice"])
     assert all(c.data.tags.get("tskd.best") is None for c in children if c is not best)
     assert all(r.data.tags["tskd.kind"] == "reference" for r in references.values())
     # the searched ranges are the parent's params
-    assert parent.data.params == {"space.distill.temperature": "uniform(low=1.0, high=8.0)",
-                                  "space.distill.kd_weight": "uniform(low=0.2, high=2.0)"}  # fmt: skip
+    assert parent.data.params == {
+        "space.distill.temperature": "uniform(low=1.0, high=8.0)",
+        "space.distill.kd_weight": "uniform(low=0.2, high=2.0)",
+    }
     # the shared runs-table view ranks the trials only: no reference teacher above the best trial
-    view = client.get_experiment(parent.info.experiment_id).tags[f"mlflow.sharedViewState.tskd-{parent.info.run_id}"]
+    view = client.get_experiment(parent.info.experiment_id).tags[
+        f"mlflow.sharedViewState.tskd-{parent.info.run_id}"
+    ]
     shown = client.search_runs([parent.info.experiment_id], json.loads(view)["searchFilter"])
     assert sorted(r.info.run_id for r in shown) == sorted(c.info.run_id for c in children)
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -163,8 +210,9 @@ def test_search_folder_has_leaderboard_best_config_and_test_score(searched):
     summary = json.loads((folder / "summary.json").read_text())
     scratch = summary["reference_scratch_val_dice"]
     assert board["gain_vs_scratch"].to_numpy() == pytest.approx((board["val_dice"] - scratch).to_numpy())
-    assert summary["best_gain_vs_scratch"] == pytest.approx(board.loc[board["trial_id"] == summary["best_trial"],
-                                                                      "gain_vs_scratch"].iloc[0])  # fmt: skip
+    assert summary["best_gain_vs_scratch"] == pytest.approx(
+        board.loc[board["trial_id"] == summary["best_trial"], "gain_vs_scratch"].iloc[0]
+    )
     assert "reference scratch: val_dice" in first.stdout and "val Dice over scratch" in first.stdout
     # the CSV names trials as everything else does, carries their MLflow runs and the best one's test Dice
     assert board["trial"].str.fullmatch(r"t\d{3}").all() and board["mlflow_run_id"].notna().all()
@@ -186,13 +234,20 @@ def test_search_folder_has_leaderboard_best_config_and_test_score(searched):
     assert 1.0 <= best["distill"]["temperature"] <= 8.0
     assert "test_dice" in (folder / "summary.json").read_text()
     # strict JSON: an undefined rank correlation is null, not NaN
-    json.loads((folder / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"summary.json has {c}"))
-    assert not [line for line in first.stdout.splitlines() if line.startswith("early stopping") and "nan" in line]
+    json.loads(
+        (folder / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"summary.json has {c}")
+    )
+    assert not [
+        line for line in first.stdout.splitlines() if line.startswith("early stopping") and "nan" in line
+    ]
     assert "Ray dashboard: http://127.0.0.1:" in first.stdout
     assert "open it with: tskd-tune ui --uri sqlite:///" in first.stdout
     # the runs table with the scores and values, which MLflow's default table lacks, is one link away
-    assert re.search(r"compare the trials in MLflow: `tskd-tune ui --uri sqlite:///\S+`, then "
-                     r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs\?viewStateShareKey=tskd-\w+", first.stdout)  # fmt: skip
+    assert re.search(
+        r"compare the trials in MLflow: `tskd-tune ui --uri sqlite:///\S+`, then "
+        r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs\?viewStateShareKey=tskd-\w+",
+        first.stdout,
+    )
 
 
 def test_second_search_reuses_the_teacher(searched):
@@ -252,8 +307,12 @@ def test_status_and_report(searched):
     assert "4 trial(s)" in status.stdout and "best so far: t0" in status.stdout
     rows = [x.split() for x in status.stdout.splitlines() if re.match(r"\s*t\d{3} ", x)]
     assert len(rows) == 4 and "…" not in status.stdout  # one line per trial, named t001.., nothing cut at 80
-    assert max(len(x.rstrip()) for x in status.stdout.splitlines() if re.match(r"\s*(trial|t\d{3}) ", x)) <= 80
-    assert "reference scratch: val_dice" in status.stdout and "gain: a trial's val_dice minus" in status.stdout
+    assert (
+        max(len(x.rstrip()) for x in status.stdout.splitlines() if re.match(r"\s*(trial|t\d{3}) ", x)) <= 80
+    )
+    assert (
+        "reference scratch: val_dice" in status.stdout and "gain: a trial's val_dice minus" in status.stdout
+    )
     report = run("report", tmp / "runs" / "first", "--out", tmp / "report", cwd=tmp)
     assert report.returncode == 0, report.stderr
     assert (tmp / "report" / "history.png").read_bytes()[:4] == b"\x89PNG"
@@ -297,18 +356,30 @@ def test_export_best_trial_registers_it_in_mlflow(searched):
     assert origin["search"] == "first" and re.fullmatch(r"t\d{3}", origin["name"]) and "test_dice" in card
     # the version points to its trial and search; the run that logged it sits under the search's run
     version = client.get_model_version("e2e-student", "1")
-    assert f"trial {origin['name']} of search first" in version.description and "test_dice" in version.description
+    assert (
+        f"trial {origin['name']} of search first" in version.description
+        and "test_dice" in version.description
+    )
     assert version.tags["tskd.mlflow_run_id"] == origin["mlflow_run_id"] and version.tags["tskd.teacher"]
     assert f"teacher {version.tags['tskd.teacher']}" in version.description
     logged_by = client.get_run(version.run_id)
     assert logged_by.data.tags["mlflow.parentRunId"] == origin["search_run_id"]
-    assert set(logged_by.data.metrics) <= {"val_dice", "test_dice", "val_hd95", "test_hd95", "student_params",
-                                           "student_latency_ms"}  # fmt: skip
+    assert set(logged_by.data.metrics) <= {
+        "val_dice",
+        "test_dice",
+        "val_hd95",
+        "test_hd95",
+        "student_params",
+        "student_latency_ms",
+    }
     import mlflow
 
     mlflow.set_tracking_uri(raw["tracking"]["uri"])
     signature = mlflow.models.get_model_info("models:/e2e-student/1").signature
-    assert signature is not None and signature.inputs.to_dict()[0]["tensor-spec"]["shape"][1:] in ([1, 32, 32], (1, 32, 32))
+    assert signature is not None and signature.inputs.to_dict()[0]["tensor-spec"]["shape"][1:] in (
+        [1, 32, 32],
+        (1, 32, 32),
+    )
 
 
 def test_a_search_with_augmented_teacher_views_fills_them_on_the_driver(tmp_path):
@@ -318,8 +389,14 @@ def test_a_search_with_augmented_teacher_views_fills_them_on_the_driver(tmp_path
     from tests.conftest import tiny_raw
 
     raw = tiny_raw(tmp_path, student={"epochs": 1}, teacher={"epochs": 1, "augment_views": 2})
-    raw["search"] = {"num_samples": 1, "max_concurrent": 1, "grace_period": 1, "scheduler": "fifo", "baselines": [],
-                     "space": {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}}}  # fmt: skip
+    raw["search"] = {
+        "num_samples": 1,
+        "max_concurrent": 1,
+        "grace_period": 1,
+        "scheduler": "fifo",
+        "baselines": [],
+        "space": {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}},
+    }
     raw["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "views"}
     space = tmp_path / "views.yaml"
     space.write_text(yaml.safe_dump(raw))
@@ -337,10 +414,20 @@ def test_a_staged_search_distils_top_teachers_finished_teachers(tmp_path):
     from tests.conftest import tiny_raw
 
     raw = tiny_raw(tmp_path, student={"epochs": 2}, teacher={"epochs": 3})
-    raw["search"] = {"num_samples": 2, "max_concurrent": 2, "scheduler": "asha", "baselines": [], "grace_period": 1,
-                     "strategy": "staged", "teacher_trials": 4, "top_teachers": 2,
-                     "space": {"teacher.lr": {"type": "choice", "values": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]},
-                               "distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}}}  # fmt: skip
+    raw["search"] = {
+        "num_samples": 2,
+        "max_concurrent": 2,
+        "scheduler": "asha",
+        "baselines": [],
+        "grace_period": 1,
+        "strategy": "staged",
+        "teacher_trials": 4,
+        "top_teachers": 2,
+        "space": {
+            "teacher.lr": {"type": "choice", "values": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]},
+            "distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
+        },
+    }
     raw["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "staged"}
     space = tmp_path / "staged.yaml"
     space.write_text(yaml.safe_dump(raw))
@@ -367,10 +454,17 @@ def test_a_search_keeps_the_cache_under_max_gb_sparing_what_it_uses(tmp_path):
 
     raw = tiny_raw(tmp_path, student={"epochs": 1}, teacher={"epochs": 1})
     raw["cache"]["max_gb"] = 1e-9  # below anything: every entry the search has not used is over the limit
-    raw["search"] = {"num_samples": 1, "max_concurrent": 1, "scheduler": "fifo", "baselines": [],
-                     "space": {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}}}  # fmt: skip
+    raw["search"] = {
+        "num_samples": 1,
+        "max_concurrent": 1,
+        "scheduler": "fifo",
+        "baselines": [],
+        "space": {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}},
+    }
     raw["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "cache"}
-    stale = Store(raw["cache"]["dir"]).get_or_build("logits", {"old": 1}, lambda tmp: (tmp / "x").write_bytes(b"0" * 4096))
+    stale = Store(raw["cache"]["dir"]).get_or_build(
+        "logits", {"old": 1}, lambda tmp: (tmp / "x").write_bytes(b"0" * 4096)
+    )
     week = time.time() - 7 * 86400
     os.utime(stale.path / "MANIFEST.json", (week, week))
     space = tmp_path / "cache.yaml"

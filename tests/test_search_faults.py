@@ -49,8 +49,15 @@ def write_space(folder: Path, cache: Path, uri: str, *, samples: int, concurrent
     raw["cache"] = {"dir": str(cache)}
     raw["tracking"] = {"uri": uri, "experiment": "faults"}
     # no reference trials unless asked: these tests count the trials' runs
-    raw["search"] = {"num_samples": samples, "max_concurrent": concurrent, "scheduler": "fifo",
-                     "grace_period": 1, "space": SPACE, "baselines": [], **search}  # fmt: skip
+    raw["search"] = {
+        "num_samples": samples,
+        "max_concurrent": concurrent,
+        "scheduler": "fifo",
+        "grace_period": 1,
+        "space": SPACE,
+        "baselines": [],
+        **search,
+    }
     path = folder / "space.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -65,14 +72,26 @@ def fault_env(folder: Path, *specs: dict) -> dict:
 
 
 def cli(*args, cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tskd_tune", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "tskd_tune", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def start(procs: list, *args, cwd: Path, env: dict | None = None, log: str = "driver") -> subprocess.Popen:
     out = open(cwd / f"{log}.log", "w")  # noqa: SIM115 - closed with the process
-    p = subprocess.Popen([sys.executable, "-m", "tskd_tune", *map(str, args)], cwd=cwd, env=env, stdout=out,
-                         stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    p = subprocess.Popen(
+        [sys.executable, "-m", "tskd_tune", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     procs.append(p)
     return p
 
@@ -172,8 +191,11 @@ def test_killed_worker_resumes_from_its_checkpoint_and_a_hung_trial_is_stopped(t
     search.trial_timeout_s without progress it is stopped and marked timeout."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     space = write_space(tmp_path, cache, uri, samples=2, concurrent=1, trial_timeout_s=30)
-    env = fault_env(tmp_path, {"fault": "sleep", "seconds": 15, "phase": "student", "epoch": 2, "once": True},
-                    {"fault": "sleep", "seconds": 3600, "phase": "student", "epoch": 2, "once": True})  # fmt: skip
+    env = fault_env(
+        tmp_path,
+        {"fault": "sleep", "seconds": 15, "phase": "student", "epoch": 2, "once": True},
+        {"fault": "sleep", "seconds": 3600, "phase": "student", "epoch": 2, "once": True},
+    )
     search = tmp_path / "runs" / "kill"
     t0 = time.monotonic()
     driver = start(
@@ -268,7 +290,9 @@ def test_a_trial_proposed_but_never_recorded_is_proposed_again_on_resume(tmp_pat
     space = write_space(tmp_path, cache, uri, samples=3, concurrent=1, study_storage=study)
     env = fault_env(tmp_path, {"fault": "sleep", "seconds": 2, "phase": "student"})
     search = tmp_path / "runs" / "lost"
-    driver = start(procs, "launch", space, "--storage", tmp_path / "runs", "--name", "lost", cwd=tmp_path, env=env)
+    driver = start(
+        procs, "launch", space, "--storage", tmp_path / "runs", "--name", "lost", cwd=tmp_path, env=env
+    )
     wait_for("the first trial to report", lambda: len(results(search)) == 1, timeout=900)
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait(timeout=60)
@@ -297,26 +321,44 @@ def test_a_staged_search_killed_after_its_teacher_stage_resumes_with_its_student
     """Teachers first (judged per teacher epoch), then students of the best one: the driver is killed once
     the teacher stage has chosen; `resume` runs the student stage without fine-tuning any teacher again."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    space = write_space(tmp_path, cache, uri, samples=2, concurrent=2, strategy="staged", teacher_trials=2,
-                        top_teachers=1,
-                        space=SPACE | {"teacher.lr": {"type": "choice", "values": [0.001, 0.003]}})  # fmt: skip
+    space = write_space(
+        tmp_path,
+        cache,
+        uri,
+        samples=2,
+        concurrent=2,
+        strategy="staged",
+        teacher_trials=2,
+        top_teachers=1,
+        space=SPACE | {"teacher.lr": {"type": "choice", "values": [0.001, 0.003]}},
+    )
     env = fault_env(tmp_path, {"fault": "sleep", "seconds": 2, "phase": "student"})  # slow student epochs
     search = tmp_path / "runs" / "staged"
-    driver = start(procs, "launch", space, "--storage", tmp_path / "runs", "--name", "staged", cwd=tmp_path, env=env)
+    driver = start(
+        procs, "launch", space, "--storage", tmp_path / "runs", "--name", "staged", cwd=tmp_path, env=env
+    )
     wait_for("the teacher stage to choose", lambda: (search / "teachers.json").is_file(), timeout=900)
     # killed once both students have reported: a kill at the very start of a stage can leave Ray Tune's
     # searcher state counting a trial its experiment state never recorded, which a restore does not run
-    wait_for("both students to report", lambda: len([p for p in search.glob("t0*_*/result.json")
-                                                     if p.stat().st_size]) == 2, timeout=900)  # fmt: skip
+    wait_for(
+        "both students to report",
+        lambda: len([p for p in search.glob("t0*_*/result.json") if p.stat().st_size]) == 2,
+        timeout=900,
+    )
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait(timeout=60)
     teachers = json.loads((search / "teachers.json").read_text())["teachers"]
     assert len(teachers) == 1 and len(results(search / "teacher_stage")) == 2
     resumed = cli("resume", search, cwd=tmp_path, env=env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "teacher stage:" not in resumed.stdout and "student stage: distilling the best 1 teacher(s)" in resumed.stdout
+    assert (
+        "teacher stage:" not in resumed.stdout
+        and "student stage: distilling the best 1 teacher(s)" in resumed.stdout
+    )
     students = [json.loads(p.read_text()) for p in search.glob("t*_*/outputs/metrics.json")]
-    assert len(students) == 2 and all(m["teacher_cached"] is True for m in students)  # no teacher trained twice
+    assert len(students) == 2 and all(
+        m["teacher_cached"] is True for m in students
+    )  # no teacher trained twice
     client, parent, kids = runs(uri, "staged")
     stages = sorted(r.data.tags.get("tskd.stage") for r in kids.values())
     assert stages == ["student", "student", "teacher", "teacher"] and parent.info.status == "FINISHED"
@@ -351,9 +393,22 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/server.db",
-               "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
-               "--port", str(self.port), "--workers", "1"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.folder}/server.db",
+            "--artifacts-destination",
+            str(self.folder / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
         log = open(self.folder / "mlflow-server.log", "a")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(self.proc)

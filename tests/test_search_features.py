@@ -19,10 +19,20 @@ TINY = {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
 def test_needed_variants_follow_the_space_methods_and_references(tiny):
     cfg = tiny()
     assert needed_variants(cfg) == [("head", None)]
-    lora = tiny(teacher={"adapt": "lora"}, search={"baselines": ["scratch"], "space": {
-        "teacher.lora.last_blocks": {"type": "int", "low": 1, "high": 2}}})  # fmt: skip
+    lora = tiny(
+        teacher={"adapt": "lora"},
+        search={
+            "baselines": ["scratch"],
+            "space": {"teacher.lora.last_blocks": {"type": "int", "low": 1, "high": 2}},
+        },
+    )
     assert needed_variants(lora) == [("lora", 1), ("lora", 2)]
-    both = tiny(search={"baselines": [], "space": {"distill.method": {"type": "choice", "values": ["scratch", "ta_kd"]}}})
+    both = tiny(
+        search={
+            "baselines": [],
+            "space": {"distill.method": {"type": "choice", "values": ["scratch", "ta_kd"]}},
+        }
+    )
     assert needed_variants(both) == [("head", None)]  # ta_kd distils the whole frozen encoder
     only_scratch = tiny(distill={"method": "scratch"}, search={"baselines": ["scratch"]})
     assert needed_variants(only_scratch) == []
@@ -47,9 +57,13 @@ def test_workers_fill_the_same_entry_a_trial_would(tiny, tmp_path, local_ray, mo
     cfg = tiny(teacher={"adapt": "lora", "lora": {"last_blocks": 1}, "augment_views": 2})
     prepared, splits = load(cfg)
     payload = (prepared, splits)  # what launch puts in the object store for its trials
-    summary = sf.fill_features(cfg, prepared, splits, local_ray.put(payload), None, Reporter(Console(file=io.StringIO())))
+    summary = sf.fill_features(
+        cfg, prepared, splits, local_ray.put(payload), None, Reporter(Console(file=io.StringIO()))
+    )
     assert summary["teacher_features_workers"] == 2
-    model = build_teacher(cfg.teacher, in_chans=1, num_classes=len(prepared.classes), image_size=32, seed=cfg.seed)
+    model = build_teacher(
+        cfg.teacher, in_chans=1, num_classes=len(prepared.classes), image_size=32, seed=cfg.seed
+    )
     assert model.frozen == 1
     store = Store(cfg.cache.dir)
     filled = load_states(store.path("features", digest(feature_key(cfg, model, data_source(prepared)))))
@@ -58,12 +72,16 @@ def test_workers_fill_the_same_entry_a_trial_would(tiny, tmp_path, local_ray, mo
     assert found.cached and len(filled[0]) == len(prepared)
     with torch.no_grad():
         expected = model.prefix(torch.from_numpy(np.asarray(prepared.images[:5], np.float32)))[0]
-    torch.testing.assert_close(torch.from_numpy(np.asarray(filled[0][:5], np.float32)), expected, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(
+        torch.from_numpy(np.asarray(filled[0][:5], np.float32)), expected, atol=2e-2, rtol=1e-2
+    )
     # the labelled images' augmented views went to one entry per image, which the trial's teacher finds
     from tskd_tune.features import augmented_views
 
     views = augmented_views(cfg, model, prepared, splits.labeled, store, torch.device("cpu"))
     assert views.cached and len(views) == 2 * len(splits.labeled)
     assert summary["teacher_features_filled"] == len(prepared) + 2 * len(splits.labeled)
-    again = sf.fill_features(cfg, prepared, splits, local_ray.put(payload), None, Reporter(Console(file=io.StringIO())))
+    again = sf.fill_features(
+        cfg, prepared, splits, local_ray.put(payload), None, Reporter(Console(file=io.StringIO()))
+    )
     assert again == {"teacher_features_filled": 0}

@@ -17,8 +17,10 @@ def write_trial(search: Path, number: int, params: dict, curve: list[float], fin
     folder = search / f"t{number:03d}_id{number}"
     folder.mkdir(parents=True)
     (folder / "params.json").write_text(json.dumps(params))
-    rows = [{"trial_id": f"id{number}", "epoch": e, "val_dice": v, "timestamp": 1000 + number * 100 + e}
-            for e, v in enumerate(curve, 1)]  # fmt: skip
+    rows = [
+        {"trial_id": f"id{number}", "epoch": e, "val_dice": v, "timestamp": 1000 + number * 100 + e}
+        for e, v in enumerate(curve, 1)
+    ]
     (folder / "result.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     if finished:
         (folder / "outputs").mkdir()
@@ -38,10 +40,14 @@ def test_rank_correlation_at_each_rung_over_finished_trials(tmp_path):
         write_trial(tmp_path, i + 1, {"x": i}, [1.0 - final, final - 0.1, final - 0.05, final])
     write_trial(tmp_path, 9, {"x": 9}, [0.9], finished=False)  # stopped at the first rung: not counted
     out = fidelity.rank_correlations(tmp_path, "val_dice", [1, 2], max_t=4)
-    assert out == [{"epoch": 1, "spearman": pytest.approx(-1.0), "trials": 4},
-                   {"epoch": 2, "spearman": pytest.approx(1.0), "trials": 4}]  # fmt: skip
+    assert out == [
+        {"epoch": 1, "spearman": pytest.approx(-1.0), "trials": 4},
+        {"epoch": 2, "spearman": pytest.approx(1.0), "trials": 4},
+    ]
     line = fidelity.warning(out, "val_dice")
-    assert line.startswith("warning: early stopping may stop the wrong trials here") and "-1.00 over 4" in line
+    assert (
+        line.startswith("warning: early stopping may stop the wrong trials here") and "-1.00 over 4" in line
+    )
     assert fidelity.warning(out[1:], "val_dice") is None
     assert fidelity.warning([out[0] | {"trials": 3}], "val_dice") is None  # three trials: noise, no warning
     few = fidelity.rank_correlations(tmp_path, "val_dice", [1], max_t=9)
@@ -53,7 +59,9 @@ def _earlier_search(tmp_path: Path) -> Path:
     folder.mkdir(parents=True)
     (folder / "search.json").write_text("{}")
     write_trial(folder, 1, {"distill.temperature": 2.0, "student.lr": 0.001}, [0.5, 0.6])
-    write_trial(folder, 2, {"distill.temperature": 9.0, "student.lr": 0.001}, [0.5, 0.7])  # outside the new range
+    write_trial(
+        folder, 2, {"distill.temperature": 9.0, "student.lr": 0.001}, [0.5, 0.7]
+    )  # outside the new range
     write_trial(folder, 3, {"distill.temperature": 3.0}, [0.5, 0.65])  # lacks student.lr
     write_trial(folder, 4, {"distill.temperature": 4.0, "student.lr": 0.002}, [0.4], finished=False)
     return folder
@@ -63,12 +71,16 @@ def test_warm_start_takes_the_finished_trials_that_fit_the_new_space(tiny, tmp_p
     from tskd_tune.search.warm import warm_trials
 
     folder = _earlier_search(tmp_path)
-    space = {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
-             "student.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}  # fmt: skip
+    space = {
+        "distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
+        "student.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+    }
     joined, lines, folders = warm_trials(tiny(search={"space": space}), [str(folder)])
     assert joined == [({"distill.temperature": 2.0, "student.lr": 0.001}, 0.6)] and folders == [str(folder)]
-    assert lines == [f"warm start from {folder}: 1 finished trial(s) added to the study; skipped 2: "
-                     "id2 (distill.temperature=9.0 outside uniform(low=1.0, high=8.0)), id3 (no student.lr)"]  # fmt: skip
+    assert lines == [
+        f"warm start from {folder}: 1 finished trial(s) added to the study; skipped 2: "
+        "id2 (distill.temperature=9.0 outside uniform(low=1.0, high=8.0)), id3 (no student.lr)"
+    ]
     with pytest.raises(TskdError, match=r"^.*no search found"):
         warm_trials(tiny(search={"space": space}), [str(tmp_path / "nothing")])
 
@@ -80,14 +92,27 @@ def test_warm_trials_join_the_study_before_any_proposal(tiny, tmp_path):
     from tskd_tune.search.tuner import make_searcher
 
     journal = tmp_path / "study.log"
-    cfg = tiny(search={"space": {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}},
-                       "study_storage": str(journal)})  # fmt: skip
+    cfg = tiny(
+        search={
+            "space": {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}},
+            "study_storage": str(journal),
+        }
+    )
     opts = SearchOptions("warm", tmp_path, "sqlite:///x.db")
-    make_searcher(cfg, opts, resume=False, warm=[({"distill.temperature": 2.5}, 0.61), ({"distill.temperature": 7.0}, 0.4)])
-    study = optuna.load_study(study_name="warm", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(journal))))  # fmt: skip
+    make_searcher(
+        cfg,
+        opts,
+        resume=False,
+        warm=[({"distill.temperature": 2.5}, 0.61), ({"distill.temperature": 7.0}, 0.4)],
+    )
+    study = optuna.load_study(
+        study_name="warm",
+        storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal))),
+    )
     assert [(t.params, t.value, t.state.name) for t in study.trials] == [
-        ({"distill.temperature": 2.5}, 0.61, "COMPLETE"), ({"distill.temperature": 7.0}, 0.4, "COMPLETE")]  # fmt: skip
+        ({"distill.temperature": 2.5}, 0.61, "COMPLETE"),
+        ({"distill.temperature": 7.0}, 0.4, "COMPLETE"),
+    ]
 
 
 def test_distribution_contains():
@@ -107,15 +132,28 @@ def test_distribution_contains():
 def test_staged_search_configs(tiny):
     from tskd_tune.search import staged
 
-    space = {"teacher.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
-             "distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}}  # fmt: skip
-    cfg = tiny(teacher={"epochs": 2}, student={"epochs": 4}, search={"strategy": "staged", "space": space, "teacher_trials": 5,
-                                             "grace_period": 3, "baselines": ["scratch"]})  # fmt: skip
+    space = {
+        "teacher.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+        "distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
+    }
+    cfg = tiny(
+        teacher={"epochs": 2},
+        student={"epochs": 4},
+        search={
+            "strategy": "staged",
+            "space": space,
+            "teacher_trials": 5,
+            "grace_period": 3,
+            "baselines": ["scratch"],
+        },
+    )
     first = staged.teacher_stage(cfg)
     assert first.distill.method == "teacher" and list(first.search.space) == ["teacher.lr"]
     assert first.search.num_samples == 5 and first.search.grace_period == 2 and first.search.baselines == []
     assert first.search.strategy == "joint"  # each stage is a plain search of its own space
-    second = staged.student_stage(cfg, {"t002 lr=0.001": {"teacher.lr": 0.001}, "t004 lr=0.003": {"teacher.lr": 0.003}})
+    second = staged.student_stage(
+        cfg, {"t002 lr=0.001": {"teacher.lr": 0.001}, "t004 lr=0.003": {"teacher.lr": 0.003}}
+    )
     assert list(second.search.space) == ["distill.temperature", staged.CHOICE]
     assert second.search.space[staged.CHOICE].values == ["t002 lr=0.001", "t004 lr=0.003"]
 
@@ -124,8 +162,10 @@ def test_staged_search_chooses_the_best_finished_teachers(tiny, tmp_path):
     from tskd_tune.search import staged
     from tskd_tune.search.folder import SearchOptions
 
-    space = {"teacher.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
-             "distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}}  # fmt: skip
+    space = {
+        "teacher.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+        "distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
+    }
     cfg = tiny(search={"strategy": "staged", "space": space, "top_teachers": 2})
     opts = SearchOptions("s", tmp_path, "sqlite:///x.db")
     stage = opts.path / staged.TEACHER_STAGE
@@ -143,8 +183,14 @@ def test_staged_search_chooses_the_best_finished_teachers(tiny, tmp_path):
 def test_fewer_finished_teachers_than_asked_for_are_named(tiny):
     from tskd_tune.search import staged
 
-    cfg = tiny(search={"strategy": "staged", "top_teachers": 2, "teacher_trials": 3,
-                       "space": {"teacher.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}})  # fmt: skip
+    cfg = tiny(
+        search={
+            "strategy": "staged",
+            "top_teachers": 2,
+            "teacher_trials": 3,
+            "space": {"teacher.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
+        }
+    )
     note = staged.fewer_teachers(cfg, {"t001 lr=0.001": {"teacher.lr": 0.001}})
     assert note.startswith("note: search.top_teachers is 2, but only 1 teacher(s)") and "failed" in note
     assert staged.fewer_teachers(cfg, {"a": {}, "b": {}}) is None
@@ -152,7 +198,12 @@ def test_fewer_finished_teachers_than_asked_for_are_named(tiny):
 
 def test_staged_needs_teacher_knobs_and_ts_kd(tiny):
     with pytest.raises(TskdError, match="search.strategy: staged searches the teacher.. knobs first"):
-        tiny(search={"strategy": "staged", "space": {"student.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}})
+        tiny(
+            search={
+                "strategy": "staged",
+                "space": {"student.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
+            }
+        )
 
 
 def test_importances_name_the_evaluator_and_rank_what_drives_the_score(tmp_path):
@@ -167,10 +218,17 @@ def test_importances_name_the_evaluator_and_rank_what_drives_the_score(tmp_path)
         write_trial(tmp_path, i + 1, {"x": x, "y": y}, [0.1, 0.05 * x])
     from pydantic import TypeAdapter
 
-    space = {p: TypeAdapter(Distribution).validate_python({"type": "uniform", "low": 1.0, "high": 8.0}) for p in "xy"}
+    space = {
+        p: TypeAdapter(Distribution).validate_python({"type": "uniform", "low": 1.0, "high": 8.0})
+        for p in "xy"
+    }
     board = objective_board(tmp_path, [("val_dice", "max")])
     result = importances(board, space, [("val_dice", "max")])
-    assert result["evaluator"] == "PedAnovaImportanceEvaluator" and result["trials"] == 12 and "caveat" not in result
+    assert (
+        result["evaluator"] == "PedAnovaImportanceEvaluator"
+        and result["trials"] == 12
+        and "caveat" not in result
+    )
     assert [k for k, _ in top(result)][0] == "x"
     few = importances(board.head(5), space, [("val_dice", "max")])
     assert few["trials"] == 5 and few["caveat"].startswith("from 5 trials")
@@ -189,7 +247,10 @@ def test_importances_rank_what_leads_to_a_high_score_when_it_is_maximised(tmp_pa
     for i in range(40):
         x, y = float(rng.uniform(1, 8)), float(rng.uniform(1, 8))
         write_trial(tmp_path, i + 1, {"x": x, "y": y}, [0.1, 0.5 * (x > 6) + 0.02 * y])
-    space = {p: TypeAdapter(Distribution).validate_python({"type": "uniform", "low": 1.0, "high": 8.0}) for p in "xy"}
+    space = {
+        p: TypeAdapter(Distribution).validate_python({"type": "uniform", "low": 1.0, "high": 8.0})
+        for p in "xy"
+    }
     board = objective_board(tmp_path, [("val_dice", "max")])
     assert [k for k, _ in top(importances(board, space, [("val_dice", "max")]))][0] == "x"
     assert [k for k, _ in top(importances(board, space, [("val_dice", "min")]))][0] == "y"
@@ -213,7 +274,9 @@ def test_grace_from_data_is_where_early_ranks_start_to_agree_with_final_ones():
     grace, corr = fidelity.grace_from_data(curves, 6)
     assert grace == 3 and [round(r["spearman"], 2) for r in corr] == [-1.0, -1.0, 1.0, 1.0, 1.0]
     assert fidelity.grace_from_data(curves[:3], 6)[0] is None  # too few finished trials to judge
-    assert fidelity.grace_from_data(curves + [{1: 0.1, 2: 0.1}], 6)[1][0]["trials"] == 5  # stopped ones left out
+    assert (
+        fidelity.grace_from_data(curves + [{1: 0.1, 2: 0.1}], 6)[1][0]["trials"] == 5
+    )  # stopped ones left out
     late = [{**c, 5: 1 - c[6]} for c in curves]  # epoch 5 disagrees again: nothing earlier can be trusted
     assert fidelity.grace_from_data(late, 6)[0] is None
 
@@ -228,8 +291,12 @@ def test_a_fifo_search_says_which_grace_period_its_data_supports(tiny, tmp_path)
     assert grace == {"epoch": 2, "spearman": pytest.approx(1.0), "trials": 4, "max_t": 4}
     (line,) = grace_lines(grace, cfg)
     assert "from epoch 2 on" in line and "search.grace_period should be at least 2" in line
-    assert grace_supported(cfg.model_copy(update={"search": cfg.search.model_copy(update={"scheduler": "asha"})}),
-                           tmp_path) is None  # ASHA's own rungs are judged instead  # fmt: skip
+    assert (
+        grace_supported(
+            cfg.model_copy(update={"search": cfg.search.model_copy(update={"scheduler": "asha"})}), tmp_path
+        )
+        is None
+    )  # ASHA's own rungs are judged instead
     (few,) = grace_lines(grace | {"trials": 3, "epoch": None}, cfg)
     assert "too few" in few
 
@@ -240,7 +307,9 @@ def test_a_teacher_below_scratch_is_named_with_what_to_try():
     line = teacher_below_scratch({"reference_teacher_val_dice": 0.7, "reference_scratch_val_dice": 0.75})
     assert line.startswith("warning: the teacher (val Dice 0.7000) is below the scratch student (0.7500)")
     assert "teacher.head: sam_decoder" in line and "teacher.adapt: lora" in line and "\n" not in line
-    assert teacher_below_scratch({"reference_teacher_val_dice": 0.8, "reference_scratch_val_dice": 0.75}) is None
+    assert (
+        teacher_below_scratch({"reference_teacher_val_dice": 0.8, "reference_scratch_val_dice": 0.75}) is None
+    )
     assert teacher_below_scratch({"reference_scratch_val_dice": 0.75}) is None  # no teacher reference
 
 
@@ -267,7 +336,11 @@ def test_the_live_table_names_trials_and_knobs_short_and_fits_80_columns(tmp_pat
     header = next(line for line in lines if line.split()[:2] == ["trial", "state"])
     assert header.split() == ["trial", "state", "T", "kd", "lr", "epoch", "val_dice", "gain"]
     rows = [line.split() for line in lines if line.split()[:1] and line.split()[0].startswith("t00")]
-    assert [r[:3] for r in rows] == [["t001", "running", "2"], ["t002", "running", "3"], ["t003", "running", "4"]]
+    assert [r[:3] for r in rows] == [
+        ["t001", "running", "2"],
+        ["t002", "running", "3"],
+        ["t003", "running", "4"],
+    ]
     assert rows[2][-1] == "*" and max(map(len, lines)) <= 80 and "…" not in console.export_text()
 
 
@@ -289,17 +362,29 @@ def test_rays_own_lines_and_trial_tracebacks_go_to_the_search_log(tmp_path, caps
     assert ray_log._split(mixed, sink)["lines"] == ["epoch 2 done"]
     assert ray_log._split({"pid": "autoscaler", "lines": ["Adding 1 node(s)"]}, sink) is not None
     logged = (tmp_path / ray_log.LOG_FILE).read_text()
-    assert "(raylet) [state-dump]" in logged and "(gcs_server)" in logged and "(pid=4361) Restored on" in logged
+    assert (
+        "(raylet) [state-dump]" in logged and "(gcs_server)" in logged and "(pid=4361) Restored on" in logged
+    )
     assert "epoch 2 done" not in logged and "Adding" not in logged
 
     keep = ray_log._TrialErrorFilter(sink)
 
     def record(exc: BaseException) -> logging.LogRecord:
-        return logging.LogRecord("ray.tune", logging.ERROR, __file__, 1, "Trial task failed for trial t002 T=6",
-                                 None, (type(exc), exc, None))  # fmt: skip
+        return logging.LogRecord(
+            "ray.tune",
+            logging.ERROR,
+            __file__,
+            1,
+            "Trial task failed for trial t002 T=6",
+            None,
+            (type(exc), exc, None),
+        )
 
-    raised = RayTaskError("trial", "Traceback ...\ntskd_tune.errors.TrialFailed: loss became nan at epoch 2",
-                          TrialFailed("loss became nan at epoch 2"))  # fmt: skip
+    raised = RayTaskError(
+        "trial",
+        "Traceback ...\ntskd_tune.errors.TrialFailed: loss became nan at epoch 2",
+        TrialFailed("loss became nan at epoch 2"),
+    )
     assert not keep.filter(record(raised)) and not keep.filter(record(raised))
     assert not keep.filter(record(ActorDiedError()))  # the retry notice speaks for a dead worker
     assert capsys.readouterr().err == "t002 T=6 failed: TrialFailed: loss became nan at epoch 2\n"
@@ -346,17 +431,31 @@ def test_a_session_check_returns_a_checked_copy_and_changes_nothing_in_place(tin
 
     earlier = _earlier_search(tmp_path)
     monkeypatch.chdir(tmp_path)
-    space = {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
-             "student.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}  # fmt: skip
+    space = {
+        "distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
+        "student.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+    }
     out = io.StringIO()
-    session = SearchSession(tiny(search={"space": space}), SearchOptions("new", Path("runs"), "sqlite:///mlflow.db",
-                            warm_start=(earlier.name,)), Reporter(Console(file=out, width=300)))  # fmt: skip
+    session = SearchSession(
+        tiny(search={"space": space}),
+        SearchOptions("new", Path("runs"), "sqlite:///mlflow.db", warm_start=(earlier.name,)),
+        Reporter(Console(file=out, width=300)),
+    )
     checked = session.check()
-    assert checked.opts.storage == tmp_path / "runs" and checked.opts.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
-    assert checked.opts.warm_start == (str(earlier),) and checked.warm == (({"distill.temperature": 2.0, "student.lr": 0.001}, 0.6),)
+    assert (
+        checked.opts.storage == tmp_path / "runs"
+        and checked.opts.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
+    )
+    assert checked.opts.warm_start == (str(earlier),) and checked.warm == (
+        ({"distill.temperature": 2.0, "student.lr": 0.001}, 0.6),
+    )
     assert "warm start from" in out.getvalue()
     # the session it was called on is as it was: the options are frozen, each step returns its own record
-    assert session.opts.storage == Path("runs") and session.warm == () and session.opts.warm_start == (earlier.name,)
+    assert (
+        session.opts.storage == Path("runs")
+        and session.warm == ()
+        and session.opts.warm_start == (earlier.name,)
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         session.opts.name = "other"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -385,8 +484,10 @@ def test_the_reporter_prints_paths_and_overrides_as_typed():
     say = Reporter(Console(file=out, width=200))
     say.line("config runs/a[1]/best.yaml; --set teacher.lora.targets=[qkv]")
     say.warn("[bold]teacher below scratch[/bold]")
-    assert out.getvalue().splitlines() == ["config runs/a[1]/best.yaml; --set teacher.lora.targets=[qkv]",
-                                           "[bold]teacher below scratch[/bold]"]  # fmt: skip
+    assert out.getvalue().splitlines() == [
+        "config runs/a[1]/best.yaml; --set teacher.lora.targets=[qkv]",
+        "[bold]teacher below scratch[/bold]",
+    ]
 
 
 def test_a_trials_student_is_measured_when_it_starts_as_its_end_measures_it(tiny):

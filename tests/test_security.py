@@ -57,8 +57,11 @@ def unsafe_calls(path: Path, root: Path = REPO) -> list[str]:
         where = f"{rel}:{getattr(node, 'lineno', 0)}"
         if isinstance(node, ast.Import | ast.ImportFrom):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-            found += [f"{where}: imports {n}" for n in names
-                      if n.split(".")[0] in UNSAFE_MODULES and not (n == "pickle" and rel in RAY_STATE_READERS)]  # fmt: skip
+            found += [
+                f"{where}: imports {n}"
+                for n in names
+                if n.split(".")[0] in UNSAFE_MODULES and not (n == "pickle" and rel in RAY_STATE_READERS)
+            ]
         if not isinstance(node, ast.Call):
             continue
         name = _dotted(node.func)
@@ -224,8 +227,11 @@ def test_mlflow_ui_listens_on_loopback_only(tmp_path):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tskd_tune", "ui", "--uri", f"sqlite:///{tmp_path}/m.db", "--port", str(port)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         listening = []
         deadline = time.monotonic() + 120

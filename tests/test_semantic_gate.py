@@ -73,11 +73,16 @@ def test_same_distribution_passes_shift_noise_and_collapse_fail_naming_the_figur
 
 def test_the_verdict_is_drawn_from_the_figures_with_todays_thresholds():
     """A pool's figures are cached; passed and reasons are judged when read (thresholds were changed once)."""
-    inside = {"fd": GATE_MAX_FD - 0.1, "precision": GATE_MIN_PRECISION + 0.05, "recall": GATE_MIN_RECALL + 0.01}
+    inside = {
+        "fd": GATE_MAX_FD - 0.1,
+        "precision": GATE_MIN_PRECISION + 0.05,
+        "recall": GATE_MIN_RECALL + 0.01,
+    }
     assert verdict(inside) == {"passed": True, "reasons": []}
     far = verdict(inside | {"fd": GATE_MAX_FD + 0.1})
-    assert not far["passed"] and far["reasons"] == [f"feature Fréchet distance {GATE_MAX_FD + 0.1:.2f} > {GATE_MAX_FD} "
-                                                    "(of the real variance)"]  # fmt: skip
+    assert not far["passed"] and far["reasons"] == [
+        f"feature Fréchet distance {GATE_MAX_FD + 0.1:.2f} > {GATE_MAX_FD} (of the real variance)"
+    ]
 
 
 def test_projection_is_fitted_on_the_real_set_and_sized_by_it():
@@ -106,8 +111,16 @@ def test_confidence_is_the_mean_max_softmax():
 
 
 def test_trial_measures_its_pool_in_feature_space_and_filters_it(tiny):
-    synth = {"generator": "ddpm", "image_size": 16, "channels": [8, 16], "train_steps": 2, "batch_size": 4,
-             "sample_steps": 2, "pool_size": 24, "ratio": 1.0}  # fmt: skip
+    synth = {
+        "generator": "ddpm",
+        "image_size": 16,
+        "channels": [8, 16],
+        "train_steps": 2,
+        "batch_size": 4,
+        "sample_steps": 2,
+        "pool_size": 24,
+        "ratio": 1.0,
+    }
     base = run_trial(tiny(synthetic=synth, student={"epochs": 1}, teacher={"epochs": 2}))
     for k in ("synth_fd", "synth_precision", "synth_recall", "synth_semantic_passed"):
         assert k in base, k
@@ -116,8 +129,11 @@ def test_trial_measures_its_pool_in_feature_space_and_filters_it(tiny):
 
     kept = {}
     for mode in ("manifold", "confidence", "both"):
-        cfg = tiny(synthetic=synth | {"filter": mode, "min_confidence": 0.6}, student={"epochs": 1},
-                   teacher={"epochs": 2})  # fmt: skip
+        cfg = tiny(
+            synthetic=synth | {"filter": mode, "min_confidence": 0.6},
+            student={"epochs": 1},
+            teacher={"epochs": 2},
+        )
         result = run_trial(cfg)
         assert result["synth_drawn"] == drawn and 0 <= result["synth_kept"] <= drawn
         kept[mode] = result["synth_kept"]
@@ -139,8 +155,18 @@ def test_trial_measures_its_pool_in_feature_space_and_filters_it(tiny):
 
 
 def test_a_confidence_threshold_of_1_keeps_no_synthetic_image_and_the_trial_still_runs(tiny):
-    synth = {"generator": "ddpm", "image_size": 16, "channels": [8, 16], "train_steps": 2, "batch_size": 4,
-             "sample_steps": 2, "pool_size": 8, "ratio": 1.0, "filter": "confidence", "min_confidence": 1.0}  # fmt: skip
+    synth = {
+        "generator": "ddpm",
+        "image_size": 16,
+        "channels": [8, 16],
+        "train_steps": 2,
+        "batch_size": 4,
+        "sample_steps": 2,
+        "pool_size": 8,
+        "ratio": 1.0,
+        "filter": "confidence",
+        "min_confidence": 1.0,
+    }
     result = run_trial(tiny(synthetic=synth, student={"epochs": 1}, teacher={"epochs": 2}))
     assert result["synth_kept"] == 0 and result["synth_drawn"] == result["transfer_synthetic"] > 0
     assert np.isfinite(result["val_dice"])
@@ -151,8 +177,14 @@ def test_the_filter_and_its_threshold_are_searchable_knobs(tiny):
 
     from tskd_tune.space import to_optuna
 
-    cfg = tiny(search={"space": {"synthetic.filter": {"type": "choice", "values": ["none", "confidence", "both"]},
-                                 "synthetic.min_confidence": {"type": "uniform", "low": 0.5, "high": 0.99}}})  # fmt: skip
+    cfg = tiny(
+        search={
+            "space": {
+                "synthetic.filter": {"type": "choice", "values": ["none", "confidence", "both"]},
+                "synthetic.min_confidence": {"type": "uniform", "low": 0.5, "high": 0.99},
+            }
+        }
+    )
     dists = to_optuna(cfg.search.space)
     assert isinstance(dists["synthetic.filter"], optuna.distributions.CategoricalDistribution)
     assert dists["synthetic.min_confidence"].high == 0.99

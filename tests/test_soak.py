@@ -37,14 +37,35 @@ def test_a_100_trial_search_leaks_nothing(tmp_path):
     from mlflow.tracking import MlflowClient
 
     raw = tiny_raw(tmp_path, student={"epochs": EPOCHS}, teacher={"epochs": 1}, resources={"threads": 1})
-    raw["search"] = {"num_samples": TRIALS, "max_concurrent": 2, "scheduler": "fifo", "algorithm": "random",
-                     "baselines": [], "space": {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}}}  # fmt: skip
+    raw["search"] = {
+        "num_samples": TRIALS,
+        "max_concurrent": 2,
+        "scheduler": "fifo",
+        "algorithm": "random",
+        "baselines": [],
+        "space": {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}},
+    }
     raw["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "soak"}
     space = tmp_path / "soak.yaml"
     space.write_text(yaml.safe_dump(raw))
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "tskd_tune", "launch", str(space), "--storage", str(tmp_path / "runs"),
-                           "--name", "soak"], capture_output=True, text=True, cwd=tmp_path, timeout=3600)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tskd_tune",
+            "launch",
+            str(space),
+            "--storage",
+            str(tmp_path / "runs"),
+            "--name",
+            "soak",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=3600,
+    )
     wall = time.time() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     search = tmp_path / "runs" / "soak"
@@ -58,7 +79,9 @@ def test_a_100_trial_search_leaks_nothing(tmp_path):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     steps = {tid: len(client.get_metric_history(r.info.run_id, "val_dice")) for tid, r in kids.items()}
     assert len(parents) == 1 and set(kids) == {r["trial_id"] for r in rows}
-    assert all(n == EPOCHS for n in steps.values()) and all(r.info.status == "FINISHED" for r in kids.values())
+    assert all(n == EPOCHS for n in steps.values()) and all(
+        r.info.status == "FINISHED" for r in kids.values()
+    )
 
     # per worker (Ray reuses a worker process trial after trial): the gap between one trial's run ending and
     # the next one's starting on the same worker, in the search's order
@@ -80,14 +103,24 @@ def test_a_100_trial_search_leaks_nothing(tmp_path):
         return statistics.median(gaps[r["index"]] for r in part if r["index"] in gaps)
 
     figures = {
-        "command": "make test-soak", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "trials": TRIALS,
-        "concurrency": 2, "epochs": EPOCHS, "wall_s": round(wall, 1), "workers": len(by_pid),
-        "rss_mb_first10": round(mean("worker_rss_mb", first), 1), "rss_mb_last10": round(mean("worker_rss_mb", last), 1),
-        "fds_first10": mean("worker_fds", first), "fds_last10": mean("worker_fds", last),
-        "threads_first10": mean("worker_threads", first), "threads_last10": mean("worker_threads", last),
-        "gap_s_first10": round(gap(first), 3), "gap_s_last10": round(gap(last), 3),
-        "mlflow_child_runs": len(kids), "mlflow_val_dice_points": sum(steps.values()),
-    }  # fmt: skip
+        "command": "make test-soak",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "trials": TRIALS,
+        "concurrency": 2,
+        "epochs": EPOCHS,
+        "wall_s": round(wall, 1),
+        "workers": len(by_pid),
+        "rss_mb_first10": round(mean("worker_rss_mb", first), 1),
+        "rss_mb_last10": round(mean("worker_rss_mb", last), 1),
+        "fds_first10": mean("worker_fds", first),
+        "fds_last10": mean("worker_fds", last),
+        "threads_first10": mean("worker_threads", first),
+        "threads_last10": mean("worker_threads", last),
+        "gap_s_first10": round(gap(first), 3),
+        "gap_s_last10": round(gap(last), 3),
+        "mlflow_child_runs": len(kids),
+        "mlflow_val_dice_points": sum(steps.values()),
+    }
     (tmp_path / "soak.json").write_text(json.dumps(figures, indent=1))
     out = Path("runs") / "soak"
     out.mkdir(parents=True, exist_ok=True)

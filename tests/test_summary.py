@@ -10,10 +10,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tskd_tune import tracking
-from tskd_tune.search.summary import VIEW_TAG, describe_parent, trust_lines
+from tskd_tune.search.parent_view import VIEW_TAG, describe_parent
+from tskd_tune.search.summary import trust_lines
 
-SPACE = {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
-         "student.lr": {"type": "loguniform", "low": 1.0e-4, "high": 1.0e-2}}  # fmt: skip
+SPACE = {
+    "distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
+    "student.lr": {"type": "loguniform", "low": 1.0e-4, "high": 1.0e-2},
+}
 
 
 @pytest.fixture
@@ -34,9 +37,16 @@ def search(tmp_path, tiny):
         (folder / "params.json").write_text(
             json.dumps({"distill.temperature": 2.0 + number, "student.lr": 0.001})
         )
-        return {"trial_id": f"id{number}", "trial_dir": str(folder), "mlflow_run_id": run.info.run_id,
-                "state": "finished", "val_dice": val_dice, "gain_vs_scratch": val_dice - 0.5, "val_hd95": 4.0,
-                "epoch": 3}  # fmt: skip
+        return {
+            "trial_id": f"id{number}",
+            "trial_dir": str(folder),
+            "mlflow_run_id": run.info.run_id,
+            "state": "finished",
+            "val_dice": val_dice,
+            "gain_vs_scratch": val_dice - 0.5,
+            "val_hd95": 4.0,
+            "epoch": 3,
+        }
 
     cfg = tiny(search={"space": SPACE})
     buffered = tracking.BufferedClient(uri, tracking.journal_path(tmp_path / "s", "parent"))
@@ -120,8 +130,10 @@ def test_the_parent_run_holds_the_searched_ranges_from_its_start_and_again_on_re
     cfg, opts = tiny(search={"space": SPACE}), SearchOptions("s", tmp_path / "runs", uri)
     say = Reporter(Console(file=io.StringIO()))
     parent = parent_run(cfg, opts, False, say)
-    expected = {"space.distill.temperature": "uniform(low=1.0, high=8.0)",
-                "space.student.lr": "loguniform(low=0.0001, high=0.01)"}  # fmt: skip
+    expected = {
+        "space.distill.temperature": "uniform(low=1.0, high=8.0)",
+        "space.student.lr": "loguniform(low=0.0001, high=0.01)",
+    }
     assert MlflowClient(uri).get_run(parent).data.params == expected
     # resumed: the same parent, the same values logged again (MLflow refuses a changed value, not an equal one)
     assert parent_run(cfg, opts, True, say) == parent

@@ -192,10 +192,13 @@ def test_gate_passes_real_images_and_rejects_noise_flat_images_and_copies(tiny):
     flat = np.full((64, 1, 32, 32), train.mean(), np.float32)
     for name, fake, failed in [
         ("uniform noise", uniform, ["mean_distance", "hist_distance", "roughness_ratio", "nn_ratio"]),
-        ("gaussian noise", gaussian,
-         ["mean_distance", "std_distance", "hist_distance", "roughness_ratio", "nn_ratio"]),
+        (
+            "gaussian noise",
+            gaussian,
+            ["mean_distance", "std_distance", "hist_distance", "roughness_ratio", "nn_ratio"],
+        ),
         ("flat", flat, ["std_distance", "hist_distance", "roughness_ratio"]),
-    ]:  # fmt: skip
+    ]:
         gate = quality_gate(fake, train)
         assert gate["passed"] is False and _failed(gate) == failed, (name, gate["reasons"])
     noise = quality_gate(uniform, train)
@@ -224,8 +227,15 @@ def test_pretrained_pipeline_round_trip(tiny, tmp_path):
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(
         tmp_path / "pipe"
     )
-    pre = tiny(synthetic={"generator": "pretrained", "pretrained_path": str(tmp_path / "pipe"), "pool_size": 4,
-                          "sample_steps": 2, "ratio": 1.0})  # fmt: skip
+    pre = tiny(
+        synthetic={
+            "generator": "pretrained",
+            "pretrained_path": str(tmp_path / "pipe"),
+            "pool_size": 4,
+            "sample_steps": 2,
+            "ratio": 1.0,
+        }
+    )
     pool, _, _ = _pool(pre)
     assert pool.images.shape == (4, 1, 32, 32) and not pool.cached
     again, _, _ = _pool(pre)
@@ -303,8 +313,19 @@ def test_cli_synth_writes_the_grid_and_the_gate(tmp_path, capsys):
     assert f"warning: quality gate FAILED: {'; '.join(summary['gate']['reasons'])}" in lines
     assert lines[-1] == f"grid (synthetic | real): {grid}"
 
-    assert main(["synth", str(space), "--set", "synthetic.generator=pretrained",
-                 "--set", f"synthetic.pretrained_path={tmp_path}"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "synth",
+                str(space),
+                "--set",
+                "synthetic.generator=pretrained",
+                "--set",
+                f"synthetic.pretrained_path={tmp_path}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         f"error: synthetic.pretrained_path: {tmp_path}: not a diffusers pipeline folder (no model_index.json)"

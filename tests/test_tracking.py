@@ -112,11 +112,25 @@ def test_sync_command_reports_an_unreachable_store_in_one_line(tmp_path):
     down = f"http://127.0.0.1:{free_port()}"
     from tskd_tune.config import validate
 
-    (search / "search.json").write_text(json.dumps({"config": validate({}).model_dump(mode="json"),
-        "options": {"name": "s", "storage": str(tmp_path / "runs"), "tracking_uri": down, "address": None,
-                    "use_cache": True, "space_file": ""}, "parent_run_id": "p"}))  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "tskd_tune", "sync", str(search)], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    (search / "search.json").write_text(
+        json.dumps(
+            {
+                "config": validate({}).model_dump(mode="json"),
+                "options": {
+                    "name": "s",
+                    "storage": str(tmp_path / "runs"),
+                    "tracking_uri": down,
+                    "address": None,
+                    "use_cache": True,
+                    "space_file": "",
+                },
+                "parent_run_id": "p",
+            }
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "tskd_tune", "sync", str(search)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[-1]]
     assert proc.stderr.startswith(f"error: tracking.uri: cannot use MLflow at {down}")
@@ -207,18 +221,48 @@ def test_a_trials_run_holds_the_curves_and_end_metrics_runs_are_compared_on(stor
     t = tracking.RunTracker(uri, parent_run_id=parent, trial_id="t1", run_name="t001 T=3.7 kd=1.6")
     t.start()
     for epoch in (1, 2):
-        t.log_metrics({"epoch": epoch, "train_loss": 1.0 / epoch, "lr": 1e-3, "val_dice": 0.3 * epoch,
-                       "val_dice_liver": 0.4, "val_hd95": 5.0, "epoch_s": 1.5}, step=epoch)  # fmt: skip
+        t.log_metrics(
+            {
+                "epoch": epoch,
+                "train_loss": 1.0 / epoch,
+                "lr": 1e-3,
+                "val_dice": 0.3 * epoch,
+                "val_dice_liver": 0.4,
+                "val_hd95": 5.0,
+                "epoch_s": 1.5,
+            },
+            step=epoch,
+        )
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     (tmp_path / "metrics.json").write_text("{}")
-    result = TrialResult({"val_dice": 0.6, "student_params": 12462, "student_latency_ms": 0.5, "teacher_val_dice": 0.7,
-                          "teacher_features_cached": True, "logits_cached": False, "total_s": 7.0, "labeled": 8,
-                          "synth_gate_reasons": "", "method": "ts_kd"},
-                         [tmp_path / "config.yaml", tmp_path / "metrics.json"], teacher_cached=True)  # fmt: skip
+    result = TrialResult(
+        {
+            "val_dice": 0.6,
+            "student_params": 12462,
+            "student_latency_ms": 0.5,
+            "teacher_val_dice": 0.7,
+            "teacher_features_cached": True,
+            "logits_cached": False,
+            "total_s": 7.0,
+            "labeled": 8,
+            "synth_gate_reasons": "",
+            "method": "ts_kd",
+        },
+        [tmp_path / "config.yaml", tmp_path / "metrics.json"],
+        teacher_cached=True,
+    )
     tracking.record_result(t, result, step=2)
     run = client.get_run(t.run_id)
-    assert set(run.data.metrics) == {"train_loss", "lr", "val_dice", "val_dice_liver", "val_hd95", "student_params",
-                                     "student_latency_ms", "teacher_val_dice"}  # fmt: skip
+    assert set(run.data.metrics) == {
+        "train_loss",
+        "lr",
+        "val_dice",
+        "val_dice_liver",
+        "val_hd95",
+        "student_params",
+        "student_latency_ms",
+        "teacher_val_dice",
+    }
     assert run.data.metrics["val_dice"] == pytest.approx(0.6)  # the last epoch's: the final score
     assert run.data.tags["tskd.teacher_cached"] == "True" and run.data.tags["tskd.features_cached"] == "True"
     assert run.data.tags["tskd.logits_cached"] == "False"
@@ -233,7 +277,9 @@ def test_a_trials_summary_artifact_is_strict_json_with_null_for_an_undefined_sco
     uri, client, parent = store
     t = tracking.RunTracker(uri, parent_run_id=parent, trial_id="t1", run_name="t001")
     t.start()
-    tracking.record_result(t, TrialResult({"val_dice": 0.6, "val_hd95": float("nan"), "method": "ts_kd"}), step=1)
+    tracking.record_result(
+        t, TrialResult({"val_dice": 0.6, "val_hd95": float("nan"), "method": "ts_kd"}), step=1
+    )
     summary = Path(client.download_artifacts(t.run_id, tracking.SUMMARY_FILE, str(tmp_path)))
     strict = json.loads(summary.read_text(), parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
     assert strict == {"val_dice": 0.6, "val_hd95": None, "method": "ts_kd"}
@@ -260,12 +306,16 @@ def test_experiment_artifacts_sit_beside_the_store_and_follow_it_when_moved(tmp_
     moved = f"sqlite:///{tmp_path}/moved/mlflow.db"
     assert tracking.reroot(moved) == ["kidney us/v2"]
     client = MlflowClient(moved)
-    assert client.get_experiment(exp).artifact_location == str(tmp_path / "moved" / "mlartifacts" / "kidney_us_v2")
+    assert client.get_experiment(exp).artifact_location == str(
+        tmp_path / "moved" / "mlartifacts" / "kidney_us_v2"
+    )
     assert [a.path for a in client.list_artifacts(run)] == ["best.yaml"]
     assert Path(client.download_artifacts(run, "best.yaml", str(tmp_path))).read_text() == "seed: 0\n"
     assert tracking.reroot(moved) == []  # once
     # an experiment made before (MLflow's default location) is left where it is, and opened as training runs
     other = MlflowClient(moved).create_experiment("old", artifact_location=str(tmp_path / "elsewhere"))
     assert tracking.experiment_id(moved, "old") == other
-    assert MlflowClient(moved).get_experiment(other).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert (
+        MlflowClient(moved).get_experiment(other).tags["mlflow.experimentKind"] == "custom_model_development"
+    )
     assert tracking.reroot(moved) == [] and tracking.artifact_location("http://host:5000", "x") is None

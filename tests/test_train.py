@@ -15,8 +15,16 @@ def _loop(tmp=None, **kw) -> tuple[Loop, torch.nn.Module]:
         i = torch.randint(16, (4,), generator=g)
         return torch.nn.functional.mse_loss(model(x[i]), y[i])
 
-    settings = {"phase": "p", "modules": {"m": model}, "step": step, "epochs": 3, "steps_per_epoch": 2, "lr": 1e-2,
-                "weight_decay": 0.0, "seed": 0} | kw  # fmt: skip
+    settings = {
+        "phase": "p",
+        "modules": {"m": model},
+        "step": step,
+        "epochs": 3,
+        "steps_per_epoch": 2,
+        "lr": 1e-2,
+        "weight_decay": 0.0,
+        "seed": 0,
+    } | kw
     return Loop(**settings), model
 
 

@@ -123,8 +123,12 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny, tmp_path, met
     with pytest.raises(Interrupt):
         run_trial(cfg, crash, out_dir=tmp_path / "part")
     seen = []
-    resumed = run_trial(cfg, lambda e, m, c: seen.append(e), out_dir=tmp_path / "part",
-                        resume_from=tmp_path / "part" / "checkpoint")  # fmt: skip
+    resumed = run_trial(
+        cfg,
+        lambda e, m, c: seen.append(e),
+        out_dir=tmp_path / "part",
+        resume_from=tmp_path / "part" / "checkpoint",
+    )
     assert seen == list(range(stop_at + 1, 5))
     assert resumed["val_dice"] == pytest.approx(whole["val_dice"], abs=1e-6)
     assert resumed["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-6)
@@ -151,15 +155,32 @@ def test_cli_trial_learns_and_hits_the_teacher_cache(tmp_path):
         student={"epochs": 6},
         data={"options": {"num_images": 120, "size": 64, "target": "capsule"}},
     )
-    raw["resources"] = {"cpu": 1}  # what a search reserves per trial: a standalone trial has the machine anyway
+    raw["resources"] = {
+        "cpu": 1
+    }  # what a search reserves per trial: a standalone trial has the machine anyway
     import yaml
 
     space = tmp_path / "tiny.yaml"
     space.write_text(yaml.safe_dump(raw))
 
     def cli(*extra):
-        proc = subprocess.run([sys.executable, "-m", "tskd_tune", "trial", str(space), "--json", "--out",
-                               str(tmp_path / "trial"), *extra], capture_output=True, text=True, cwd=REPO, timeout=600)  # fmt: skip
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tskd_tune",
+                "trial",
+                str(space),
+                "--json",
+                "--out",
+                str(tmp_path / "trial"),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr
         assert "epoch 6/6" in proc.stderr  # progress per epoch
         return json.loads(proc.stdout)

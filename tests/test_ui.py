@@ -41,21 +41,45 @@ def search(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ui")
     raw = tiny_raw(tmp, student={"epochs": 3}, teacher={"epochs": 5})
     raw["tracking"] = {"uri": f"sqlite:///{tmp}/runs/mlflow.db", "experiment": "ui"}
-    raw["search"] = {"num_samples": 4, "max_concurrent": 2, "grace_period": 1, "scheduler": "asha",
-                     "space": {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
-                               "distill.kd_weight": {"type": "uniform", "low": 0.2, "high": 2.0}}}  # fmt: skip
+    raw["search"] = {
+        "num_samples": 4,
+        "max_concurrent": 2,
+        "grace_period": 1,
+        "scheduler": "asha",
+        "space": {
+            "distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
+            "distill.kd_weight": {"type": "uniform", "low": 0.2, "high": 2.0},
+        },
+    }
     (tmp / "ui.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     elsewhere = tmp / "elsewhere"
     elsewhere.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "tskd_tune", "launch", tmp / "ui.yaml", "--storage", tmp / "runs",
-                           "--name", "demo"], capture_output=True, text=True, cwd=elsewhere, timeout=1500)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tskd_tune",
+            "launch",
+            tmp / "ui.yaml",
+            "--storage",
+            tmp / "runs",
+            "--name",
+            "demo",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list(elsewhere.iterdir()) == []  # no ./mlruns (MLflow's default) in the folder it ran from
     client = MlflowClient(raw["tracking"]["uri"])
     exp = client.get_experiment_by_name("ui").experiment_id
     runs = client.search_runs([exp], max_results=100)
     parent = next(r for r in runs if r.info.run_name == "demo")
-    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {
+        r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
     return tmp, client, exp, parent, children
 
 
@@ -69,8 +93,9 @@ def shots(tmp_path_factory) -> Path:
 def serving(cmd: list, port: int, log: Path, env: dict | None = None):
     """A UI server started by ``cmd`` on ``port``; its base URL while the block runs."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=os.environ | (env or {}))  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ | (env or {})
+        )
     base = f"http://127.0.0.1:{port}/"
     try:
         t0 = time.monotonic()
@@ -102,8 +127,12 @@ def ui(search):
 
     tmp = search[0]
     port = free_port()
-    with serving(ui_command(f"sqlite:///{tmp}/runs/mlflow.db", port), port, tmp / "mlflow-ui.log", UI_ENV) as base, \
-            Browser(1600, 1000) as browser:  # fmt: skip
+    with (
+        serving(
+            ui_command(f"sqlite:///{tmp}/runs/mlflow.db", port), port, tmp / "mlflow-ui.log", UI_ENV
+        ) as base,
+        Browser(1600, 1000) as browser,
+    ):
         yield base, browser
 
 
@@ -129,17 +158,36 @@ def test_the_runs_table_nests_the_trials_under_their_search_and_shows_their_valu
     # MLflow's own runs table: the search is one row; its trials are nested under it
     text = show(browser, f"{base}#/experiments/{exp}/runs?{TRAINING}", "demo", "matching runs")
     assert not any(n in text for n in names)
-    browser.js(f"""document.querySelector('[row-id="{parent.info.run_id}"] [col-id="attributes.`Run Name`"] button').click()""")
+    browser.js(
+        f"""document.querySelector('[row-id="{parent.info.run_id}"] [col-id="attributes.`Run Name`"] button').click()"""
+    )
     browser.wait_text(*names, "reference scratch", "reference teacher")
-    indent = browser.js("Object.fromEntries([...document.querySelectorAll('.ag-cell-value a')].map(a => [a.innerText.trim(),"
-                        " parseInt(a.closest('.ag-cell-value').querySelector('div[style*=width]').style.width)]))")
-    assert all(indent[n] > indent["demo"] for n in [*names, "reference scratch"])  # drawn inside the search's row
+    indent = browser.js(
+        "Object.fromEntries([...document.querySelectorAll('.ag-cell-value a')].map(a => [a.innerText.trim(),"
+        " parseInt(a.closest('.ag-cell-value').querySelector('div[style*=width]').style.width)]))"
+    )
+    assert all(
+        indent[n] > indent["demo"] for n in [*names, "reference scratch"]
+    )  # drawn inside the search's row
     # the table the parent run links to: this search's runs with what compares them (sorted by the score once
     # the view's query has answered: seen in docs/mlflow_runs.png, not asserted, as it took over 90 s under load)
-    link = re.search(r"\((#/experiments/[^)]*viewStateShareKey=[^)]*)\)", parent.data.tags["mlflow.note.content"])
-    text = show(browser, base + link.group(1), *names, "val_dice", "gain_vs_scratch", "val_hd95", "tskd.status",
-                "distill.temperature", "distill.kd_weight", "stopped_early" if any(
-                    r.data.tags["tskd.status"] == "stopped_early" for r in children.values()) else "finished")  # fmt: skip
+    link = re.search(
+        r"\((#/experiments/[^)]*viewStateShareKey=[^)]*)\)", parent.data.tags["mlflow.note.content"]
+    )
+    text = show(
+        browser,
+        base + link.group(1),
+        *names,
+        "val_dice",
+        "gain_vs_scratch",
+        "val_hd95",
+        "tskd.status",
+        "distill.temperature",
+        "distill.kd_weight",
+        "stopped_early"
+        if any(r.data.tags["tskd.status"] == "stopped_early" for r in children.values())
+        else "finished",
+    )
     assert "Failed" not in text and "Killed" not in text  # a trial stopped early is not shown as a failure
     browser.screenshot(shots / "mlflow_runs.png")
 
@@ -150,14 +198,29 @@ def test_a_trials_run_page_shows_its_name_parent_scores_and_artifacts(search, ui
     best = parent.data.tags["tskd.best_run_name"]
     run = children[best]
     assert run.info.run_id == parent.data.tags["tskd.best_run_id"]
-    text = show(browser, f"{base}#/experiments/{exp}/runs/{run.info.run_id}?{TRAINING}", best, "Parent run",
-                "val_dice", "student_params", "tskd.status")  # fmt: skip
+    text = show(
+        browser,
+        f"{base}#/experiments/{exp}/runs/{run.info.run_id}?{TRAINING}",
+        best,
+        "Parent run",
+        "val_dice",
+        "student_params",
+        "tskd.status",
+        "Best trial",  # its description says it is the search's best
+        "test_dice",  # and it holds the test score measured for it when the search ended
+    )
     assert "demo" in text and "epoch_s" not in text and "final_" not in text
     metrics = text[text.index("Metrics (") : text.index("Parameters (")]
     assert metrics.index("val_dice") < metrics.index("train_loss")  # the score first
     browser.screenshot(shots / "mlflow_run.png")
-    show(browser, f"{base}#/experiments/{exp}/runs/{run.info.run_id}/artifacts/trial_summary.json?{TRAINING}",
-         "config.yaml", "student.safetensors", "val_overlays.png", '"total_s"')  # fmt: skip
+    show(
+        browser,
+        f"{base}#/experiments/{exp}/runs/{run.info.run_id}/artifacts/trial_summary.json?{TRAINING}",
+        "config.yaml",
+        "student.safetensors",
+        "val_overlays.png",
+        '"total_s"',
+    )
 
 
 def test_the_search_run_names_its_best_trial_and_describes_the_leaderboard(search, ui, shots):
@@ -165,12 +228,21 @@ def test_the_search_run_names_its_best_trial_and_describes_the_leaderboard(searc
     base, browser = ui
     best = parent.data.tags["tskd.best_run_name"]
     browser.resize(1600, 1300)
-    show(browser, f"{base}#/experiments/{exp}/runs/{parent.info.run_id}?{TRAINING}", "Search demo", "Child runs")
+    show(
+        browser,
+        f"{base}#/experiments/{exp}/runs/{parent.info.run_id}?{TRAINING}",
+        "Search demo",
+        "Child runs",
+    )
     browser.click("Show more")
     text = browser.wait_text("Reference trials", "Best config", "gain vs scratch")
     assert all(n in text for n in trials(children)) and "scratch" in text and "teacher" in text
-    href = browser.js(f"[...document.querySelectorAll('a')].find(a => a.innerText.trim() === {json.dumps(best)}).href")
-    assert href.endswith(f"/runs/{parent.data.tags['tskd.best_run_id']}?{TRAINING}")  # each trial links to its run
+    href = browser.js(
+        f"[...document.querySelectorAll('a')].find(a => a.innerText.trim() === {json.dumps(best)}).href"
+    )
+    assert href.endswith(
+        f"/runs/{parent.data.tags['tskd.best_run_id']}?{TRAINING}"
+    )  # each trial links to its run
     browser.screenshot(shots / "mlflow_search.png")
     browser.resize(1600, 1000)
 
@@ -184,12 +256,17 @@ def test_the_report_on_the_search_run_previews_whole_with_the_best_trials_test_d
     summary = json.loads((tmp / "runs" / "demo" / "summary.json").read_text())
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.html", "report/best_overlays.png", "report/parallel_coordinates.png"} <= report
-    show(browser, f"{base}#/experiments/{exp}/runs/{parent.info.run_id}/artifacts/report/report.html?{TRAINING}",
-         "report.html")  # fmt: skip
+    show(
+        browser,
+        f"{base}#/experiments/{exp}/runs/{parent.info.run_id}/artifacts/report/report.html?{TRAINING}",
+        "report.html",
+    )
     browser.wait(lambda: browser.js("!!document.querySelector('iframe')"), what="the HTML preview")
     # the preview's page, as the iframe holds it (srcdoc) or as it fetches it from the server (src)
-    page = browser.js("(async () => { const f = document.querySelector('iframe');"
-                      " return f.srcdoc || await (await fetch(f.src)).text(); })()")  # fmt: skip
+    page = browser.js(
+        "(async () => { const f = document.querySelector('iframe');"
+        " return f.srcdoc || await (await fetch(f.src)).text(); })()"
+    )
     sources = re.findall(r"src='([^']*)'", page)
     assert len(sources) >= 3 and all(s.startswith("data:image/png;base64,") for s in sources), sources[:3]
     assert f"{summary['test_dice']:.4f}" in page  # the best trial's test Dice, not "–"
@@ -202,11 +279,19 @@ def test_the_compare_view_shows_the_trials_by_name_with_their_scores(search, ui,
     names = trials(children)
     ids = json.dumps([children[n].info.run_id for n in names])
     browser.resize(1600, 1500)
-    text = show(browser, f'{base}#/compare-runs?runs={ids}&experiments=["{exp}"]&{TRAINING}', *names, "val_dice",
-                "gain_vs_scratch", "distill.temperature")  # fmt: skip
+    text = show(
+        browser,
+        f'{base}#/compare-runs?runs={ids}&experiments=["{exp}"]&{TRAINING}',
+        *names,
+        "val_dice",
+        "gain_vs_scratch",
+        "distill.temperature",
+    )
     assert "Something went wrong" not in text
     # the parallel-coordinates plot starts on the first metric every run has: the score
-    picked = browser.js("[...document.querySelectorAll('[class$=select-selection-item]')].map(e => e.innerText.trim())")
+    picked = browser.js(
+        "[...document.querySelectorAll('[class$=select-selection-item]')].map(e => e.innerText.trim())"
+    )
     assert "val_dice" in picked and not any(p.startswith("system/") for p in picked)
     browser.screenshot(shots / "mlflow_compare.png")
     browser.resize(1600, 1000)
@@ -224,10 +309,22 @@ def test_artifacts_still_open_after_the_search_and_its_store_move_together(searc
     cmd = [sys.executable, "-m", "tskd_tune", "ui", "--uri", uri, "--port", str(port)]
     with serving(cmd, port, tmp / "moved-ui.log") as base:
         assert "artifacts of ui found beside the moved store" in (tmp / "moved-ui.log").read_text()
-        show(browser, f"{base}#/experiments/{exp}/runs/{run.info.run_id}/artifacts/trial_summary.json?{TRAINING}",
-             "val_overlays.png", '"total_s"')  # fmt: skip
-        show(browser, f"{base}#/experiments/{exp}/runs/{parent.info.run_id}/artifacts/best.yaml?{TRAINING}",
-             "leaderboard.csv", "temperature:")  # fmt: skip
+        show(
+            browser,
+            f"{base}#/experiments/{exp}/runs/{run.info.run_id}/artifacts/trial_summary.json?{TRAINING}",
+            "val_overlays.png",
+            '"total_s"',
+        )
+        show(
+            browser,
+            f"{base}#/experiments/{exp}/runs/{parent.info.run_id}/artifacts/best.yaml?{TRAINING}",
+            "leaderboard.csv",
+            "temperature:",
+        )
     client = MlflowClient(uri)
     assert client.get_run(run.info.run_id).info.artifact_uri.startswith(str(moved / "mlartifacts"))
-    assert Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp))).read_text().startswith("name:")
+    assert (
+        Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp)))
+        .read_text()
+        .startswith("name:")
+    )

@@ -98,8 +98,10 @@ class Store:
                 hint = ""
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     size = sum(e.size for e in entries(self.root)) / GB
-                    hint = (f"; the cache holds {size:.2f} GB: `tskd-tune cache prune --dir {self.root} --max-gb N` "
-                            f"frees space (least recently used first), or set cache.max_gb")  # fmt: skip
+                    hint = (
+                        f"; the cache holds {size:.2f} GB: `tskd-tune cache prune --dir {self.root} --max-gb N` "
+                        f"frees space (least recently used first), or set cache.max_gb"
+                    )
                 raise StorageError(f"cache.dir: cannot write {final} ({exc.strerror}){hint}") from None
             finally:
                 if tmp.exists():
@@ -236,7 +238,11 @@ def entries(root: Path | str) -> list[Entry]:
     (an interrupted build's leftover, or a ``.tmp-`` folder) counts as incomplete, last used when written."""
     out = []
     root = Path(root)
-    for kind in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []:
+    for kind in (
+        sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if root.is_dir()
+        else []
+    ):
         for folder in kind.iterdir():
             if not folder.is_dir():
                 continue
@@ -252,8 +258,15 @@ def entries(root: Path | str) -> list[Entry]:
     return sorted(out, key=lambda e: e.last_used)
 
 
-def prune(root: Path | str, *, max_gb: float | None = None, older_than_s: float | None = None,
-          kind: str | None = None, keep_since: float | None = None, dry_run: bool = False) -> list[Entry]:  # fmt: skip
+def prune(
+    root: Path | str,
+    *,
+    max_gb: float | None = None,
+    older_than_s: float | None = None,
+    kind: str | None = None,
+    keep_since: float | None = None,
+    dry_run: bool = False,
+) -> list[Entry]:
     """Remove entries, least recently used first: those unused for ``older_than_s``, then more until the cache
     holds at most ``max_gb``; only ``kind`` when given. Never an entry used since ``keep_since`` (a running
     search's start: its trials hold what they use) or one whose build lock another process holds. Each

@@ -110,8 +110,11 @@ def provenance(outputs: Path) -> dict:
         return {}
     last = results[-1]
     number = trial_number(str(trial_dir))
-    origin = {"name": f"t{number:03d}" if number is not None else trial_dir.name, "trial_id": last.get("trial_id"),
-              "mlflow_run_id": last.get("mlflow_run_id")}  # fmt: skip
+    origin = {
+        "name": f"t{number:03d}" if number is not None else trial_dir.name,
+        "trial_id": last.get("trial_id"),
+        "mlflow_run_id": last.get("mlflow_run_id"),
+    }
     try:
         search = json.loads((trial_dir.parent / SEARCH_FILE).read_text())
         origin |= {"search": search["options"]["name"], "search_run_id": search["parent_run_id"]}
@@ -147,12 +150,20 @@ def export(trial_dir: Path, fmt: str, out_dir: Path, known: dict | None = None) 
         with warnings.catch_warnings():
             # InstanceNorm without running statistics normalises by each image's own statistics in eval mode
             # too, which ONNX calls "train=True": the export is right (checked against PyTorch just below)
-            warnings.filterwarnings("ignore", message=r"ONNX export mode is set to TrainingMode.EVAL, but operator "
-                                    r"'instance_norm' is set to train=True")  # fmt: skip
+            warnings.filterwarnings(
+                "ignore",
+                message=r"ONNX export mode is set to TrainingMode.EVAL, but operator "
+                r"'instance_norm' is set to train=True",
+            )
             torch.onnx.export(
-                model, (x,), str(tmp / name), input_names=["image"], output_names=["logits"],
-                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
-            )  # fmt: skip
+                model,
+                (x,),
+                str(tmp / name),
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                dynamo=False,
+            )
         got = _run_onnx(tmp / name, x.numpy())
     else:
         name = "model.pt"
@@ -174,7 +185,7 @@ def export(trial_dir: Path, fmt: str, out_dir: Path, known: dict | None = None) 
             "range": [0.0, 1.0],
             "dtype": "float32",
             "resize": cfg.data.resize,
-        },  # fmt: skip
+        },
         "normalisation": "scale the image to [0, 1] (integers by their type's maximum); the model normalises itself",
         "student": _student_card(cfg.student),
         "method": cfg.distill.method,
@@ -284,7 +295,9 @@ def predict_folder(model_dir: Path, images_dir: Path, out_dir: Path) -> list[Pat
     )
     if not files:
         raise TskdError(f"{images_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    predictor = Predictor(model_dir if (Path(model_dir) / "model_card.json").is_file() else trial_outputs(model_dir)[0])
+    predictor = Predictor(
+        model_dir if (Path(model_dir) / "model_card.json").is_file() else trial_outputs(model_dir)[0]
+    )
     mode = "L" if predictor.data.channels == 1 else "RGB"
     for path in files:  # every image decodes before any output is written: no half-done output folder
         read_any_image(path, mode)

@@ -98,8 +98,12 @@ class Filler:
             return [s.float().cpu().numpy() for s in self.model.prefix(x.to(self.device))]
 
     def _onnx(self, x: torch.Tensor) -> list[np.ndarray]:
-        return [np.concatenate(parts) for parts in zip(*(self._ort.run(None, {"image": x[i : i + 1].numpy()})
-                                                        for i in range(len(x))), strict=True)]  # fmt: skip
+        return [
+            np.concatenate(parts)
+            for parts in zip(
+                *(self._ort.run(None, {"image": x[i : i + 1].numpy()}) for i in range(len(x))), strict=True
+            )
+        ]
 
     def _load_onnx(self, example: torch.Tensor) -> bool:
         """The cached ONNX export of the prefix in an ONNX Runtime session; False where it cannot be had."""
@@ -115,8 +119,14 @@ class Filler:
                 contextlib.redirect_stderr(io.StringIO()),
                 _quiet(),
             ):
-                torch.onnx.export(_Prefix(self.model).eval(), (example[:1],), str(tmp / "prefix.onnx"),
-                                  input_names=["image"], dynamo=True, verbose=False)  # fmt: skip
+                torch.onnx.export(
+                    _Prefix(self.model).eval(),
+                    (example[:1],),
+                    str(tmp / "prefix.onnx"),
+                    input_names=["image"],
+                    dynamo=True,
+                    verbose=False,
+                )
 
         try:
             key = (self.onnx_key or {}) | {"kind": "encoder_onnx", "input": list(example.shape[1:])}
@@ -133,8 +143,12 @@ class Filler:
             return False
         return True
 
-    def run(self, images: Sequence, write: Callable[[int, list[np.ndarray]], None],
-            progress: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
+    def run(
+        self,
+        images: Sequence,
+        write: Callable[[int, list[np.ndarray]], None],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict:
         """Compute the state of every image (N, C, S, S; float16 arrays are fine) and hand each batch to
         ``write(start, arrays)``; returns the plan (backend, batch size, seconds per image)."""
         n, done = len(images), 0
@@ -163,8 +177,12 @@ class Filler:
             if done < n and not candidates:
                 candidates["torch", 8 if cuda else 1] = timed(self._torch, 8 if cuda else 1)
                 per_image = min(candidates.values())
-                if (done < n and not cuda and per_image * (self.expected or n - done) > ONNX_WORTH_S
-                        and self._load_onnx(read(0, 1))):  # fmt: skip
+                if (
+                    done < n
+                    and not cuda
+                    and per_image * (self.expected or n - done) > ONNX_WORTH_S
+                    and self._load_onnx(read(0, 1))
+                ):
                     candidates["onnxruntime", 1] = timed(self._onnx, 1)
                 big = 32 if cuda else 4
                 if n - done >= big:  # a batch is only measured whole
@@ -176,9 +194,13 @@ class Filler:
                 timed(fn, batch)
             rest = (time.perf_counter() - t0) / max(1, done - start)
         if "backend" not in self.plan:
-            self.plan |= {"backend": backend, "batch_size": batch, "threads": self.threads,
-                          "s_per_image": rest if done > start else candidates.get((backend, batch), 0.0),
-                          "measured": {f"{b}/{s}": round(v, 4) for (b, s), v in candidates.items()}}  # fmt: skip
+            self.plan |= {
+                "backend": backend,
+                "batch_size": batch,
+                "threads": self.threads,
+                "s_per_image": rest if done > start else candidates.get((backend, batch), 0.0),
+                "measured": {f"{b}/{s}": round(v, 4) for (b, s), v in candidates.items()},
+            }
         return self.plan
 
 
@@ -215,8 +237,12 @@ class Arrays:
 
     def write(self, start: int, parts: list[np.ndarray]) -> None:
         if not self.arrays:
-            self.arrays = [np.lib.format.open_memmap(self.folder / f"state_{i}.npy", mode="w+", dtype=np.float16,
-                                                     shape=(self.n, *p.shape[1:])) for i, p in enumerate(parts)]  # fmt: skip
+            self.arrays = [
+                np.lib.format.open_memmap(
+                    self.folder / f"state_{i}.npy", mode="w+", dtype=np.float16, shape=(self.n, *p.shape[1:])
+                )
+                for i, p in enumerate(parts)
+            ]
         for array, part in zip(self.arrays, parts, strict=True):
             array[start : start + len(part)] = part
 
@@ -304,16 +330,22 @@ class Views:
     def rows(self, flat: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(states, masks) of rows ``flat`` as float32 / int64 tensors."""
         pairs = [(int(f) // self.views, int(f) % self.views) for f in flat]
-        states = [torch.from_numpy(np.stack([np.asarray(self.states[i][k][v], np.float32) for i, v in pairs]))
-                  for k in range(len(self.states[0]))]  # fmt: skip
+        states = [
+            torch.from_numpy(np.stack([np.asarray(self.states[i][k][v], np.float32) for i, v in pairs]))
+            for k in range(len(self.states[0]))
+        ]
         return states, torch.from_numpy(np.stack([self.masks[i][v] for i, v in pairs]).astype(np.int64))
 
 
 def views_source(cfg: Config, prepared: Prepared, i: int) -> dict:
     """What names the augmented views of prepared image ``i`` in their cache key."""
     # the flips in effect (off, or swapping left and right) decide the views as much as data.augment does
-    return {"data": prepared.path.name, "image": prepared.ids[i], "views": cfg.teacher.augment_views,
-            **flip_plan(cfg.data, prepared.classes).cache_key()}  # fmt: skip
+    return {
+        "data": prepared.path.name,
+        "image": prepared.ids[i],
+        "views": cfg.teacher.augment_views,
+        **flip_plan(cfg.data, prepared.classes).cache_key(),
+    }
 
 
 def view_inputs(cfg: Config, prepared: Prepared, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -325,11 +357,19 @@ def view_inputs(cfg: Config, prepared: Prepared, i: int) -> tuple[np.ndarray, np
     tf = train_transforms(
         flips.augment, seed=int(digest([prepared.ids[i], "views"])[:8], 16), label_swap=flips.label_swap
     )
-    pairs = [tf({"image": torch.from_numpy(np.asarray(prepared.images[i], np.float32)),
-                 "label": torch.from_numpy(np.asarray(prepared.masks[i], np.float32))[None]})
-             for _ in range(cfg.teacher.augment_views)]  # fmt: skip
-    return (np.stack([np.asarray(p["image"], np.float32) for p in pairs]),
-            np.stack([np.asarray(p["label"])[0].round().astype(np.uint8) for p in pairs]))  # fmt: skip
+    pairs = [
+        tf(
+            {
+                "image": torch.from_numpy(np.asarray(prepared.images[i], np.float32)),
+                "label": torch.from_numpy(np.asarray(prepared.masks[i], np.float32))[None],
+            }
+        )
+        for _ in range(cfg.teacher.augment_views)
+    ]
+    return (
+        np.stack([np.asarray(p["image"], np.float32) for p in pairs]),
+        np.stack([np.asarray(p["label"])[0].round().astype(np.uint8) for p in pairs]),
+    )
 
 
 def augmented_views(

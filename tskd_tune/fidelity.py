@@ -69,7 +69,9 @@ def correlations(curves: list[dict[int, float]], epochs: list[int], max_t: int) 
     return out
 
 
-def grace_from_data(curves: list[dict[int, float]], max_t: int, trust: float = TRUST) -> tuple[int | None, list[dict]]:
+def grace_from_data(
+    curves: list[dict[int, float]], max_t: int, trust: float = TRUST
+) -> tuple[int | None, list[dict]]:
     """A grace period the data supports: the first epoch from which the rank correlation of every later epoch's
     score with the final one stays at or above ``trust``, over trials that all ran to ``max_t`` (a FIFO
     search); None with fewer than :data:`MIN_TRIALS` such trials or when not even epoch ``max_t - 1`` gets
@@ -93,6 +95,8 @@ def warning(correlations: list[dict], metric: str) -> str | None:
     if correlations[0]["trials"] < MIN_TRIALS:
         return None
     c = correlations[0]
-    return (f"warning: early stopping may stop the wrong trials here: the rank correlation between {metric} at "
-            f"epoch {c['epoch']} (the grace period) and at the end is {c['spearman']:.2f} over {c['trials']} "
-            f"finished trials (below {TRUST}); raise search.grace_period or use search.scheduler: fifo")  # fmt: skip
+    return (
+        f"warning: early stopping may stop the wrong trials here: the rank correlation between {metric} at "
+        f"epoch {c['epoch']} (the grace period) and at the end is {c['spearman']:.2f} over {c['trials']} "
+        f"finished trials (below {TRUST}); raise search.grace_period or use search.scheduler: fifo"
+    )

@@ -82,8 +82,11 @@ def _predict(model: nn.Module, images, batch_size: int, device) -> torch.Tensor:
     for i in range(0, len(images), batch_size):
         # images may be a float16 memmap: read one batch, compute in float32; a list is a cached teacher state
         batch = images[i : i + batch_size]
-        x = [_tensor(b).to(device, torch.float32) for b in batch] if isinstance(batch, list) else \
-            _tensor(batch).to(device, torch.float32)  # fmt: skip
+        x = (
+            [_tensor(b).to(device, torch.float32) for b in batch]
+            if isinstance(batch, list)
+            else _tensor(batch).to(device, torch.float32)
+        )
         preds.append(model(x).argmax(1).to("cpu", torch.uint8))
     return torch.cat(preds)
 

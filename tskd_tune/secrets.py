@@ -14,11 +14,20 @@ from urllib.parse import urlsplit
 
 from tskd_tune.errors import TskdError
 
-SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_AUTH_ADMIN_PASSWORD",
-              "MLFLOW_FLASK_SERVER_SECRET_KEY", "AWS_SECRET_ACCESS_KEY", "PGPASSWORD", "RAY_AUTH_TOKEN")  # fmt: skip
+SECRET_ENV = (
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    "AWS_SECRET_ACCESS_KEY",
+    "PGPASSWORD",
+    "RAY_AUTH_TOKEN",
+)
 """The environment variables whose values are secrets: masked wherever text leaves the process."""
-MLFLOW_CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME",
-                         *(name for name in SECRET_ENV if name.startswith("MLFLOW_TRACKING_")))  # fmt: skip
+MLFLOW_CREDENTIAL_ENV = (
+    "MLFLOW_TRACKING_USERNAME",
+    *(name for name in SECRET_ENV if name.startswith("MLFLOW_TRACKING_")),
+)
 """How MLflow's client logs in to a tracking server: the user name with the secrets above. Trials need
 them too; a Ray Job's log lines that hold any of their values are not shown."""
 MLFLOW_CLIENT_ENV = MLFLOW_CREDENTIAL_ENV + (
@@ -28,7 +37,9 @@ MLFLOW_CLIENT_ENV = MLFLOW_CREDENTIAL_ENV + (
 )
 """What MLflow's client reads from the environment to reach a remote server."""
 
-WHERE_PASSWORDS_GO = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD for an MLflow server, PGPASSWORD for PostgreSQL"
+WHERE_PASSWORDS_GO = (
+    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD for an MLflow server, PGPASSWORD for PostgreSQL"
+)
 """Where a user puts the password a URI must not carry (said in the errors that refuse one)."""
 
 _URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/:@\s]*):[^/@\s]*@")

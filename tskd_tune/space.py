@@ -103,8 +103,9 @@ class QUniform(_Dist):
         return self
 
     def contains(self, value: Any) -> bool:
-        on_grid = super().contains(value) and math.isclose((value - self.low) / self.q, round((value - self.low) / self.q),
-                                                          abs_tol=1e-9)  # fmt: skip
+        on_grid = super().contains(value) and math.isclose(
+            (value - self.low) / self.q, round((value - self.low) / self.q), abs_tol=1e-9
+        )
         return bool(on_grid)
 
     def to_optuna(self):
@@ -165,8 +166,10 @@ class Choice(_Dist):
         return list(self.values)
 
     def contains(self, value: Any) -> bool:
-        return any(value == v and type(value) is type(v) or (value == v and {type(value), type(v)} <= {int, float})
-                   for v in self.values)  # fmt: skip
+        return any(
+            value == v and type(value) is type(v) or (value == v and {type(value), type(v)} <= {int, float})
+            for v in self.values
+        )
 
     def to_optuna(self):
         import optuna

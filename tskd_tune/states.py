@@ -21,6 +21,11 @@ PENDING = "pending"
 ENDED = (FINISHED, STOPPED_EARLY, FAILED, TIMED_OUT, LOST)
 """The five ways a trial ends."""
 
-MLFLOW_STATUS = {FINISHED: "FINISHED", STOPPED_EARLY: "FINISHED", FAILED: "FAILED", TIMED_OUT: "KILLED",
-                 LOST: "KILLED"}  # fmt: skip
+MLFLOW_STATUS = {
+    FINISHED: "FINISHED",
+    STOPPED_EARLY: "FINISHED",
+    FAILED: "FAILED",
+    TIMED_OUT: "KILLED",
+    LOST: "KILLED",
+}
 """The MLflow run status of each end: a trial stopped early is not shown as failed or killed in MLflow's UI."""

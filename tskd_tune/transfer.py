@@ -91,8 +91,11 @@ def build_transfer_set(splits: Splits, pool: Pool | None = None, cfg: Config | N
 
 def data_key(prepared: Prepared, splits: Splits, indices: np.ndarray | None = None) -> dict:
     """The preprocessed data (its cache entry) and which images of it are meant."""
-    return {"data": prepared.path.name, "labeled": digest(splits.labeled.tolist()),
-            "indices": digest(indices.tolist()) if indices is not None else None}  # fmt: skip
+    return {
+        "data": prepared.path.name,
+        "labeled": digest(splits.labeled.tolist()),
+        "indices": digest(indices.tolist()) if indices is not None else None,
+    }
 
 
 def teacher_key(cfg: Config, prepared: Prepared, splits: Splits) -> dict:

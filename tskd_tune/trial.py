@@ -109,13 +109,27 @@ def run_trial(
                 # the pool seen through the teacher's frozen encoder: once per pool and encoder, cached
                 pool.semantic = pool_semantics(cfg, prepared, splits, pool, store, device, fill)
                 if not pool.semantic["passed"]:
-                    log.warning("synthetic pool %s FAILED the semantic gate (%s)", pool.path,
-                                "; ".join(pool.semantic["reasons"]))  # fmt: skip
+                    log.warning(
+                        "synthetic pool %s FAILED the semantic gate (%s)",
+                        pool.path,
+                        "; ".join(pool.semantic["reasons"]),
+                    )
     if pool is not None:
         record.pool = pool.metrics()
     spec = get_method(cfg.distill.method)
-    st = TrialContext(cfg, prepared, splits, store, device, out_dir, resume, record, pool=pool,
-                      fill_threads=fill, hooks=hooks or Hooks())  # fmt: skip
+    st = TrialContext(
+        cfg,
+        prepared,
+        splits,
+        store,
+        device,
+        out_dir,
+        resume,
+        record,
+        pool=pool,
+        fill_threads=fill,
+        hooks=hooks or Hooks(),
+    )
     outcome = spec.run(st, on_epoch)
 
     image_size, chans = cfg.data.image_size, cfg.data.channels
@@ -124,7 +138,8 @@ def run_trial(
     result |= {
         "method": cfg.distill.method,
         "student_params": count_params(outcome.model),
-        "student_latency_ms": outcome.metrics["teacher_latency_ms"] if outcome.model is outcome.teacher
+        "student_latency_ms": outcome.metrics["teacher_latency_ms"]
+        if outcome.model is outcome.teacher
         else latency_ms(outcome.model, chans, image_size, device=device, repeats=5),
         "teacher_params": count_params(outcome.teacher) if outcome.teacher is not None else None,
         "teacher_latency_ms": outcome.metrics.get("teacher_latency_ms"),
@@ -133,9 +148,19 @@ def run_trial(
         **{"labeled": len(splits.labeled), "unlabeled": len(splits.unlabeled)},
     }
     if test:
-        result |= outcome.evaluate("test") if outcome.evaluate else evaluate(
-            outcome.model, prepared.images[splits.test], prepared.masks[splits.test], prepared.classes, 32, device,
-            prefix="test_")  # fmt: skip
+        result |= (
+            outcome.evaluate("test")
+            if outcome.evaluate
+            else evaluate(
+                outcome.model,
+                prepared.images[splits.test],
+                prepared.masks[splits.test],
+                prepared.classes,
+                32,
+                device,
+                prefix="test_",
+            )
+        )
     result |= outcome.record.seconds() | {"total_s": time.perf_counter() - t_start, "threads": threads}
     files = []
     if out_dir is not None:
@@ -173,5 +198,7 @@ class TrialResult(Mapping):
 
     def tags(self) -> dict[str, str]:
         """What identifies the trial's reused parts, as run tags."""
-        return {"tskd.teacher_cached": str(self.teacher_cached), "tskd.teacher_adapter": str(self.teacher_entry)}
-
+        return {
+            "tskd.teacher_cached": str(self.teacher_cached),
+            "tskd.teacher_adapter": str(self.teacher_entry),
+        }

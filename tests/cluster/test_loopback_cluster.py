@@ -122,11 +122,19 @@ def postgres(workdir):
         as_user = ["runuser", "-u", "postgres", "--"]
     port = free_port()
     data, log = root / "data", root / "postgres.log"
-    subprocess.run([*as_user, str(pg / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    subprocess.run(
+        [*as_user, str(pg / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     ctl = [*as_user, str(pg / "pg_ctl"), "-D", str(data)]
-    subprocess.run([*ctl, "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "-l", str(log), "-w", "start"],
-                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    subprocess.run(
+        [*ctl, "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "-l", str(log), "-w", "start"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     try:
         import psycopg2
 
@@ -147,7 +155,11 @@ class MlflowServer:
     can kill and start again (a restart: same port, same database, same artifact folder)."""
 
     def __init__(self, workdir: Path, postgres: str):
-        self.port, self.artifacts, self.log = free_port(), workdir / "mlflow-artifacts", workdir / "mlflow.log"
+        self.port, self.artifacts, self.log = (
+            free_port(),
+            workdir / "mlflow-artifacts",
+            workdir / "mlflow.log",
+        )
         self.uri, self.workdir, self.proc = f"http://127.0.0.1:{self.port}", workdir, None
         auth_ini = workdir / "basic_auth.ini"
         auth_ini.write_text(
@@ -165,14 +177,34 @@ class MlflowServer:
         }
         # one worker, so the warm-up below reaches the process that serves the search (a cold second worker
         # on a busy 2-core machine can miss the launch's 10 s preflight)
-        self.cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"{postgres}/mlflow", "--serve-artifacts",
-                    "--artifacts-destination", str(self.artifacts), "--app-name", "basic-auth", "--host", "127.0.0.1",
-                    "--port", str(self.port), "--workers", "1"]  # fmt: skip
+        self.cmd = [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"{postgres}/mlflow",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(self.artifacts),
+            "--app-name",
+            "basic-auth",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
 
     def start(self) -> None:
         with open(self.log, "a") as out:
-            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                         cwd=self.workdir, start_new_session=True)  # fmt: skip
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.workdir,
+                start_new_session=True,
+            )
         wait_until(self.up, 240, "mlflow server", self.log)
 
     def up(self) -> bool:
@@ -180,8 +212,10 @@ class MlflowServer:
         import base64
 
         auth = base64.b64encode(f"admin:{PASSWORD}".encode()).decode()
-        req = urllib.request.Request(f"{self.uri}/api/2.0/mlflow/experiments/search?max_results=1",
-                                     headers={"Authorization": f"Basic {auth}"})  # fmt: skip
+        req = urllib.request.Request(
+            f"{self.uri}/api/2.0/mlflow/experiments/search?max_results=1",
+            headers={"Authorization": f"Basic {auth}"},
+        )
         try:
             return urllib.request.urlopen(req, timeout=30).status == 200
         except OSError:
@@ -220,26 +254,66 @@ def ray_cluster(workdir):
     nodelocal = workdir / "nodelocal"
     nodelocal.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
-    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "PATH": f"{BIN}:{env.get('PATH', '')}",
-            "RAY_USAGE_STATS_ENABLED": "0", "XDG_CACHE_HOME": str(workdir / "xdg")}  # fmt: skip
+    env |= {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "PATH": f"{BIN}:{env.get('PATH', '')}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "XDG_CACHE_HOME": str(workdir / "xdg"),
+    }
     gcs, dash = free_port(), free_port()
 
     def ports(*names: str) -> list[str]:
         return [a for n in names for a in (f"--{n}", str(free_port()))]
 
-    common = ["--num-cpus", "1", "--num-gpus", "0", "--object-store-memory", str(300 * 1024**2),
-              "--disable-usage-stats"]  # fmt: skip
+    common = [
+        "--num-cpus",
+        "1",
+        "--num-gpus",
+        "0",
+        "--object-store-memory",
+        str(300 * 1024**2),
+        "--disable-usage-stats",
+    ]
     agent = (
         "dashboard-agent-listen-port",
         "dashboard-agent-grpc-port",
         "metrics-export-port",
         "runtime-env-agent-port",
     )
-    head = [str(BIN / "ray"), "start", "--head", "--port", str(gcs), "--node-ip-address", "127.0.0.1",
-            "--temp-dir", str(workdir / "rh"), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-            "--dashboard-port", str(dash), *ports(*agent, "ray-client-server-port"), *common]  # fmt: skip
-    second = [str(BIN / "ray"), "start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
-              "--temp-dir", str(workdir / "rw"), "--resources", '{"second_node": 1}', *ports(*agent), *common]  # fmt: skip
+    head = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--port",
+        str(gcs),
+        "--node-ip-address",
+        "127.0.0.1",
+        "--temp-dir",
+        str(workdir / "rh"),
+        "--include-dashboard",
+        "true",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        *ports(*agent, "ray-client-server-port"),
+        *common,
+    ]
+    second = [
+        str(BIN / "ray"),
+        "start",
+        "--address",
+        f"127.0.0.1:{gcs}",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--temp-dir",
+        str(workdir / "rw"),
+        "--resources",
+        '{"second_node": 1}',
+        *ports(*agent),
+        *common,
+    ]
     # The second node gets a private mount namespace in which `nodelocal` and the head's Ray temp dir are
     # empty tmpfs: folders of those names exist on both nodes, but each node sees its own, as on two real
     # machines (so a trial's files reach the search folder only through Ray's upload, not by accident).
@@ -257,8 +331,13 @@ def ray_cluster(workdir):
                 )
             groups.append(proc.pid)  # the daemons stay in this process group after `ray start` returns
             assert proc.wait(timeout=180) == 0, (workdir / f"ray-{name}.log").read_text()[-3000:]
-        yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env,
-               "token": token, "nodelocal": nodelocal if private else None}  # fmt: skip
+        yield {
+            "gcs": f"127.0.0.1:{gcs}",
+            "dashboard": f"http://127.0.0.1:{dash}",
+            "env": env,
+            "token": token,
+            "nodelocal": nodelocal if private else None,
+        }
     finally:
         for pgid in groups:
             kill_session(None, pgid)
@@ -277,9 +356,16 @@ def space_yaml(workdir: Path) -> Path:
     raw["resources"] = {"cpu": 1, "threads": 1}
     # only student-side knobs: every trial needs the same teacher, which one node trains and all reuse
     # no reference trials: these tests count the trials' runs
-    raw["search"] = {"num_samples": 4, "max_concurrent": 2, "scheduler": "fifo", "baselines": [],
-                     "space": {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
-                               "distill.kd_weight": {"type": "uniform", "low": 0.2, "high": 2.0}}}  # fmt: skip
+    raw["search"] = {
+        "num_samples": 4,
+        "max_concurrent": 2,
+        "scheduler": "fifo",
+        "baselines": [],
+        "space": {
+            "distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
+            "distill.kd_weight": {"type": "uniform", "low": 0.2, "high": 2.0},
+        },
+    }
     path = workdir / "client" / "lb.yaml"
     path.parent.mkdir(exist_ok=True)
     path.write_text(yaml.safe_dump(raw))
@@ -287,8 +373,14 @@ def space_yaml(workdir: Path) -> Path:
 
 
 def tskd(*args, env: dict, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tskd_tune", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "tskd_tune", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 def client_env(ray_cluster, **extra) -> dict:
@@ -328,8 +420,20 @@ def searched(workdir, ray_cluster, mlflow_server, postgres):
     space = space_yaml(workdir)
     env = client_env(ray_cluster, RAY_ADDRESS=ray_cluster["gcs"])
     t0 = time.monotonic()
-    proc = tskd("launch", space, "--address", "auto", "--tracking-uri", uri, "--storage", workdir / "shared" / "runs",
-                "--set", f"search.study_storage={postgres}/optuna", env=env, cwd=space.parent)  # fmt: skip
+    proc = tskd(
+        "launch",
+        space,
+        "--address",
+        "auto",
+        "--tracking-uri",
+        uri,
+        "--storage",
+        workdir / "shared" / "runs",
+        "--set",
+        f"search.study_storage={postgres}/optuna",
+        env=env,
+        cwd=space.parent,
+    )
     print(f"search on the loopback cluster: {time.monotonic() - t0:.0f} s")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -388,16 +492,38 @@ def test_study_outlives_the_driver_in_postgres(searched, postgres):
 def test_node_local_paths_and_local_mlflow_are_refused(ray_cluster, mlflow_server, workdir):
     space = space_yaml(workdir)
     env = client_env(ray_cluster, RAY_ADDRESS=ray_cluster["gcs"])
-    local = tskd("launch", space, "--address", "auto", "--tracking-uri", f"sqlite:///{workdir}/local.db",
-                 "--storage", workdir / "shared" / "runs", "--name", "local-mlflow", env=env, cwd=space.parent)  # fmt: skip
+    local = tskd(
+        "launch",
+        space,
+        "--address",
+        "auto",
+        "--tracking-uri",
+        f"sqlite:///{workdir}/local.db",
+        "--storage",
+        workdir / "shared" / "runs",
+        "--name",
+        "local-mlflow",
+        env=env,
+        cwd=space.parent,
+    )
     assert local.returncode == 2 and "Traceback" not in local.stderr
     assert local.stderr.strip().splitlines()[-1].startswith("error: tracking.uri: sqlite:///")
     if ray_cluster["nodelocal"] is None:
         pytest.skip(
             "no private mount namespace here (needs root and unshare): no node-local folder to refuse"
         )
-    proc = tskd("launch", space, "--address", "auto", "--tracking-uri", mlflow_server[0],
-                "--storage", ray_cluster["nodelocal"] / "runs", env=env, cwd=space.parent)  # fmt: skip
+    proc = tskd(
+        "launch",
+        space,
+        "--address",
+        "auto",
+        "--tracking-uri",
+        mlflow_server[0],
+        "--storage",
+        ray_cluster["nodelocal"] / "runs",
+        env=env,
+        cwd=space.parent,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: --storage: {ray_cluster['nodelocal']}/runs is not shared: node ")
@@ -413,9 +539,26 @@ def test_search_submitted_as_a_ray_job(searched, ray_cluster, mlflow_server, wor
     bucket = f"file://{workdir}/shared/bucket"
     env = client_env(ray_cluster)  # no RAY_ADDRESS: the Jobs API is reached over HTTP with the token
     t0 = time.monotonic()
-    proc = tskd("launch", space, "--address", dash, "--tracking-uri", uri, "--storage", bucket, "--name", "viajob",
-                "--num-samples", "2", "--set", f"search.study_storage={journal}",
-                "--set", f"cache.dir={workdir}/shared/runs/cache", env=env, cwd=space.parent)  # fmt: skip
+    proc = tskd(
+        "launch",
+        space,
+        "--address",
+        dash,
+        "--tracking-uri",
+        uri,
+        "--storage",
+        bucket,
+        "--name",
+        "viajob",
+        "--num-samples",
+        "2",
+        "--set",
+        f"search.study_storage={journal}",
+        "--set",
+        f"cache.dir={workdir}/shared/runs/cache",
+        env=env,
+        cwd=space.parent,
+    )
     print(f"search as a Ray Job: {time.monotonic() - t0:.0f} s")
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     job_id = next(w for w in proc.stdout.split() if w.startswith("tskd-viajob-"))
@@ -470,21 +613,49 @@ def doomed_node(workdir, ray_cluster):
     """A third node joined to the cluster for one test, to be killed in it; yields (node id, the address Ray
     gives it, process group)."""
     env = ray_cluster["env"]
-    agent = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-             "runtime-env-agent-port")  # fmt: skip
-    cmd = [str(BIN / "ray"), "start", "--address", ray_cluster["gcs"], "--node-ip-address", "127.0.0.1",
-           "--temp-dir", str(workdir / "rd"), "--resources", '{"doomed": 1}', "--num-cpus", "1", "--num-gpus", "0",
-           "--object-store-memory", str(300 * 1024**2), "--disable-usage-stats",
-           *[a for n in agent for a in (f"--{n}", str(free_port()))]]  # fmt: skip
+    agent = (
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+    )
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--address",
+        ray_cluster["gcs"],
+        "--node-ip-address",
+        "127.0.0.1",
+        "--temp-dir",
+        str(workdir / "rd"),
+        "--resources",
+        '{"doomed": 1}',
+        "--num-cpus",
+        "1",
+        "--num-gpus",
+        "0",
+        "--object-store-memory",
+        str(300 * 1024**2),
+        "--disable-usage-stats",
+        *[a for n in agent for a in (f"--{n}", str(free_port()))],
+    ]
     with open(workdir / "ray-doomed.log", "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         assert proc.wait(timeout=180) == 0, (workdir / "ray-doomed.log").read_text()[-3000:]
-        find = ("import ray; ray.init(address='%s', logging_level='ERROR'); "
-                "n = next(n for n in ray.nodes() if n['Alive'] and 'doomed' in n['Resources']); "
-                "print(n['NodeID'], n['NodeManagerAddress'])")  # fmt: skip
-        node, address = subprocess.run([sys.executable, "-c", find % ray_cluster["gcs"]], env=env,
-                                       capture_output=True, text=True, timeout=120, check=True).stdout.split()[-2:]  # fmt: skip
+        find = (
+            "import ray; ray.init(address='%s', logging_level='ERROR'); "
+            "n = next(n for n in ray.nodes() if n['Alive'] and 'doomed' in n['Resources']); "
+            "print(n['NodeID'], n['NodeManagerAddress'])"
+        )
+        node, address = subprocess.run(
+            [sys.executable, "-c", find % ray_cluster["gcs"]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout.split()[-2:]
         yield node, address, proc.pid
     finally:
         kill_session(None, proc.pid)
@@ -508,9 +679,26 @@ def test_a_lost_node_costs_one_line_and_its_trial_is_retried_elsewhere(
     env = client_env(ray_cluster, RAY_ADDRESS=ray_cluster["gcs"])
     out, err = workdir / "nodeloss.out", workdir / "nodeloss.err"
     with open(out, "w") as o, open(err, "w") as e:
-        proc = subprocess.Popen([sys.executable, "-m", "tskd_tune", "launch", space.with_name("nodeloss.yaml"),
-                                 "--address", "auto", "--tracking-uri", uri, "--storage", workdir / "shared" / "runs"],
-                                stdout=o, stderr=e, env=env, cwd=space.parent, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tskd_tune",
+                "launch",
+                space.with_name("nodeloss.yaml"),
+                "--address",
+                "auto",
+                "--tracking-uri",
+                uri,
+                "--storage",
+                workdir / "shared" / "runs",
+            ],
+            stdout=o,
+            stderr=e,
+            env=env,
+            cwd=space.parent,
+            start_new_session=True,
+        )
     client = mlflow_client(uri)
 
     def on_doomed_node_with_a_checkpoint():
@@ -528,8 +716,12 @@ def test_a_lost_node_costs_one_line_and_its_trial_is_retried_elsewhere(
         return None
 
     try:
-        victim = wait_for("a trial on the doomed node past its second epoch", on_doomed_node_with_a_checkpoint,
-                          timeout=600, every=1)  # fmt: skip
+        victim = wait_for(
+            "a trial on the doomed node past its second epoch",
+            on_doomed_node_with_a_checkpoint,
+            timeout=600,
+            every=1,
+        )
         os.killpg(pgid, signal.SIGKILL)  # the raylet, its workers, its object store: the node is gone
         kill_leftovers(str(workdir / "rd"))
         code = proc.wait(timeout=900)
@@ -540,7 +732,9 @@ def test_a_lost_node_costs_one_line_and_its_trial_is_retried_elsewhere(
     lost = [line for line in stdout.splitlines() if " lost; " in line]
     said = rf"node {re.escape(address)} lost; t\d+ retried from epoch [2-9]\d*"
     log = workdir / "shared" / "runs" / "nodeloss" / "driver.log"
-    assert len(lost) == 1 and re.fullmatch(said, lost[0]), stdout[-5000:] + stderr[-3000:] + log.read_text()[-5000:]
+    assert len(lost) == 1 and re.fullmatch(said, lost[0]), (
+        stdout[-5000:] + stderr[-3000:] + log.read_text()[-5000:]
+    )
     noise = [w for w in ("[state-dump]", "Traceback") if w in stdout + stderr]
     assert not noise, stdout[-3000:] + stderr[-3000:]
     _, children = children_of(client, "nodeloss")
@@ -569,9 +763,26 @@ def test_mlflow_server_killed_and_restarted_mid_search_loses_and_duplicates_noth
     env = client_env(ray_cluster, RAY_ADDRESS=ray_cluster["gcs"])
     out, err = workdir / "restart.out", workdir / "restart.err"
     with open(out, "w") as o, open(err, "w") as e:
-        proc = subprocess.Popen([sys.executable, "-m", "tskd_tune", "launch", space, "--address", "auto",
-                                 "--tracking-uri", uri, "--storage", workdir / "shared" / "runs"],
-                                stdout=o, stderr=e, env=env, cwd=space.parent, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tskd_tune",
+                "launch",
+                space,
+                "--address",
+                "auto",
+                "--tracking-uri",
+                uri,
+                "--storage",
+                workdir / "shared" / "runs",
+            ],
+            stdout=o,
+            stderr=e,
+            env=env,
+            cwd=space.parent,
+            start_new_session=True,
+        )
     client = mlflow_client(uri)
 
     def training():
@@ -600,10 +811,14 @@ def test_mlflow_server_killed_and_restarted_mid_search_loses_and_duplicates_noth
     assert not list((search / "mlflow_journal").glob("*.jsonl"))
     parent, children = children_of(client, "restart")
     assert parent.info.status == "FINISHED" and "best_val_dice" in parent.data.metrics
-    assert len(children) == 3 and len({c.data.tags["ray.trial_id"] for c in children}) == 3  # one run per trial
+    assert (
+        len(children) == 3 and len({c.data.tags["ray.trial_id"] for c in children}) == 3
+    )  # one run per trial
     for child in children:
         assert child.info.status == "FINISHED" and child.data.tags["tskd.status"] == "finished"
         for metric in ("val_dice", "train_loss"):
             steps = [m.step for m in client.get_metric_history(child.info.run_id, metric)]
             assert steps == list(range(1, 11)), (metric, steps)  # every epoch once: none lost, none twice
-        assert {"config.yaml", "trial_summary.json"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"config.yaml", "trial_summary.json"} <= {
+            a.path for a in client.list_artifacts(child.info.run_id)
+        }

@@ -54,8 +54,9 @@ def test_paired_transforms_move_images_and_teacher_outputs_alike():
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     xs, ts = paired_transforms(x, small, geometry, g1, channel_swap=None)
     again, _ = paired_transforms(x, x.clone(), geometry, g2, channel_swap=None)
-    torch.testing.assert_close(torch.nn.functional.avg_pool2d(xs, 4)[..., 3:5, 3:5], ts[..., 3:5, 3:5],
-                               atol=0.05, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        torch.nn.functional.avg_pool2d(xs, 4)[..., 3:5, 3:5], ts[..., 3:5, 3:5], atol=0.05, rtol=0
+    )
     assert torch.equal(xs, again)  # drawn from the generator: reproducible
     off = AugmentConfig(enabled=False)
     assert paired_transforms(x, small, off, g, channel_swap=None)[1] is small

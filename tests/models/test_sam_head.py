@@ -128,8 +128,11 @@ def test_head_alone_round_trips(tmp_path):
 
 
 def test_sam_decoder_needs_litemedsam():
-    cfg = TeacherConfig(model="vit_small_patch16_224", head="sam_decoder",
-                        model_kwargs={"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2})  # fmt: skip
+    cfg = TeacherConfig(
+        model="vit_small_patch16_224",
+        head="sam_decoder",
+        model_kwargs={"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2},
+    )
     with pytest.raises(
         TskdError, match=r"^teacher.head: sam_decoder is LiteMedSAM's pretrained mask decoder"
     ):
@@ -147,6 +150,8 @@ def test_the_teacher_cache_key_covers_the_head():
     splits = Splits(
         labeled=np.arange(3), unlabeled=np.arange(3, 5), val=np.arange(5, 6), test=np.arange(6, 7)
     )
-    keys = [teacher_key(Config.model_validate({"teacher": t}), Prepared, splits)
-            for t in ({"head": "conv"}, {"head": "sam_decoder"}, {"head": "sam_decoder", "prompt": "box"})]  # fmt: skip
+    keys = [
+        teacher_key(Config.model_validate({"teacher": t}), Prepared, splits)
+        for t in ({"head": "conv"}, {"head": "sam_decoder"}, {"head": "sam_decoder", "prompt": "box"})
+    ]
     assert len({str(k) for k in keys}) == 3

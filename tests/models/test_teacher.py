@@ -16,8 +16,10 @@ TINY = {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
 
 def teacher_cfg(**kw) -> TeacherConfig:
     return TeacherConfig(
-        model=kw.pop("model", "vit_small_patch16_224"), model_kwargs=kw.pop("model_kwargs", TINY),
-        adapt=kw.pop("adapt", "lora"), **kw,
+        model=kw.pop("model", "vit_small_patch16_224"),
+        model_kwargs=kw.pop("model_kwargs", TINY),
+        adapt=kw.pop("adapt", "lora"),
+        **kw,
     )
 
 
@@ -87,7 +89,9 @@ def test_local_checkpoint_is_loaded(tmp_path, suffix):
     else:
         torch.save({"model": state}, path)
     teacher = build_teacher(teacher_cfg(checkpoint=path), in_chans=1, num_classes=3, image_size=32)
-    torch.testing.assert_close(teacher.encoder.net.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(
+        teacher.encoder.net.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight
+    )
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
@@ -167,12 +171,23 @@ def test_sam_weights_made_at_another_size_are_resampled(tmp_path):
     import timm
     from safetensors.torch import save_file
 
-    kw = {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2, "global_attn_indexes": (1,), "window_size": 2}
+    kw = {
+        "patch_size": 8,
+        "depth": 2,
+        "embed_dim": 64,
+        "num_heads": 2,
+        "global_attn_indexes": (1,),
+        "window_size": 2,
+    }
     source = timm.create_model("samvit_base_patch16", pretrained=False, img_size=64, num_classes=0, **kw)
     state = {f"image_encoder.{k}".replace("mlp.fc", "mlp.lin"): v for k, v in source.state_dict().items()}
     save_file(state, str(tmp_path / "sam.safetensors"))
-    teacher = build_teacher(teacher_cfg(model="samvit_base_patch16", model_kwargs=kw, checkpoint=tmp_path / "sam.safetensors"),
-                            in_chans=3, num_classes=2, image_size=32)  # fmt: skip
+    teacher = build_teacher(
+        teacher_cfg(model="samvit_base_patch16", model_kwargs=kw, checkpoint=tmp_path / "sam.safetensors"),
+        in_chans=3,
+        num_classes=2,
+        image_size=32,
+    )
     net = teacher.encoder.net
     torch.testing.assert_close(net.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
     assert net.pos_embed.shape == (1, 4, 4, 64) and teacher(torch.rand(1, 3, 32, 32)).shape == (1, 2, 32, 32)

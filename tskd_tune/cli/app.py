@@ -43,5 +43,3 @@ def load_cfg(space: Path, overrides: list[str] | None, no_cache: bool = False):
 
     values = parse_overrides(overrides) | ({"cache.enabled": False} if no_cache else {})
     return load_config(space, values)
-
-

@@ -53,12 +53,16 @@ def launch(
         typer.Option("--detach", help="With --address http(s)://...: print the job id and return at once."),
     ] = False,
     verbose: Annotated[
-        bool, typer.Option("--verbose", help="Ray Tune's periodic status block instead of the live trial table.")
+        bool,
+        typer.Option("--verbose", help="Ray Tune's periodic status block instead of the live trial table."),
     ] = False,
     warm_start: Annotated[
         list[str] | None,
-        typer.Option("--warm-start", help="An earlier search (name or folder) whose finished trials join the "
-                     "study before any new proposal (repeatable)."),
+        typer.Option(
+            "--warm-start",
+            help="An earlier search (name or folder) whose finished trials join the "
+            "study before any new proposal (repeatable).",
+        ),
     ] = None,
 ) -> None:
     """Run a hyperparameter search: Ray Tune trials, Optuna proposals, ASHA early stopping, MLflow records."""
@@ -77,15 +81,32 @@ def launch(
         raise TskdError("--detach: only with --address http(s)://HOST:8265 (a search submitted as a Ray Job)")
     if cluster.is_job_address(address):
         cluster.check_tracking_uri(tracking_uri or cfg.tracking.uri)
-        job = cluster.JobLaunch(space.name, name or cfg.name or space.stem, str(storage), tracking_uri, num_samples,
-                                max_concurrent, no_cache, verbose, tuple(warm_start or ()), tuple(set_ or ()))  # fmt: skip
+        job = cluster.JobLaunch(
+            space.name,
+            name or cfg.name or space.stem,
+            str(storage),
+            tracking_uri,
+            num_samples,
+            max_concurrent,
+            no_cache,
+            verbose,
+            tuple(warm_start or ()),
+            tuple(set_ or ()),
+        )
         raise typer.Exit(cluster.submit(cfg, space, job, address, out, detach=detach))
     from tskd_tune.methods.checks import check_teacher
 
     # on the driver (a job checks it on the cluster): otherwise every trial would fail on it, each after a retry
     check_teacher(cfg)
-    opts = SearchOptions(name or cfg.name or space.stem, storage, tracking_uri or cfg.tracking.uri, address, str(space),
-                         tuple(warm_start or ()), verbose)  # fmt: skip
+    opts = SearchOptions(
+        name or cfg.name or space.stem,
+        storage,
+        tracking_uri or cfg.tracking.uri,
+        address,
+        str(space),
+        tuple(warm_start or ()),
+        verbose,
+    )
     SearchSession(cfg, opts, Reporter(out)).run()
 
 
@@ -199,25 +220,50 @@ def status_view(path: Path):
     board = objective_board(path, objectives)
     # the names of the live table and the MLflow runs (t003, T, kd, lr): 80 columns hold a demo search
     knobs = [short_name(k) for k in cfg.search.space]
-    table = Table("trial", "state", "epoch", metric, "gain", "hd95", *extra,
-                  *(["pareto"] if len(objectives) > 1 else []), *knobs, title=f"search {path.name}",
-                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)  # fmt: skip
+    table = Table(
+        "trial",
+        "state",
+        "epoch",
+        metric,
+        "gain",
+        "hd95",
+        *extra,
+        *(["pareto"] if len(objectives) > 1 else []),
+        *knobs,
+        title=f"search {path.name}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
     for column in table.columns:
         column.no_wrap = True
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) and pd.notna(v) else "" if isinstance(v, float) else str(v)  # noqa: E731
+
+    def fmt(v) -> str:
+        return f"{v:.4g}" if isinstance(v, float) and pd.notna(v) else "" if isinstance(v, float) else str(v)
+
     for _, row in board.iterrows():
         front = ["yes" if row["pareto"] else ""] if len(objectives) > 1 else []
         gain = f"{row['gain_vs_scratch']:+.3f}" if pd.notna(row["gain_vs_scratch"]) else ""
-        table.add_row(trial_label(row), row["state"], str(row["epoch"]), fmt(row[metric]), gain,
-                      fmt(row["val_hd95"]), *(fmt(row[m]) for m in extra), *front,
-                      *(fmt(row.get(p, "")) for p in cfg.search.space))  # fmt: skip
+        table.add_row(
+            trial_label(row),
+            row["state"],
+            str(row["epoch"]),
+            fmt(row[metric]),
+            gain,
+            fmt(row["val_hd95"]),
+            *(fmt(row[m]) for m in extra),
+            *front,
+            *(fmt(row.get(p, "")) for p in cfg.search.space),
+        )
     lines = []
     refs = reference_metrics(path)
     lines += reference_lines(refs)
     if "reference_scratch_val_dice" in refs:
         lines.append("gain: a trial's val_dice minus the scratch reference's")
     done = board[board["state"] == "finished"]
-    states = ", ".join(f"{n} {state}" for state, n in board["state"].value_counts().items())  # tskd_tune.states
+    states = ", ".join(
+        f"{n} {state}" for state, n in board["state"].value_counts().items()
+    )  # tskd_tune.states
     lines.append(f"{len(board)} trial(s){': ' + states if states else ''}; MLflow parent run {parent}")
     if not board.empty and board[metric].notna().any():
         best = board.iloc[0]
@@ -229,7 +275,10 @@ def status_view(path: Path):
     if len(done) >= FEW_TRIALS:  # importances of fewer trials rank the parameters mostly by chance
         ranked = top(importances(board, cfg.search.space, objectives))
         if ranked:
-            lines.append(f"most important ({len(done)} finished trials): " + ", ".join(f"{k} {v:.2f}" for k, v in ranked))
+            lines.append(
+                f"most important ({len(done)} finished trials): "
+                + ", ".join(f"{k} {v:.2f}" for k, v in ranked)
+            )
     from rich.text import Text
 
     return Group(table, *(Text(line) for line in lines))
@@ -278,13 +327,24 @@ def ui(
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
-            raise TskdError(f"--port {port}: 127.0.0.1:{port} is taken (another MLflow UI?); pass --port N") from None
+            raise TskdError(
+                f"--port {port}: 127.0.0.1:{port} is taken (another MLflow UI?); pass --port N"
+            ) from None
     store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-    folder = store.parent if store is not None and os.access(store.parent, os.W_OK) else Path(tempfile.gettempdir())
+    folder = (
+        store.parent
+        if store is not None and os.access(store.parent, os.W_OK)
+        else Path(tempfile.gettempdir())
+    )
     log = folder / f"mlflow-ui-{port}.log"
     with open(log, "w") as sink:
-        server = subprocess.Popen(ui_command(uri, port), stdout=sink, stderr=subprocess.STDOUT,
-                                  env=os.environ | UI_ENV, start_new_session=True)  # fmt: skip
+        server = subprocess.Popen(
+            ui_command(uri, port),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=os.environ | UI_ENV,
+            start_new_session=True,
+        )
 
     def stop(*_) -> None:
         raise KeyboardInterrupt
@@ -294,8 +354,10 @@ def ui(
         view = latest_view(uri)  # while the server starts
         if not _answers(port, server):
             raise TskdError(f"mlflow ui did not start; its log: {log} ({_last_line(log)})")
-        out.print(f"MLflow UI on http://127.0.0.1:{port}/{view or ''}  (server log: {log}; Ctrl-C stops it)",
-                  markup=False)  # fmt: skip
+        out.print(
+            f"MLflow UI on http://127.0.0.1:{port}/{view or ''}  (server log: {log}; Ctrl-C stops it)",
+            markup=False,
+        )
         code = server.wait()
     except KeyboardInterrupt:
         code = 0
@@ -306,10 +368,10 @@ def ui(
 
 def latest_view(uri: str) -> str | None:
     """The runs-table link (``#/experiments/...``) of the latest search in the store: the view its parent run's
-    search saved (see search/summary.py's ``leaderboard_view``); None when there is none."""
+    search saved (see search/parent_view.py's ``leaderboard_view``); None when there is none."""
     from mlflow.tracking import MlflowClient
 
-    from tskd_tune.search.summary import TRAINING_UI, VIEW_TAG
+    from tskd_tune.search.parent_view import TRAINING_UI, VIEW_TAG
 
     try:
         client = MlflowClient(uri)
@@ -372,5 +434,17 @@ def ui_command(uri: str, port: int) -> list[str]:
     """The `mlflow ui` command line: loopback only, as the MLflow UI has no login (see SECURITY.md); one worker."""
     from tskd_tune.tracking import absolute_uri
 
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", absolute_uri(uri),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        absolute_uri(uri),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]

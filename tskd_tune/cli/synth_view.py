@@ -51,8 +51,14 @@ def progress_bar(console: Console | None = None) -> Iterator[Progress]:
     from rich.progress import Progress as Bar
 
     labels = {"train": "training generator", "sample": "sampling pool"}
-    with Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-             TimeRemainingColumn(), console=console) as bar:  # fmt: skip
+    with Bar(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
         tasks: dict[str, int] = {}
 
         def update(phase: str, done: int, total: int) -> None:
@@ -87,8 +93,9 @@ def synth_command(cfg: Config, out_dir: Path, console: Console | None = None) ->
         assert pool is not None
         semantic = None
         if len(pool) > SEMANTIC_MIN_POOL:
-            semantic = pool_semantics(cfg, prepared, splits, pool, store, resolve_device(cfg),
-                                      torch.get_num_threads(), progress)  # fmt: skip
+            semantic = pool_semantics(
+                cfg, prepared, splits, pool, store, resolve_device(cfg), torch.get_num_threads(), progress
+            )
             semantic = {k: v for k, v in semantic.items() if k not in ("inside", "cached")}
     real = take_rows(prepared.images, spread(training_indices(splits), 16))
     grid = sample_grid(pool.images, real, Path(out_dir) / "grid.png")
@@ -142,8 +149,12 @@ def print_summary(summary: dict, console: Console) -> None:
         console.print(f"[yellow]warning: quality gate FAILED: {'; '.join(gate['reasons'])}[/yellow]")
     sem = summary.get("semantic")
     if sem:
-        table = Table("figure", "value", title="semantic gate (the teacher encoder's features: synthetic vs "
-                      "real training images)", title_justify="left")  # fmt: skip
+        table = Table(
+            "figure",
+            "value",
+            title="semantic gate (the teacher encoder's features: synthetic vs real training images)",
+            title_justify="left",
+        )
         for k in SEMANTIC_FIGURES:
             table.add_row(k, f"{sem[k]:.4f}")
         console.print(table)

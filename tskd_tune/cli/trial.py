@@ -86,7 +86,9 @@ def data_inspect(
 @data_app.command("export-slices")
 def data_export_slices(
     space: SpaceArg,
-    split: Annotated[str, typer.Option("--split", help="Which split's images: test, val, labeled or unlabeled.")] = "test",
+    split: Annotated[
+        str, typer.Option("--split", help="Which split's images: test, val, labeled or unlabeled.")
+    ] = "test",
     n: Annotated[int, typer.Option("--n", min=1, help="How many images.")] = 8,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Folder for images/ and masks/ (default runs/slices/NAME).")
@@ -104,8 +106,11 @@ def data_export_slices(
     out_dir = out_dir or Path("runs") / "slices" / (cfg.name or cfg.data.dataset)
     images, masks = export_slices(prepared, splits, split, n, out_dir)
     count = min(n, len(getattr(splits, split)))
-    out.print(f"wrote {count} {split} image(s) to {images} and their true masks to {masks}; try: "
-              f"tskd-tune predict runs/NAME {images} --out runs/predict", markup=False)  # fmt: skip
+    out.print(
+        f"wrote {count} {split} image(s) to {images} and their true masks to {masks}; try: "
+        f"tskd-tune predict runs/NAME {images} --out runs/predict",
+        markup=False,
+    )
 
 
 @app.command()
@@ -136,7 +141,9 @@ def trial(
     cfg = load_cfg(space, set_, no_cache)
     if cfg.resources.threads is None:
         # a standalone trial has the machine (resources.cpu is what a search reserves per trial)
-        cfg = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"threads": os.cpu_count()})})
+        cfg = cfg.model_copy(
+            update={"resources": cfg.resources.model_copy(update={"threads": os.cpu_count()})}
+        )
     from tskd_tune.methods.checks import check_teacher, premise_warning
 
     check_teacher(cfg)
@@ -168,8 +175,15 @@ def trial(
             markup=False,
         )
 
-    result = run_trial(cfg, report, JsonlTracker(out_dir / "history.jsonl"), out_dir=out_dir, resume_from=resume_from,
-                       test=test, fill_threads=cfg.resources.threads)  # fmt: skip
+    result = run_trial(
+        cfg,
+        report,
+        JsonlTracker(out_dir / "history.jsonl"),
+        out_dir=out_dir,
+        resume_from=resume_from,
+        test=test,
+        fill_threads=cfg.resources.threads,
+    )
     if as_json:
         print(json_text(result.metrics))
         return
@@ -251,8 +265,11 @@ def export_cmd(
 def predict(
     model: Annotated[
         Path,
-        typer.Argument(help="An exported folder (model_card.json), a trial folder or its outputs, or a search "
-                       "folder (its best trial).", show_default=False),
+        typer.Argument(
+            help="An exported folder (model_card.json), a trial folder or its outputs, or a search "
+            "folder (its best trial).",
+            show_default=False,
+        ),
     ],
     images: Annotated[
         Path, typer.Argument(help="Folder of images (png, jpg, tif, bmp).", show_default=False)

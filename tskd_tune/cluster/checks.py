@@ -17,8 +17,11 @@ if TYPE_CHECKING:
 
 def check_tracking_uri(uri: str) -> None:
     """Refuse a tracking URI that carries a password: MLflow's credentials come from the environment."""
-    refuse_embedded_password(uri, "tracking.uri",
-                             "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")  # fmt: skip
+    refuse_embedded_password(
+        uri,
+        "tracking.uri",
+        "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)",
+    )
 
 
 def alive_nodes() -> list[dict]:
@@ -118,10 +121,16 @@ def prepare(cfg, opts, say: Reporter):
     else:
         dirs["cache.dir"] = cfg.cache.dir
     # every other path a trial reads must be there on every node (a journal study storage the driver writes)
-    files = {k: Path(v).resolve() for k, v in path_values(cfg).items() if k not in ("cache.dir", "search.study_storage")}
+    files = {
+        k: Path(v).resolve()
+        for k, v in path_values(cfg).items()
+        if k not in ("cache.dir", "search.study_storage")
+    }
     check_visible(dirs, files, nodes)
     gpus = sum(n.get("Resources", {}).get("GPU", 0) for n in nodes)
     cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in nodes)
-    say.line(f"cluster: {len(nodes)} nodes ({cpus:g} CPUs, {gpus:g} GPUs); storage {opts.storage} and trial cache "
-             f"{cfg.cache.dir} are shared by every node")
+    say.line(
+        f"cluster: {len(nodes)} nodes ({cpus:g} CPUs, {gpus:g} GPUs); storage {opts.storage} and trial cache "
+        f"{cfg.cache.dir} are shared by every node"
+    )
     return cfg

@@ -45,9 +45,22 @@ class JobLaunch:
 
     def to_argv(self) -> list[str]:
         """``tskd-tune launch SPACE --address auto ...``: the job's driver joins the cluster it runs on."""
-        argv = ["tskd-tune", "launch", self.space, "--address", "auto", "--name", self.name, "--storage", self.storage]
-        for flag, value in (("--tracking-uri", self.tracking_uri), ("--num-samples", self.num_samples),
-                            ("--max-concurrent", self.max_concurrent)):  # fmt: skip
+        argv = [
+            "tskd-tune",
+            "launch",
+            self.space,
+            "--address",
+            "auto",
+            "--name",
+            self.name,
+            "--storage",
+            self.storage,
+        ]
+        for flag, value in (
+            ("--tracking-uri", self.tracking_uri),
+            ("--num-samples", self.num_samples),
+            ("--max-concurrent", self.max_concurrent),
+        ):
             if value is not None:
                 argv += [flag, str(value)]
         argv += [flag for flag, on in (("--no-cache", self.no_cache), ("--verbose", self.verbose)) if on]
@@ -173,16 +186,24 @@ def submit(cfg, space: Path, job: JobLaunch, address: str, console: Console, det
             "env_vars": {"PYTHONUNBUFFERED": "1", **mlflow_env()},
         }
         job_id = f"tskd-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        _call(address, client.submit_job, entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id,
-              metadata={"tskd.search": name})  # fmt: skip
+        _call(
+            address,
+            client.submit_job,
+            entrypoint=entrypoint,
+            runtime_env=runtime_env,
+            submission_id=job_id,
+            metadata={"tskd.search": name},
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     console.print(f"submitted Ray Job {job_id} to {address}: {entrypoint}", markup=False)
     follow = f"tskd-tune status {job_id} --address {address}"
     if detach:
         print(job_id)
-        console.print(f"follow it with: {follow}  (stop it with: ray job stop {job_id} --address {address})",
-                      markup=False)  # fmt: skip
+        console.print(
+            f"follow it with: {follow}  (stop it with: ray job stop {job_id} --address {address})",
+            markup=False,
+        )
         return 0
     try:
         _stream_logs(client, job_id)
@@ -231,8 +252,10 @@ def job_status(address: str, job_id: str, console: Console, tail: int = 40) -> d
     console.print(f"  entrypoint: {info.entrypoint}", markup=False)
     if info.start_time:
         end = info.end_time or time.time() * 1000
-        console.print(f"  running for {(end - info.start_time) / 1000:.0f} s" + (" (ended)" if info.end_time else ""),
-                      markup=False)  # fmt: skip
+        console.print(
+            f"  running for {(end - info.start_time) / 1000:.0f} s" + (" (ended)" if info.end_time else ""),
+            markup=False,
+        )
     if info.message:
         console.print(f"  {info.message.strip().splitlines()[0][:300]}", markup=False)
     if lines:

@@ -27,8 +27,10 @@ def is_uri(storage: str | os.PathLike) -> bool:
 def check_storage(storage: str) -> None:
     """Refuse, in one line, a ``--storage`` URI that is neither ``file://`` nor a bucket."""
     if is_uri(storage) and not (is_bucket(storage) or str(storage).startswith("file://")):
-        raise TskdError(f"--storage: {storage}: expected a folder, file:///PATH or a bucket URI "
-                        f"({', '.join(s + '://' for s in BUCKET_SCHEMES)})")  # fmt: skip
+        raise TskdError(
+            f"--storage: {storage}: expected a folder, file:///PATH or a bucket URI "
+            f"({', '.join(s + '://' for s in BUCKET_SCHEMES)})"
+        )
 
 
 def storage_dir(storage: str | os.PathLike) -> Path | None:

@@ -172,14 +172,19 @@ def _strategy_checks(cfg: Config) -> list[str]:
             "search.strategy: staged searches the teacher.* knobs first, but search.space has none; use joint"
         )
     if cfg.distill.method != "ts_kd" or "distill.method" in s.space:
-        problems.append(f"search.strategy: staged distils the best fine-tuned teachers, so distill.method must be ts_kd "
-                        f"(and not searched), got {cfg.distill.method!r}")  # fmt: skip
+        problems.append(
+            f"search.strategy: staged distils the best fine-tuned teachers, so distill.method must be ts_kd "
+            f"(and not searched), got {cfg.distill.method!r}"
+        )
     return problems
 
 
 def _objective_checks(s: SearchConfig) -> list[str]:
-    problems = [f"search.objectives.{m}: not a reported metric (one of {', '.join(OBJECTIVE_METRICS)})"
-                for m in s.objectives if m not in OBJECTIVE_METRICS]  # fmt: skip
+    problems = [
+        f"search.objectives.{m}: not a reported metric (one of {', '.join(OBJECTIVE_METRICS)})"
+        for m in s.objectives
+        if m not in OBJECTIVE_METRICS
+    ]
     if s.objectives and len(s.objectives) < 2:
         problems.append(
             "search.objectives: needs at least two metrics; for one, use search.metric and search.mode"

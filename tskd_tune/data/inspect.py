@@ -72,7 +72,9 @@ def tile_box(row: int, col: int, tile: int) -> tuple[int, int, int, int]:
     return left, top, left + tile, top + tile
 
 
-def comparison_grid(images: np.ndarray, truths: np.ndarray, preds: np.ndarray, classes: list[str]) -> Image.Image:
+def comparison_grid(
+    images: np.ndarray, truths: np.ndarray, preds: np.ndarray, classes: list[str]
+) -> Image.Image:
     """One row per image: the image, its true mask and a predicted mask tinted on it, under column titles,
     above a legend with each foreground class's colour. Tiles are square, at least ``TILE_MIN`` px."""
     size = images.shape[-1]
@@ -101,8 +103,9 @@ def comparison_grid(images: np.ndarray, truths: np.ndarray, preds: np.ndarray, c
             canvas.paste(picture, tile_box(row, col, tile)[:2])
     for k, name, x, line in entries:
         y = grid_bottom + line * 24
-        draw.rectangle((x, y + 2, x + 16, y + 18), fill=tuple(int(c) for c in PALETTE[k % len(PALETTE)]),
-                       outline="black")  # fmt: skip
+        draw.rectangle(
+            (x, y + 2, x + 16, y + 18), fill=tuple(int(c) for c in PALETTE[k % len(PALETTE)]), outline="black"
+        )
         draw.text((x + 22, y + 10), name, fill="black", font=font, anchor="lm")
     return canvas
 
@@ -186,7 +189,9 @@ def export_slices(prepared: Prepared, splits: Splits, split: str, n: int, out_di
     chosen = spread_indices(getattr(splits, split), n)  # a split of consecutive slices would give near-copies
     for i in chosen:
         name = prepared.ids[i].replace("/", "_")
-        pixels = np.clip(np.asarray(prepared.images[i], dtype=np.float32) * 255 + 0.5, 0, 255).astype(np.uint8)
+        pixels = np.clip(np.asarray(prepared.images[i], dtype=np.float32) * 255 + 0.5, 0, 255).astype(
+            np.uint8
+        )
         save_png(pixels[0] if pixels.shape[0] == 1 else np.moveaxis(pixels, 0, -1), images / f"{name}.png")
         save_png(np.asarray(prepared.masks[i], dtype=np.uint8), masks / f"{name}_mask.png", palette=True)
     return images, masks

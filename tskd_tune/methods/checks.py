@@ -43,8 +43,13 @@ def check_teacher(cfg: Config) -> None:
         return
     from tskd_tune.data.adapters import class_names
 
-    model = build_teacher(cfg.teacher, in_chans=cfg.data.channels, num_classes=len(class_names(cfg.data)),
-                          image_size=cfg.data.image_size, seed=cfg.seed)  # fmt: skip
+    model = build_teacher(
+        cfg.teacher,
+        in_chans=cfg.data.channels,
+        num_classes=len(class_names(cfg.data)),
+        image_size=cfg.data.image_size,
+        seed=cfg.seed,
+    )
     if spec.teacher == "fine_tuned":
         adapted(model, cfg.teacher)
     weights_identity(cfg.teacher, cfg.seed)

@@ -62,15 +62,27 @@ def fine_tuned_teacher(st: TrialContext, report: Report | None = None) -> tuple[
 
         steps = max(1, math.ceil(n / t.batch_size))
         validate = st.teacher_validator(model, feats) if report is not None else None
-        loop = Loop(phase="teacher", modules={"teacher": model}, step=reseeding(images, step), epochs=t.epochs,
-                    steps_per_epoch=steps, lr=t.lr, weight_decay=t.weight_decay, seed=cfg.seed, autocast=st.amp,
-                    warmup_steps=t.warmup_epochs * steps, hooks=st.hooks, evaluate=validate)  # fmt: skip
+        loop = Loop(
+            phase="teacher",
+            modules={"teacher": model},
+            step=reseeding(images, step),
+            epochs=t.epochs,
+            steps_per_epoch=steps,
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            seed=cfg.seed,
+            autocast=st.amp,
+            warmup_steps=t.warmup_epochs * steps,
+            hooks=st.hooks,
+            evaluate=validate,
+        )
         trained = run_loop(loop, out_dir=None, report=report)
         metrics = {f"teacher_{k}": v for k, v in st.teacher_validator(model, feats)().items()}
         metrics["teacher_train_loss"] = trained["train_loss"]
         # the whole teacher on one image, as it would be deployed (measured once, with the teacher)
-        metrics["teacher_latency_ms"] = latency_ms(model, cfg.data.channels, cfg.data.image_size,
-                                                   device=st.device, repeats=3, warmup=1)  # fmt: skip
+        metrics["teacher_latency_ms"] = latency_ms(
+            model, cfg.data.channels, cfg.data.image_size, device=st.device, repeats=3, warmup=1
+        )
         save_adapted(model, tmp)
         (tmp / "metrics.json").write_text(json_text(metrics))
 
@@ -148,9 +160,20 @@ def student_loop(
 ) -> Loop:
     """A student phase with the student's optimiser settings, checkpoints and the trial's hooks."""
     s = st.cfg.student
-    return Loop(phase=phase, modules=modules, step=step, epochs=epochs, steps_per_epoch=steps, lr=s.lr,
-                weight_decay=s.weight_decay, seed=st.cfg.seed, evaluate=evaluate_fn,
-                checkpoint_every=s.checkpoint_every, autocast=st.amp, hooks=st.hooks)  # fmt: skip
+    return Loop(
+        phase=phase,
+        modules=modules,
+        step=step,
+        epochs=epochs,
+        steps_per_epoch=steps,
+        lr=s.lr,
+        weight_decay=s.weight_decay,
+        seed=st.cfg.seed,
+        evaluate=evaluate_fn,
+        checkpoint_every=s.checkpoint_every,
+        autocast=st.amp,
+        hooks=st.hooks,
+    )
 
 
 def fine_tune(st: TrialContext, student: nn.Module, steps: int, report: Report | None) -> dict:

@@ -84,21 +84,42 @@ class TrialContext:
         if feats is None:
             return self.validator(teacher, split)
         idx = getattr(self.splits, split)
-        return lambda: evaluate(FromState(teacher), StateRows(feats, idx), self.prepared.masks[idx],
-                                self.prepared.classes, 16, self.device, prefix=f"{split}_")  # fmt: skip
+        return lambda: evaluate(
+            FromState(teacher),
+            StateRows(feats, idx),
+            self.prepared.masks[idx],
+            self.prepared.classes,
+            16,
+            self.device,
+            prefix=f"{split}_",
+        )
 
     def teacher_base(self, frozen: int | None = None) -> Segmenter:
         """The configured teacher before fine-tuning (frozen encoder, untrained head, no LoRA)."""
         cfg = self.cfg
-        return build_teacher(cfg.teacher, in_chans=cfg.data.channels, num_classes=self.num_classes,
-                             image_size=cfg.data.image_size, seed=cfg.seed, frozen=frozen)  # fmt: skip
+        return build_teacher(
+            cfg.teacher,
+            in_chans=cfg.data.channels,
+            num_classes=self.num_classes,
+            image_size=cfg.data.image_size,
+            seed=cfg.seed,
+            frozen=frozen,
+        )
 
     def teacher_views(self, model: Segmenter, indices: np.ndarray) -> Views:
         """Cached states of ``teacher.augment_views`` augmented views of images ``indices`` (counted into the
         record's ``teacher_features_cached`` / ``teacher_features_s`` like the other teacher features)."""
         t0 = time.perf_counter()
-        views = augmented_views(self.cfg, model, self.prepared, indices, self.store, self.device,
-                                threads=self.fill_threads, progress=log_progress)  # fmt: skip
+        views = augmented_views(
+            self.cfg,
+            model,
+            self.prepared,
+            indices,
+            self.store,
+            self.device,
+            threads=self.fill_threads,
+            progress=log_progress,
+        )
         self.record.read_features(views.cached, time.perf_counter() - t0)
         return views
 
@@ -111,8 +132,16 @@ class TrialContext:
             return None
         if model.frozen not in self._features:
             pool = (self.pool.key, self.pool.images) if self.pool is not None and len(self.pool) else None
-            f = encoder_features(self.cfg, model.to(self.device), self.prepared, self.store, self.device,
-                                 pool=pool, threads=self.fill_threads, progress=log_progress)  # fmt: skip
+            f = encoder_features(
+                self.cfg,
+                model.to(self.device),
+                self.prepared,
+                self.store,
+                self.device,
+                pool=pool,
+                threads=self.fill_threads,
+                progress=log_progress,
+            )
             self._features[model.frozen] = f
             backend = f"{f.plan['backend']} batch {f.plan['batch_size']}" if f.plan else None
             self.record.read_features(f.cached, f.seconds, backend)

@@ -21,8 +21,15 @@ def scratch(st: TrialContext, report: Report | None) -> Outcome:
         x, y = labeled.sample(cfg.student.batch_size, g)
         return sup(student(x.to(st.device)), y.to(st.device))
 
-    loop = common.student_loop(st, "student", {"student": student}, common.reseeding(labeled, step), cfg.student.epochs,
-                         st.steps_per_epoch(build_transfer_set(st.splits)), st.validator(student))  # fmt: skip
+    loop = common.student_loop(
+        st,
+        "student",
+        {"student": student},
+        common.reseeding(labeled, step),
+        cfg.student.epochs,
+        st.steps_per_epoch(build_transfer_set(st.splits)),
+        st.validator(student),
+    )
     with st.timed("student"):
         metrics = run_loop(loop, st.out_dir, report, st.resume)
     return Outcome(student, metrics, record=st.record)

@@ -41,8 +41,14 @@ def ta_kd(st: TrialContext, report: Report | None) -> Outcome:
     steps = st.steps_per_epoch(transfer)
     with st.timed("student"):
         if st.resume is None or st.resume.get("phase") == "pretrain":
-            pre = common.student_loop(st, "pretrain", {"student": student, "projection": proj}, distil_step,
-                                cfg.distill.pretrain_epochs, steps)  # fmt: skip
+            pre = common.student_loop(
+                st,
+                "pretrain",
+                {"student": student, "projection": proj},
+                distil_step,
+                cfg.distill.pretrain_epochs,
+                steps,
+            )
             # pretraining epochs are not reported: the scheduler compares trials on the fine-tuning epochs
             run_loop(pre, st.out_dir, None, st.resume)
         metrics = common.fine_tune(st, student, steps, report)

@@ -19,7 +19,9 @@ def teacher(st: TrialContext, report: Report | None) -> Outcome:
             report(epoch, metrics, ckpt)
 
     model, teacher_metrics = common.fine_tuned_teacher(st, each_epoch)
-    metrics = {k.removeprefix("teacher_"): v for k, v in teacher_metrics.items() if k.startswith("teacher_val_")}
+    metrics = {
+        k.removeprefix("teacher_"): v for k, v in teacher_metrics.items() if k.startswith("teacher_val_")
+    }
     metrics |= teacher_metrics
     if report is not None and not reported:
         report(st.cfg.teacher.epochs, metrics | {"epoch": st.cfg.teacher.epochs}, None)
@@ -31,5 +33,6 @@ def teacher(st: TrialContext, report: Report | None) -> Outcome:
     return Outcome(model, metrics, model, evaluate, record=st.record)
 
 
-SPEC = register_method(MethodSpec("teacher", teacher, teacher="fine_tuned", transfer=False, student=False,
-                                  reports="teacher"))  # fmt: skip
+SPEC = register_method(
+    MethodSpec("teacher", teacher, teacher="fine_tuned", transfer=False, student=False, reports="teacher")
+)

@@ -27,9 +27,15 @@ def ts_kd(st: TrialContext, report: Report | None) -> Outcome:
     with st.timed("transfer"):
         key = teacher_key(cfg, st.prepared, st.splits)
         logits, st.record.logits_cached = cached_outputs(
-            st.store, "logits", key, transfer, read, teacher.from_state if common.cut(teacher) else teacher,
-            st.device, amp=st.amp,
-        )  # fmt: skip
+            st.store,
+            "logits",
+            key,
+            transfer,
+            read,
+            teacher.from_state if common.cut(teacher) else teacher,
+            st.device,
+            amp=st.amp,
+        )
         feats = None
         if d.feature_weight > 0:
             deepest = (
@@ -72,8 +78,15 @@ def ts_kd(st: TrialContext, report: Report | None) -> Outcome:
             )
         return loss
 
-    loop = common.student_loop(st, "student", modules, common.reseeding(labeled, step), cfg.student.epochs,
-                         st.steps_per_epoch(transfer), st.validator(student))  # fmt: skip
+    loop = common.student_loop(
+        st,
+        "student",
+        modules,
+        common.reseeding(labeled, step),
+        cfg.student.epochs,
+        st.steps_per_epoch(transfer),
+        st.validator(student),
+    )
     with st.timed("student"):
         metrics = run_loop(loop, st.out_dir, report, st.resume)
     return Outcome(student, metrics | teacher_metrics, teacher, record=st.record)

@@ -207,8 +207,11 @@ def lora_targets(model: Segmenter, lora: LoraConfig) -> list[str]:
     targets = []
     pairs = list(zip(model.encoder.blocks(), model.encoder.block_names(), strict=True))
     for block, name in pairs[model.frozen :]:
-        targets += [f"encoder.{name}.{sub}" for sub, m in block.named_modules()
-                    if isinstance(m, nn.Linear) and sub.rsplit(".", 1)[-1] in lora.target_modules]  # fmt: skip
+        targets += [
+            f"encoder.{name}.{sub}"
+            for sub, m in block.named_modules()
+            if isinstance(m, nn.Linear) and sub.rsplit(".", 1)[-1] in lora.target_modules
+        ]
     if not targets:
         raise TskdError(
             f"teacher.lora.target_modules: none of {lora.target_modules} is in the last "
@@ -246,8 +249,10 @@ def save_adapted(model: nn.Module, folder: Path) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()},
-              str(folder / "head.safetensors"))  # fmt: skip
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()},
+        str(folder / "head.safetensors"),
+    )
 
 
 def load_adapted(base: Segmenter, folder: Path) -> nn.Module:

@@ -109,7 +109,9 @@ class Segmenter(nn.Module):
         """Blocks before the cut: the prefix (cached) runs them, the suffix the rest."""
         self.freeze_encoder = freeze_encoder
         # a head given ready-made (LiteMedSAM's pretrained mask decoder) replaces the conv head
-        self.head = head or HEADS[decoder](feature_dims, num_classes, decoder_channels, up_steps(grid, out_size))
+        self.head = head or HEADS[decoder](
+            feature_dims, num_classes, decoder_channels, up_steps(grid, out_size)
+        )
         if freeze_encoder:
             self.encoder.requires_grad_(False)
         self.train()

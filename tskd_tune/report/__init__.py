@@ -22,9 +22,31 @@ from tskd_tune.report.board import (
     trial_state,
 )
 from tskd_tune.report.importance import importances, top
-from tskd_tune.report.page import run_links, write_report
+from tskd_tune.report.links import run_links
+from tskd_tune.report.page import write_report
 from tskd_tune.report.plots import curves_axes, curves_plot, optuna_axes, optuna_plots, study
 
-__all__ = ["best_trial", "importances", "top", "curves_axes", "curves_plot", "last_failure", "leaderboard", "leaderboard_csv", "objective_board", "optuna_axes", "optuna_plots", "pareto_front",
-           "read_results", "references", "run_links", "run_order", "study", "test_dice", "trial_label", "trial_number", "trial_state",
-           "write_report"]  # fmt: skip
+__all__ = [
+    "best_trial",
+    "importances",
+    "top",
+    "curves_axes",
+    "curves_plot",
+    "last_failure",
+    "leaderboard",
+    "leaderboard_csv",
+    "objective_board",
+    "optuna_axes",
+    "optuna_plots",
+    "pareto_front",
+    "read_results",
+    "references",
+    "run_links",
+    "run_order",
+    "study",
+    "test_dice",
+    "trial_label",
+    "trial_number",
+    "trial_state",
+    "write_report",
+]

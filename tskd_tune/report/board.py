@@ -63,8 +63,23 @@ def leaderboard(
     board = pd.DataFrame(rows)
     if board.empty:
         extra = [m for m in extra if m not in (metric, "val_hd95")]
-        return pd.DataFrame(columns=list(dict.fromkeys(["trial_id", "state", "epoch", metric, "val_hd95", *extra,
-                                                        "val_dice", "mlflow_run_id", "trial_dir"])))  # fmt: skip
+        return pd.DataFrame(
+            columns=list(
+                dict.fromkeys(
+                    [
+                        "trial_id",
+                        "state",
+                        "epoch",
+                        metric,
+                        "val_hd95",
+                        *extra,
+                        "val_dice",
+                        "mlflow_run_id",
+                        "trial_dir",
+                    ]
+                )
+            )
+        )
     return board.sort_values(metric, ascending=(mode == "min"), na_position="last").reset_index(drop=True)
 
 
@@ -151,8 +166,11 @@ def objective_board(search_path: Path, objectives: list[tuple[str, str]]) -> pd.
     if len(objectives) > 1:
         board.insert(board.columns.get_loc("epoch") + 1, "pareto", pareto_front(board, objectives))
     scratch = references(search_path).get("scratch", {}).get("val_dice", np.nan)
-    board.insert(board.columns.get_loc(objectives[0][0]) + 1, "gain_vs_scratch",
-                 pd.to_numeric(board["val_dice"], errors="coerce") - scratch)  # fmt: skip
+    board.insert(
+        board.columns.get_loc(objectives[0][0]) + 1,
+        "gain_vs_scratch",
+        pd.to_numeric(board["val_dice"], errors="coerce") - scratch,
+    )
     return board
 
 
@@ -193,7 +211,9 @@ def test_dice(search_path: Path, board: pd.DataFrame, summary: dict | None = Non
         if value is not None:
             out[str(r["trial_id"])] = float(value)
     try:
-        summary = summary if summary is not None else json.loads((Path(search_path) / "summary.json").read_text())
+        summary = (
+            summary if summary is not None else json.loads((Path(search_path) / "summary.json").read_text())
+        )
         if summary.get("test_dice") is not None:
             out[str(summary["best_trial"])] = float(summary["test_dice"])
     except (OSError, ValueError, KeyError):

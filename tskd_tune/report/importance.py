@@ -29,8 +29,9 @@ def importances(board: pd.DataFrame, space: dict, objectives: list[tuple[str, st
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")
-                values = optuna.importance.get_param_importances(st, evaluator=evaluator,
-                                                                 target=lambda t, i=i, s=sign: s * t.values[i])  # fmt: skip
+                values = optuna.importance.get_param_importances(
+                    st, evaluator=evaluator, target=lambda t, i=i, s=sign: s * t.values[i]
+                )
         except (ValueError, RuntimeError):  # no variation, or a parameter that never changed
             continue
         out["objectives"][metric] = {k: float(v) for k, v in values.items()}

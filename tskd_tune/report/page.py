@@ -28,8 +28,8 @@ from tskd_tune.report.board import (
     trial_label,
 )
 from tskd_tune.report.importance import importances
+from tskd_tune.report.links import run_links
 from tskd_tune.report.plots import FEW_TRIALS, completed, curves_plot, optuna_plots, study
-from tskd_tune.secrets import mask_secrets
 
 CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d232b;
@@ -75,93 +75,63 @@ def _search_json(search_path: Path) -> dict:
         return {}
 
 
-def _experiment_id(uri: str, run_id: str) -> str | None:
-    """The experiment of ``run_id`` on the server ``uri``, asked once, within seconds; None if it does not answer."""
-    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    saved = {k: os.environ.get(k) for k in quick}
-    os.environ.update(quick)
-    try:
-        from mlflow.tracking import MlflowClient
-
-        return str(MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id)
-    except Exception:  # noqa: BLE001 - a report never fails on MLflow: it falls back to run ids
-        return None
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-
-
-def run_links(uri: str | None, run_ids: list[str]) -> tuple[dict[str, str], str]:
-    """For each run id, the HTML that leads to it (a link into the MLflow UI of an ``http(s)://`` server
-    that answers, else the id), and one note on how to open the runs."""
-    shown = html.escape(mask_secrets(uri or ""))
-    ids = {r: f"<code>{html.escape(r)}</code>" for r in run_ids}
-    if not uri:
-        return ids, "The search folder names no MLflow store (no <code>search.json</code>): the table gives run ids."
-    if uri.startswith(("http://", "https://")):
-        experiment = _experiment_id(uri, run_ids[0]) if run_ids else None
-        if experiment is None:
-            return ids, f"MLflow at <code>{shown}</code> did not answer: the table gives each trial's run id."
-        base = html.escape(mask_secrets(uri.rstrip("/")), quote=True)
-        links = {r: f'<a href="{base}/#/experiments/{html.escape(experiment)}/runs/{html.escape(r)}">'
-                    f"{html.escape(r[:8])}…</a>" for r in run_ids}  # fmt: skip
-        return (
-            links,
-            f"Runs on the MLflow server <code>{shown}</code> (experiment {html.escape(experiment)}).",
-        )
-    # a local store (sqlite, a folder) has an address once `tskd-tune ui` serves it: 127.0.0.1 on its default port
-    command = html.escape(f"tskd-tune ui --uri {mask_secrets(uri)}")
-    experiment = _experiment_id(uri, run_ids[0]) if run_ids and _local_store(uri).exists() else None
-    if experiment is None:  # never create a store by asking one that is not there
-        return ids, (f"MLflow is a local store: open it with <code>{command}</code> (it prints the link to this "
-                     "search's runs), then find a trial's run by the run id in the table.")  # fmt: skip
-    links = {r: f'<a href="{LOCAL_UI}/#/experiments/{html.escape(experiment)}/runs/{html.escape(r)}">'
-                f"{html.escape(r[:8])}…</a>" for r in run_ids}  # fmt: skip
-    return links, (f"MLflow is a local store: the run links open once <code>{command}</code> serves it at "
-                   f"{LOCAL_UI} (its default port; with <code>--port N</code>, change the port in the address).")  # fmt: skip
-
-
-LOCAL_UI = "http://127.0.0.1:5000"
-"""Where ``tskd-tune ui`` serves a local store (127.0.0.1 and its default ``--port``)."""
-
-
-def _local_store(uri: str) -> Path:
-    """The file (SQLite) or folder of a local MLflow store URI."""
-    from urllib.parse import urlparse
-
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///"))
-    return Path(urlparse(uri).path) if uri.startswith("file:") else Path(uri)
-
-
 def _state(state: str) -> str:
-    kind = {"finished": "finished", "failed": "error", "timed_out": "error", "stopped_early": "stopped"}.get(state, "")
+    kind = {"finished": "finished", "failed": "error", "timed_out": "error", "stopped_early": "stopped"}.get(
+        state, ""
+    )
     return f'<span class="state {kind}">{html.escape(state.replace("_", " "))}</span>'
 
 
-def _board_table(board: pd.DataFrame, best_id: str, objectives: list[tuple[str, str]], space: dict,
-                 tests: dict[str, float], links: dict[str, str]) -> str:  # fmt: skip
+def _board_table(
+    board: pd.DataFrame,
+    best_id: str,
+    objectives: list[tuple[str, str]],
+    space: dict,
+    tests: dict[str, float],
+    links: dict[str, str],
+) -> str:
     metrics = [m for m, _ in objectives]
     params = [p for p in space if p in board.columns]
-    cols = ["trial", "state", "epochs", *metrics, "gain_vs_scratch", "val_dice", "test Dice", "val_hd95",
-            *(["pareto"] if "pareto" in board.columns else []), *params, "MLflow run"]  # fmt: skip
+    cols = [
+        "trial",
+        "state",
+        "epochs",
+        *metrics,
+        "gain_vs_scratch",
+        "val_dice",
+        "test Dice",
+        "val_hd95",
+        *(["pareto"] if "pareto" in board.columns else []),
+        *params,
+        "MLflow run",
+    ]
     cols = list(dict.fromkeys(cols))
     # long dotted parameter names may break after a dot, so that the table fits beside the run ids
-    head = "".join(f'<th class="{"l" if c in ("trial", "state", "MLflow run") else ""}">'
-                   f'{html.escape(c).replace(".", ".<wbr>")}</th>' for c in cols)  # fmt: skip
+    head = "".join(
+        f'<th class="{"l" if c in ("trial", "state", "MLflow run") else ""}">'
+        f"{html.escape(c).replace('.', '.<wbr>')}</th>"
+        for c in cols
+    )
     rows = []
     for _, r in board.iterrows():
         best = str(r["trial_id"]) == str(best_id)
         gain = r.get("gain_vs_scratch")
-        cells = {"trial": f"{html.escape(trial_label(r))}{' ★' if best else ''}", "state": _state(r["state"]),
-                 "epochs": _fmt(r["epoch"]), "test Dice": _fmt(tests.get(str(r["trial_id"]))),
-                 "gain_vs_scratch": f'<span class="{"pos" if gain > 0 else "neg"}">{_fmt(gain, "+.4f")}</span>'
-                 if gain is not None and not pd.isna(gain) else "–",
-                 "pareto": "✓" if r.get("pareto") else "",
-                 "MLflow run": links.get(r["mlflow_run_id"], "–") if isinstance(r["mlflow_run_id"], str) else "–"}  # fmt: skip
+        cells = {
+            "trial": f"{html.escape(trial_label(r))}{' ★' if best else ''}",
+            "state": _state(r["state"]),
+            "epochs": _fmt(r["epoch"]),
+            "test Dice": _fmt(tests.get(str(r["trial_id"]))),
+            "gain_vs_scratch": f'<span class="{"pos" if gain > 0 else "neg"}">{_fmt(gain, "+.4f")}</span>'
+            if gain is not None and not pd.isna(gain)
+            else "–",
+            "pareto": "✓" if r.get("pareto") else "",
+            "MLflow run": links.get(r["mlflow_run_id"], "–") if isinstance(r["mlflow_run_id"], str) else "–",
+        }
         cells |= {c: _fmt(r[c], ".3g" if c in params else ".4f") for c in cols if c not in cells and c in r}
-        tds = "".join(f'<td class="{"l" if c in ("trial", "state", "MLflow run") else ""}">{cells[c]}</td>'
-                      for c in cols)  # fmt: skip
+        tds = "".join(
+            f'<td class="{"l" if c in ("trial", "state", "MLflow run") else ""}">{cells[c]}</td>'
+            for c in cols
+        )
         rows.append(f'<tr class="{"best" if best else ""}">{tds}</tr>')
     return f'<div class="scroll"><table><tr>{head}</tr>{"".join(rows)}</table></div>'
 
@@ -171,18 +141,34 @@ def _references_table(refs: dict) -> str:
         return (
             '<p class="note">No reference trial has finished (scratch and teacher run beside the search).</p>'
         )
-    keys = [("val_dice", "val Dice"), ("test_dice", "test Dice"), ("val_hd95", "val HD95"),
-            ("test_hd95", "test HD95"), ("student_params", "parameters")]  # fmt: skip
+    keys = [
+        ("val_dice", "val Dice"),
+        ("test_dice", "test Dice"),
+        ("val_hd95", "val HD95"),
+        ("test_hd95", "test HD95"),
+        ("student_params", "parameters"),
+    ]
     head = '<th class="l">reference</th>' + "".join(f"<th>{t}</th>" for _, t in keys)
-    rows = "".join(f'<tr><td class="l">{html.escape(m)}</td>' + "".join(f"<td>{_fmt(r.get(k))}</td>" for k, _ in keys)
-                   + "</tr>" for m, r in refs.items())  # fmt: skip
-    return (f"<table><tr>{head}</tr>{rows}</table><p class='note'>Trials outside the search, on the same data: "
-            "<b>scratch</b> is the student trained on the labels alone, <b>teacher</b> the fine-tuned teacher. "
-            "<code>gain_vs_scratch</code> is a trial's val Dice minus the scratch student's.</p>")  # fmt: skip
+    rows = "".join(
+        f'<tr><td class="l">{html.escape(m)}</td>'
+        + "".join(f"<td>{_fmt(r.get(k))}</td>" for k, _ in keys)
+        + "</tr>"
+        for m, r in refs.items()
+    )
+    return (
+        f"<table><tr>{head}</tr>{rows}</table><p class='note'>Trials outside the search, on the same data: "
+        "<b>scratch</b> is the student trained on the labels alone, <b>teacher</b> the fine-tuned teacher. "
+        "<code>gain_vs_scratch</code> is a trial's val Dice minus the scratch student's.</p>"
+    )
 
 
-def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list[tuple[str, str]],
-                 summary: dict | None = None) -> dict:  # fmt: skip
+def write_report(
+    search_path: Path,
+    out_dir: Path,
+    space: dict,
+    objectives: list[tuple[str, str]],
+    summary: dict | None = None,
+) -> dict:
     """leaderboard.csv, plots (PNG), the best trial's overlays and report.html in ``out_dir``; returns what was
     written, ``kind -> path``. ``summary``: the search's end-of-search summary when it is not yet in
     ``summary.json`` (the search writes its report first); its best trial's test Dice goes on the page.
@@ -210,8 +196,10 @@ def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list
     overlays_note = "The first validation images, their true masks and the best student's prediction."
     if _best_overlays(outputs, out_dir / "best_overlays.png"):
         written["overlays"] = out_dir / "best_overlays.png"
-        overlays_note = (f"{OVERLAY_ROWS} validation images spread over the split (first to last, those with "
-                         "foreground first), their true masks and the best student's prediction.")  # fmt: skip
+        overlays_note = (
+            f"{OVERLAY_ROWS} validation images spread over the split (first to last, those with "
+            "foreground first), their true masks and the best student's prediction."
+        )
     elif (outputs / "val_overlays.png").is_file():  # the trial's own figure, when its student cannot be drawn
         written["overlays"] = out_dir / "best_overlays.png"
         shutil.copyfile(outputs / "val_overlays.png", written["overlays"])
@@ -225,7 +213,18 @@ def write_report(search_path: Path, out_dir: Path, space: dict, objectives: list
     run_ids = [r for r in board["mlflow_run_id"] if isinstance(r, str)]
     links, mlflow_note = run_links(meta.get("options", {}).get("tracking_uri"), run_ids)
     page = _page(
-        search_path, board, best, refs, tests, links, mlflow_note, written, n_done, space, objectives, overlays_note
+        search_path,
+        board,
+        best,
+        refs,
+        tests,
+        links,
+        mlflow_note,
+        written,
+        n_done,
+        space,
+        objectives,
+        overlays_note,
     )
     if synthetic:
         page = page.replace("</body>", synthetic + "</body>")
@@ -290,10 +289,13 @@ def _inline_images(page: str, folder: Path) -> str:
     return re.sub(r"src='([^'/]+\.png)'", inline, page)
 
 
-SYNTH_ROWS = (("synth_pool", "images in the pool", "d"), ("synth_fd", "feature Fréchet distance (of the real variance)", ".3f"),
-              ("synth_precision", "feature precision (in the real manifold)", ".2f"),
-              ("synth_recall", "feature recall (real variety covered)", ".2f"),
-              ("synth_nn_ratio", "pixel nearest-real distance ratio", ".2f"))  # fmt: skip
+SYNTH_ROWS = (
+    ("synth_pool", "images in the pool", "d"),
+    ("synth_fd", "feature Fréchet distance (of the real variance)", ".3f"),
+    ("synth_precision", "feature precision (in the real manifold)", ".2f"),
+    ("synth_recall", "feature recall (real variety covered)", ".2f"),
+    ("synth_nn_ratio", "pixel nearest-real distance ratio", ".2f"),
+)
 
 
 def _synthetic(best: pd.Series, out_dir: Path, written: dict) -> str:
@@ -314,20 +316,36 @@ def _synthetic(best: pd.Series, out_dir: Path, written: dict) -> str:
     elif drawn is not None:
         rows.append(("drawn into the transfer set", f"{drawn} (no filter)"))
     table = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
-    parts = ["<h2>Synthetic pool (best trial)</h2><p class='note'>The pool measured against the real training "
-             "images: pixel statistics, then the teacher encoder's features (Fréchet distance, precision and recall "
-             "on k-NN manifolds).</p>", f"<table>{table}</table>"]  # fmt: skip
+    parts = [
+        "<h2>Synthetic pool (best trial)</h2><p class='note'>The pool measured against the real training "
+        "images: pixel statistics, then the teacher encoder's features (Fréchet distance, precision and recall "
+        "on k-NN manifolds).</p>",
+        f"<table>{table}</table>",
+    ]
     grid = Path(m.get("synth_pool_dir", "")) / "grid.png"
     if grid.is_file():
         written["synthetic_grid"] = out_dir / "synthetic_grid.png"
         shutil.copyfile(grid, written["synthetic_grid"])
-        parts.append("<p class='note'>16 synthetic images (left) beside 16 training images (right).</p>"
-                     "<img src='synthetic_grid.png' alt='synthetic and real images'>")  # fmt: skip
+        parts.append(
+            "<p class='note'>16 synthetic images (left) beside 16 training images (right).</p>"
+            "<img src='synthetic_grid.png' alt='synthetic and real images'>"
+        )
     return "".join(parts)
 
 
 def _page(
-    search_path, board, best, refs, tests, links, mlflow_note, written, n_done, space, objectives, overlays_note
+    search_path,
+    board,
+    best,
+    refs,
+    tests,
+    links,
+    mlflow_note,
+    written,
+    n_done,
+    space,
+    objectives,
+    overlays_note,
 ) -> str:
     name = html.escape(search_path.name)
     metric, mode = objectives[0]
@@ -337,36 +355,57 @@ def _page(
     best_name = html.escape(trial_label(best)) if scored else ""
     scratch = refs.get("scratch", {}).get("val_dice")
     gain = best.get("gain_vs_scratch")
-    cards = [("trials", f"{len(board)}"), (f"best {metric}", f"{_fmt(best[metric])} <small>{best_name}</small>"),
-             ("best test Dice", _fmt(tests.get(str(best["trial_id"])))),
-             ("gain vs scratch (val)", _fmt(gain, "+.4f") if scratch is not None else "–"),
-             ("teacher val Dice", _fmt(refs.get("teacher", {}).get("val_dice")))]  # fmt: skip
-    card_html = '<div class="cards">' + "".join(f'<div class="card"><div class="k">{html.escape(k)}</div><div class="v">{v}</div></div>'
-                        for k, v in cards) + "</div>"  # fmt: skip
-    objective_text = ", ".join(f"{html.escape(m)} ({'higher' if d == 'max' else 'lower'} is better)"
-                               for m, d in objectives)  # fmt: skip
-    parts = [f"<h1>Search {name}</h1><p class='sub'>{states}. Objective: {objective_text}. "
-             f"Folder <code>{html.escape(str(search_path))}</code>.</p>{card_html}",  # fmt: skip
-             f"<h2>Leaderboard</h2><p class='note'>Best first in {html.escape(metric)}; ★ marks the best trial that "
-             "ran to the end (a trial stopped early scored after fewer epochs and has no test score). Test Dice is "
-             "measured once, for the best trial, when the search ends.</p>",
-             _board_table(board, best["trial_id"] if scored else None, objectives, space, tests, links),
-             f"<p class='note'>{mlflow_note} The same table: <a href='leaderboard.csv'>leaderboard.csv</a>.</p>",
-             "<h2>Reference trials</h2>", _references_table(refs)]  # fmt: skip
+    cards = [
+        ("trials", f"{len(board)}"),
+        (f"best {metric}", f"{_fmt(best[metric])} <small>{best_name}</small>"),
+        ("best test Dice", _fmt(tests.get(str(best["trial_id"])))),
+        ("gain vs scratch (val)", _fmt(gain, "+.4f") if scratch is not None else "–"),
+        ("teacher val Dice", _fmt(refs.get("teacher", {}).get("val_dice"))),
+    ]
+    card_html = (
+        '<div class="cards">'
+        + "".join(
+            f'<div class="card"><div class="k">{html.escape(k)}</div><div class="v">{v}</div></div>'
+            for k, v in cards
+        )
+        + "</div>"
+    )
+    objective_text = ", ".join(
+        f"{html.escape(m)} ({'higher' if d == 'max' else 'lower'} is better)" for m, d in objectives
+    )
+    parts = [
+        f"<h1>Search {name}</h1><p class='sub'>{states}. Objective: {objective_text}. "
+        f"Folder <code>{html.escape(str(search_path))}</code>.</p>{card_html}",
+        f"<h2>Leaderboard</h2><p class='note'>Best first in {html.escape(metric)}; ★ marks the best trial that "
+        "ran to the end (a trial stopped early scored after fewer epochs and has no test score). Test Dice is "
+        "measured once, for the best trial, when the search ends.</p>",
+        _board_table(board, best["trial_id"] if scored else None, objectives, space, tests, links),
+        f"<p class='note'>{mlflow_note} The same table: <a href='leaderboard.csv'>leaderboard.csv</a>.</p>",
+        "<h2>Reference trials</h2>",
+        _references_table(refs),
+    ]
     if "curves" in written:
-        parts.append("<h2>Validation Dice per epoch</h2><p class='note'>One line per trial; the best is black and "
-                     "thick, the reference trials dashed. Lines that end early belong to trials the scheduler "
-                     "stopped.</p><img src='curves.png' alt='val Dice per epoch of every trial'>")  # fmt: skip
+        parts.append(
+            "<h2>Validation Dice per epoch</h2><p class='note'>One line per trial; the best is black and "
+            "thick, the reference trials dashed. Lines that end early belong to trials the scheduler "
+            "stopped.</p><img src='curves.png' alt='val Dice per epoch of every trial'>"
+        )
     if "overlays" in written:
         from PIL import Image
 
         # trials written before the overlays grew came as a 384 px strip: shown larger, pixels kept square
         width = Image.open(written["overlays"]).width
         size = f" width='{3 * width}' style='image-rendering: pixelated'" if width < 400 else ""
-        parts.append(f"<h2>Best trial {best_name}: validation overlays</h2><p class='note'>{overlays_note}</p>"
-                     f"<img src='best_overlays.png'{size} alt='overlays of the best trial'>")  # fmt: skip
-    titles = {"history": "Optimization history", "importances": f"Hyperparameter importances (from {n_done} trials)",
-              "parallel_coordinates": "Parallel coordinates", "pareto_front": "Pareto front"}  # fmt: skip
+        parts.append(
+            f"<h2>Best trial {best_name}: validation overlays</h2><p class='note'>{overlays_note}</p>"
+            f"<img src='best_overlays.png'{size} alt='overlays of the best trial'>"
+        )
+    titles = {
+        "history": "Optimization history",
+        "importances": f"Hyperparameter importances (from {n_done} trials)",
+        "parallel_coordinates": "Parallel coordinates",
+        "pareto_front": "Pareto front",
+    }
     for key, title in titles.items():
         if key not in written:
             continue
@@ -375,13 +414,25 @@ def _page(
         )
         if key == "history":
             left_out = len(board) - n_done
-            out = (f" The other {left_out} (stopped early by the scheduler, still running, errored, or with values "
-                   "outside today's search space) are left out of this and the plots below.") if left_out else ""  # fmt: skip
-            parts.append(f"<p class='note'>One point per finished trial, its final {html.escape(metric)}, in the "
-                         f"order the trials started: a score after fewer epochs is not a result.{out}</p>")  # fmt: skip
+            out = (
+                (
+                    f" The other {left_out} (stopped early by the scheduler, still running, errored, or with values "
+                    "outside today's search space) are left out of this and the plots below."
+                )
+                if left_out
+                else ""
+            )
+            parts.append(
+                f"<p class='note'>One point per finished trial, its final {html.escape(metric)}, in the "
+                f"order the trials started: a score after fewer epochs is not a result.{out}</p>"
+            )
         if key == "importances" and n_done < FEW_TRIALS:
-            parts.append(f"<p class='caveat'>Only {n_done} trials: with fewer than about {FEW_TRIALS}, the "
-                         "importances are fitted to too few points to rank the parameters; read them as a hint, "
-                         "not a finding.</p>")  # fmt: skip
-    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Search {name}</title>"
-            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")  # fmt: skip
+            parts.append(
+                f"<p class='caveat'>Only {n_done} trials: with fewer than about {FEW_TRIALS}, the "
+                "importances are fitted to too few points to rank the parameters; read them as a hint, "
+                "not a finding.</p>"
+            )
+    return (
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Search {name}</title>"
+        f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
+    )

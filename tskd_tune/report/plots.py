@@ -43,12 +43,20 @@ def study(board: pd.DataFrame, space: dict, objectives: list[tuple[str, str]]):
             # a value outside today's space (edited since the trial ran) leaves the trial without a point
             with contextlib.suppress(ValueError):
                 if row.get("state") == states.FINISHED:
-                    trial = optuna.trial.create_trial(params=params, distributions=dists, user_attrs=attrs,
-                                                      values=[float(row[m]) for m in names])  # fmt: skip
+                    trial = optuna.trial.create_trial(
+                        params=params,
+                        distributions=dists,
+                        user_attrs=attrs,
+                        values=[float(row[m]) for m in names],
+                    )
                 elif row.get("state") == states.STOPPED_EARLY and len(names) == 1:
-                    trial = optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params=params,
-                                                      distributions=dists, user_attrs=attrs,
-                                                      intermediate_values={int(row["epoch"]): float(row[names[0]])})  # fmt: skip
+                    trial = optuna.trial.create_trial(
+                        state=optuna.trial.TrialState.PRUNED,
+                        params=params,
+                        distributions=dists,
+                        user_attrs=attrs,
+                        intermediate_values={int(row["epoch"]): float(row[names[0]])},
+                    )
         st.add_trial(trial)
     return st
 
@@ -78,8 +86,10 @@ def optuna_axes(board: pd.DataFrame, space: dict, objectives: list[tuple[str, st
     first = study(board, space, objectives[:1])
     names = [t.user_attrs["name"] for t in first.trials]
     n = completed(first)
-    plots = {"history": (first, partial(ovm.plot_optimization_history, target_name=metric)),
-             "parallel_coordinates": (first, partial(ovm.plot_parallel_coordinate, target_name=metric))}  # fmt: skip
+    plots = {
+        "history": (first, partial(ovm.plot_optimization_history, target_name=metric)),
+        "parallel_coordinates": (first, partial(ovm.plot_parallel_coordinate, target_name=metric)),
+    }
     if n >= 2 and len(space) >= 2:
         plots["importances"] = (first, partial(ovm.plot_param_importances, target_name=metric))
     if len(objectives) > 1:
@@ -99,8 +109,11 @@ def optuna_axes(board: pd.DataFrame, space: dict, objectives: list[tuple[str, st
         if name == "history":
             # the x axis in trial names (t007), the names of the leaderboard and the curves
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=12))
-            ax.xaxis.set_major_formatter(FuncFormatter(
-                lambda x, _: names[int(x)] if float(x).is_integer() and 0 <= x < len(names) else ""))  # fmt: skip
+            ax.xaxis.set_major_formatter(
+                FuncFormatter(
+                    lambda x, _: names[int(x)] if float(x).is_integer() and 0 <= x < len(names) else ""
+                )
+            )
             ax.set_xlabel("trial, in the order they ran")
             ax.set_title(f"{metric} of each trial and the best so far")
         elif name == "importances":
@@ -140,8 +153,11 @@ def curves_axes(board: pd.DataFrame, best_id: str, refs: dict, metric: str = "va
 
     lines = []
     for _, row in run_order(board).iterrows():
-        points = [(r["epoch"], r[metric]) for r in read_results(Path(row["trial_dir"]))
-                  if r.get(metric) is not None and r.get("epoch") is not None]  # fmt: skip
+        points = [
+            (r["epoch"], r[metric])
+            for r in read_results(Path(row["trial_dir"]))
+            if r.get(metric) is not None and r.get("epoch") is not None
+        ]
         if points:
             lines.append((trial_label(row), str(row["trial_id"]) == str(best_id), points))
     if not lines:
@@ -166,8 +182,15 @@ def curves_axes(board: pd.DataFrame, best_id: str, refs: dict, metric: str = "va
     ax.set_title(f"{metric} per epoch of every trial")
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8 if many else 9, ncol=2 if many else 1,
-              title="trial  last value", title_fontsize=9, frameon=False)  # fmt: skip
+    ax.legend(
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=8 if many else 9,
+        ncol=2 if many else 1,
+        title="trial  last value",
+        title_fontsize=9,
+        frameon=False,
+    )
     return ax
 
 

@@ -17,11 +17,23 @@ marks every child run's final status and writes the leaderboard, the best config
 # Lazy (PEP 562): every trial's process imports this package on the way to :mod:`.trainable`, and must not pay
 # for the driver's modules (launch, summary, the report's pandas and plots: about 0.7 s a worker)
 _EXPORTS = {
-    "REFERENCES": "folder", "SEARCH_FILE": "folder", "SearchOptions": "folder", "load_search": "folder",
-    "resolve_search_path": "folder", "state_path": "folder", "absolutize": "launch", "init_ray": "launch", "SearchSession": "session",
-    "evaluate_on_test": "summary", "reference_lines": "summary", "reference_metrics": "summary",
-    "summarize": "summary", "SAMPLERS": "tuner", "SCHEDULERS": "tuner", "study_storage": "tuner",
-}  # fmt: skip
+    "REFERENCES": "folder",
+    "SEARCH_FILE": "folder",
+    "SearchOptions": "folder",
+    "load_search": "folder",
+    "resolve_search_path": "folder",
+    "state_path": "folder",
+    "absolutize": "launch",
+    "init_ray": "launch",
+    "SearchSession": "session",
+    "evaluate_on_test": "summary",
+    "reference_lines": "summary",
+    "reference_metrics": "summary",
+    "summarize": "summary",
+    "SAMPLERS": "tuner",
+    "SCHEDULERS": "tuner",
+    "study_storage": "tuner",
+}
 __all__ = sorted(_EXPORTS)
 
 

@@ -42,8 +42,11 @@ def needed_variants(cfg: Config) -> list[tuple[str, int | None]]:
     out: list[tuple[str, int | None]] = []
     if "fine_tuned" in teachers:
         adapts = space["teacher.adapt"].boundary_values() if "teacher.adapt" in space else [cfg.teacher.adapt]
-        blocks = (_all_values(space["teacher.lora.last_blocks"]) if "teacher.lora.last_blocks" in space
-                  else [cfg.teacher.lora.last_blocks])  # fmt: skip
+        blocks = (
+            _all_values(space["teacher.lora.last_blocks"])
+            if "teacher.lora.last_blocks" in space
+            else [cfg.teacher.lora.last_blocks]
+        )
         for adapt in adapts:
             for k in blocks if adapt == "lora" else [None]:
                 out.append((adapt, k))
@@ -87,25 +90,53 @@ def _jobs(cfg: Config, prepared: Prepared, splits, data_ref, pool, store: Store)
         model = _base(variant, len(prepared.classes), ALL_FROZEN if adapt == "head" else None)
         if model.frozen == 0:
             continue  # LoRA in every block: nothing frozen to cache
-        missing = lambda src, v=variant, m=model: not verify(store.path("features", digest(feature_key(v, m, src))))  # noqa: E731
+
+        def missing(src, v=variant, m=model) -> bool:
+            return not verify(store.path("features", digest(feature_key(v, m, src))))
+
         if missing(data_source(prepared)):
-            jobs.append(Job(variant, model.frozen, "images", data_ref, len(prepared),
-                            [feature_key(variant, model, data_source(prepared))]))  # fmt: skip
+            jobs.append(
+                Job(
+                    variant,
+                    model.frozen,
+                    "images",
+                    data_ref,
+                    len(prepared),
+                    [feature_key(variant, model, data_source(prepared))],
+                )
+            )
         if pool is not None and len(pool) and missing(pool_source(pool.key)):
-            jobs.append(Job(variant, model.frozen, "synthetic images", ray.put(np.ascontiguousarray(pool.images)),
-                            len(pool), [feature_key(variant, model, pool_source(pool.key))]))  # fmt: skip
+            jobs.append(
+                Job(
+                    variant,
+                    model.frozen,
+                    "synthetic images",
+                    ray.put(np.ascontiguousarray(pool.images)),
+                    len(pool),
+                    [feature_key(variant, model, pool_source(pool.key))],
+                )
+            )
         views = variant.teacher.augment_views
         todo = [int(i) for i in splits.labeled if missing(views_source(variant, prepared, int(i)))]
         if views and todo and "fine_tuned" in _teachers(cfg):  # views train a teacher
             made = [view_inputs(variant, prepared, i) for i in todo]
-            jobs.append(Job(variant, model.frozen, "augmented views",
-                            ray.put(np.concatenate([m[0] for m in made])), views * len(todo),
-                            [feature_key(variant, model, views_source(variant, prepared, i)) for i in todo],
-                            np.stack([m[1] for m in made])))  # fmt: skip
+            jobs.append(
+                Job(
+                    variant,
+                    model.frozen,
+                    "augmented views",
+                    ray.put(np.concatenate([m[0] for m in made])),
+                    views * len(todo),
+                    [feature_key(variant, model, views_source(variant, prepared, i)) for i in todo],
+                    np.stack([m[1] for m in made]),
+                )
+            )
     return jobs
 
 
-def fill_features(cfg: Config, prepared: Prepared, splits, data_ref, pool, say: Reporter, workers: int | None = None) -> dict:
+def fill_features(
+    cfg: Config, prepared: Prepared, splits, data_ref, pool, say: Reporter, workers: int | None = None
+) -> dict:
     """Compute every missing feature entry the search needs (the prepared images, the synthetic pool, the
     labelled images' augmented views) on Ray actors, or on the driver for a small encoder."""
     import ray
@@ -117,7 +148,10 @@ def fill_features(cfg: Config, prepared: Prepared, splits, data_ref, pool, say: 
     total = sum(j.n for j in jobs)
     t0 = time.perf_counter()
     workers = 0
-    if _seconds_per_image(jobs[0].variant, len(prepared.classes), jobs[0].frozen, prepared) * total < ON_DRIVER_S:
+    if (
+        _seconds_per_image(jobs[0].variant, len(prepared.classes), jobs[0].frozen, prepared) * total
+        < ON_DRIVER_S
+    ):
         # a small encoder: starting workers would cost more than the work; the driver does it on every core
         for job in jobs:
             _write(store, job, _on_driver(job, len(prepared.classes), say.console))
@@ -127,19 +161,31 @@ def fill_features(cfg: Config, prepared: Prepared, splits, data_ref, pool, say: 
         actor = ray.remote(num_cpus=1)(FeatureWorker)
         pool_of = [actor.remote(len(prepared.classes), total // workers + 1) for _ in range(workers)]
         depths = sorted({j.frozen for j in jobs})  # one per teacher variant the space can propose
-        say.line(f"teacher features: {total} inputs through the encoder's {'/'.join(map(str, depths))} frozen blocks, once, on "
-                 f"{workers} worker(s); cached for every trial")  # fmt: skip
+        say.line(
+            f"teacher features: {total} inputs through the encoder's {'/'.join(map(str, depths))} frozen blocks, once, on "
+            f"{workers} worker(s); cached for every trial"
+        )
         try:
             with _progress(say.console) as bar:
                 for job in jobs:
-                    task = bar.add_task(job.what if len(depths) == 1 else f"{job.what} ({job.frozen})", total=job.n)
-                    _write(store, job, lambda write, job=job, task=task: _distribute(
-                        pool_of, job, write, lambda k: bar.update(task, advance=k)))  # fmt: skip
+                    task = bar.add_task(
+                        job.what if len(depths) == 1 else f"{job.what} ({job.frozen})", total=job.n
+                    )
+                    _write(
+                        store,
+                        job,
+                        lambda write, job=job, task=task: _distribute(
+                            pool_of, job, write, lambda k: bar.update(task, advance=k)
+                        ),
+                    )
         finally:
             for a in pool_of:
                 ray.kill(a)
-    return {"teacher_features_filled": total, "teacher_features_fill_s": time.perf_counter() - t0,
-            "teacher_features_workers": workers}  # fmt: skip
+    return {
+        "teacher_features_filled": total,
+        "teacher_features_fill_s": time.perf_counter() - t0,
+        "teacher_features_workers": workers,
+    }
 
 
 def _write(store: Store, job: Job, compute) -> None:
@@ -207,8 +253,13 @@ def _on_driver(job: Job, num_classes: int, console: Console):
         model = _base(job.variant, num_classes, job.frozen)
         with _progress(console) as bar:
             task = bar.add_task(f"teacher features of {job.what} ({job.frozen} frozen blocks)", total=job.n)
-            Filler(model, torch.device("cpu"), os.cpu_count() or 1, Store(job.variant.cache.dir),
-                   feature_key(job.variant, model, {})).run(images, write, lambda d, n: bar.update(task, completed=d))  # fmt: skip
+            Filler(
+                model,
+                torch.device("cpu"),
+                os.cpu_count() or 1,
+                Store(job.variant.cache.dir),
+                feature_key(job.variant, model, {}),
+            ).run(images, write, lambda d, n: bar.update(task, completed=d))
 
     return compute
 
@@ -227,8 +278,14 @@ def _seconds_per_image(cfg: Config, num_classes: int, frozen: int, prepared: Pre
 
 
 def _base(cfg: Config, num_classes: int, frozen: int | None):
-    return build_teacher(cfg.teacher, in_chans=cfg.data.channels, num_classes=num_classes,
-                         image_size=cfg.data.image_size, seed=cfg.seed, frozen=frozen)  # fmt: skip
+    return build_teacher(
+        cfg.teacher,
+        in_chans=cfg.data.channels,
+        num_classes=num_classes,
+        image_size=cfg.data.image_size,
+        seed=cfg.seed,
+        frozen=frozen,
+    )
 
 
 class FeatureWorker:
@@ -248,8 +305,9 @@ class FeatureWorker:
             cfg = validate(variant, check_search_space=False)
             model = _base(cfg, self.num_classes, frozen)
             onnx_key = feature_key(cfg, model, {})
-            self.fillers[frozen] = Filler(model, torch.device("cpu"), 1, Store(cfg.cache.dir), onnx_key,
-                                          expected=self.expected)  # fmt: skip
+            self.fillers[frozen] = Filler(
+                model, torch.device("cpu"), 1, Store(cfg.cache.dir), onnx_key, expected=self.expected
+            )
         out: list = []
 
         def write(at: int, parts: list[np.ndarray]) -> None:
@@ -266,8 +324,14 @@ class FeatureWorker:
 def _progress(console: Console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console, transient=False)  # fmt: skip
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
 
 
 __all__ = ["KIND", "fill_features", "needed_variants"]

@@ -66,8 +66,14 @@ class SearchOptions:
         return str(Path(self.storage) / self.name)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "storage": str(self.storage), "tracking_uri": self.tracking_uri,
-                "address": self.address, "space_file": self.space_file, "warm_start": list(self.warm_start)}  # fmt: skip
+        return {
+            "name": self.name,
+            "storage": str(self.storage),
+            "tracking_uri": self.tracking_uri,
+            "address": self.address,
+            "space_file": self.space_file,
+            "warm_start": list(self.warm_start),
+        }
 
 
 def state_path(opts: SearchOptions) -> Path:
@@ -87,7 +93,9 @@ def load_search(path: Path) -> tuple[Config, SearchOptions, str]:
     saved = json.loads(f.read_text())
     o = saved["options"]
     storage = o["storage"] if cluster.is_uri(o["storage"]) else Path(o["storage"])
-    opts = SearchOptions(o["name"], storage, o["tracking_uri"], o["address"], o["space_file"], tuple(o.get("warm_start", ())))
+    opts = SearchOptions(
+        o["name"], storage, o["tracking_uri"], o["address"], o["space_file"], tuple(o.get("warm_start", ()))
+    )
     cfg = validate(saved["config"])
     if o.get("use_cache") is False:  # searches written before --no-cache became cache.enabled
         cfg = cfg.model_copy(update={"cache": cfg.cache.model_copy(update={"enabled": False})})

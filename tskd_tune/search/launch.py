@@ -30,7 +30,9 @@ def absolutize(cfg: Config) -> Config:
     """Every path field resolved against the driver's working directory (trials run elsewhere, on other
     nodes), and the tracking URI made absolute."""
     cfg = config.absolutize(cfg)
-    return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": tracking.absolute_uri(cfg.tracking.uri)})})
+    return cfg.model_copy(
+        update={"tracking": cfg.tracking.model_copy(update={"uri": tracking.absolute_uri(cfg.tracking.uri)})}
+    )
 
 
 def quiet_libraries() -> None:
@@ -52,8 +54,11 @@ def check_input(cfg: Config, opts: SearchOptions, resume: bool) -> tuple[Config,
     """The cheap checks, before anything starts: the tracking URI's form, storage, the search folder. Returns
     the config and options with their paths and URIs made absolute (trials run elsewhere)."""
     cluster.check_tracking_uri(opts.tracking_uri)
-    cluster.refuse_embedded_password(cfg.search.study_storage, "search.study_storage",
-                                     "let the driver read it from the environment (e.g. PGPASSWORD or ~/.pgpass)")  # fmt: skip
+    cluster.refuse_embedded_password(
+        cfg.search.study_storage,
+        "search.study_storage",
+        "let the driver read it from the environment (e.g. PGPASSWORD or ~/.pgpass)",
+    )
     cfg = absolutize(cfg)
     opts = dataclasses.replace(opts, tracking_uri=tracking.absolute_uri(opts.tracking_uri))
     cluster.check_storage(str(opts.storage))
@@ -101,22 +106,34 @@ def parent_run(cfg: Config, opts: SearchOptions, resume: bool, say: Reporter) ->
     from tskd_tune.space import space_params
 
     parent = tracking.parent_run(
-        opts.tracking_uri, cfg.tracking.experiment, opts.location, opts.name,
-        {"search.name": opts.name, "search.space_file": opts.space_file, "git.commit": git_commit(),
-         "ray.address": opts.address or "local", "teacher.pretrained": str(is_pretrained(cfg.teacher)).lower()}
+        opts.tracking_uri,
+        cfg.tracking.experiment,
+        opts.location,
+        opts.name,
+        {
+            "search.name": opts.name,
+            "search.space_file": opts.space_file,
+            "git.commit": git_commit(),
+            "ray.address": opts.address or "local",
+            "teacher.pretrained": str(is_pretrained(cfg.teacher)).lower(),
+        }
         | ({"tskd.warm_start": ", ".join(opts.warm_start)} if opts.warm_start else {}),
-    )  # fmt: skip
+    )
     # the searched ranges as params (space.student.lr = loguniform(...)), which MLflow's UI lists and compares
     # while the search runs; a resumed search logs the same values again (the journal skips those the run has)
     client = tracking.BufferedClient(opts.tracking_uri, tracking.journal_path(state_path(opts), "parent"))
     client.log_batch(parent, params=[Param(k, v) for k, v in space_params(cfg.search.space).items()])
     if not resume:
-        write_json(opts.path / SEARCH_FILE, {"config": cfg.model_dump(mode="json"), "options": opts.to_json(),
-                                             "parent_run_id": parent})  # fmt: skip
+        write_json(
+            opts.path / SEARCH_FILE,
+            {"config": cfg.model_dump(mode="json"), "options": opts.to_json(), "parent_run_id": parent},
+        )
         if cluster.is_uri(opts.storage):
             cluster.push(opts.path, opts.location, [SEARCH_FILE])
         tracking.client(opts.tracking_uri).log_text(parent, to_yaml(cfg), "search_config.yaml")
-    say.line(f"MLflow: {tracking.mask_secrets(opts.tracking_uri)} (experiment {cfg.tracking.experiment!r}, parent run {parent})")
+    say.line(
+        f"MLflow: {tracking.mask_secrets(opts.tracking_uri)} (experiment {cfg.tracking.experiment!r}, parent run {parent})"
+    )
     if cfg.search.study_storage:
         where = mask_uri(cfg.search.study_storage)
         say.line(f"Optuna study {opts.name!r} in {where} (optuna-dashboard {where})")
@@ -134,8 +151,9 @@ def load_data(cfg: Config):
     # the synthetic pool is built here, once, before trials start; trials then find it in the cache
     pool = pool_for_search(cfg, prepared, splits) if search_uses_transfer(cfg) else None
     # plain arrays: Ray's object store shares them read-only, zero-copy, with every trial on the node
-    prepared = dataclasses.replace(prepared, images=np.ascontiguousarray(prepared.images),
-                                   masks=np.ascontiguousarray(prepared.masks))  # fmt: skip
+    prepared = dataclasses.replace(
+        prepared, images=np.ascontiguousarray(prepared.images), masks=np.ascontiguousarray(prepared.masks)
+    )
     return pool, (prepared, splits)
 
 
@@ -145,7 +163,9 @@ def preload_in_background() -> None:
     import importlib
     import threading
 
-    threading.Thread(target=importlib.import_module, args=("monai.metrics",), daemon=True, name="preload").start()
+    threading.Thread(
+        target=importlib.import_module, args=("monai.metrics",), daemon=True, name="preload"
+    ).start()
 
 
 def init_ray(address: str | None) -> str | None:
@@ -163,15 +183,24 @@ def init_ray(address: str | None) -> str | None:
             ctx = ray.init(address=address, logging_level="ERROR")
         else:
             # "local" rather than None: None would silently join the last `ray start` cluster on this machine
-            ctx = ray.init(address=address or "local", include_dashboard=True, dashboard_host="127.0.0.1",
-                           logging_level="ERROR", log_to_driver=True)  # fmt: skip
+            ctx = ray.init(
+                address=address or "local",
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                logging_level="ERROR",
+                log_to_driver=True,
+            )
     except (ConnectionError, ValueError, RuntimeError) as exc:
         if not address:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise TskdError(f"--address: cannot join the Ray cluster at {address}: {first[:200]}") from None
     url = getattr(ctx, "dashboard_url", None)
-    return f"Ray dashboard: http://{url}  (it asks for a token: paste what `ray get-auth-token` prints)" if url else None
+    return (
+        f"Ray dashboard: http://{url}  (it asks for a token: paste what `ray get-auth-token` prints)"
+        if url
+        else None
+    )
 
 
 def start_references(cfg: Config, data_ref, run: SearchRun) -> dict:
@@ -180,7 +209,9 @@ def start_references(cfg: Config, data_ref, run: SearchRun) -> dict:
 
     from tskd_tune.search.trainable import reference_trial
 
-    task = ray.remote(reference_trial).options(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu, max_retries=1)
+    task = ray.remote(reference_trial).options(
+        num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu, max_retries=1
+    )
     return {m: task.remote(m, data_ref, cfg, run) for m in cfg.search.baselines}
 
 
@@ -198,11 +229,15 @@ def warn_when_teacher_below_scratch(refs: dict, say: Reporter, run: SearchRun) -
             got = {m: ray.get(refs[m]) for m in ("teacher", "scratch")}
         except Exception:  # noqa: BLE001 - a failed reference is reported by finish_references
             return
-        line = teacher_below_scratch({f"reference_{m}_val_dice": r["val_dice"] for m, r in got.items() if "val_dice" in r})
+        line = teacher_below_scratch(
+            {f"reference_{m}_val_dice": r["val_dice"] for m, r in got.items() if "val_dice" in r}
+        )
         if line:
             say.warn(line)
             # its own journal: the driver's thread writes the parent's
-            client = tracking.BufferedClient(run.tracking_uri, tracking.journal_path(run.state_path, "teacher-vs-scratch"))
+            client = tracking.BufferedClient(
+                run.tracking_uri, tracking.journal_path(run.state_path, "teacher-vs-scratch")
+            )
             client.set_tag(run.parent_run_id, TEACHER_BELOW_SCRATCH_TAG, "true")
 
     threading.Thread(target=watch, name="teacher-vs-scratch", daemon=True).start()
@@ -232,5 +267,7 @@ def close_lost_children(opts: SearchOptions, parent: str, results, say: Reporter
             raise
         return
     if lost:
-        say.line(f"MLflow: {len(lost)} run(s) of trials lost with the killed driver ended as KILLED "
-                 f"(tskd.status=lost): {', '.join(lost)}")
+        say.line(
+            f"MLflow: {len(lost)} run(s) of trials lost with the killed driver ended as KILLED "
+            f"(tskd.status=lost): {', '.join(lost)}"
+        )

@@ -3,10 +3,19 @@ table, the console's notices and ``status``."""
 
 from __future__ import annotations
 
-SHORT_NAMES = {"distill.temperature": "T", "distill.kd_weight": "kd", "distill.sup_weight": "sup",
-               "distill.feature_weight": "feat", "student.lr": "lr", "teacher.lr": "t.lr", "synthetic.ratio": "synth",
-               "teacher.lora.rank": "rank", "teacher.lora.alpha": "alpha", "teacher.lora.last_blocks": "blocks",
-               "stage.teacher": "teacher"}  # fmt: skip
+SHORT_NAMES = {
+    "distill.temperature": "T",
+    "distill.kd_weight": "kd",
+    "distill.sup_weight": "sup",
+    "distill.feature_weight": "feat",
+    "student.lr": "lr",
+    "teacher.lr": "t.lr",
+    "synthetic.ratio": "synth",
+    "teacher.lora.rank": "rank",
+    "teacher.lora.alpha": "alpha",
+    "teacher.lora.last_blocks": "blocks",
+    "stage.teacher": "teacher",
+}
 
 
 def short_name(key: str) -> str:

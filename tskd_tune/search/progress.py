@@ -27,11 +27,25 @@ STATES = {"PENDING": states.PENDING, "RUNNING": states.RUNNING, "PAUSED": "pause
 class SearchProgress(ProgressReporter):
     """A Ray Tune progress reporter over rich: live in a terminal, a line per finished trial elsewhere."""
 
-    def __init__(self, console: Console, metric: str, mode: str, space: list[str], max_t: int, num_samples: int,
-                 concurrency: int, search_path: Path):  # fmt: skip
+    def __init__(
+        self,
+        console: Console,
+        metric: str,
+        mode: str,
+        space: list[str],
+        max_t: int,
+        num_samples: int,
+        concurrency: int,
+        search_path: Path,
+    ):
         self.console, self.metric, self.mode, self.space = console, metric, mode, space
         self.max_t, self.num_samples, self.concurrency = max_t, num_samples, max(1, concurrency)
-        self.search_path, self.live, self.printed, self.started = Path(search_path), None, set(), time.monotonic()
+        self.search_path, self.live, self.printed, self.started = (
+            Path(search_path),
+            None,
+            set(),
+            time.monotonic(),
+        )
         self.every, self.last = 2.0, 0.0
 
     def __getstate__(self) -> dict:
@@ -56,7 +70,9 @@ class SearchProgress(ProgressReporter):
             from rich.live import Live
 
             if self.live is None:
-                self.live = Live(self.table(trials), console=self.console, refresh_per_second=2, transient=False)
+                self.live = Live(
+                    self.table(trials), console=self.console, refresh_per_second=2, transient=False
+                )
                 self.live.start()
             self.live.update(self.table(trials))
             if done:
@@ -64,14 +80,21 @@ class SearchProgress(ProgressReporter):
             return
         for trial in trials:  # not a terminal: a line per trial that has ended, once
             state = self.state(trial)
-            if state in (states.FINISHED, states.STOPPED_EARLY, states.FAILED) and trial.trial_id not in self.printed:
+            if (
+                state in (states.FINISHED, states.STOPPED_EARLY, states.FAILED)
+                and trial.trial_id not in self.printed
+            ):
                 self.printed.add(trial.trial_id)
                 self.console.print(self.line(trial, state, trials), markup=False)
 
     # ------------------------------------------------------------------------------------------ rows
     def state(self, trial) -> str:
         if trial.status == "TERMINATED":
-            return states.FINISHED if (trial.last_result or {}).get("epoch", 0) >= self.max_t else states.STOPPED_EARLY
+            return (
+                states.FINISHED
+                if (trial.last_result or {}).get("epoch", 0) >= self.max_t
+                else states.STOPPED_EARLY
+            )
         return STATES.get(trial.status, trial.status.lower())
 
     def scratch(self) -> float | None:
@@ -82,7 +105,11 @@ class SearchProgress(ProgressReporter):
             return None
 
     def best(self, trials) -> float | None:
-        values = [v for t in trials if isinstance(v := (t.last_result or {}).get(self.metric), int | float) and math.isfinite(v)]
+        values = [
+            v
+            for t in trials
+            if isinstance(v := (t.last_result or {}).get(self.metric), int | float) and math.isfinite(v)
+        ]
         return (max if self.mode == "max" else min)(values) if values else None
 
     def eta(self, trials) -> str:
@@ -98,14 +125,26 @@ class SearchProgress(ProgressReporter):
 
         scratch, best = self.scratch(), self.best(trials)
         ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        title = f"{ended}/{self.num_samples} trials ended; best {self.metric} {_num(best)}; {self.eta(trials)}"
+        title = (
+            f"{ended}/{self.num_samples} trials ended; best {self.metric} {_num(best)}; {self.eta(trials)}"
+        )
         from rich import box
 
         # the trial's number (its name repeats the values of the knob columns) and the knobs' short names
         # (T, kd, lr), as `status` shows them: one line per trial at 80 columns
         knobs = [short_name(p) for p in self.space]
-        table = Table("trial", "state", *knobs, "epoch", self.metric, "gain", title=title, title_justify="left",
-                      box=box.SIMPLE_HEAD, pad_edge=False)  # fmt: skip
+        table = Table(
+            "trial",
+            "state",
+            *knobs,
+            "epoch",
+            self.metric,
+            "gain",
+            title=title,
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
         for column in table.columns:
             column.no_wrap = True
         for t in trials:
@@ -113,14 +152,24 @@ class SearchProgress(ProgressReporter):
             value = last.get(self.metric)
             gain = value - scratch if isinstance(value, int | float) and scratch is not None else None
             mark = " *" if value is not None and value == best else ""
-            table.add_row(trial_number(t), self.state(t), *(_num(t.config.get(p)) for p in self.space),
-                          f"{last.get('epoch', 0)}/{self.max_t}", _num(value) + mark, _num(gain, signed=True))  # fmt: skip
+            table.add_row(
+                trial_number(t),
+                self.state(t),
+                *(_num(t.config.get(p)) for p in self.space),
+                f"{last.get('epoch', 0)}/{self.max_t}",
+                _num(value) + mark,
+                _num(gain, signed=True),
+            )
         return table
 
     def line(self, trial, state: str, trials) -> str:
         last, scratch = trial.last_result or {}, self.scratch()
         value = last.get(self.metric)
-        gain = f", {value - scratch:+.4f} over scratch" if isinstance(value, int | float) and scratch is not None else ""
+        gain = (
+            f", {value - scratch:+.4f} over scratch"
+            if isinstance(value, int | float) and scratch is not None
+            else ""
+        )
         score = f", {self.metric} {_num(value)}{gain}" if value is not None else ""
         best = self.best(trials)
         so_far = f"best so far {_num(best)}; " if best is not None else ""

@@ -32,7 +32,9 @@ _TUNE_LOGGER = "ray.tune.execution.tune_controller"
 _FAILED = "Trial task failed for trial "  # Tune's message before a failed trial's traceback
 _QUALIFIED = re.compile(r"^[\w.]+\.(\w+: )")
 _KEEP_ON_CONSOLE = {"autoscaler"}
-_WORKER_NOISE = re.compile(r"^Restored on \S+ from checkpoint: ")  # Ray Train's line in a retried trial  # node launches and resource demands on a real cluster: worth seeing
+_WORKER_NOISE = re.compile(
+    r"^Restored on \S+ from checkpoint: "
+)  # Ray Train's line in a retried trial  # node launches and resource demands on a real cluster: worth seeing
 _lock = threading.Lock()
 _routed: dict = {}
 
@@ -82,7 +84,9 @@ class _TrialErrorFilter(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if exc is None or not record.getMessage().startswith(_FAILED):
             return True
-        self.sink.lines("tune", [record.getMessage(), *logging.Formatter().formatException(record.exc_info).splitlines()])
+        self.sink.lines(
+            "tune", [record.getMessage(), *logging.Formatter().formatException(record.exc_info).splitlines()]
+        )
         if not isinstance(exc, RayActorError):
             lines = [line for line in str(exc).strip().splitlines() if line.strip()]
             last = lines[-1].strip() if lines else exc.__class__.__name__
@@ -114,7 +118,12 @@ def route(folder: Path) -> Path | None:
         ray_worker.print_to_stdstream = _wrap(printer, sink, takes_prefix=True)
     with dispatcher._lock:  # the handler that prints the workers' and Ray's processes' log lines
         dispatcher.handlers = [
-            (name, _wrap(handler, sink) if name == "ray_print_logs" and not getattr(handler, "_tskd", False) else handler)
+            (
+                name,
+                _wrap(handler, sink)
+                if name == "ray_print_logs" and not getattr(handler, "_tskd", False)
+                else handler,
+            )
             for name, handler in dispatcher.handlers
         ]
     if "filter" not in _routed:

@@ -29,7 +29,9 @@ def recorded_trials(folder: Path) -> set[str] | None:
     if state is None:
         return None
     data = json.loads(state.read_text())
-    return {json.loads(entry[0] if isinstance(entry, list) else entry)["trial_id"] for entry in data["trial_data"]}
+    return {
+        json.loads(entry[0] if isinstance(entry, list) else entry)["trial_id"] for entry in data["trial_data"]
+    }
 
 
 def _rewrite(path: Path, obj) -> None:

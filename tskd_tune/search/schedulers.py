@@ -40,9 +40,15 @@ def brackets(grace: int, reduction_factor: float, max_t: int) -> int:
 def successive_halving(cfg: Config, max_t: int, grace: int, hyperband: bool) -> AsyncHyperBandScheduler:
     s = cfg.search  # config validation refuses ASHA and Hyperband with several objectives
     grace = min(grace, max_t)
-    return AsyncHyperBandScheduler(time_attr="epoch", metric=s.metric, mode=s.mode, max_t=max_t, grace_period=grace,
-                                   reduction_factor=s.reduction_factor,
-                                   brackets=brackets(grace, s.reduction_factor, max_t) if hyperband else 1)  # fmt: skip
+    return AsyncHyperBandScheduler(
+        time_attr="epoch",
+        metric=s.metric,
+        mode=s.mode,
+        max_t=max_t,
+        grace_period=grace,
+        reduction_factor=s.reduction_factor,
+        brackets=brackets(grace, s.reduction_factor, max_t) if hyperband else 1,
+    )
 
 
 class PilotScheduler(FIFOScheduler):
@@ -52,12 +58,24 @@ class PilotScheduler(FIFOScheduler):
     It runs in the driver and is pickled with the Tuner (``tuner.pkl``): a restored search starts from
     the pickled, empty state and reads the finished trials' curves back from ``folder``."""
 
-    def __init__(self, cfg: Config, max_t: int, *, hyperband: bool, pilot: int, folder: Path | None,
-                 grace: int | None = None, stage: str = "search"):  # fmt: skip
+    def __init__(
+        self,
+        cfg: Config,
+        max_t: int,
+        *,
+        hyperband: bool,
+        pilot: int,
+        folder: Path | None,
+        grace: int | None = None,
+        stage: str = "search",
+    ):
         super().__init__()
         self.cfg, self.max_t, self.hyperband, self.pilot = cfg, max_t, hyperband, pilot
         self.folder, self.stage = Path(folder) if folder else None, stage
-        self._metric, self._mode = cfg.search.metric, cfg.search.mode  # Tune's TrialScheduler.metric reads these
+        self._metric, self._mode = (
+            cfg.search.metric,
+            cfg.search.mode,
+        )  # Tune's TrialScheduler.metric reads these
         self.order: list[str] = []  # trial ids in the order they were added: the first `pilot` are protected
         self.curves: dict[str, dict[int, float]] = {}
         self.finished: list[str] = []
@@ -127,9 +145,15 @@ class PilotScheduler(FIFOScheduler):
         curves = [self.curves[t] for t in self.finished]
         grace, corr = fidelity.grace_from_data(curves, self.max_t, trust=AUTO_TRUST)
         at = next((r["spearman"] for r in corr if r["epoch"] == grace), None)
-        note = {"stage": self.stage, "grace_period": grace, "pilot_trials": len(curves), "max_t": self.max_t,
-                "trust": AUTO_TRUST, "spearman_at_grace": at,
-                "rank_correlation": {r["epoch"]: r["spearman"] for r in corr if not math.isnan(r["spearman"])}}  # fmt: skip
+        note = {
+            "stage": self.stage,
+            "grace_period": grace,
+            "pilot_trials": len(curves),
+            "max_t": self.max_t,
+            "trust": AUTO_TRUST,
+            "spearman_at_grace": at,
+            "rank_correlation": {r["epoch"]: r["spearman"] for r in corr if not math.isnan(r["spearman"])},
+        }
         if grace is not None:
             self.inner = successive_halving(self.cfg, self.max_t, grace, self.hyperband)
             for trial_id in self.finished:  # the finished curves fill the rungs the next trials are judged at
@@ -169,12 +193,16 @@ def grace_line(note: dict) -> str:
     """The one line a search prints when it has taken its grace period from its pilot trials."""
     where = "" if note.get("stage", "search") == "search" else f" ({note['stage']} stage)"
     if note["grace_period"] is None:
-        return (f"early stopping{where}: off; over the first {note['pilot_trials']} finished trials no epoch before "
-                f"{note['max_t']} ranks them like their final score (rank correlation >= {note['trust']}), so every "
-                f"trial runs to the end")  # fmt: skip
-    return (f"early stopping{where}: grace period {note['grace_period']} of {note['max_t']} epochs, from the first "
-            f"{note['pilot_trials']} finished trials (rank correlation with their final score >= {note['trust']} "
-            f"from epoch {note['grace_period']} on; {note['spearman_at_grace']:.2f} there)")  # fmt: skip
+        return (
+            f"early stopping{where}: off; over the first {note['pilot_trials']} finished trials no epoch before "
+            f"{note['max_t']} ranks them like their final score (rank correlation >= {note['trust']}), so every "
+            f"trial runs to the end"
+        )
+    return (
+        f"early stopping{where}: grace period {note['grace_period']} of {note['max_t']} epochs, from the first "
+        f"{note['pilot_trials']} finished trials (rank correlation with their final score >= {note['trust']} "
+        f"from epoch {note['grace_period']} on; {note['spearman_at_grace']:.2f} there)"
+    )
 
 
 def make_scheduler(
@@ -190,5 +218,6 @@ def make_scheduler(
     if s.grace_period is not None and protect == 0:
         return successive_halving(cfg, max_t, s.grace_period, hyperband)
     pilot = max(protect, s.pilot_trials) if s.grace_period is None else protect
-    return PilotScheduler(cfg, max_t, hyperband=hyperband, pilot=pilot, folder=folder, grace=s.grace_period,
-                          stage=stage)  # fmt: skip
+    return PilotScheduler(
+        cfg, max_t, hyperband=hyperband, pilot=pilot, folder=folder, grace=s.grace_period, stage=stage
+    )

@@ -146,14 +146,18 @@ class SearchSession:
     def open_parent_run(self) -> SearchRun:
         """The MLflow parent run (reused on resume) and search.json; what every trial is told of the search."""
         parent = parts.parent_run(self.cfg, self.opts, self.resume, self.say)
-        return SearchRun(self.opts.tracking_uri, parent, state_path(self.opts), self.started, cluster.mlflow_env())
+        return SearchRun(
+            self.opts.tracking_uri, parent, state_path(self.opts), self.started, cluster.mlflow_env()
+        )
 
     def fit(self, data: SearchData, run: SearchRun) -> Fitted:
         """The reference trials (Ray tasks beside the search) and the search itself, to its end."""
         cfg, opts = self.cfg, self.opts
         references = parts.start_references(cfg, data.ref, run)
         parts.warn_when_teacher_below_scratch(references, self.say, run)
-        parent_client = tracking.BufferedClient(opts.tracking_uri, tracking.journal_path(run.state_path, "parent"))
+        parent_client = tracking.BufferedClient(
+            opts.tracking_uri, tracking.journal_path(run.state_path, "parent")
+        )
         try:
             if cfg.search.strategy == "staged":
                 fitted = self._staged(run, data.ref)
@@ -176,7 +180,11 @@ class SearchSession:
         summary["wall_s"] = time.perf_counter() - self.clock
         write_json(self.opts.path / "summary.json", summary)
         if cluster.is_uri(self.opts.storage):
-            cluster.push(self.opts.path, self.opts.location, ["summary.json", "leaderboard.csv", "pareto.csv", "best.yaml"])
+            cluster.push(
+                self.opts.path,
+                self.opts.location,
+                ["summary.json", "leaderboard.csv", "pareto.csv", "best.yaml"],
+            )
         return summary
 
     def report(self, run: SearchRun, summary: dict) -> None:
@@ -185,38 +193,75 @@ class SearchSession:
         opts = self.opts
         if "best_trial" in summary:
             write_search_report(self.cfg, opts, run.parent_run_id, self.say, summary)
-        parent_client = tracking.BufferedClient(opts.tracking_uri, tracking.journal_path(run.state_path, "parent"))
+        parent_client = tracking.BufferedClient(
+            opts.tracking_uri, tracking.journal_path(run.state_path, "parent")
+        )
         parent_client.set_terminated(run.parent_run_id, status="FINISHED")
         _, _, queued = tracking.sync_journals(run.state_path)  # the rest wait for `tskd-tune sync`
         if queued:
-            self.say.line(f"MLflow is unreachable: {queued} write(s) are kept in {run.state_path / tracking.JOURNAL_DIR}; "
-                          f"`tskd-tune sync {opts.path}` delivers them")  # fmt: skip
+            self.say.line(
+                f"MLflow is unreachable: {queued} write(s) are kept in {run.state_path / tracking.JOURNAL_DIR}; "
+                f"`tskd-tune sync {opts.path}` delivers them"
+            )
 
-    def _tune(self, cfg: Config, opts: SearchOptions, run: SearchRun, data_ref, study: str | None = None,
-              warm: tuple = ()) -> ResultGrid:  # fmt: skip
+    def _tune(
+        self,
+        cfg: Config,
+        opts: SearchOptions,
+        run: SearchRun,
+        data_ref,
+        study: str | None = None,
+        warm: tuple = (),
+    ) -> ResultGrid:
         """Run (or, when it was interrupted, restore and continue) one Ray Tune experiment to its end."""
         restore = self.resume and (opts.path / "tuner.pkl").exists()
         if restore and not cluster.is_uri(opts.storage) and (lost := reconcile(opts.path)):
-            self.say.line(f"resume: {len(lost)} trial(s) proposed just before the driver stopped were never recorded; "
-                          f"they are proposed again")  # fmt: skip
+            self.say.line(
+                f"resume: {len(lost)} trial(s) proposed just before the driver stopped were never recorded; "
+                f"they are proposed again"
+            )
         from tskd_tune.search import ray_log
 
-        log = ray_log.route(state_path(opts))  # Ray's own lines and retried trials' tracebacks: a file, not the console
-        return build_tuner(cfg, opts, run, data_ref, restore=restore, resume=self.resume, study=study, warm=list(warm),
-                           console=self.say.console, driver_log=log).fit()  # fmt: skip
+        log = ray_log.route(
+            state_path(opts)
+        )  # Ray's own lines and retried trials' tracebacks: a file, not the console
+        return build_tuner(
+            cfg,
+            opts,
+            run,
+            data_ref,
+            restore=restore,
+            resume=self.resume,
+            study=study,
+            warm=list(warm),
+            console=self.say.console,
+            driver_log=log,
+        ).fit()
 
     def _staged(self, run: SearchRun, data_ref) -> Fitted:
         """Both stages of a staged search (see :mod:`.staged`): teachers, then students of the best of them."""
         cfg, opts = self.cfg, self.opts
         teachers = staged.chosen_teachers(opts) if self.resume else None
         if teachers is None:
-            self.say.line(f"teacher stage: {cfg.search.teacher_trials} teacher(s) over {', '.join(staged.teacher_knobs(cfg))}")
-            self._tune(staged.teacher_stage(cfg), staged.stage_options(opts, "teacher"),
-                       dataclasses.replace(run, stage="teacher"), data_ref, study=f"{opts.name}-teacher")  # fmt: skip
+            self.say.line(
+                f"teacher stage: {cfg.search.teacher_trials} teacher(s) over {', '.join(staged.teacher_knobs(cfg))}"
+            )
+            self._tune(
+                staged.teacher_stage(cfg),
+                staged.stage_options(opts, "teacher"),
+                dataclasses.replace(run, stage="teacher"),
+                data_ref,
+                study=f"{opts.name}-teacher",
+            )
             teachers = staged.choose_teachers(cfg, opts)
         self.say.line(f"student stage: distilling the best {len(teachers)} teacher(s): {'; '.join(teachers)}")
         if note := staged.fewer_teachers(cfg, teachers):
             self.say.line(note)
-        results = self._tune(staged.student_stage(cfg, teachers), opts, dataclasses.replace(run, stage="student", teachers=teachers),
-                             data_ref, study=f"{opts.name}-student")  # fmt: skip
+        results = self._tune(
+            staged.student_stage(cfg, teachers),
+            opts,
+            dataclasses.replace(run, stage="student", teachers=teachers),
+            data_ref,
+            study=f"{opts.name}-student",
+        )
         return Fitted(results, tuple(teachers))

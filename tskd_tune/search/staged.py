@@ -35,13 +35,26 @@ def teacher_knobs(cfg: Config) -> dict[str, Distribution]:
 def teacher_stage(cfg: Config) -> Config:
     """Stage 1's config: the teacher method over the teacher knobs, judged on val Dice per teacher epoch."""
     s = cfg.search
-    search = s.model_copy(update={"space": teacher_knobs(cfg), "num_samples": s.teacher_trials, "objectives": {},
-                                  "metric": "val_dice", "mode": "max", "baselines": [],
-                                  "grace_period": None if s.grace_period is None else min(s.grace_period, cfg.teacher.epochs),
-                                  "points_to_evaluate": [{k: v for k, v in p.items() if k.startswith("teacher.")}
-                                                         for p in s.points_to_evaluate if any(k.startswith("teacher.") for k in p)]})  # fmt: skip
+    search = s.model_copy(
+        update={
+            "space": teacher_knobs(cfg),
+            "num_samples": s.teacher_trials,
+            "objectives": {},
+            "metric": "val_dice",
+            "mode": "max",
+            "baselines": [],
+            "grace_period": None if s.grace_period is None else min(s.grace_period, cfg.teacher.epochs),
+            "points_to_evaluate": [
+                {k: v for k, v in p.items() if k.startswith("teacher.")}
+                for p in s.points_to_evaluate
+                if any(k.startswith("teacher.") for k in p)
+            ],
+        }
+    )
     search = search.model_copy(update={"strategy": "joint"})  # each stage is a plain search of its own space
-    return cfg.model_copy(update={"search": search, "distill": cfg.distill.model_copy(update={"method": "teacher"})})
+    return cfg.model_copy(
+        update={"search": search, "distill": cfg.distill.model_copy(update={"method": "teacher"})}
+    )
 
 
 def student_stage(cfg: Config, teachers: dict[str, dict]) -> Config:
@@ -50,9 +63,12 @@ def student_stage(cfg: Config, teachers: dict[str, dict]) -> Config:
 
     choice = TypeAdapter(Distribution).validate_python({"type": "choice", "values": list(teachers)})
     space = {k: v for k, v in cfg.search.space.items() if not k.startswith("teacher.")} | {CHOICE: choice}
-    points = [{k: v for k, v in p.items() if not k.startswith("teacher.")} for p in cfg.search.points_to_evaluate]
-    search = cfg.search.model_copy(update={"space": space, "points_to_evaluate": [p for p in points if p],
-                                           "strategy": "joint"})  # fmt: skip
+    points = [
+        {k: v for k, v in p.items() if not k.startswith("teacher.")} for p in cfg.search.points_to_evaluate
+    ]
+    search = cfg.search.model_copy(
+        update={"space": space, "points_to_evaluate": [p for p in points if p], "strategy": "joint"}
+    )
     return cfg.model_copy(update={"search": search})
 
 
@@ -69,10 +85,14 @@ def choose_teachers(cfg: Config, opts: SearchOptions) -> dict[str, dict]:
     board = objective_board(opts.path / TEACHER_STAGE, [("val_dice", "max")])
     done = board[board["state"] == "finished"].head(cfg.search.top_teachers)
     if done.empty:
-        raise TskdError(f"{opts.path / TEACHER_STAGE}: no teacher finished the teacher stage; nothing to distil")
+        raise TskdError(
+            f"{opts.path / TEACHER_STAGE}: no teacher finished the teacher stage; nothing to distil"
+        )
     knobs = list(teacher_knobs(cfg))
     teachers = {_name(row, knobs): {k: _plain(row[k]) for k in knobs} for _, row in done.iterrows()}
-    board.drop(columns=["trial_dir", "mlflow_run_id"]).to_csv(opts.path / "teacher_leaderboard.csv", index=False)
+    board.drop(columns=["trial_dir", "mlflow_run_id"]).to_csv(
+        opts.path / "teacher_leaderboard.csv", index=False
+    )
     write_json(opts.path / TEACHERS_FILE, {"teachers": teachers, "val_dice": done["val_dice"].tolist()})
     return teachers
 
@@ -84,9 +104,11 @@ def fewer_teachers(cfg: Config, teachers: dict[str, dict]) -> str | None:
     want = cfg.search.top_teachers
     if len(teachers) >= want:
         return None
-    return (f"note: search.top_teachers is {want}, but only {len(teachers)} teacher(s) of the teacher stage ran "
-            f"to the end (the others failed, ran out of search.time_budget_s or were stopped early): see "
-            f"teacher_leaderboard.csv; raise search.teacher_trials for more")
+    return (
+        f"note: search.top_teachers is {want}, but only {len(teachers)} teacher(s) of the teacher stage ran "
+        f"to the end (the others failed, ran out of search.time_budget_s or were stopped early): see "
+        f"teacher_leaderboard.csv; raise search.teacher_trials for more"
+    )
 
 
 def chosen_teachers(opts: SearchOptions) -> dict[str, dict] | None:

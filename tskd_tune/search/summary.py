@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from tskd_tune import fidelity, tracking
@@ -16,8 +14,8 @@ from tskd_tune.cache import atomic_write
 from tskd_tune.config import Config
 from tskd_tune.report import best_trial, leaderboard_csv, objective_board, references, test_dice, trial_label
 from tskd_tune.search.folder import GRACE_FILE, SearchOptions, state_path
+from tskd_tune.search.parent_view import describe_parent, mlflow_metric, score_text
 from tskd_tune.search.staged import TEACHER_STAGE
-from tskd_tune.search.tuner import trial_name
 
 if TYPE_CHECKING:
     from tskd_tune.reporter import Reporter
@@ -48,8 +46,10 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
         front.to_csv(front_path, index=False)
         c.log_artifact(parent, str(front_path))
         summary["pareto_front"] = front["trial_id"].tolist()
-        say.line(f"Pareto front ({', '.join(f'{m} {d}' for m, d in objectives)}): "
-                 f"{len(front)} of {len(board)} trials, in {front_path}")
+        say.line(
+            f"Pareto front ({', '.join(f'{m} {d}' for m, d in objectives)}): "
+            f"{len(front)} of {len(board)} trials, in {front_path}"
+        )
         print(front[["trial_id", *[m for m, _ in objectives]]].to_string(index=False))
     # the best trial that ran to the end: an ASHA-stopped trial's score is from fewer epochs and it has no
     # student to test (with several objectives every trial ends, and the best in the first is on the front)
@@ -59,9 +59,15 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
     atomic_write(best_cfg_path, (trial_dir / "outputs" / "config.yaml").read_text())
     c.log_artifact(parent, str(best_cfg_path))
     test = evaluate_on_test(trial_dir / "outputs", data)
-    summary |= {"best_trial": best["trial_id"], "best_" + metric: float(best[metric]),
-                "best_config": str(best_cfg_path), **test}  # fmt: skip
-    write_board(test_dice(opts.path, board, summary))  # as the report reads it: summary.json is not written yet
+    summary |= {
+        "best_trial": best["trial_id"],
+        "best_" + metric: float(best[metric]),
+        "best_config": str(best_cfg_path),
+        **test,
+    }
+    write_board(
+        test_dice(opts.path, board, summary)
+    )  # as the report reads it: summary.json is not written yet
     refs = reference_metrics(opts.path)
     summary |= refs
     if "reference_scratch_val_dice" in refs:
@@ -69,7 +75,9 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
         if "test_dice" in test and "reference_scratch_test_dice" in refs:
             summary["best_test_gain_vs_scratch"] = test["test_dice"] - refs["reference_scratch_test_dice"]
         for _, row in board.dropna(subset=["gain_vs_scratch", "mlflow_run_id"]).iterrows():
-            c.log_batch(row["mlflow_run_id"], metrics=[_metric("gain_vs_scratch", row["gain_vs_scratch"])])
+            c.log_batch(
+                row["mlflow_run_id"], metrics=[mlflow_metric("gain_vs_scratch", row["gain_vs_scratch"])]
+            )
     below = teacher_below_scratch(refs)
     if below:
         summary["teacher_below_scratch"] = True
@@ -78,13 +86,24 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
     summary |= {"rank_correlation": trust} if trust else {}
     grace = grace_supported(cfg, opts.path)
     summary |= {"grace_from_data": grace} if grace else {}
-    pilots = {stage: note for stage, folder in (("search", opts.path), ("teacher", opts.path / TEACHER_STAGE))
-              if (note := read_grace(folder))}  # fmt: skip
+    pilots = {
+        stage: note
+        for stage, folder in (("search", opts.path), ("teacher", opts.path / TEACHER_STAGE))
+        if (note := read_grace(folder))
+    }
     summary |= {"grace_from_pilot": pilots} if pilots else {}
-    c.log_batch(parent, metrics=[_metric(k, v) for k, v in tracking.numeric(
-        {k: v for k, v in summary.items() if k.startswith(("best_", "reference_"))} | test
-        | {f"rank_corr_epoch_{r['epoch']}": r["spearman"] for r in trust}
-        | ({"grace_from_data": grace["epoch"]} if grace and grace["epoch"] else {})).items()])  # fmt: skip
+    c.log_batch(
+        parent,
+        metrics=[
+            mlflow_metric(k, v)
+            for k, v in tracking.numeric(
+                {k: v for k, v in summary.items() if k.startswith(("best_", "reference_"))}
+                | test
+                | {f"rank_corr_epoch_{r['epoch']}": r["spearman"] for r in trust}
+                | ({"grace_from_data": grace["epoch"]} if grace and grace["epoch"] else {})
+            ).items()
+        ],
+    )
     view = describe_parent(c, parent, cfg, opts.name, board, best, summary)
     shown = board.drop(columns=["trial_id", "trial_dir", "mlflow_run_id"])
     shown.insert(0, "trial", board.apply(trial_label, axis=1))  # t007: the name of its folder and MLflow run
@@ -93,15 +112,24 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
         say.line(line)
     if below:
         say.warn(below)
-    gain = f"; {summary['best_gain_vs_scratch']:+.4f} val Dice over scratch" if "best_gain_vs_scratch" in summary else ""
-    say.line(f"best trial {trial_label(best)} ({best['trial_id']}): {metric} {best[metric]:.4f}{gain}; "
-             f"test_dice {_fmt(test.get('test_dice'))}; config {best_cfg_path}")  # –: no test score, never nan
+    gain = (
+        f"; {summary['best_gain_vs_scratch']:+.4f} val Dice over scratch"
+        if "best_gain_vs_scratch" in summary
+        else ""
+    )
+    say.line(
+        f"best trial {trial_label(best)} ({best['trial_id']}): {metric} {best[metric]:.4f}{gain}; "
+        f"test_dice {score_text(test.get('test_dice'))}; config {best_cfg_path}"
+    )  # –: no test score, never nan
     for line in trust_lines(trust, metric) + grace_lines(grace, cfg):
         say.line(line)
     if view:  # MLflow's runs table shows no scores or values until columns are picked: this view has them
         uri = opts.tracking_uri
-        where = (f"`tskd-tune ui --uri {uri}`, then http://127.0.0.1:5000/" if uri.startswith("sqlite:")
-                 else f"{tracking.mask_secrets(uri).rstrip('/')}/")  # fmt: skip
+        where = (
+            f"`tskd-tune ui --uri {uri}`, then http://127.0.0.1:5000/"
+            if uri.startswith("sqlite:")
+            else f"{tracking.mask_secrets(uri).rstrip('/')}/"
+        )
         say.line(f"compare the trials in MLflow: {where}{view}")
     return summary
 
@@ -138,7 +166,9 @@ def early_stopping(cfg: Config, search_path: Path) -> list[dict]:
     grace = s.grace_period or (read_grace(search_path) or {}).get("grace_period")
     if grace is None:
         return []
-    return fidelity.rank_correlations(search_path, s.metric, fidelity.rungs(grace, s.reduction_factor, max_t), max_t)
+    return fidelity.rank_correlations(
+        search_path, s.metric, fidelity.rungs(grace, s.reduction_factor, max_t), max_t
+    )
 
 
 def read_grace(search_path: Path) -> dict | None:
@@ -172,16 +202,22 @@ def grace_lines(grace: dict | None, cfg: Config) -> list[str]:
         return []
     metric, trials = cfg.search.metric, grace["trials"]
     if trials < fidelity.MIN_TRIALS:
-        return [f"early stopping: {trials} trials ran to the end, too few to say which grace period ASHA could use "
-                f"({fidelity.MIN_TRIALS} or more are needed)"]  # fmt: skip
+        return [
+            f"early stopping: {trials} trials ran to the end, too few to say which grace period ASHA could use "
+            f"({fidelity.MIN_TRIALS} or more are needed)"
+        ]
     if grace["epoch"] is None:
-        return [f"early stopping: over {trials} trials that ran to the end, {metric} before epoch {grace['max_t']} "
-                f"ranks them unlike their final {metric} (rank correlation below {fidelity.TRUST}): keep "
-                f"search.scheduler: fifo"]  # fmt: skip
-    return [f"early stopping: over {trials} trials that ran to the end, {metric} from epoch {grace['epoch']} on "
-            f"ranks them like their final {metric} (rank correlation >= {fidelity.TRUST}; {grace['spearman']:.2f} "
-            f"at epoch {grace['epoch']}): with search.scheduler: asha, search.grace_period should be at least "
-            f"{grace['epoch']} (more is safer: a few trials make this a noisy estimate)"]  # fmt: skip
+        return [
+            f"early stopping: over {trials} trials that ran to the end, {metric} before epoch {grace['max_t']} "
+            f"ranks them unlike their final {metric} (rank correlation below {fidelity.TRUST}): keep "
+            f"search.scheduler: fifo"
+        ]
+    return [
+        f"early stopping: over {trials} trials that ran to the end, {metric} from epoch {grace['epoch']} on "
+        f"ranks them like their final {metric} (rank correlation >= {fidelity.TRUST}; {grace['spearman']:.2f} "
+        f"at epoch {grace['epoch']}): with search.scheduler: asha, search.grace_period should be at least "
+        f"{grace['epoch']} (more is safer: a few trials make this a noisy estimate)"
+    ]
 
 
 def trust_lines(trust: list[dict], metric: str) -> list[str]:
@@ -190,15 +226,19 @@ def trust_lines(trust: list[dict], metric: str) -> list[str]:
         return []
     finished = max(r["trials"] for r in trust)
     if finished < fidelity.MIN_RANKED:  # no rung has a correlation: say why in words, never "nan"
-        return [f"early stopping: {finished} trial(s) ran to the end, too few to rank-correlate {metric} at each "
-                f"rung with its final value ({fidelity.MIN_RANKED} or more are needed, {fidelity.MIN_TRIALS} to "
-                "judge)"]  # fmt: skip
+        return [
+            f"early stopping: {finished} trial(s) ran to the end, too few to rank-correlate {metric} at each "
+            f"rung with its final value ({fidelity.MIN_RANKED} or more are needed, {fidelity.MIN_TRIALS} to "
+            "judge)"
+        ]
 
     def figure(r: dict) -> str:
         rho = r["spearman"]
         if rho is not None and math.isfinite(rho):
             return f"epoch {r['epoch']}: {rho:.2f} ({r['trials']} trials)"
-        why = "too few" if r["trials"] < fidelity.MIN_RANKED else "their scores tie, at the rung or at the end"
+        why = (
+            "too few" if r["trials"] < fidelity.MIN_RANKED else "their scores tie, at the rung or at the end"
+        )
         return f"epoch {r['epoch']}: undefined ({r['trials']} trials; {why})"
 
     figures = ", ".join(figure(r) for r in trust)
@@ -206,159 +246,18 @@ def trust_lines(trust: list[dict], metric: str) -> list[str]:
         figures += f" (too few finished trials to judge: {fidelity.MIN_TRIALS} or more are needed)"
     warning = fidelity.warning(trust, metric)
     return [f"early stopping: rank correlation of {metric} with its final value at each rung: {figures}"] + (
-        [warning] if warning else [])  # fmt: skip
-
-
-VIEW_TAG = "mlflow.sharedViewState."
-"""The experiment tag MLflow's "share" button writes a runs-table view to (the key follows)."""
-TRAINING_UI = "workflowType=machine_learning"
-"""Opens MLflow's UI on its model-training pages (its default is GenAI, where runs are "evaluation runs")."""
-
-
-def describe_parent(c, parent: str, cfg: Config, name: str, board, best, summary: dict) -> str | None:
-    """Tag the parent run with its best child (``tskd.best_run_id``, ``tskd.best_run_name``) and describe it
-    with a markdown leaderboard (``mlflow.note.content``: the description MLflow's run page shows); returns
-    the link of :func:`leaderboard_view` (None while MLflow is unreachable)."""
-    from mlflow.entities import RunTag
-
-    view = leaderboard_view(c, parent, cfg)
-    tags = {"mlflow.note.content": leaderboard_note(cfg, name, board, best, summary, view)}
-    best_run, best_name = best.get("mlflow_run_id"), run_name(best, cfg)
-    if isinstance(best_run, str):
-        tags |= {"tskd.best_run_id": best_run, "tskd.best_run_name": best_name}
-    c.log_batch(parent, tags=[RunTag(k, v) for k, v in tags.items()])
-    if not isinstance(best_run, str):
-        return view
-    # the best trial's own run says so (tag tskd.best, its description) and holds the test score measured for it
-    metric = cfg.search.objective_items()[0][0]
-    note = (f"**Best trial** of search `{name}`: {metric} {_fmt(best[metric])}; test Dice {_fmt(summary.get('test_dice'))} "
-            "(its student on the test split, once, when the search ended). The search's leaderboard is the "
-            "description of its parent run.")  # fmt: skip
-    test = tracking.numeric({k: v for k, v in summary.items() if k.startswith("test_")})
-    c.log_batch(best_run, metrics=[_metric(k, v) for k, v in test.items()],
-                tags=[RunTag("tskd.best", "true"), RunTag("mlflow.note.content", note)])  # fmt: skip
-    try:  # a resumed search may have found a better trial than the one tagged best before
-        flt = f"tags.`mlflow.parentRunId` = '{parent}' and tags.`tskd.best` = 'true'"
-        before = c.search_runs([c.get_run(parent).info.experiment_id], filter_string=flt)
-    except Exception as exc:  # noqa: BLE001 - the journal delivers the writes above; the old tag stays
-        if not tracking.unreachable(exc):
-            raise
-        before = []
-    for run in before:
-        if run.info.run_id != best_run:
-            was = f"Was the best trial of search `{name}` until the search was resumed; the best is now {best_name}."
-            c.log_batch(run.info.run_id, tags=[RunTag("tskd.best", "false"), RunTag("mlflow.note.content", was)])
-    return view
-
-
-def run_name(row, cfg: Config) -> str:
-    """The MLflow run name of a leaderboard row's trial (``t007 T=3.7 kd=1.6``), from its folder and params."""
-    folder = Path(row["trial_dir"])
-    try:
-        params = json.loads((folder / "params.json").read_text())
-    except (OSError, ValueError):
-        params = {}
-    values = {k: params[k] for k in cfg.search.space if k in params}  # in the order the searcher samples them
-    number = folder.name.split("_", 1)[0].lstrip("t")
-    return trial_name(SimpleNamespace(experiment_tag=number, evaluated_params=values))
-
-
-def leaderboard_note(cfg: Config, name: str, board, best, summary: dict, view: str | None, top: int = 10) -> str:
-    """The parent run's description, in markdown: the top trials with their scores and gain over the scratch
-    student (the best in bold, each linked to its run), the reference trials, the best config's searched values.
-
-    ``view``: the link of :func:`leaderboard_view`, or None (MLflow unreachable: no links).
-    """
-    objectives = cfg.search.objective_items()
-    metric = objectives[0][0]
-    columns = [m for m, _ in objectives[1:]] + ([] if "val_hd95" in dict(objectives) else ["val_hd95"])
-    gain = board["gain_vs_scratch"].notna().any()
-    counts = ", ".join(f"{n} {s}" for s, n in board["state"].value_counts().items())
-    best_name = run_name(best, cfg)
-    gains = f", {_fmt(best['gain_vs_scratch'], sign=True)} over scratch" if gain else ""
-    lines = [f"### Search `{name}`: {len(board)} trials ({counts})", "",
-             f"Objective: {', '.join(f'{m} ({d})' for m, d in objectives)}. Best trial: **{best_name}**, {metric} "
-             f"{_fmt(best[metric])}{gains}; test Dice {_fmt(summary.get('test_dice'))}.", ""]  # fmt: skip
-    if view:
-        lines += [f"[This search's runs in one table]({view}), with their scores and searched values.", ""]
-    lines += ["**Trials, best first**", ""]
-    header = ["trial", "state", metric, *(["gain vs scratch"] if gain else []), *columns, "epochs"]
-    lines += ["| " + " | ".join(header) + " |", "|:--|:--|" + "--:|" * (len(header) - 2)]
-    for _, row in board.head(top).iterrows():
-        label = run_name(row, cfg)
-        if view and isinstance(row.get("mlflow_run_id"), str):
-            label = f"[{label}]({view.split('/runs?', 1)[0]}/runs/{row['mlflow_run_id']}?{TRAINING_UI})"
-        label = f"**{label}**" if row["trial_id"] == best["trial_id"] else label
-        cells = [label, str(row["state"]), _fmt(row[metric]), *([_fmt(row["gain_vs_scratch"], sign=True)] if gain else []),
-                 *(_fmt(row.get(m)) for m in columns), str(row["epoch"])]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    if len(board) > top:
-        lines += ["", f"{len(board) - top} more in leaderboard.csv (this run's artifacts)."]
-    refs = [m for m in cfg.search.baselines if f"reference_{m}_val_dice" in summary]
-    if refs:
-        lines += ["", "**Reference trials** (outside the search; scored on val and test)", "",
-                  "| reference | val_dice | test_dice | val_hd95 |", "|:--|--:|--:|--:|"]  # fmt: skip
-        lines += ["| " + " | ".join([m, *(_fmt(summary.get(f"reference_{m}_{k}")) for k in ("val_dice", "test_dice", "val_hd95"))])
-                  + " |" for m in refs]  # fmt: skip
-    searched = json.loads((Path(best["trial_dir"]) / "params.json").read_text())
-    lines += ["", "**Best config**: the searched values", ""]
-    lines += [f"- `{k}`: {_value(searched[k])}" for k in cfg.search.space if k in searched]
-    lines += ["", "The whole config is `best.yaml` in this run's artifacts; every trial's is `config.yaml` in its run's."]
-    return "\n".join(lines)
-
-
-def leaderboard_view(c, parent: str, cfg: Config) -> str | None:
-    """A link to the experiment's runs table showing this search's runs with the columns that
-    compare them, as an MLflow shared view (the experiment tag ``mlflow.sharedViewState.<key>`` that MLflow's
-    own "share" button writes); None while MLflow is unreachable."""
-    objectives = cfg.search.objective_items()
-    metric, mode = objectives[0]
-    extra = [m for m, _ in objectives[1:]]
-    columns = [*(f"metrics.`{m}`" for m in dict.fromkeys([metric, "gain_vs_scratch", *extra, "val_hd95", "test_dice"])),
-               *(f"params.`{p}`" for p in cfg.search.space), "tags.`tskd.status`"]  # fmt: skip
-    state = {  # the facets and the runs table's state, as MLflow's UI keeps them
-        # the ranked trials only: a reference teacher (or a staged search's teacher stage) would top the students
-        "searchFilter": f"tags.`mlflow.parentRunId` = '{parent}' and tags.`{tracking.KIND_TAG}` = 'trial'",
-        "orderByKey": f"metrics.`{metric}`",
-        "orderByAsc": mode == "min",
-        "selectedColumns": [*columns, "attributes.`Duration`"],
-        # the UI sizes columns by their values, which cuts the names: wide enough for the name
-        "columnOrder": ["attributes.`Run Name`", *columns],
-        "columnWidths": {"attributes.`Run Name`": 200} | {c: max(110, 8 * len(c.split("`")[1]) + 40) for c in columns},
-        "runsHiddenMode": "SHOW_ALL",
-    }
-    key = f"tskd-{parent}"
-    try:
-        experiment = c.get_run(parent).info.experiment_id
-        c.set_experiment_tag(experiment, f"{VIEW_TAG}{key}", json.dumps(state))
-    except Exception as exc:  # noqa: BLE001 - a convenience: the note goes without the link
-        if not tracking.unreachable(exc):
-            raise
-        return None
-    return f"#/experiments/{experiment}/runs?viewStateShareKey={key}&{TRAINING_UI}"
-
-
-def _value(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _fmt(value, sign: bool = False) -> str:
-    if value is None or isinstance(value, float) and math.isnan(value):
-        return "–"
-    value = float(value)
-    return f"{value:+.4f}" if sign else f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
-
-
-def _metric(key: str, value: float):
-    from mlflow.entities import Metric
-
-    return Metric(key, float(value), int(time.time() * 1000), 0)
+        [warning] if warning else []
+    )
 
 
 def reference_metrics(search_path: Path) -> dict:
     """``reference_<method>_<metric>`` for the finished reference trials (val and test Dice, HD95)."""
-    return {f"reference_{method}_{k}": float(m[k]) for method, m in references(search_path).items()
-            for k in ("val_dice", "val_hd95", "test_dice", "test_hd95") if m.get(k) is not None}  # fmt: skip
+    return {
+        f"reference_{method}_{k}": float(m[k])
+        for method, m in references(search_path).items()
+        for k in ("val_dice", "val_hd95", "test_dice", "test_hd95")
+        if m.get(k) is not None
+    }
 
 
 TEACHER_BELOW_SCRATCH_TAG = "tskd.teacher_below_scratch"
@@ -370,15 +269,20 @@ def teacher_below_scratch(refs: dict) -> str | None:
     teacher, scratch = refs.get("reference_teacher_val_dice"), refs.get("reference_scratch_val_dice")
     if teacher is None or scratch is None or teacher >= scratch:
         return None
-    return (f"warning: the teacher (val Dice {teacher:.4f}) is below the scratch student ({scratch:.4f}): "
-            "distilling it is unlikely to beat scratch; try teacher.head: sam_decoder or teacher.adapt: lora")  # fmt: skip
+    return (
+        f"warning: the teacher (val Dice {teacher:.4f}) is below the scratch student ({scratch:.4f}): "
+        "distilling it is unlikely to beat scratch; try teacher.head: sam_decoder or teacher.adapt: lora"
+    )
 
 
 def reference_lines(refs: dict) -> list[str]:
     """One line per reference trial: its val and test Dice."""
     methods = dict.fromkeys(k.split("_")[1] for k in refs)
-    return [f"reference {m}: val_dice {_fmt(refs.get(f'reference_{m}_val_dice'))}, "
-            f"test_dice {_fmt(refs.get(f'reference_{m}_test_dice'))}" for m in methods]  # fmt: skip
+    return [
+        f"reference {m}: val_dice {score_text(refs.get(f'reference_{m}_val_dice'))}, "
+        f"test_dice {score_text(refs.get(f'reference_{m}_test_dice'))}"
+        for m in methods
+    ]
 
 
 def evaluate_on_test(outputs: Path, data: tuple) -> dict:

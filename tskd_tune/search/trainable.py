@@ -36,31 +36,59 @@ def trial(config: dict, data: tuple, base: Config, run: SearchRun) -> None:
     for name in ("ray.tune", "ray.train"):  # one "checkpoint created" line per epoch is noise
         logging.getLogger(name).setLevel(logging.WARNING)
     values = dict(config)
-    if CHOICE in values:  # a staged search's student stage: the chosen teacher's values, a config of real paths
+    if (
+        CHOICE in values
+    ):  # a staged search's student stage: the chosen teacher's values, a config of real paths
         values |= run.teachers[values.pop(CHOICE)]
-        base = base.model_copy(update={"search": base.search.model_copy(
-            update={"space": {k: v for k, v in base.search.space.items() if k != CHOICE}})})  # fmt: skip
+        base = base.model_copy(
+            update={
+                "search": base.search.model_copy(
+                    update={"space": {k: v for k, v in base.search.space.items() if k != CHOICE}}
+                )
+            }
+        )
     cfg = apply_values(base, values)
     _cap_gpu_memory(cfg)
     ctx, state = tune.get_context(), run.state_path
     marker = faults.marker_path(state, ctx.get_trial_id())
     faults.fail_if_failed_before(marker)  # a trial that raised would fail the same way again: no retry
     report = TuneReport(cfg)
-    with (faults.recorded(marker),
-          tracking.trial_run(run.tracking_uri, run.parent_run_id, ctx.get_trial_id(), ctx.get_trial_name(),
-                             search_path=state, tracking_cfg=cfg.tracking) as mlflow_run,
-          faults.watchdog(cfg.search.trial_timeout_s, partial(_timed_out, marker, mlflow_run.tracker,
-                                                              cfg.search.trial_timeout_s))):  # fmt: skip
+    with (
+        faults.recorded(marker),
+        tracking.trial_run(
+            run.tracking_uri,
+            run.parent_run_id,
+            ctx.get_trial_id(),
+            ctx.get_trial_name(),
+            search_path=state,
+            tracking_cfg=cfg.tracking,
+        ) as mlflow_run,
+        faults.watchdog(
+            cfg.search.trial_timeout_s,
+            partial(_timed_out, marker, mlflow_run.tracker, cfg.search.trial_timeout_s),
+        ),
+    ):
         tracker = report.tracker = mlflow_run.tracker
-        tracker.log_params(config | {"distill.method": cfg.distill.method, "student.model": cfg.student.model})
+        tracker.log_params(
+            config | {"distill.method": cfg.distill.method, "student.model": cfg.student.model}
+        )
         stage = {"tskd.stage": run.stage} if run.stage else {}
         kind = {tracking.KIND_TAG: "teacher_trial" if run.stage == "teacher" else "trial"}
         tracker.set_tags(_run_tags(cfg) | {"resumed": mlflow_run.resumed} | stage | kind)
-        tracker.log_text(to_yaml(cfg), "config.yaml")  # at the start: a trial stopped early never reaches its end
+        tracker.log_text(
+            to_yaml(cfg), "config.yaml"
+        )  # at the start: a trial stopped early never reaches its end
         if not mlflow_run.resumed:  # likewise its student's size and speed, which its weights do not change
             tracker.log_metrics(student_measures(cfg, len(data[0].classes)), step=0)
-        result = run_trial(cfg, report, tracker, out_dir=_working_dir() / "outputs", resume_from=_restored(),
-                           data=data, hooks=faults.trial_hooks())  # fmt: skip
+        result = run_trial(
+            cfg,
+            report,
+            tracker,
+            out_dir=_working_dir() / "outputs",
+            resume_from=_restored(),
+            data=data,
+            hooks=faults.trial_hooks(),
+        )
         mlflow_run.stop_monitor()
         tracking.record_result(tracker, result, step=report.last_epoch)
     report.final(result)  # after the run is ended: the scheduler may stop the trial at any report
@@ -85,7 +113,9 @@ class TuneReport:
         out = {k: v for k, v in tracking.numeric(metrics).items() if math.isfinite(v)}
         for name in self.objectives:  # a non-finite score would reach ASHA and Optuna as a result
             if name in metrics and name not in out:
-                raise faults.TrialFailed(f"{name} is {metrics[name]} at epoch {epoch}; not reported to the searcher")
+                raise faults.TrialFailed(
+                    f"{name} is {metrics[name]} at epoch {epoch}; not reported to the searcher"
+                )
         out |= {"epoch": epoch, "cpu_s": round(time.process_time() - self.cpu0, 2)} | self._ids()
         # Tune wants every objective in every result; end-of-trial ones (latency, size) are not known yet.
         # A multi-objective OptunaSearch ignores intermediate results, so these NaNs never reach Optuna.
@@ -99,7 +129,9 @@ class TuneReport:
         """The held-back last report, with the trial's final metrics (``final_*``, end-of-trial objectives)."""
         numbers = tracking.numeric(result)
         out = self.held.get("metrics", {"epoch": self.last_epoch} | self._ids())
-        out |= {f"final_{k}": v for k, v in numbers.items()} | {k: v for k, v in numbers.items() if k in self.at_end}
+        out |= {f"final_{k}": v for k, v in numbers.items()} | {
+            k: v for k, v in numbers.items() if k in self.at_end
+        }
         out |= process_stats()  # Tune's result only (result.json): what a long search's workers hold
         self._send(out, self.held.get("ckpt"))
 
@@ -107,14 +139,18 @@ class TuneReport:
         """The trial's MLflow run and the Ray node it runs on (the driver tells a lost node by it)."""
         import ray
 
-        run = {"mlflow_run_id": self.tracker.run_id} if self.tracker is not None and self.tracker.run_id else {}
+        run = (
+            {"mlflow_run_id": self.tracker.run_id} if self.tracker is not None and self.tracker.run_id else {}
+        )
         return run | {"node_id": ray.get_runtime_context().get_node_id()}
 
     @staticmethod
     def _send(metrics: dict, ckpt: Path | None) -> None:
         from ray import tune
 
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None)
+        tune.report(
+            metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None
+        )
 
 
 def student_measures(cfg: Config, num_classes: int) -> dict:
@@ -131,8 +167,12 @@ def student_measures(cfg: Config, num_classes: int) -> dict:
     set_threads(cfg)  # run_trial sets the same; every random source is reseeded there too
     device = resolve_device(cfg)
     model = build_student(cfg.student, cfg.data.channels, num_classes, cfg.data.image_size).to(device)
-    return {"student_params": count_params(model),
-            "student_latency_ms": latency_ms(model, cfg.data.channels, cfg.data.image_size, device=device, repeats=5)}  # fmt: skip
+    return {
+        "student_params": count_params(model),
+        "student_latency_ms": latency_ms(
+            model, cfg.data.channels, cfg.data.image_size, device=device, repeats=5
+        ),
+    }
 
 
 def process_stats() -> dict:
@@ -158,10 +198,17 @@ def reference_trial(method: str, data: tuple, base: Config, run: SearchRun) -> d
     out_dir = run.state_path / REFERENCES / method / "outputs"
     if (out_dir / "metrics.json").is_file():  # finished before the search was interrupted
         return json.loads((out_dir / "metrics.json").read_text())
-    with tracking.trial_run(run.tracking_uri, run.parent_run_id, f"baseline-{method}", f"reference {method}",
-                            search_path=run.state_path) as mlflow_run:  # fmt: skip
+    with tracking.trial_run(
+        run.tracking_uri,
+        run.parent_run_id,
+        f"baseline-{method}",
+        f"reference {method}",
+        search_path=run.state_path,
+    ) as mlflow_run:
         tracker = mlflow_run.tracker
-        tracker.log_params({"distill.method": method, "student.model": cfg.student.model, "teacher.model": cfg.teacher.model})
+        tracker.log_params(
+            {"distill.method": method, "student.model": cfg.student.model, "teacher.model": cfg.teacher.model}
+        )
         tracker.set_tags(_run_tags(cfg) | {"tskd.baseline": method, tracking.KIND_TAG: "reference"})
         result = run_trial(cfg, None, tracker, out_dir=out_dir, test=True, data=data)
         tracking.record_result(tracker, result, step=get_method(method).reported_epochs(cfg))
@@ -171,8 +218,12 @@ def reference_trial(method: str, data: tuple, base: Config, run: SearchRun) -> d
 def _run_tags(cfg: Config) -> dict:
     import ray
 
-    return {"ray.node_id": ray.get_runtime_context().get_node_id(), "ray.node_ip": ray.util.get_node_ip_address(),
-            "device": str(resolve_device(cfg)), "teacher.pretrained": str(is_pretrained(cfg.teacher)).lower()}  # fmt: skip
+    return {
+        "ray.node_id": ray.get_runtime_context().get_node_id(),
+        "ray.node_ip": ray.util.get_node_ip_address(),
+        "device": str(resolve_device(cfg)),
+        "teacher.pretrained": str(is_pretrained(cfg.teacher)).lower(),
+    }
 
 
 def _cap_gpu_memory(cfg: Config) -> None:

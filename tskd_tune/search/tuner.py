@@ -49,10 +49,7 @@ SCHEDULERS = ("asha", "hyperband", "fifo")
 def trial_name(trial) -> str:
     """``t007 T=3.7 kd=1.6 lr=0.0026``: the trial's number and its sampled values, readable and unique
     within the search (Tune's display name, the MLflow run name)."""
-    values = [
-        f"{short_name(k)}={_short(v)}"
-        for k, v in (trial.evaluated_params or {}).items()
-    ]
+    values = [f"{short_name(k)}={_short(v)}" for k, v in (trial.evaluated_params or {}).items()]
     return " ".join([trial_number(trial), *values])
 
 
@@ -109,9 +106,13 @@ def finalizer(tracking_uri: str, parent_run_id: str, search_path: Path):
                     tracking.sync_journals(search_path, probe=True)
 
         def _tracker(self, trial) -> tracking.RunTracker:
-            return tracking.RunTracker(tracking_uri, journal=tracking.journal_path(search_path, trial.trial_id),
-                                       run_id=(trial.last_result or {}).get("mlflow_run_id"),
-                                       parent_run_id=parent_run_id, trial_id=trial.trial_id)  # fmt: skip
+            return tracking.RunTracker(
+                tracking_uri,
+                journal=tracking.journal_path(search_path, trial.trial_id),
+                run_id=(trial.last_result or {}).get("mlflow_run_id"),
+                parent_run_id=parent_run_id,
+                trial_id=trial.trial_id,
+            )
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             # only a run the trial did not finish itself is changed: the scheduler stopped that trial, a normal
@@ -149,8 +150,9 @@ def retry_notice(log: Path | None, resume_hint: str, search_path: Path):
             if not _worker_died(trial) or (failed_dir / f"{trial.trial_id}.json").is_file():
                 return  # the trial raised or hung (faults.py recorded it): its retry fails at once, and says so
             last = trial.last_result or {}
-            self.pending.append((trial, last.get("node_id"), last.get("node_ip", "?"), restart_point(trial),
-                                 time.monotonic()))  # fmt: skip
+            self.pending.append(
+                (trial, last.get("node_id"), last.get("node_ip", "?"), restart_point(trial), time.monotonic())
+            )
 
         def on_step_end(self, iteration, trials, **info):
             if self.pending:
@@ -174,15 +176,21 @@ def retry_notice(log: Path | None, resume_hint: str, search_path: Path):
                 if nodes is not None and not alive:
                     print(f"node {address} lost; {trial_number(trial)} retried {point}", flush=True)
                 elif final or node is None or nodes is None or time.monotonic() - since > 60:
-                    print(f"{trial_number(trial)}: its worker process on {address} died; retried {point}{where}", flush=True)
+                    print(
+                        f"{trial_number(trial)}: its worker process on {address} died; retried {point}{where}",
+                        flush=True,
+                    )
                 else:
                     waiting.append((trial, node, ip, point, since))
             self.pending = waiting
 
         def on_trial_error(self, iteration, trials, trial, **info):
             if _worker_died(trial):
-                print(f"{trial_number(trial)}: its worker died {trial.run_metadata.num_failures} times, more than Ray "
-                      f"retries; `{resume_hint}` runs it again {restart_point(trial)}{where}", flush=True)  # fmt: skip
+                print(
+                    f"{trial_number(trial)}: its worker died {trial.run_metadata.num_failures} times, more than Ray "
+                    f"retries; `{resume_hint}` runs it again {restart_point(trial)}{where}",
+                    flush=True,
+                )
 
         def get_state(self):  # nothing to keep across a restore: a pending trial is retried either way
             return None
@@ -206,7 +214,11 @@ def _worker_died(trial) -> bool:
     from tskd_tune.report import last_failure
 
     failure = last_failure(trial.error_file) if trial.error_file else None
-    return failure is not None and "The actor " in failure[1] and ("died" in failure[1] or "unavailable" in failure[1])
+    return (
+        failure is not None
+        and "The actor " in failure[1]
+        and ("died" in failure[1] or "unavailable" in failure[1])
+    )
 
 
 def keep_cache(cfg: Config, since: float) -> str | None:
@@ -218,8 +230,10 @@ def keep_cache(cfg: Config, since: float) -> str | None:
     if not removed:
         return None
     kinds = ", ".join(sorted({e.kind for e in removed}))
-    return (f"cache: removed {len(removed)} least recently used entr{'y' if len(removed) == 1 else 'ies'} "
-            f"({sum(e.size for e in removed) / GB:.2f} GB: {kinds}) to stay under cache.max_gb={cfg.cache.max_gb}")
+    return (
+        f"cache: removed {len(removed)} least recently used entr{'y' if len(removed) == 1 else 'ies'} "
+        f"({sum(e.size for e in removed) / GB:.2f} GB: {kinds}) to stay under cache.max_gb={cfg.cache.max_gb}"
+    )
 
 
 def cache_keeper(cfg: Config, since: float):
@@ -235,8 +249,14 @@ def cache_keeper(cfg: Config, since: float):
     return CacheKeeper()
 
 
-def make_searcher(cfg: Config, opts: SearchOptions, *, resume: bool = False, study: str | None = None,
-                  warm: list[tuple[dict, float]] = ()):  # fmt: skip
+def make_searcher(
+    cfg: Config,
+    opts: SearchOptions,
+    *,
+    resume: bool = False,
+    study: str | None = None,
+    warm: list[tuple[dict, float]] = (),
+):
     """OptunaSearch over the space (the sampler by name, seeded), its study named ``study`` (default: the
     search) in ``search.study_storage``, with the ``warm`` trials added as completed before any proposal.
     Trials the scheduler stops reach the study as PRUNED (:class:`study_search.StudySearch`)."""
@@ -249,9 +269,15 @@ def make_searcher(cfg: Config, opts: SearchOptions, *, resume: bool = False, stu
     metric, mode = objectives[0]
     if len(objectives) > 1:  # Optuna's multi-objective study: every trial's final result carries all of them
         metric, mode = [m for m, _ in objectives], [d for _, d in objectives]
-    searcher = StudySearch(space=to_optuna(s.space), metric=metric, mode=mode, sampler=_sampler(s),
-                            points_to_evaluate=s.points_to_evaluate or None, study_name=study or opts.name,
-                            storage=study_storage(cfg, study or opts.name, fresh=not resume))  # fmt: skip
+    searcher = StudySearch(
+        space=to_optuna(s.space),
+        metric=metric,
+        mode=mode,
+        sampler=_sampler(s),
+        points_to_evaluate=s.points_to_evaluate or None,
+        study_name=study or opts.name,
+        storage=study_storage(cfg, study or opts.name, fresh=not resume),
+    )
     for params, value in warm:
         searcher.add_evaluated_point(params, value)
     return searcher
@@ -267,9 +293,19 @@ def _scheduler(cfg: Config, opts: SearchOptions, run: SearchRun, max_t: int):
     return make_scheduler(cfg, max_t, folder=opts.path, protect=protect, stage=stage)
 
 
-def build_tuner(cfg: Config, opts: SearchOptions, run: SearchRun, data_ref, *, restore: bool = False, resume: bool = False,
-                study: str | None = None, warm: list[tuple[dict, float]] = (), console=None,
-                driver_log: Path | None = None):  # fmt: skip
+def build_tuner(
+    cfg: Config,
+    opts: SearchOptions,
+    run: SearchRun,
+    data_ref,
+    *,
+    restore: bool = False,
+    resume: bool = False,
+    study: str | None = None,
+    warm: list[tuple[dict, float]] = (),
+    console=None,
+    driver_log: Path | None = None,
+):
     """The Tuner of the search, or of one stage of it (or, with ``restore``, the interrupted one restored from
     its folder). ``study``: the Optuna study's name (default: the search's); ``warm``: (params, value) of
     earlier trials that join the study as completed before any proposal; ``driver_log``: where Ray's own
@@ -292,14 +328,20 @@ def build_tuner(cfg: Config, opts: SearchOptions, run: SearchRun, data_ref, *, r
     max_t = get_method(cfg.distill.method).reported_epochs(cfg)
     if opts.verbose:  # Ray's own status block, every 15 s
         reporter = tune.CLIReporter(
-            metric_columns={"epoch": "epoch", s.metric: s.metric, "val_hd95": "hd95"} | {m: m for m, _ in objectives},
-            parameter_columns={p: p.split(".")[-1] if len(p) > 24 else p for p in s.space}, max_report_frequency=15,
-            sort_by_metric=True, metric=s.metric, mode=s.mode)  # fmt: skip
+            metric_columns={"epoch": "epoch", s.metric: s.metric, "val_hd95": "hd95"}
+            | {m: m for m, _ in objectives},
+            parameter_columns={p: p.split(".")[-1] if len(p) > 24 else p for p in s.space},
+            max_report_frequency=15,
+            sort_by_metric=True,
+            metric=s.metric,
+            mode=s.mode,
+        )
     else:
         from tskd_tune.search.progress import SearchProgress
 
-        reporter = SearchProgress(console, s.metric, s.mode, list(s.space), max_t, s.num_samples, s.max_concurrent,
-                                  run.state_path)  # fmt: skip
+        reporter = SearchProgress(
+            console, s.metric, s.mode, list(s.space), max_t, s.num_samples, s.max_concurrent, run.state_path
+        )
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(

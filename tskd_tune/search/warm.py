@@ -21,7 +21,9 @@ def warm_trials(cfg: Config, sources: list[str]) -> tuple[list[tuple[dict, float
     from tskd_tune.search.folder import resolve_search_path
 
     if len(cfg.search.objective_items()) > 1:
-        raise TskdError("--warm-start: a multi-objective study is not warm-started (Ray's OptunaSearch takes one value)")
+        raise TskdError(
+            "--warm-start: a multi-objective study is not warm-started (Ray's OptunaSearch takes one value)"
+        )
     if cfg.search.strategy == "staged":
         raise TskdError("--warm-start: a staged search is not warm-started yet; use search.strategy: joint")
     metric, mode = cfg.search.metric, cfg.search.mode
@@ -39,8 +41,10 @@ def warm_trials(cfg: Config, sources: list[str]) -> tuple[list[tuple[dict, float
             else:
                 skipped.append(f"{row['trial_id']} ({why or f'no {metric}'})")
         joined += took
-        lines.append(f"warm start from {folder}: {len(took)} finished trial(s) added to the study"
-                     + (f"; skipped {len(skipped)}: {', '.join(skipped)}" if skipped else ""))  # fmt: skip
+        lines.append(
+            f"warm start from {folder}: {len(took)} finished trial(s) added to the study"
+            + (f"; skipped {len(skipped)}: {', '.join(skipped)}" if skipped else "")
+        )
     return joined, lines, folders
 
 

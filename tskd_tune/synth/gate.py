@@ -39,8 +39,20 @@ counts as a memorised copy."""
 GATE_MAX_COPY_FRACTION = 0.5
 """A pool that is mostly copies of training images adds little to the transfer set."""
 
-GATE_FIGURES = ("mean_real", "mean_synth", "std_real", "std_synth", "mean_distance", "std_distance",
-                "hist_distance", "roughness_ratio", "nn_distance", "nn_real", "nn_ratio", "copies")  # fmt: skip
+GATE_FIGURES = (
+    "mean_real",
+    "mean_synth",
+    "std_real",
+    "std_synth",
+    "mean_distance",
+    "std_distance",
+    "hist_distance",
+    "roughness_ratio",
+    "nn_distance",
+    "nn_real",
+    "nn_ratio",
+    "copies",
+)
 """The gate's figures that become ``synth_*`` trial metrics and rows of the `tskd-tune synth` table."""
 
 

@@ -174,7 +174,9 @@ def draws_synthetic(cfg: Config) -> bool:
     return generator_kind(gc.generator).images and gc.pool_size > 0 and gc.ratio > 0
 
 
-def pool_for_search(cfg: Config, prepared: Prepared, splits: Splits, progress: Progress | None = None) -> Pool | None:
+def pool_for_search(
+    cfg: Config, prepared: Prepared, splits: Splits, progress: Progress | None = None
+) -> Pool | None:
     """Build a search's pool once, before its trials start, when its trials may draw from it
     (``synthetic.ratio`` > 0, or searched up to > 0); trials then find it in the cache. The caller asks
     only for a search whose methods distil on a transfer set.
@@ -265,12 +267,25 @@ def pool_semantics(
     from tskd_tune.features import encoder_features, feature_key
     from tskd_tune.models.teacher import ALL_FROZEN, build_teacher
 
-    model = build_teacher(cfg.teacher, in_chans=cfg.data.channels, num_classes=len(prepared.classes),
-                          image_size=cfg.data.image_size, seed=cfg.seed, frozen=ALL_FROZEN)  # fmt: skip
+    model = build_teacher(
+        cfg.teacher,
+        in_chans=cfg.data.channels,
+        num_classes=len(prepared.classes),
+        image_size=cfg.data.image_size,
+        seed=cfg.seed,
+        frozen=ALL_FROZEN,
+    )
     model.eval()
     train = training_indices(splits)
-    key = {"kind": "synth_semantic", "version": 1, "pool": pool.key, "train": digest(train.tolist()),
-           "encoder": feature_key(cfg, model, {}), "k": K, "dims": PCA_DIMS}  # fmt: skip
+    key = {
+        "kind": "synth_semantic",
+        "version": 1,
+        "pool": pool.key,
+        "train": digest(train.tolist()),
+        "encoder": feature_key(cfg, model, {}),
+        "k": K,
+        "dims": PCA_DIMS,
+    }
 
     def vectors(states: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
         out = []
@@ -283,8 +298,16 @@ def pool_semantics(
         return np.concatenate(out)
 
     def build(tmp) -> None:
-        feats = encoder_features(cfg, model.to(device), prepared, store, device,
-                                 pool=(pool.key, pool.images), threads=threads, progress=progress)  # fmt: skip
+        feats = encoder_features(
+            cfg,
+            model.to(device),
+            prepared,
+            store,
+            device,
+            pool=(pool.key, pool.images),
+            threads=threads,
+            progress=progress,
+        )
         real = vectors(feats.data, spread(train, MAX_IMAGES))
         synth = vectors(feats.pool, np.arange(len(pool), dtype=np.int64))
         figures = spread(np.arange(len(synth)), MAX_IMAGES)

@@ -20,8 +20,13 @@ from pathlib import Path
 ARTIFACTS = "mlartifacts"
 SQLITE = "sqlite:///"
 # every column in which MLflow keeps an artifact location: experiments, runs, logged models, model versions
-_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location"),
-            ("model_versions", "source"), ("model_versions", "storage_location"))  # fmt: skip
+_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "source"),
+    ("model_versions", "storage_location"),
+)
 _TABLES = sorted({t for t, _ in _COLUMNS})
 
 

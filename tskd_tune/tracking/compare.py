@@ -13,8 +13,12 @@ tables: the last epoch's, which is the trial's final validation score (there is 
 AT_END = ("test_dice", "test_hd95", "teacher_val_dice", "student_params", "student_latency_ms")
 """Logged once, when the trial ends, with the per-class ``test_dice_<class>`` (test scores: reference trials
 only). The search adds ``gain_vs_scratch`` (val Dice over the scratch reference trial) when it ends."""
-FLAG_TAGS = {"teacher_features_cached": "tskd.features_cached", "logits_cached": "tskd.logits_cached",
-             "synth_cached": "tskd.synth_cached", "synth_gate_passed": "tskd.synth_gate_passed"}  # fmt: skip
+FLAG_TAGS = {
+    "teacher_features_cached": "tskd.features_cached",
+    "logits_cached": "tskd.logits_cached",
+    "synth_cached": "tskd.synth_cached",
+    "synth_gate_passed": "tskd.synth_gate_passed",
+}
 """Cache and gate flags of the result, as tags beside ``tskd.teacher_cached`` (where the trial has them)."""
 KIND_TAG = "tskd.kind"
 """What a child run is, as a tag a filter can ask for (MLflow's search cannot ask for a tag's absence):
@@ -27,8 +31,10 @@ SUMMARY_FILE = "trial_summary.json"
 def curves(metrics: dict) -> dict:
     """Of one epoch's ``metrics``, the curves runs are compared on (:data:`CURVES`), ``val_dice`` first: MLflow's
     UI lists a run's metrics in the order they were first logged."""
-    keys = sorted((k for k in metrics if k in CURVES or k.startswith("val_dice_")),
-                  key=lambda k: (CURVES.index(k) if k in CURVES else 0.5, k))  # fmt: skip
+    keys = sorted(
+        (k for k in metrics if k in CURVES or k.startswith("val_dice_")),
+        key=lambda k: (CURVES.index(k) if k in CURVES else 0.5, k),
+    )
     return {k: metrics[k] for k in keys}
 
 

@@ -73,8 +73,16 @@ class RunTracker:
 
     retry_s = 10.0
 
-    def __init__(self, uri: str, run_id: str | None = None, *, journal: Path | None = None,
-                 parent_run_id: str | None = None, trial_id: str | None = None, run_name: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        uri: str,
+        run_id: str | None = None,
+        *,
+        journal: Path | None = None,
+        parent_run_id: str | None = None,
+        trial_id: str | None = None,
+        run_name: str | None = None,
+    ):
         for k, v in QUICK_HTTP.items():
             os.environ.setdefault(k, v)
         self.uri, self.run_id = uri, run_id
@@ -93,8 +101,14 @@ class RunTracker:
         """The tracker that wrote ``journal`` (its header names the store and the run); ``uri``: another
         address of the same store."""
         header = json.loads(Path(journal).read_text().splitlines()[0])
-        return cls(uri or header["uri"], header.get("run_id"), journal=journal, parent_run_id=header.get("parent_run_id"),
-                   trial_id=header.get("trial_id"), run_name=header.get("run_name"))  # fmt: skip
+        return cls(
+            uri or header["uri"],
+            header.get("run_id"),
+            journal=journal,
+            parent_run_id=header.get("parent_run_id"),
+            trial_id=header.get("trial_id"),
+            run_name=header.get("run_name"),
+        )
 
     # ----------------------------------------------------------------------------- the writes
     def start(self) -> bool:
@@ -194,8 +208,18 @@ class RunTracker:
         new = not self.journal.is_file()
         with self.journal.open("a") as f:
             if new:
-                f.write(json.dumps({"uri": self.uri, "run_id": self.run_id, "parent_run_id": self.parent_run_id,
-                                    "trial_id": self.trial_id, "run_name": self.run_name}) + "\n")  # fmt: skip
+                f.write(
+                    json.dumps(
+                        {
+                            "uri": self.uri,
+                            "run_id": self.run_id,
+                            "parent_run_id": self.parent_run_id,
+                            "trial_id": self.trial_id,
+                            "run_name": self.run_name,
+                        }
+                    )
+                    + "\n"
+                )
             f.write(json.dumps(op) + "\n")
 
     def _read(self) -> tuple[dict, list[dict]]:

@@ -45,8 +45,15 @@ def failure_reason(exc: BaseException) -> str:
 
 
 @contextmanager
-def trial_run(uri: str, parent_run_id: str, trial_id: str, run_name: str, *, search_path: Path | None = None,
-              tracking_cfg=None) -> Iterator[TrialRun]:  # fmt: skip
+def trial_run(
+    uri: str,
+    parent_run_id: str,
+    trial_id: str,
+    run_name: str,
+    *,
+    search_path: Path | None = None,
+    tracking_cfg=None,
+) -> Iterator[TrialRun]:
     """The child run of trial ``trial_id`` under ``parent_run_id``, open for the ``with`` block.
 
     The run is found by its trial id (a retried trial continues its own run) or created as ``run_name``.

@@ -38,22 +38,42 @@ def register_export(uri: str, export_dir: Path, card: dict, name: str) -> str:
         mlflow.log_dict(card, "model_card.json")
         mlflow.log_metrics({k: v for k, v in numeric(card.get("metrics", {})).items() if k in HEADLINE})
         model = onnx.load(str(Path(export_dir) / card["file"]))
-        info = mlflow.onnx.log_model(model, name="student", registered_model_name=name,
-                                     signature=infer_signature(example, logits))  # fmt: skip
+        info = mlflow.onnx.log_model(
+            model, name="student", registered_model_name=name, signature=infer_signature(example, logits)
+        )
     version = str(info.registered_model_version)
     c = client(uri)
     metrics = card.get("metrics", {})
-    scores = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("val_dice", "test_dice") if isinstance(metrics.get(k), int | float))
-    where = (f"trial {origin['name']} of search {origin.get('search', '?')} (MLflow run {origin.get('mlflow_run_id', '?')})"
-             if origin else "a standalone trial")  # fmt: skip
+    scores = ", ".join(
+        f"{k} {metrics[k]:.4f}" for k in ("val_dice", "test_dice") if isinstance(metrics.get(k), int | float)
+    )
+    where = (
+        f"trial {origin['name']} of search {origin.get('search', '?')} (MLflow run {origin.get('mlflow_run_id', '?')})"
+        if origin
+        else "a standalone trial"
+    )
     t = card["config"]["teacher"]
     uses = get_method(card["method"]).teacher is not None
-    teacher = f"{t['model']} ({'LoRA' if t['adapt'] == 'lora' else 'frozen encoder'}, {t['head']} head)" if uses else "none"
-    c.update_model_version(name, version, description=(
-        f"{card['student']['model']} student, method {card['method']}, teacher {teacher}, "
-        f"classes {', '.join(card['classes'])}; "
-        f"{where}{'; ' + scores if scores else ''}. Input {inp['layout']} {inp['channels']}x{inp['size'][0]}x{inp['size'][1]} "
-        f"in [0, 1]; output: class logits."))  # fmt: skip
-    for key, value in {"method": card["method"], "student": card["student"]["model"], "teacher": teacher, **origin}.items():
+    teacher = (
+        f"{t['model']} ({'LoRA' if t['adapt'] == 'lora' else 'frozen encoder'}, {t['head']} head)"
+        if uses
+        else "none"
+    )
+    c.update_model_version(
+        name,
+        version,
+        description=(
+            f"{card['student']['model']} student, method {card['method']}, teacher {teacher}, "
+            f"classes {', '.join(card['classes'])}; "
+            f"{where}{'; ' + scores if scores else ''}. Input {inp['layout']} {inp['channels']}x{inp['size'][0]}x{inp['size'][1]} "
+            f"in [0, 1]; output: class logits."
+        ),
+    )
+    for key, value in {
+        "method": card["method"],
+        "student": card["student"]["model"],
+        "teacher": teacher,
+        **origin,
+    }.items():
         c.set_model_version_tag(name, version, f"tskd.{key}", str(value))
     return version

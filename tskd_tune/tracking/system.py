@@ -14,8 +14,12 @@ def system_monitor(tracking_cfg, uri: str, run_id: str, resumed: bool):
 
     # its per-start "Started monitoring" info lines would fill every trial's log
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=tracking_cfg.system_metrics_interval_s,
-                                   resume_logging=resumed, tracking_uri=uri)  # fmt: skip
+    monitor = SystemMetricsMonitor(
+        run_id,
+        sampling_interval=tracking_cfg.system_metrics_interval_s,
+        resume_logging=resumed,
+        tracking_uri=uri,
+    )
     monitor.start()
     return monitor
 
