@@ -126,7 +126,11 @@ def summarise(rows: list[dict], by: str, groups, keys: list[str]) -> list[dict]:
     out = []
     for group in groups:
         mine = [r for r in rows if r[by] == group]
-        row = {by: group, "searches": len(mine), "reached": sum(r["cpu_to_target_s"] is not None for r in mine)}
+        row = {
+            by: group,
+            "searches": len(mine),
+            "reached": sum(r["cpu_to_target_s"] is not None for r in mine),
+        }
         for key in keys:
             sp = spread([r[key] for r in mine])
             row |= {key: sp["mean"], key + "_std": sp["std"]}
@@ -146,12 +150,26 @@ def run_cli(args: list[str], env: dict | None = None, check: bool = True) -> tup
     return wall, proc.stdout
 
 
-def launch(space, name: str, storage: Path, trials: int, concurrency: int, tracking_uri: str, sets: dict,
-           *extra: str) -> tuple[float, float]:
+def launch(
+    space, name: str, storage: Path, trials: int, concurrency: int, tracking_uri: str, sets: dict, *extra: str
+) -> tuple[float, float]:
     """``tskd-tune launch SPACE`` as search ``name`` in ``storage`` (an earlier folder of that name removed
     first), each of ``sets`` a ``--set`` (JSON values); returns (unix start time, wall seconds)."""
-    cli = ["launch", str(space), "--name", name, "--storage", str(storage), "--num-samples", str(trials),
-           "--max-concurrent", str(concurrency), "--tracking-uri", tracking_uri, *extra]  # fmt: skip
+    cli = [
+        "launch",
+        str(space),
+        "--name",
+        name,
+        "--storage",
+        str(storage),
+        "--num-samples",
+        str(trials),
+        "--max-concurrent",
+        str(concurrency),
+        "--tracking-uri",
+        tracking_uri,
+        *extra,
+    ]
     for k, v in sets.items():
         cli += ["--set", f"{k}={json.dumps(v)}"]
     shutil.rmtree(Path(storage) / name, ignore_errors=True)
@@ -194,14 +212,19 @@ def read_trials(search_dir: Path) -> list[dict]:
         if not rows:
             continue
         index = int(d.name[1:].split("_")[0])  # t<index>_<trial id>
-        trials.append({
-            "index": index, "trial_id": rows[0].get("trial_id"), "epochs": max(r.get("epoch", 0) for r in rows),
-            "first_ts": rows[0]["timestamp"], "last_ts": rows[-1]["timestamp"],
-            "first_iter_s": rows[0].get("time_this_iter_s"),
-            "metric": next((r["val_dice"] for r in reversed(rows) if "val_dice" in r), None),
-            "node_ip": rows[0].get("node_ip"),
-            "cpu_s": next((r["cpu_s"] for r in reversed(rows) if "cpu_s" in r), None),
-        })  # fmt: skip
+        trials.append(
+            {
+                "index": index,
+                "trial_id": rows[0].get("trial_id"),
+                "epochs": max(r.get("epoch", 0) for r in rows),
+                "first_ts": rows[0]["timestamp"],
+                "last_ts": rows[-1]["timestamp"],
+                "first_iter_s": rows[0].get("time_this_iter_s"),
+                "metric": next((r["val_dice"] for r in reversed(rows) if "val_dice" in r), None),
+                "node_ip": rows[0].get("node_ip"),
+                "cpu_s": next((r["cpu_s"] for r in reversed(rows) if "cpu_s" in r), None),
+            }
+        )
     return sorted(trials, key=lambda t: t["index"])
 
 

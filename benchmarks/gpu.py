@@ -113,9 +113,15 @@ def arm_sets(arm: dict, base: dict, gpus: int, cores: int) -> tuple[dict, int]:
     k = arm["per_gpu"]
     concurrency = k * gpus
     cpu = max(1, cores // concurrency)
-    return base | {"resources.gpu": 1 / k, "resources.cpu": cpu, "resources.device": "cuda",
-                   "resources.mixed_precision": arm["mixed_precision"], "search.algorithm": "random",
-                   "search.scheduler": "fifo", "search.seed": 0}, concurrency  # fmt: skip
+    return base | {
+        "resources.gpu": 1 / k,
+        "resources.cpu": cpu,
+        "resources.device": "cuda",
+        "resources.mixed_precision": arm["mixed_precision"],
+        "search.algorithm": "random",
+        "search.scheduler": "fifo",
+        "search.seed": 0,
+    }, concurrency
 
 
 def main() -> None:
@@ -177,20 +183,38 @@ def main() -> None:
         sampler = GpuSampler(args.sample_s)
         sampler.start()
         try:
-            _, wall = launch(args.space, name, work / "runs", args.trials, conc, f"sqlite:///{work / name}/mlflow.db", sets)
+            _, wall = launch(
+                args.space, name, work / "runs", args.trials, conc, f"sqlite:///{work / name}/mlflow.db", sets
+            )
         finally:
             sampler.stop.set()
             sampler.join()
         tr = read_trials(work / "runs" / name)
-        rows.append({"arm": name, "per_gpu": arm["per_gpu"], "mixed_precision": arm["mixed_precision"],
-                     "concurrency": conc, "trials": len(tr), "wall_s": wall, "trials_per_hour": 3600 * len(tr) / wall,
-                     "mean_val_dice": statistics.fmean([t["metric"] or 0 for t in tr]) if tr else None}
-                    | sampler.summary())  # fmt: skip
+        rows.append(
+            {
+                "arm": name,
+                "per_gpu": arm["per_gpu"],
+                "mixed_precision": arm["mixed_precision"],
+                "concurrency": conc,
+                "trials": len(tr),
+                "wall_s": wall,
+                "trials_per_hour": 3600 * len(tr) / wall,
+                "mean_val_dice": statistics.fmean([t["metric"] or 0 for t in tr]) if tr else None,
+            }
+            | sampler.summary()
+        )
         print(table(rows[-1:]), flush=True)
     print()
     print(table(rows))
-    result = provenance() | {"space": args.space, "overrides": base, "gpus": gpus, "gpu_name": torch.cuda.get_device_name(0),
-                             "trials": args.trials, "wall_s": round(time.perf_counter() - t_start, 1), "rows": rows}  # fmt: skip
+    result = provenance() | {
+        "space": args.space,
+        "overrides": base,
+        "gpus": gpus,
+        "gpu_name": torch.cuda.get_device_name(0),
+        "trials": args.trials,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+        "rows": rows,
+    }
     out = write_result("gpu", result, args.quick)
     print(f"\nwritten to {out.relative_to(REPO)}")
 

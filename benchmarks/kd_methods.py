@@ -72,15 +72,45 @@ QUICK = {
     "synthetic.sample_steps": 4,
 }
 SMALL_STUDENT = {"student.channels": [8, 16, 32, 64]}
-LORA1 = {"teacher.adapt": "lora", "teacher.lora.last_blocks": 1, "teacher.augment_views": 0, "teacher.epochs": 100}
-ORDER = ["teacher", "scratch", "ta_kd", "ts_kd", "scratch 52k", "ts_kd 52k", "ta_kd+synth", "ts_kd+synth",
-         "ts_kd searched", "teacher lora1", "ts_kd lora1"]  # fmt: skip
+LORA1 = {
+    "teacher.adapt": "lora",
+    "teacher.lora.last_blocks": 1,
+    "teacher.augment_views": 0,
+    "teacher.epochs": 100,
+}
+ORDER = [
+    "teacher",
+    "scratch",
+    "ta_kd",
+    "ts_kd",
+    "scratch 52k",
+    "ts_kd 52k",
+    "ta_kd+synth",
+    "ts_kd+synth",
+    "ts_kd searched",
+    "teacher lora1",
+    "ts_kd lora1",
+]
 # cells run group by group, so that an interrupted grid has its core comparison complete first
 # ta_kd+synth and the LoRA variants are opt-in (--variants): they cost a third of the grid's time again
-DEFAULT_VARIANTS = ["teacher", "scratch", "ta_kd", "ts_kd", "scratch 52k", "ts_kd 52k", "ts_kd+synth",
-                    "ts_kd searched"]  # fmt: skip
-GROUPS = [["teacher", "scratch", "ta_kd", "ts_kd"], ["scratch 52k", "ts_kd 52k"], ["ts_kd+synth"],
-          ["ts_kd searched"], ["ta_kd+synth"], ["teacher lora1", "ts_kd lora1"]]  # fmt: skip
+DEFAULT_VARIANTS = [
+    "teacher",
+    "scratch",
+    "ta_kd",
+    "ts_kd",
+    "scratch 52k",
+    "ts_kd 52k",
+    "ts_kd+synth",
+    "ts_kd searched",
+]
+GROUPS = [
+    ["teacher", "scratch", "ta_kd", "ts_kd"],
+    ["scratch 52k", "ts_kd 52k"],
+    ["ts_kd+synth"],
+    ["ts_kd searched"],
+    ["ta_kd+synth"],
+    ["teacher lora1", "ts_kd lora1"],
+]
 
 
 def variants(ratio: float, searched: bool) -> dict[str, dict | None]:
@@ -125,17 +155,42 @@ def run_search(args, base: dict, n: int, work: Path) -> tuple[Path, float]:
     storage, name = work / "search", "kd-search"
     (work / "search-mlflow.db").unlink(missing_ok=True)  # a rerun must not find the old parent run
     # the grid has the reference cells already: the search runs without its own scratch/teacher references
-    sets = base | {"data.labeled": n, "seed": 0, "data.seed": 0, "cache.dir": str(work / "cache"),
-                   "distill.method": "ts_kd", "search.baselines": []}  # fmt: skip
+    sets = base | {
+        "data.labeled": n,
+        "seed": 0,
+        "data.seed": 0,
+        "cache.dir": str(work / "cache"),
+        "distill.method": "ts_kd",
+        "search.baselines": [],
+    }
     print(f"search: {args.search_trials} trials of ts_kd at N={n}, seed 0 ...", flush=True)
-    _, wall = launch(args.space, name, storage, args.search_trials, 1, f"sqlite:///{work}/search-mlflow.db", sets)
+    _, wall = launch(
+        args.space, name, storage, args.search_trials, 1, f"sqlite:///{work}/search-mlflow.db", sets
+    )
     return storage / name / "best.yaml", wall
 
 
-KEEP = ("test_dice", "test_hd95", "val_dice", "val_hd95", "teacher_val_dice", "teacher_val_hd95",
-        "student_params", "teacher_params", "transfer_real", "transfer_synthetic", "synth_gate_passed",
-        "teacher_cached", "teacher_features_cached", "teacher_features_s", "teacher_s", "transfer_s", "student_s",
-        "synth_s", "total_s")  # fmt: skip
+KEEP = (
+    "test_dice",
+    "test_hd95",
+    "val_dice",
+    "val_hd95",
+    "teacher_val_dice",
+    "teacher_val_hd95",
+    "student_params",
+    "teacher_params",
+    "transfer_real",
+    "transfer_synthetic",
+    "synth_gate_passed",
+    "teacher_cached",
+    "teacher_features_cached",
+    "teacher_features_s",
+    "teacher_s",
+    "transfer_s",
+    "student_s",
+    "synth_s",
+    "total_s",
+)
 
 
 def run_cell(space: str, overrides: dict) -> dict:
@@ -159,27 +214,55 @@ def aggregate(cells: list[dict], labels: list[str], ns: list[int]) -> tuple[list
             if not rows:
                 continue
             d, h = spread([r["test_dice"] for r in rows]), spread([r["test_hd95"] for r in rows])
-            summary.append({"variant": label, "n": n, "seeds": d["n"], "test_dice": d["mean"], "dice_std": d["std"],
-                            "dice_min": d["min"], "dice_max": d["max"], "test_hd95": h["mean"], "hd95_std": h["std"],
-                            "val_dice": spread([r["val_dice"] for r in rows])["mean"]})  # fmt: skip
+            summary.append(
+                {
+                    "variant": label,
+                    "n": n,
+                    "seeds": d["n"],
+                    "test_dice": d["mean"],
+                    "dice_std": d["std"],
+                    "dice_min": d["min"],
+                    "dice_max": d["max"],
+                    "test_hd95": h["mean"],
+                    "hd95_std": h["std"],
+                    "val_dice": spread([r["val_dice"] for r in rows])["mean"],
+                }
+            )
             for key in sorted(k for k in rows[0] if k.startswith("test_dice_")):  # per class
                 summary[-1][key.removeprefix("test_")] = spread([r.get(key) for r in rows])["mean"]
     paired = []
     by_key = {(c["variant"], c["n"], c["seed"]): c for c in cells}
-    pairs = {"ts_kd": ("scratch", "ta_kd", "teacher"), "ts_kd+synth": ("ts_kd", "scratch", "teacher"),
-             "ts_kd searched": ("ts_kd", "scratch", "teacher"), "ts_kd 52k": ("scratch 52k", "ts_kd", "teacher"),
-             "ts_kd lora1": ("teacher lora1", "ts_kd", "scratch"), "teacher lora1": ("teacher",)}  # fmt: skip
+    pairs = {
+        "ts_kd": ("scratch", "ta_kd", "teacher"),
+        "ts_kd+synth": ("ts_kd", "scratch", "teacher"),
+        "ts_kd searched": ("ts_kd", "scratch", "teacher"),
+        "ts_kd 52k": ("scratch 52k", "ts_kd", "teacher"),
+        "ts_kd lora1": ("teacher lora1", "ts_kd", "scratch"),
+        "teacher lora1": ("teacher",),
+    }
     for ours, others in pairs.items():
         for other in others:
             if other == ours:
                 continue
             for n in ns:
-                diffs = [by_key[(ours, n, s)]["test_dice"] - by_key[(other, n, s)]["test_dice"]
-                         for (v, nn, s) in by_key if v == ours and nn == n and (other, n, s) in by_key]  # fmt: skip
+                diffs = [
+                    by_key[(ours, n, s)]["test_dice"] - by_key[(other, n, s)]["test_dice"]
+                    for (v, nn, s) in by_key
+                    if v == ours and nn == n and (other, n, s) in by_key
+                ]
                 if diffs:
                     sp = spread(diffs)
-                    paired.append({"ours": ours, "vs": other, "n": n, "seeds": sp["n"], "dice_diff": sp["mean"],
-                                   "diff_std": sp["std"], "wins": sum(x > 0 for x in diffs)})  # fmt: skip
+                    paired.append(
+                        {
+                            "ours": ours,
+                            "vs": other,
+                            "n": n,
+                            "seeds": sp["n"],
+                            "dice_diff": sp["mean"],
+                            "diff_std": sp["std"],
+                            "wins": sum(x > 0 for x in diffs),
+                        }
+                    )
     return summary, paired
 
 
@@ -233,8 +316,11 @@ def main() -> None:
     )
     ap.add_argument("--work", default="runs/bench-kd", help="cache and finished cells (kept between runs)")
     ap.add_argument("--fresh", action="store_true", help="forget finished cells (the cache is kept)")
-    ap.add_argument("--report-only", action="store_true",
-                    help="tables, JSON and plot from the finished cells of the grid; run none")  # fmt: skip
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="tables, JSON and plot from the finished cells of the grid; run none",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: 32 px, tiny models, N=10, seed 0")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override k=v")
     args = ap.parse_args()
@@ -295,8 +381,16 @@ def main() -> None:
         variant = all_variants[label]
         if variant is None:  # the searched variant
             variant = {"distill.method": "ts_kd"} | searched_config()
-        over = base | variant | {"data.labeled": n, "seed": s, "data.seed": 0 if args.fixed_split else s,
-                                            "cache.dir": str(work / "cache")}  # fmt: skip
+        over = (
+            base
+            | variant
+            | {
+                "data.labeled": n,
+                "seed": s,
+                "data.seed": 0 if args.fixed_split else s,
+                "cache.dir": str(work / "cache"),
+            }
+        )
         cid = json.dumps([args.space, over], sort_keys=True)
         if cid in done:
             cells.append(done[cid])
@@ -309,8 +403,11 @@ def main() -> None:
         cells.append(cell)
         walls.append(cell["wall_s"])
         eta = sum(walls) / len(walls) * (len(plan) - i)
-        print(f"[{i}/{len(plan)}] {label:<15} N={n:<3} seed={s}  test Dice {cell['test_dice']:.3f}  HD95 "
-              f"{cell['test_hd95']:.2f}  ({cell['wall_s']:.0f} s; about {eta / 60:.0f} min left)", flush=True)  # fmt: skip
+        print(
+            f"[{i}/{len(plan)}] {label:<15} N={n:<3} seed={s}  test Dice {cell['test_dice']:.3f}  HD95 "
+            f"{cell['test_hd95']:.2f}  ({cell['wall_s']:.0f} s; about {eta / 60:.0f} min left)",
+            flush=True,
+        )
 
     if want_search:
         searched_config()
@@ -362,8 +459,12 @@ def main() -> None:
     out = write_result("kd_methods", result, args.quick)
     png = plot_path("kd_methods", args.quick)
     size = base.get("data.image_size") or load_config(args.space).data.image_size
-    plot(summary, labels, png, f"mni152 ({size} px), teacher {teacher_name}, "
-         f"{len(args.seeds)} seed(s); error bars: std over seeds")  # fmt: skip
+    plot(
+        summary,
+        labels,
+        png,
+        f"mni152 ({size} px), teacher {teacher_name}, {len(args.seeds)} seed(s); error bars: std over seeds",
+    )
     print(f"\nwritten to {out.relative_to(REPO)} and {png.relative_to(REPO)}")
 
 

@@ -82,8 +82,12 @@ def run_search(
 ) -> dict:
     shutil.rmtree(work / name, ignore_errors=True)
     (work / name).mkdir(parents=True)  # its cache: fresh for every run
-    over = sets | {"search.algorithm": "random", "search.scheduler": "fifo", "search.seed": 0,
-                   "cache.dir": str(work / name / "cache")}  # fmt: skip
+    over = sets | {
+        "search.algorithm": "random",
+        "search.scheduler": "fifo",
+        "search.seed": 0,
+        "cache.dir": str(work / name / "cache"),
+    }
     start, wall = launch(space, name, work / "runs", trials, concurrency, uri, over, "--address", address)
     tr = read_trials(work / "runs" / name)
     first = min((t["first_ts"] for t in tr), default=None)
@@ -114,8 +118,23 @@ def mlflow_server(folder):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [PYTHON, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--serve-artifacts",
-           "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    cmd = [
+        PYTHON,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{folder}/mlflow.db",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with open(folder / "mlflow.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
@@ -223,10 +242,15 @@ def main() -> None:
     print()
     print(table(rows))
     result = provenance() | {
-        "space": args.space, "overrides": sets, "trials": args.trials, "cores": cores,
-        "wall_s": round(time.perf_counter() - t_start, 1), "ray_startup_s": startup, "rows": rows,
+        "space": args.space,
+        "overrides": sets,
+        "trials": args.trials,
+        "cores": cores,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+        "ray_startup_s": startup,
+        "rows": rows,
         "note": "wall times: timing figures, valid only on a quiet machine",
-    }  # fmt: skip
+    }
     out = write_result("scaling", result, args.quick)
     png = plot_path("scaling", args.quick)
     plot(rows, png)

@@ -45,7 +45,12 @@ from _common import (
 ARMS = ("tpe+asha", "random+fifo", "random+fifo 2x")
 # the shipped mni152 space with 20-epoch students (it trains 120), so a trial takes about half a minute
 # (search.grace_period: a placeholder for the FIFO searches; TPE + ASHA gets the one from the data)
-DEFAULT_SET = {"student.epochs": 20, "search.grace_period": 1, "search.max_concurrent": 1, "search.baselines": []}
+DEFAULT_SET = {
+    "student.epochs": 20,
+    "search.grace_period": 1,
+    "search.max_concurrent": 1,
+    "search.baselines": [],
+}
 QUICK_SET = {
     "data.image_size": 32,
     "teacher.model": "vit_small_patch16_224",
@@ -65,15 +70,24 @@ QUICK_SET = {
 def run_search(space: str, name: str, trials: int, sets: dict, work) -> dict:
     """One search (``sets`` say which sampler, scheduler and seed) on the shared cache; its trials in
     completion order and its wall time."""
-    start, wall = launch(space, name, work / "runs", trials, 1, f"sqlite:///{work / 'mlflow.db'}",
-                         sets | {"cache.dir": str(work / "cache")})  # fmt: skip
+    start, wall = launch(
+        space,
+        name,
+        work / "runs",
+        trials,
+        1,
+        f"sqlite:///{work / 'mlflow.db'}",
+        sets | {"cache.dir": str(work / "cache")},
+    )
     done = sorted(read_trials(work / "runs" / name), key=lambda t: (t["last_ts"], t["index"]))
     return {"name": name, "start": start, "wall_s": wall, "trials": done}
 
 
 def to_target(trials: list[dict], target: float) -> float | None:
     """Compute (CPU-s) until the running best reached ``target`` (None: never)."""
-    return next((cpu for cpu, best in running_best(trials) if best is not None and best >= target - 1e-12), None)
+    return next(
+        (cpu for cpu, best in running_best(trials) if best is not None and best >= target - 1e-12), None
+    )
 
 
 def best_within(trials: list[dict], cpu_limit: float) -> float | None:
@@ -108,7 +122,9 @@ def plot(searches: dict, path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--space", default="search_spaces/mni152.yaml")
-    ap.add_argument("--trials", type=int, default=10, help="budget of TPE + ASHA and random + FIFO (2x: twice it)")
+    ap.add_argument(
+        "--trials", type=int, default=10, help="budget of TPE + ASHA and random + FIFO (2x: twice it)"
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--startup-trials", type=int, default=4, help="TPE's random start-up trials")
     ap.add_argument("--trust", type=float, default=0.6, help="rank correlation the grace period needs")
@@ -121,7 +137,9 @@ def main() -> None:
 
     if args.quick:
         args.trials, args.seeds, args.startup_trials = min(args.trials, 3), args.seeds[:1], 1
-        args.work = args.work if args.work != "runs/bench-search-efficiency" else "runs/bench-search-efficiency-quick"
+        args.work = (
+            args.work if args.work != "runs/bench-search-efficiency" else "runs/bench-search-efficiency-quick"
+        )
     sets = (QUICK_SET if args.quick else DEFAULT_SET) | parse_overrides(args.overrides)
     max_t = apply_values(load_config(args.space), sets).student.epochs
     work = (REPO / args.work).resolve()
@@ -133,58 +151,127 @@ def main() -> None:
     searches = {}
     for seed in args.seeds:
         print(f"random + FIFO, sampler seed {seed}: {2 * args.trials} trials ...", flush=True)
-        two = run_search(args.space, f"random-fifo-s{seed}", 2 * args.trials,
-                         sets | {"search.algorithm": "random", "search.scheduler": "fifo", "search.seed": seed}, work)  # fmt: skip
+        two = run_search(
+            args.space,
+            f"random-fifo-s{seed}",
+            2 * args.trials,
+            sets | {"search.algorithm": "random", "search.scheduler": "fifo", "search.seed": seed},
+            work,
+        )
         searches["random+fifo 2x", seed] = two
         first = sorted(two["trials"], key=lambda t: t["index"])[: args.trials]
-        searches["random+fifo", seed] = two | {"trials": sorted(first, key=lambda t: (t["last_ts"], t["index"]))}
-    curves = [c for seed in args.seeds for c in histories(work / "runs" / f"random-fifo-s{seed}", "val_dice").values()]
+        searches["random+fifo", seed] = two | {
+            "trials": sorted(first, key=lambda t: (t["last_ts"], t["index"]))
+        }
+    curves = [
+        c
+        for seed in args.seeds
+        for c in histories(work / "runs" / f"random-fifo-s{seed}", "val_dice").values()
+    ]
     grace, corr = grace_from_data(curves, max_t, args.trust)
     if grace is None:
         sys.exit(f"no grace period: the rank correlation stays below {args.trust} up to epoch {max_t - 1}")
-    print(f"grace period from the data: epoch {grace} (pooled rank correlation >= {args.trust} from there on)")
+    print(
+        f"grace period from the data: epoch {grace} (pooled rank correlation >= {args.trust} from there on)"
+    )
     for seed in args.seeds:
         print(f"TPE + ASHA, sampler seed {seed}: {args.trials} trials, grace {grace} ...", flush=True)
         searches["tpe+asha", seed] = run_search(
-            args.space, f"tpe-asha-s{seed}", args.trials,
-            sets | {"search.algorithm": "tpe", "search.scheduler": "asha", "search.seed": seed,
-                    "search.grace_period": grace, "search.startup_trials": args.startup_trials}, work)  # fmt: skip
+            args.space,
+            f"tpe-asha-s{seed}",
+            args.trials,
+            sets
+            | {
+                "search.algorithm": "tpe",
+                "search.scheduler": "asha",
+                "search.seed": seed,
+                "search.grace_period": grace,
+                "search.startup_trials": args.startup_trials,
+            },
+            work,
+        )
     rows = []
     for seed in args.seeds:
         target = max(t["metric"] for t in searches["random+fifo", seed]["trials"] if t["metric"] is not None)
-        equal = sum(t["cpu_s"] or 0 for t in searches["tpe+asha", seed]["trials"])  # TPE + ASHA's whole compute
+        equal = sum(
+            t["cpu_s"] or 0 for t in searches["tpe+asha", seed]["trials"]
+        )  # TPE + ASHA's whole compute
         for arm in ARMS:
             s = searches[arm, seed]
             cpu_total, best = running_best(s["trials"])[-1]
-            rows.append({"arm": arm, "seed": seed, "trials": len(s["trials"]), "target": target,
-                         "cpu_to_target_s": to_target(s["trials"], target),
-                         "best_at_equal_cpu": best_within(s["trials"], equal),
-                         "best_val_dice": best, "cpu_total_s": cpu_total,
-                         "epochs_total": sum(t["epochs"] for t in s["trials"]),
-                         "wall_s": s["wall_s"] if arm != "random+fifo" else None})  # fmt: skip
-    summary = summarise(rows, "arm", ARMS, ["cpu_to_target_s", "best_at_equal_cpu", "best_val_dice", "cpu_total_s",
-                                            "epochs_total", "wall_s"])  # fmt: skip
+            rows.append(
+                {
+                    "arm": arm,
+                    "seed": seed,
+                    "trials": len(s["trials"]),
+                    "target": target,
+                    "cpu_to_target_s": to_target(s["trials"], target),
+                    "best_at_equal_cpu": best_within(s["trials"], equal),
+                    "best_val_dice": best,
+                    "cpu_total_s": cpu_total,
+                    "epochs_total": sum(t["epochs"] for t in s["trials"]),
+                    "wall_s": s["wall_s"] if arm != "random+fifo" else None,
+                }
+            )
+    summary = summarise(
+        rows,
+        "arm",
+        ARMS,
+        ["cpu_to_target_s", "best_at_equal_cpu", "best_val_dice", "cpu_total_s", "epochs_total", "wall_s"],
+    )
     ratios = []
     for seed in args.seeds:
-        tpe, rnd = (next(r for r in rows if r["seed"] == seed and r["arm"] == a) for a in ("tpe+asha", "random+fifo"))
-        ratios.append(None if tpe["cpu_to_target_s"] is None else tpe["cpu_to_target_s"] / rnd["cpu_to_target_s"])
+        tpe, rnd = (
+            next(r for r in rows if r["seed"] == seed and r["arm"] == a) for a in ("tpe+asha", "random+fifo")
+        )
+        ratios.append(
+            None if tpe["cpu_to_target_s"] is None else tpe["cpu_to_target_s"] / rnd["cpu_to_target_s"]
+        )
     print("\npooled rank correlation of each epoch's val Dice with the final one (random + FIFO trials):")
     print(" ".join(f"{c['epoch']}:{c['spearman']:.2f}" for c in corr))
     print()
     print(table(rows))
     print()
-    print(table(summary, ["arm", "searches", "reached", "cpu_to_target_s", "best_at_equal_cpu", "best_val_dice",
-                          "best_val_dice_std", "cpu_total_s", "epochs_total", "wall_s"]))  # fmt: skip
-    print("\nTPE + ASHA / random + FIFO compute to random + FIFO's final best, per seed:",
-          ", ".join("not reached" if r is None else f"{r:.2f}" for r in ratios))  # fmt: skip
+    print(
+        table(
+            summary,
+            [
+                "arm",
+                "searches",
+                "reached",
+                "cpu_to_target_s",
+                "best_at_equal_cpu",
+                "best_val_dice",
+                "best_val_dice_std",
+                "cpu_total_s",
+                "epochs_total",
+                "wall_s",
+            ],
+        )
+    )
+    print(
+        "\nTPE + ASHA / random + FIFO compute to random + FIFO's final best, per seed:",
+        ", ".join("not reached" if r is None else f"{r:.2f}" for r in ratios),
+    )
     result = provenance() | {
-        "space": args.space, "overrides": sets, "trials": args.trials, "seeds": args.seeds, "concurrency": 1,
-        "startup_trials": args.startup_trials, "trust": args.trust, "grace_period": grace, "rank_correlation": corr,
-        "wall_s": round(time.perf_counter() - t_start, 1), "summary": summary, "searches": rows,
+        "space": args.space,
+        "overrides": sets,
+        "trials": args.trials,
+        "seeds": args.seeds,
+        "concurrency": 1,
+        "startup_trials": args.startup_trials,
+        "trust": args.trust,
+        "grace_period": grace,
+        "rank_correlation": corr,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+        "summary": summary,
+        "searches": rows,
         "tpe_over_random_cpu_to_target": ratios,
-        "trials_detail": {f"{arm}-s{seed}": s["trials"] for (arm, seed), s in searches.items() if arm != "random+fifo"},
+        "trials_detail": {
+            f"{arm}-s{seed}": s["trials"] for (arm, seed), s in searches.items() if arm != "random+fifo"
+        },
         "note": "cpu_*: CPU-seconds of the trials and scores: load-insensitive; wall_s: load-sensitive",
-    }  # fmt: skip
+    }
     out = write_result("search_efficiency", result, args.quick)
     png = plot_path("search_efficiency", args.quick)
     plot(searches, png)

@@ -27,12 +27,20 @@ import time
 from _common import REPO, provenance, read_trials, run_cli, write_result
 
 QUICK_SET = [
-    "data.dataset=phantom", "data.image_size=32", "data.options={num_images: 80, size: 64}", "data.unlabeled=40",
-    "synthetic.generator=none", "teacher.model=vit_small_patch16_224", "teacher.augment_views=0",
+    "data.dataset=phantom",
+    "data.image_size=32",
+    "data.options={num_images: 80, size: 64}",
+    "data.unlabeled=40",
+    "synthetic.generator=none",
+    "teacher.model=vit_small_patch16_224",
+    "teacher.augment_views=0",
     "teacher.model_kwargs={img_size: 32, patch_size: 8, depth: 2, embed_dim: 64, num_heads: 2}",
-    "teacher.epochs=2", "student.epochs=2", "student.channels=[8, 16, 32]", "search.grace_period=1",
+    "teacher.epochs=2",
+    "student.epochs=2",
+    "student.channels=[8, 16, 32]",
+    "search.grace_period=1",
     "search.baselines=[]",
-]  # fmt: skip
+]
 
 
 def orchestration(work, common: list[str], trials: int) -> dict:
@@ -47,25 +55,46 @@ def orchestration(work, common: list[str], trials: int) -> dict:
     from mlflow.tracking import MlflowClient
 
     start = time.time()
-    wall, _ = run_cli(["launch", "search_spaces/demo.yaml", "--name", "overhead", "--set", "distill.method=scratch",
-                       "--set", "student.epochs=2", "--set", "search.baselines=[]", "--set", f"cache.dir={work / 'cache-on'}",
-                       *common])  # fmt: skip
+    wall, _ = run_cli(
+        [
+            "launch",
+            "search_spaces/demo.yaml",
+            "--name",
+            "overhead",
+            "--set",
+            "distill.method=scratch",
+            "--set",
+            "student.epochs=2",
+            "--set",
+            "search.baselines=[]",
+            "--set",
+            f"cache.dir={work / 'cache-on'}",
+            *common,
+        ]
+    )
     folder = work / "runs" / "overhead"
     rows = read_trials(folder)
     own = sum(json.loads(p.read_text())["total_s"] for p in folder.glob("t*_*/outputs/metrics.json"))
     uri = common[common.index("--tracking-uri") + 1]
     client = MlflowClient(uri)
-    runs = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
-            if r.data.tags.get("ray.trial_id") or r.data.tags.get("mlflow.parentRunId")]  # fmt: skip
+    runs = [
+        r
+        for r in client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+        if r.data.tags.get("ray.trial_id") or r.data.tags.get("mlflow.parentRunId")
+    ]
     runs = [r for r in runs if r.info.start_time / 1000 >= start - 1]  # this launch's trials
     first, last = min(r.info.start_time for r in runs) / 1000, max(r.info.end_time for r in runs) / 1000
-    return {"overhead_search_wall_s": round(wall, 1), "launch_to_first_trial_start_s": round(first - start, 1),
-            "trials_own_total_s": round(own, 1), "trials": len(rows),
-            "between_trials_per_trial_s": round((last - first - own) / max(1, len(rows)), 2),
-            "after_last_trial_s": round(start + wall - last, 1),
-            # the figure of earlier runs: everything after the first trial's start but the trials' own work
-            "orchestration_per_trial_s": round((wall - (first - start) - own) / max(1, len(rows)), 2),
-            "overhead_goals": "launch to first trial start <= 10 s; orchestration <= 0.5 s per trial"}  # fmt: skip
+    return {
+        "overhead_search_wall_s": round(wall, 1),
+        "launch_to_first_trial_start_s": round(first - start, 1),
+        "trials_own_total_s": round(own, 1),
+        "trials": len(rows),
+        "between_trials_per_trial_s": round((last - first - own) / max(1, len(rows)), 2),
+        "after_last_trial_s": round(start + wall - last, 1),
+        # the figure of earlier runs: everything after the first trial's start but the trials' own work
+        "orchestration_per_trial_s": round((wall - (first - start) - own) / max(1, len(rows)), 2),
+        "overhead_goals": "launch to first trial start <= 10 s; orchestration <= 0.5 s per trial",
+    }
 
 
 def main() -> None:
@@ -77,8 +106,11 @@ def main() -> None:
         "--set", dest="overrides", action="append", default=[], help="config override, as for launch"
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: phantom at 32 px, 2 trials, tiny models")
-    ap.add_argument("--overhead-only", action="store_true",
-                    help="part 4 alone (a minute a run): written to search_speed_overhead.json")  # fmt: skip
+    ap.add_argument(
+        "--overhead-only",
+        action="store_true",
+        help="part 4 alone (a minute a run): written to search_speed_overhead.json",
+    )
     ap.add_argument("--repeat", type=int, default=3, help="runs of part 4 alone (their median is the figure)")
     args = ap.parse_args()
     if args.quick:
@@ -88,8 +120,18 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     t_start = time.perf_counter()
-    common = ["--set", "search.scheduler=fifo", "--set", f"search.num_samples={args.trials}", "--max-concurrent", "1",
-              "--storage", str(work / "runs"), "--tracking-uri", f"sqlite:///{work}/mlflow.db"]  # fmt: skip
+    common = [
+        "--set",
+        "search.scheduler=fifo",
+        "--set",
+        f"search.num_samples={args.trials}",
+        "--max-concurrent",
+        "1",
+        "--storage",
+        str(work / "runs"),
+        "--tracking-uri",
+        f"sqlite:///{work}/mlflow.db",
+    ]
     for item in args.overrides:
         common += ["--set", item]
     if args.overhead_only:
@@ -97,11 +139,20 @@ def main() -> None:
         for _ in range(args.repeat):
             shutil.rmtree(work / "runs" / "overhead", ignore_errors=True)
             runs.append(orchestration(work, common, args.trials))
-        keys = ["launch_to_first_trial_start_s", "between_trials_per_trial_s", "after_last_trial_s",
-                "orchestration_per_trial_s"]
+        keys = [
+            "launch_to_first_trial_start_s",
+            "between_trials_per_trial_s",
+            "after_last_trial_s",
+            "orchestration_per_trial_s",
+        ]
         median = {f"median_{k}": sorted(r[k] for r in runs)[len(runs) // 2] for k in keys}
-        result = provenance() | {"space": args.space, "trials": args.trials, **median, "runs": runs,
-                                 "note": "timing figures: valid only on a quiet machine"}  # fmt: skip
+        result = provenance() | {
+            "space": args.space,
+            "trials": args.trials,
+            **median,
+            "runs": runs,
+            "note": "timing figures: valid only on a quiet machine",
+        }
         return report(write_result("search_speed_overhead", result, args.quick), result)
 
     def launch(name: str, cache, *extra: str) -> tuple[float, float]:

@@ -80,8 +80,13 @@ def prefill(space: str, sets: dict, work) -> float:
     """Compute the encoder features of every frozen depth the space proposes, once: a 1-trial search whose
     only trial is a 1-epoch teacher (its fill covers every depth; the trial itself is thrown away)."""
     cache = fresh_cache(work, "prefill")
-    over = sets | {"cache.dir": str(cache), "search.strategy": "joint", "distill.method": "teacher",
-                   "teacher.epochs": 1, "search.grace_period": 1}  # fmt: skip
+    over = sets | {
+        "cache.dir": str(cache),
+        "search.strategy": "joint",
+        "distill.method": "teacher",
+        "teacher.epochs": 1,
+        "search.grace_period": 1,
+    }
     return launch(space, "prefill", work / "runs", 1, 1, f"sqlite:///{work / 'prefill'}/mlflow.db", over)[1]
 
 
@@ -91,8 +96,13 @@ def run_search(space: str, strategy: str, seed: int, args, sets: dict, work) -> 
     name = f"{strategy}-s{seed}"
     cache = fresh_cache(work, name)
     trials = args.joint_trials if strategy == "joint" else args.student_trials
-    over = sets | {"search.strategy": strategy, "search.seed": seed, "cache.dir": str(cache),
-                   "search.teacher_trials": args.teacher_trials, "search.top_teachers": args.top_teachers}  # fmt: skip
+    over = sets | {
+        "search.strategy": strategy,
+        "search.seed": seed,
+        "cache.dir": str(cache),
+        "search.teacher_trials": args.teacher_trials,
+        "search.top_teachers": args.top_teachers,
+    }
     t0, wall = launch(space, name, work / "runs", trials, 1, f"sqlite:///{work / name}/mlflow.db", over)
     folder = work / "runs" / name
     stages = [("teacher", folder / "teacher_stage")] if strategy == "staged" else []
@@ -101,8 +111,15 @@ def run_search(space: str, strategy: str, seed: int, args, sets: dict, work) -> 
         stage_trials = [t | {"stage": stage} for t in read_trials(path)]
         done += sorted(stage_trials, key=lambda t: (t["last_ts"], t["index"]))
     summary = json.loads((folder / "summary.json").read_text())
-    return {"strategy": strategy, "seed": seed, "start": t0, "wall_s": wall, "trials": done,
-            "best_val_dice": summary.get("best_val_dice"), "test_dice": summary.get("test_dice")}  # fmt: skip
+    return {
+        "strategy": strategy,
+        "seed": seed,
+        "start": t0,
+        "wall_s": wall,
+        "trials": done,
+        "best_val_dice": summary.get("best_val_dice"),
+        "test_dice": summary.get("test_dice"),
+    }
 
 
 def _student(trial: dict) -> bool:
@@ -115,7 +132,11 @@ def to_target(search: dict, target: float) -> dict:
     trials = search["trials"]
     for k, (t, (cpu, best)) in enumerate(zip(trials, running_best(trials, _student), strict=True), 1):
         if best is not None and best >= target:
-            return {"trials_to_target": k, "cpu_to_target_s": cpu, "time_to_target_s": t["last_ts"] - search["start"]}
+            return {
+                "trials_to_target": k,
+                "cpu_to_target_s": cpu,
+                "time_to_target_s": t["last_ts"] - search["start"],
+            }
     return {"trials_to_target": None, "cpu_to_target_s": None, "time_to_target_s": None}
 
 
@@ -128,8 +149,16 @@ def near_targets(detail: dict[str, list[dict]], seeds: list[int], fractions: lis
         best = max(t["metric"] for t in joint["trials"] if t["metric"] is not None)
         for f in fractions:
             j, s = (to_target(x | {"start": 0.0}, f * best)["cpu_to_target_s"] for x in (joint, staged))
-            rows.append({"seed": seed, "fraction": f, "target": f * best, "joint_cpu_s": j, "staged_cpu_s": s,
-                         "staged_over_joint": s / j if s is not None else None})  # fmt: skip
+            rows.append(
+                {
+                    "seed": seed,
+                    "fraction": f,
+                    "target": f * best,
+                    "joint_cpu_s": j,
+                    "staged_cpu_s": s,
+                    "staged_over_joint": s / j if s is not None else None,
+                }
+            )
     return rows
 
 
@@ -145,8 +174,14 @@ def plot(searches: list[dict], path) -> None:
     for s in searches:
         pts = running_best(s["trials"], _student)
         xs, ys = [0.0] + [c / 60 for c, _ in pts], [None] + [b for _, b in pts]
-        ax.step(xs, [y if y is not None else float("nan") for y in ys], where="post", color=colours[s["strategy"]],
-                linestyle=styles[s["seed"] % len(styles)], label=f"{s['strategy']}, seed {s['seed']}")  # fmt: skip
+        ax.step(
+            xs,
+            [y if y is not None else float("nan") for y in ys],
+            where="post",
+            color=colours[s["strategy"]],
+            linestyle=styles[s["seed"] % len(styles)],
+            label=f"{s['strategy']}, seed {s['seed']}",
+        )
     ax.set_xlabel("compute so far (CPU-minutes of all trials; a staged search's teachers first)")
     ax.set_ylabel("best student val Dice so far")
     ax.grid(alpha=0.3)
@@ -164,11 +199,21 @@ def main() -> None:
     ap.add_argument("--student-trials", type=int, default=6)
     ap.add_argument("--work", default="runs/bench-staged")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override k=v")
-    ap.add_argument("--quick", action="store_true", help="smoke run: tiny random ViT teacher, 2 trials, 1 seed")
-    ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.99, 0.98],
-                    help="targets: these fractions of the joint search's best val Dice")
-    ap.add_argument("--reanalyse", action="store_true",
-                    help="no searches: add the --fractions table to benchmarks/results/staged_search.json")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: tiny random ViT teacher, 2 trials, 1 seed"
+    )
+    ap.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=[1.0, 0.99, 0.98],
+        help="targets: these fractions of the joint search's best val Dice",
+    )
+    ap.add_argument(
+        "--reanalyse",
+        action="store_true",
+        help="no searches: add the --fractions table to benchmarks/results/staged_search.json",
+    )
     args = ap.parse_args()
     from tskd_tune.config import parse_overrides
 
@@ -199,39 +244,87 @@ def main() -> None:
             searches.append(run_search(args.space, strategy, seed, args, sets, work))
     rows = []
     for seed in args.seeds:
-        joint, staged = (next(s for s in searches if s["seed"] == seed and s["strategy"] == k) for k in ("joint", "staged"))
+        joint, staged = (
+            next(s for s in searches if s["seed"] == seed and s["strategy"] == k) for k in ("joint", "staged")
+        )
         target = max(t["metric"] for t in joint["trials"] if t["metric"] is not None)
         for s in (joint, staged):
             s |= to_target(s, target)
-            rows.append({"strategy": s["strategy"], "seed": seed, "target": target,
-                         "teachers_trained": sum(t["stage"] == "teacher" for t in s["trials"]) if s is staged else len(s["trials"]),
-                         "cpu_to_target_s": s["cpu_to_target_s"], "cpu_total_s": sum(t["cpu_s"] or 0 for t in s["trials"]),
-                         "time_to_target_s": s["time_to_target_s"], "wall_s": s["wall_s"],
-                         "best_val_dice": s["best_val_dice"], "test_dice": s["test_dice"]})  # fmt: skip
-    summary = summarise(rows, "strategy", ("joint", "staged"), ["cpu_to_target_s", "cpu_total_s", "time_to_target_s",
-                                                                 "wall_s", "best_val_dice", "test_dice"])  # fmt: skip
+            rows.append(
+                {
+                    "strategy": s["strategy"],
+                    "seed": seed,
+                    "target": target,
+                    "teachers_trained": sum(t["stage"] == "teacher" for t in s["trials"])
+                    if s is staged
+                    else len(s["trials"]),
+                    "cpu_to_target_s": s["cpu_to_target_s"],
+                    "cpu_total_s": sum(t["cpu_s"] or 0 for t in s["trials"]),
+                    "time_to_target_s": s["time_to_target_s"],
+                    "wall_s": s["wall_s"],
+                    "best_val_dice": s["best_val_dice"],
+                    "test_dice": s["test_dice"],
+                }
+            )
+    summary = summarise(
+        rows,
+        "strategy",
+        ("joint", "staged"),
+        ["cpu_to_target_s", "cpu_total_s", "time_to_target_s", "wall_s", "best_val_dice", "test_dice"],
+    )
     ratios = []
     for seed in args.seeds:
-        j, s = (next(r for r in rows if r["seed"] == seed and r["strategy"] == k) for k in ("joint", "staged"))
-        ratios.append(s["cpu_to_target_s"] / j["cpu_to_target_s"] if s["cpu_to_target_s"] is not None else None)
+        j, s = (
+            next(r for r in rows if r["seed"] == seed and r["strategy"] == k) for k in ("joint", "staged")
+        )
+        ratios.append(
+            s["cpu_to_target_s"] / j["cpu_to_target_s"] if s["cpu_to_target_s"] is not None else None
+        )
     print(f"\nprefill (encoder features of both frozen depths, not counted): {prefill_s:.0f} s\n")
     print(table(rows))
     print()
-    print(table(summary, ["strategy", "searches", "reached", "cpu_to_target_s", "cpu_total_s", "time_to_target_s",
-                          "wall_s", "best_val_dice", "test_dice", "test_dice_std"]))  # fmt: skip
-    print("\nstaged / joint compute to the joint's best, per seed:",
-          ", ".join("not reached" if r is None else f"{r:.2f}" for r in ratios))  # fmt: skip
+    print(
+        table(
+            summary,
+            [
+                "strategy",
+                "searches",
+                "reached",
+                "cpu_to_target_s",
+                "cpu_total_s",
+                "time_to_target_s",
+                "wall_s",
+                "best_val_dice",
+                "test_dice",
+                "test_dice_std",
+            ],
+        )
+    )
+    print(
+        "\nstaged / joint compute to the joint's best, per seed:",
+        ", ".join("not reached" if r is None else f"{r:.2f}" for r in ratios),
+    )
     detail = {f"{s['strategy']}-s{s['seed']}": s["trials"] for s in searches}
     near = near_targets(detail, args.seeds, args.fractions)
     print(table(near))
     result = provenance() | {
-        "space": args.space, "overrides": sets, "seeds": args.seeds, "concurrency": 1,
-        "joint_trials": args.joint_trials, "teacher_trials": args.teacher_trials, "top_teachers": args.top_teachers,
-        "student_trials": args.student_trials, "prefill_s": round(prefill_s, 1),
-        "wall_s": round(time.perf_counter() - t_start, 1), "summary": summary, "searches": rows,
-        "staged_over_joint_cpu_to_target": ratios, "near_targets": near, "trials_detail": detail,
+        "space": args.space,
+        "overrides": sets,
+        "seeds": args.seeds,
+        "concurrency": 1,
+        "joint_trials": args.joint_trials,
+        "teacher_trials": args.teacher_trials,
+        "top_teachers": args.top_teachers,
+        "student_trials": args.student_trials,
+        "prefill_s": round(prefill_s, 1),
+        "wall_s": round(time.perf_counter() - t_start, 1),
+        "summary": summary,
+        "searches": rows,
+        "staged_over_joint_cpu_to_target": ratios,
+        "near_targets": near,
+        "trials_detail": detail,
         "note": "cpu_*: CPU-seconds of the trials (load-insensitive); time_*/wall_s: wall times (load-sensitive)",
-    }  # fmt: skip
+    }
     out = write_result("staged_search", result, args.quick)
     png = plot_path("staged_search", args.quick)
     plot(searches, png)

@@ -32,16 +32,23 @@ from tskd_tune.config import StudentConfig, TeacherConfig
 STUDENTS = {
     "unet 8-64 (benchmarks)": {"model": "unet", "channels": [8, 16, 32, 64]},
     "unet 16-128 (default)": {"model": "unet", "channels": [16, 32, 64, 128]},
-    "timm_unet mobilenetv3_small": {"model": "timm_unet", "encoder": "mobilenetv3_small_100", "channels": [16, 24, 48, 96]},
+    "timm_unet mobilenetv3_small": {
+        "model": "timm_unet",
+        "encoder": "mobilenetv3_small_100",
+        "channels": [16, 24, 48, 96],
+    },
     "timm_unet resnet18": {"model": "timm_unet", "encoder": "resnet18", "channels": [32, 64, 128, 256]},
     "vit_tiny": {"model": "vit_tiny"},
-}  # fmt: skip
+}
 TEACHERS = {
-    "ViT-S/8 depth 4 (demo, mni152)": {"model": "vit_small_patch16_224", "model_kwargs": {"patch_size": 8, "depth": 4}},
+    "ViT-S/8 depth 4 (demo, mni152)": {
+        "model": "vit_small_patch16_224",
+        "model_kwargs": {"patch_size": 8, "depth": 4},
+    },
     "ViT-S/16 (12 blocks)": {"model": "vit_small_patch16_224", "model_kwargs": {}},
     "ViT-B/16 (12 blocks)": {"model": "vit_base_patch16_224", "model_kwargs": {}},
     "LiteMedSAM (256 px encoder)": {"model": "litemedsam"},
-}  # fmt: skip
+}
 CLASSES = 3  # mni152: background, grey matter, white matter
 
 
@@ -74,8 +81,15 @@ def onnx_latency(model, size: int, batches: list[int], repeats: int, threads: in
         x = torch.rand(1, 1, size, size)
         try:
             with torch.inference_mode():
-                torch.onnx.export(model, (x,), str(path), input_names=["image"], output_names=["logits"],
-                                  dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)  # fmt: skip
+                torch.onnx.export(
+                    model,
+                    (x,),
+                    str(path),
+                    input_names=["image"],
+                    output_names=["logits"],
+                    dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                    dynamo=False,
+                )
         except Exception as exc:  # noqa: BLE001 - a model that does not export is a row, not a crash
             return dict.fromkeys(batches, f"export failed: {exc.__class__.__name__}")
         opts = ort.SessionOptions()
@@ -149,8 +163,17 @@ def train_dice(names: list[str], n: int, seed: int, quick: bool) -> dict[str, tu
             print(f"  {name}: test Dice {out[name][0]:.3f} (from {done_file.relative_to(REPO)})", flush=True)
             continue
         spec = STUDENTS[name]
-        over = base | {f"student.{k}": v for k, v in spec.items()} | {
-            "distill.method": "ts_kd", "data.labeled": n, "seed": seed, "data.seed": seed, "cache.dir": str(work / "cache")}  # fmt: skip
+        over = (
+            base
+            | {f"student.{k}": v for k, v in spec.items()}
+            | {
+                "distill.method": "ts_kd",
+                "data.labeled": n,
+                "seed": seed,
+                "data.seed": seed,
+                "cache.dir": str(work / "cache"),
+            }
+        )
         if quick and spec["model"] != "unet":
             over["student.channels"] = spec.get("channels", [8, 16, 32])[:3]
         out[name] = (run_cell("search_spaces/mni152.yaml", over)["test_dice"], source)

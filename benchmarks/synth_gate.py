@@ -113,11 +113,15 @@ def main() -> None:
     ap.add_argument("--space", default=str(REPO / "search_spaces/mni152.yaml"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, nargs="+", default=[20, 1000, 3000], help="generator steps")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[32], choices=sorted(GENERATORS),
-                    help="generator resolutions")  # fmt: skip
+    ap.add_argument(
+        "--sizes", type=int, nargs="+", default=[32], choices=sorted(GENERATORS), help="generator resolutions"
+    )
     ap.add_argument("--work", default="runs/bench-synth-gate", help="finished cells")
-    ap.add_argument("--cache", default="runs/bench-teachers/cache",
-                    help="the trial cache (teacher_heads.py's: the real images' encoder features are there)")  # fmt: skip
+    ap.add_argument(
+        "--cache",
+        default="runs/bench-teachers/cache",
+        help="the trial cache (teacher_heads.py's: the real images' encoder features are there)",
+    )
     args = ap.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -159,9 +163,12 @@ def main() -> None:
             done[cid] = cell
             with cells_file.open("a") as f:
                 f.write(json.dumps(cell, default=float) + "\n")
-            print(f"seed {seed}  {name:<18} fd {cell['fd']:.3f}  precision {cell['precision']:.2f}  recall "
-                  f"{cell['recall']:.2f}  semantic {'pass' if cell['semantic_passed'] else 'FAIL'}  pixel "
-                  f"{'pass' if cell['pixel_passed'] else 'FAIL'}  ({cell['wall_s']:.0f} s)", flush=True)  # fmt: skip
+            print(
+                f"seed {seed}  {name:<18} fd {cell['fd']:.3f}  precision {cell['precision']:.2f}  recall "
+                f"{cell['recall']:.2f}  semantic {'pass' if cell['semantic_passed'] else 'FAIL'}  pixel "
+                f"{'pass' if cell['pixel_passed'] else 'FAIL'}  ({cell['wall_s']:.0f} s)",
+                flush=True,
+            )
     cells = [{k: v for k, v in c.items() if k != "id"} for c in done.values()]
     cols = ["pool", "seed", "fd", "precision", "recall", "semantic_passed", "pixel_passed", "nn_ratio"]
     print(table(sorted(cells, key=lambda c: (c["pool"], c["seed"])), cols))
