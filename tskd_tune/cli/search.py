@@ -261,9 +261,8 @@ def status_view(path: Path):
     if "reference_scratch_val_dice" in refs:
         lines.append("gain: a trial's val_dice minus the scratch reference's")
     done = board[board["state"] == "finished"]
-    states = ", ".join(
-        f"{n} {state}" for state, n in board["state"].value_counts().items()
-    )  # tskd_tune.states
+    counts = board["state"].value_counts()  # the words of tskd_tune.states
+    states = ", ".join(f"{n} {state}" for state, n in counts.items())
     lines.append(f"{len(board)} trial(s){': ' + states if states else ''}; MLflow parent run {parent}")
     if not board.empty and board[metric].notna().any():
         best = board.iloc[0]

@@ -31,10 +31,8 @@ LOG_FILE = "driver.log"
 _TUNE_LOGGER = "ray.tune.execution.tune_controller"
 _FAILED = "Trial task failed for trial "  # Tune's message before a failed trial's traceback
 _QUALIFIED = re.compile(r"^[\w.]+\.(\w+: )")
-_KEEP_ON_CONSOLE = {"autoscaler"}
-_WORKER_NOISE = re.compile(
-    r"^Restored on \S+ from checkpoint: "
-)  # Ray Train's line in a retried trial  # node launches and resource demands on a real cluster: worth seeing
+_KEEP_ON_CONSOLE = {"autoscaler"}  # node launches and resource demands on a real cluster: worth seeing
+_WORKER_NOISE = re.compile(r"^Restored on \S+ from checkpoint: ")  # Ray Train's line in a retried trial
 _lock = threading.Lock()
 _routed: dict = {}
 

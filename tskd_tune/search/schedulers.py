@@ -72,10 +72,8 @@ class PilotScheduler(FIFOScheduler):
         super().__init__()
         self.cfg, self.max_t, self.hyperband, self.pilot = cfg, max_t, hyperband, pilot
         self.folder, self.stage = Path(folder) if folder else None, stage
-        self._metric, self._mode = (
-            cfg.search.metric,
-            cfg.search.mode,
-        )  # Tune's TrialScheduler.metric reads these
+        # Tune's TrialScheduler.metric reads these
+        self._metric, self._mode = cfg.search.metric, cfg.search.mode
         self.order: list[str] = []  # trial ids in the order they were added: the first `pilot` are protected
         self.curves: dict[str, dict[int, float]] = {}
         self.finished: list[str] = []

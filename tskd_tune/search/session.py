@@ -222,9 +222,8 @@ class SearchSession:
             )
         from tskd_tune.search import ray_log
 
-        log = ray_log.route(
-            state_path(opts)
-        )  # Ray's own lines and retried trials' tracebacks: a file, not the console
+        # Ray's own lines and retried trials' tracebacks: a file, not the console
+        log = ray_log.route(state_path(opts))
         return build_tuner(
             cfg,
             opts,

@@ -65,9 +65,8 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
         "best_config": str(best_cfg_path),
         **test,
     }
-    write_board(
-        test_dice(opts.path, board, summary)
-    )  # as the report reads it: summary.json is not written yet
+    # as the report reads it: summary.json is not written yet
+    write_board(test_dice(opts.path, board, summary))
     refs = reference_metrics(opts.path)
     summary |= refs
     if "reference_scratch_val_dice" in refs:
@@ -117,10 +116,10 @@ def summarize(cfg: Config, opts: SearchOptions, results, parent: str, data: tupl
         if "best_gain_vs_scratch" in summary
         else ""
     )
-    say.line(
+    say.line(  # test_dice "–" when there is no test score, never nan
         f"best trial {trial_label(best)} ({best['trial_id']}): {metric} {best[metric]:.4f}{gain}; "
         f"test_dice {score_text(test.get('test_dice'))}; config {best_cfg_path}"
-    )  # –: no test score, never nan
+    )
     for line in trust_lines(trust, metric) + grace_lines(grace, cfg):
         say.line(line)
     if view:  # MLflow's runs table shows no scores or values until columns are picked: this view has them

@@ -75,11 +75,10 @@ def trial(config: dict, data: tuple, base: Config, run: SearchRun) -> None:
         stage = {"tskd.stage": run.stage} if run.stage else {}
         kind = {tracking.KIND_TAG: "teacher_trial" if run.stage == "teacher" else "trial"}
         tracker.set_tags(_run_tags(cfg) | {"resumed": mlflow_run.resumed} | stage | kind)
-        tracker.log_text(
-            to_yaml(cfg), "config.yaml"
-        )  # at the start: a trial stopped early never reaches its end
+        # at the start: a trial stopped early never reaches its end
+        tracker.log_text(to_yaml(cfg), "config.yaml")
         if not mlflow_run.resumed:  # likewise its student's size and speed, which its weights do not change
-            tracker.log_metrics(student_measures(cfg, len(data[0].classes)), step=0)
+            report.with_first_epoch = student_measures(cfg, len(data[0].classes))
         result = run_trial(
             cfg,
             report,
@@ -106,10 +105,16 @@ class TuneReport:
         self.at_end = [m for m in self.objectives if m in END_OF_TRIAL_METRICS]
         self.last_epoch = get_method(cfg.distill.method).reported_epochs(cfg)
         self.tracker, self.held = None, {}
+        self.with_first_epoch: dict = {}
+        """Metrics known at the start, logged beside the first epoch's (after its score: MLflow's compare view
+        plots the first metric every run has, which should be the score)."""
         self.cpu0 = time.process_time()  # the compute this trial spends: its process's CPU time, all threads
 
     def __call__(self, epoch: int, metrics: dict, ckpt: Path | None) -> None:
         faults.beat()
+        if self.with_first_epoch and self.tracker is not None:
+            self.tracker.log_metrics(self.with_first_epoch, step=epoch)
+            self.with_first_epoch = {}
         out = {k: v for k, v in tracking.numeric(metrics).items() if math.isfinite(v)}
         for name in self.objectives:  # a non-finite score would reach ASHA and Optuna as a result
             if name in metrics and name not in out:
@@ -156,8 +161,8 @@ class TuneReport:
 def student_measures(cfg: Config, num_classes: int) -> dict:
     """``student_params`` and ``student_latency_ms`` of the trial's student, built afresh and timed as the trial's
     end times the trained one (same threads, device and repeats): an architecture's size and speed do not
-    depend on its weights. Logged when the trial starts, so that a trial the scheduler stops early has them
-    in MLflow's compare view too; the end logs them again. Empty for a method that trains no student."""
+    depend on its weights. Logged with the trial's first epoch, so that a trial the scheduler stops early has
+    them in MLflow's compare view too; the end logs them again. Empty for a method that trains no student."""
     if not get_method(cfg.distill.method).student:
         return {}
     from tskd_tune.metrics import count_params, latency_ms
