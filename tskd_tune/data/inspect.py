@@ -111,11 +111,18 @@ def comparison_grid(
 
 
 def val_overlays(
-    model: torch.nn.Module, prepared: Prepared, splits: Splits, out_dir: Path, device, n: int = 6
+    model: torch.nn.Module,
+    prepared: Prepared,
+    splits: Splits,
+    out_dir: Path,
+    device,
+    n: int = 6,
+    name: str = "val_overlays.png",
 ) -> Path:
-    """``val_overlays.png`` in ``out_dir``: for ``n`` validation images spread over the split (those with
-    foreground first, :func:`spread_indices`), a row of the image, its true mask and ``model``'s prediction,
-    with the class colours in a legend (:func:`comparison_grid`)."""
+    """``name`` (a trial's ``val_overlays.png``, the report's ``best_overlays.png``) in ``out_dir``: for ``n``
+    validation images spread over the split (those with foreground first, :func:`spread_indices`), a row of
+    the image, its true mask and ``model``'s prediction, with the class colours in a legend
+    (:func:`comparison_grid`)."""
     import torch
 
     val = np.sort(splits.val)  # in slice order: spread over the volume
@@ -129,8 +136,8 @@ def val_overlays(
     model.train(was_training)
     buf = io.BytesIO()
     comparison_grid(images, np.asarray(prepared.masks[idx]), pred, prepared.classes).save(buf, format="PNG")
-    atomic_write(Path(out_dir) / "val_overlays.png", buf.getvalue())
-    return Path(out_dir) / "val_overlays.png"
+    atomic_write(Path(out_dir) / name, buf.getvalue())
+    return Path(out_dir) / name
 
 
 def preview_grid(prepared: Prepared, indices: np.ndarray, path: Path, columns: int = 8) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import os
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tskd_tune.cache import atomic_write, write_json
+from tskd_tune.cache import write_json
 from tskd_tune.errors import TskdError
 from tskd_tune.report.board import (
     best_trial,
@@ -247,11 +246,10 @@ def _best_overlays(outputs: Path, path: Path, n: int = OVERLAY_ROWS) -> bool:
     never preprocesses a dataset anew)."""
     if not (outputs / "student.safetensors").is_file() or not (outputs / "config.yaml").is_file():
         return False
-    import torch
     from safetensors.torch import load_file
 
     from tskd_tune.config import load_config
-    from tskd_tune.data.inspect import comparison_grid, spread_indices
+    from tskd_tune.data.inspect import val_overlays
     from tskd_tune.data.prepare import load
     from tskd_tune.models.students import build_student
 
@@ -264,16 +262,7 @@ def _best_overlays(outputs: Path, path: Path, n: int = OVERLAY_ROWS) -> bool:
         model.load_state_dict(load_file(str(outputs / "student.safetensors")))
     except Exception:  # noqa: BLE001 - a report never fails on one figure: the trial's own overlays stand in
         return False
-    val = splits.val
-    foreground = (np.asarray(prepared.masks[val]) > 0).reshape(len(val), -1).sum(1)
-    idx = spread_indices(val, n, foreground=foreground)
-    images = np.asarray(prepared.images[idx], dtype=np.float32)
-    with torch.inference_mode():
-        pred = model.eval()(torch.from_numpy(images)).argmax(1).numpy().astype(np.uint8)
-    picture = comparison_grid(images, np.asarray(prepared.masks[idx]), pred, prepared.classes)
-    buf = io.BytesIO()
-    picture.save(buf, format="PNG")
-    atomic_write(path, buf.getvalue())
+    val_overlays(model, prepared, splits, path.parent, "cpu", n, name=path.name)
     return True
 
 
