@@ -22,6 +22,7 @@ only measures again; finished cells are kept in WORK/cells.jsonl.
 
     .venv/bin/python benchmarks/synth_gate.py                    # seeds 0-2, generator steps 20..3000
     .venv/bin/python benchmarks/synth_gate.py --seeds 0 --steps 20 1000
+    .venv/bin/python benchmarks/synth_gate.py --pixel-only       # the pixel stage of the constructed pools (seconds)
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ CONSTRUCTED = ("held-back real", "noise uniform", "noise smooth", "shuffled patc
 
 
 def measure(cfg, prepared, splits, store, device, pool: Pool, train: np.ndarray) -> dict:
-    pixel = pool.gate if pool.gate else quality_gate(np.asarray(pool.images, np.float32), train)
+    pixel = pool.gate
     t0 = time.perf_counter()
     sem = pool_semantics(cfg, prepared, splits, pool, store, device, threads=2)
     return {
@@ -118,6 +119,12 @@ def main() -> None:
     )
     ap.add_argument("--work", default="runs/bench-synth-gate", help="finished cells")
     ap.add_argument(
+        "--pixel-only",
+        action="store_true",
+        help="the constructed pools through the pixel stage only (no encoder, no generator): "
+        "benchmarks/results/synth_gate_pixel.json",
+    )
+    ap.add_argument(
         "--cache",
         default="runs/bench-teachers/cache",
         help="the trial cache (teacher_heads.py's: the real images' encoder features are there)",
@@ -129,6 +136,7 @@ def main() -> None:
     done = {}
     if cells_file.is_file():
         done = {c["id"]: c for c in map(json.loads, cells_file.read_text().splitlines())}
+    pixel_cells: list[dict] = []
     for seed in args.seeds:
         over = {
             "seed": seed,
@@ -140,10 +148,18 @@ def main() -> None:
         prepared, splits = load(cfg)
         store, device = Store(cfg.cache.dir), resolve_device(cfg)
         train = take_rows(prepared.images, training_indices(splits)).astype(np.float32)
+        groups = np.asarray(prepared.groups)[training_indices(splits)]  # slabs: the nearest-real scale
         held = take_rows(prepared.images, np.sort(np.concatenate([splits.val, splits.test]))).astype(
             np.float32
         )
         rng = np.random.default_rng(seed)
+        if args.pixel_only:
+            for name in CONSTRUCTED:
+                gate = quality_gate(constructed(name, train, held, rng), train, groups=groups)
+                pixel_cells.append(
+                    {"pool": name, "seed": seed} | gate | {"reasons": "; ".join(gate["reasons"])}
+                )
+            continue
         plan = [(name, None, None) for name in CONSTRUCTED]
         plan += [(f"ddpm{r} {s} steps", s, r) for r in args.sizes for s in args.steps]
         for name, steps, size in plan:
@@ -153,7 +169,8 @@ def main() -> None:
             t0 = time.perf_counter()
             if steps is None:
                 images = constructed(name, train, held, rng)
-                pool = Pool(images, work, digest([name, seed, "v1"]), False, quality_gate(images, train))
+                gate = quality_gate(images, train, groups=groups)
+                pool = Pool(images, work, digest([name, seed, "v1"]), False, gate)
             else:
                 gen = GENERATORS[size] | {"synthetic.train_steps": steps}
                 pool = build_pool(load_config(args.space, over | gen), prepared, splits, store, device)
@@ -169,6 +186,12 @@ def main() -> None:
                 f"{'pass' if cell['pixel_passed'] else 'FAIL'}  ({cell['wall_s']:.0f} s)",
                 flush=True,
             )
+    if args.pixel_only:
+        cols = ["pool", "seed", "nn_ratio", "nn_real", "nn_self", "copies", "passed", "reasons"]
+        print(table(pixel_cells, cols))
+        out = write_result("synth_gate_pixel", provenance() | {"space": args.space, "cells": pixel_cells})
+        print(f"\nwritten to {out.relative_to(REPO)}")
+        return
     cells = [{k: v for k, v in c.items() if k != "id"} for c in done.values()]
     cols = ["pool", "seed", "fd", "precision", "recall", "semantic_passed", "pixel_passed", "nn_ratio"]
     print(table(sorted(cells, key=lambda c: (c["pool"], c["seed"])), cols))

@@ -8,7 +8,7 @@ import torch
 import yaml
 from PIL import Image
 
-from tskd_tune.cache import Store, digest
+from tskd_tune.cache import MANIFEST, Store, digest, write_manifest
 from tskd_tune.config import validate
 from tskd_tune.data.prepare import load
 from tskd_tune.errors import ConfigError, TskdError
@@ -215,6 +215,53 @@ def test_gate_passes_real_images_and_rejects_noise_flat_images_and_copies(tiny):
     copies = quality_gate(train[:40], train)
     assert copies["reasons"] == ["40 of 40 images are near-copies of training images (memorised)"]
     assert copies["copies"] == 40 and copies["nn_distance"] == 0.0
+
+
+def _slice_stacks(volumes: int, slices: int, rng: np.random.Generator) -> np.ndarray:
+    """(volumes * slices, 1, 32, 32) smooth images in [0, 1]; the slices of one volume are near-copies."""
+    from scipy.ndimage import gaussian_filter
+
+    def field() -> np.ndarray:
+        f = gaussian_filter(rng.normal(size=(32, 32)), 3)
+        return (f - f.mean()) / f.std()
+
+    out = []
+    for _ in range(volumes):
+        base, drift = field(), field()
+        out += [np.clip(0.5 + 0.15 * (base + 0.05 * k * drift), 0, 1) for k in range(slices)]
+    return np.stack(out)[:, None].astype(np.float32)
+
+
+def test_gate_judges_a_slice_stack_on_the_distance_between_volumes():
+    rng = np.random.default_rng(0)
+    train = _slice_stacks(24, 6, rng)
+    groups = np.repeat(np.arange(24), 6)
+    held_out = _slice_stacks(8, 6, rng)  # new volumes: as far from the training ones as those are apart
+    flat = quality_gate(held_out, train)  # every training slice its own group: the neighbour is the scale
+    assert flat["nn_real"] == flat["nn_self"] < flat["nn_distance"] / 4
+    assert _failed(flat) == ["nn_ratio"] and flat["passed"] is False
+    stacked = quality_gate(held_out, train, groups=groups)
+    assert stacked["passed"] is True and stacked["copies"] == 0, stacked["reasons"]
+    assert 0.7 < stacked["nn_ratio"] < 1.5 and stacked["nn_real"] > 4 * stacked["nn_self"]
+    assert stacked["nn_self"] == flat["nn_self"] and stacked["version"] == 2
+    # a copy is still judged on the neighbouring-slice scale: training slices come back as copies
+    copies = quality_gate(train[::6], train, groups=groups)
+    assert copies["copies"] == 24 and _failed(copies) == ["copies"]
+    # one group only: nothing to measure across, so each image is its own group again
+    assert quality_gate(held_out, train, groups=np.zeros(len(train)))["nn_real"] == flat["nn_real"]
+
+
+def test_a_pool_cached_under_an_older_gate_is_judged_again(tiny):
+    cfg = tiny(synthetic=TINY_SYNTH)
+    pool, _, _ = _pool(cfg)
+    path = pool.path / "gate.json"
+    old = {k: v for k, v in pool.gate.items() if k not in ("version", "nn_self")} | {"passed": True}
+    path.write_text(json.dumps(old))
+    # checksummed again, as the older gate's build left the entry
+    write_manifest(pool.path, json.loads((pool.path / MANIFEST).read_text())["key"])
+    again, _, _ = _pool(cfg)
+    assert again.cached and again.path == pool.path
+    assert again.gate == pool.gate and json.loads(path.read_text()) == old  # judged in memory
 
 
 def test_pretrained_pipeline_round_trip(tiny, tmp_path):

@@ -25,7 +25,7 @@ from tskd_tune.errors import TskdError
 from tskd_tune.faults import beat
 from tskd_tune.kinds import generator_kind
 from tskd_tune.runtime import resolve_device
-from tskd_tune.synth.gate import GATE_FIGURES, GATE_MAX_IMAGES, quality_gate, spread
+from tskd_tune.synth.gate import GATE_FIGURES, GATE_MAX_IMAGES, GATE_VERSION, quality_gate, spread
 from tskd_tune.synth.generator import (
     BETA_SCHEDULE,
     PREDICTION,
@@ -226,10 +226,12 @@ def build_pool(
         sample_images(unet, sched_config, images, gc, seed=cfg.seed, device=device, progress=progress)
         images.flush()
         info["sample_s"] = time.perf_counter() - t0
-        real = take_rows(prepared.images, spread(training_indices(splits), GATE_MAX_IMAGES))
-        gate = quality_gate(np.asarray(images), real, size=min(unet_size(unet), cfg.data.image_size))
-        (tmp / "gate.json").write_text(json.dumps(gate, indent=1))
+        size = min(unet_size(unet), cfg.data.image_size)
+        (tmp / "gate.json").write_text(
+            json.dumps(_pixel_gate(np.asarray(images), prepared, splits, size), indent=1)
+        )
         # what the report shows of the pool: 16 of its images beside 16 training images
+        real = take_rows(prepared.images, spread(training_indices(splits), GATE_MAX_IMAGES))
         sample_grid(np.asarray(images), real, tmp / "grid.png")
         (tmp / "meta.json").write_text(json.dumps(info | {"generator": str(folder)}, indent=1))
         del images
@@ -237,9 +239,11 @@ def build_pool(
     hit = store.get_or_build("synth_pool", key_obj, build)
     gate = json.loads((hit.path / "gate.json").read_text())
     meta = json.loads((hit.path / "meta.json").read_text())
-    pool = Pool(
-        np.load(hit.path / "images.npy", mmap_mode="r"), hit.path, digest(key_obj), hit.cached, gate, meta
-    )
+    images = np.load(hit.path / "images.npy", mmap_mode="r")
+    if gate.get("version") != GATE_VERSION:
+        # a pool cached under an older gate is judged again (in memory: the entry's files are checksummed)
+        gate = _pixel_gate(np.asarray(images), prepared, splits, gate["size"])
+    pool = Pool(images, hit.path, digest(key_obj), hit.cached, gate, meta)
     if not gate["passed"]:
         log.warning(
             "synthetic pool %s FAILED the quality gate (%s): its images do not look like the training "
@@ -248,6 +252,13 @@ def build_pool(
             "; ".join(gate["reasons"]),
         )
     return pool
+
+
+def _pixel_gate(images: np.ndarray, prepared: Prepared, splits: Splits, size: int) -> dict:
+    """The quality gate of a pool against the training images (their groups set the nearest-real scale)."""
+    rows = spread(training_indices(splits), GATE_MAX_IMAGES)
+    real = take_rows(prepared.images, rows)
+    return quality_gate(images, real, size=size, groups=np.asarray(prepared.groups)[rows])
 
 
 def pool_semantics(
