@@ -244,22 +244,15 @@ def _best_overlays(outputs: Path, path: Path, n: int = OVERLAY_ROWS) -> bool:
     the split (:func:`~tskd_tune.data.inspect.spread_indices`, those with foreground first). False, and nothing
     written, when the trial has no student or its data is not in the cache it was prepared in (the report
     never preprocesses a dataset anew)."""
-    if not (outputs / "student.safetensors").is_file() or not (outputs / "config.yaml").is_file():
-        return False
-    from safetensors.torch import load_file
-
-    from tskd_tune.config import load_config
     from tskd_tune.data.inspect import val_overlays
     from tskd_tune.data.prepare import load
-    from tskd_tune.models.students import build_student
+    from tskd_tune.export import load_trial_student
 
     try:
-        cfg = load_config(outputs / "config.yaml")
+        model, cfg, _ = load_trial_student(outputs)
         if not cfg.cache.enabled or not Path(cfg.cache.dir).is_dir():
             return False
         prepared, splits = load(cfg)
-        model = build_student(cfg.student, cfg.data.channels, len(prepared.classes), cfg.data.image_size)
-        model.load_state_dict(load_file(str(outputs / "student.safetensors")))
     except Exception:  # noqa: BLE001 - a report never fails on one figure: the trial's own overlays stand in
         return False
     val_overlays(model, prepared, splits, path.parent, "cpu", n, name=path.name)
