@@ -97,6 +97,7 @@ def measure(cfg, prepared, splits, store, device, pool: Pool, train: np.ndarray)
     sem = pool_semantics(cfg, prepared, splits, pool, store, device, threads=2)
     return {
         "pixel_passed": pixel["passed"],
+        "pixel_gate_version": pixel.get("version", 1),
         "pixel_reasons": "; ".join(pixel["reasons"]),
         "nn_ratio": pixel["nn_ratio"],
         "hist_distance": pixel["hist_distance"],
@@ -118,6 +119,7 @@ def main() -> None:
         "--sizes", type=int, nargs="+", default=[32], choices=sorted(GENERATORS), help="generator resolutions"
     )
     ap.add_argument("--work", default="runs/bench-synth-gate", help="finished cells")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (generator training, encoder)")
     ap.add_argument(
         "--pixel-only",
         action="store_true",
@@ -142,7 +144,7 @@ def main() -> None:
             "seed": seed,
             "data.seed": seed,
             "cache.dir": str(Path(args.cache).resolve()),
-            "resources.threads": 2,
+            "resources.threads": args.threads,
         }
         cfg = load_config(args.space, over)
         prepared, splits = load(cfg)
