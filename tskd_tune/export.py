@@ -87,7 +87,7 @@ def trial_outputs(path: Path) -> tuple[Path, dict]:
             raise TskdError(f"{path}: the search has no leaderboard yet; it writes one when it ends")
         import pandas as pd
 
-        from tskd_tune.report import best_trial, test_dice
+        from tskd_tune.report.board import best_trial, test_dice
 
         rows = pd.read_csv(board)
         best = best_trial(rows)
@@ -101,7 +101,7 @@ def trial_outputs(path: Path) -> tuple[Path, dict]:
 def provenance(outputs: Path) -> dict:
     """Where a search trial's student comes from: its name (t003), Ray's trial id, its MLflow run, and its
     search's name and MLflow parent run (empty for a standalone trial, whose folder has no Ray records)."""
-    from tskd_tune.report import read_results, trial_number
+    from tskd_tune.report.board import read_results, trial_number
     from tskd_tune.search.folder import SEARCH_FILE
 
     trial_dir = Path(outputs).parent
