@@ -295,7 +295,7 @@ def plot(summary: list[dict], path: Path) -> None:
         ax.set_xlim(left=min(rows[lab]["test_dice"] for lab in shown) - 0.1)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(
-        "teachers (orange), U-Net students (green), ViT-Tiny students (blue); teacher* = chosen on val Dice",
+        "teachers (orange), U-Net students (green), ViT-Tiny students (blue)\nteacher* = the teacher distilled (--chosen, or the best on val Dice)",
         fontsize=10,
     )
     save_figure(fig, path)
