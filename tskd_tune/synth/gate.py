@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-GATE_VERSION = 2  # 2: the nearest-real scale measured across groups (a cached pool's gate.json is redone)
+GATE_VERSION = 2  # 2: the nearest-real scale across groups (a pool cached under 1 is judged again on load)
 GATE_MAX_IMAGES = 512  # enough for stable statistics; keeps the gate at a second or two
 NN_SIZE = 32  # nearest-neighbour distances at <= 32 px: structure, not speckle, decides what is a copy
 
