@@ -149,8 +149,9 @@ def main() -> None:
         cfg = load_config(args.space, over)
         prepared, splits = load(cfg)
         store, device = Store(cfg.cache.dir), resolve_device(cfg)
-        train = take_rows(prepared.images, training_indices(splits)).astype(np.float32)
-        groups = np.asarray(prepared.groups)[training_indices(splits)]  # slabs: the nearest-real scale
+        rows = training_indices(splits)
+        train = take_rows(prepared.images, rows).astype(np.float32)
+        groups = np.asarray(prepared.groups)[rows]  # slabs: the nearest-real scale
         held = take_rows(prepared.images, np.sort(np.concatenate([splits.val, splits.test]))).astype(
             np.float32
         )

@@ -167,7 +167,7 @@ def run_phase(
 
 def cell_id(label: str, n: int, seed: int, over: dict) -> str:
     """A cell's identity: its label, N, seed and the overrides that change its result."""
-    same = {k: v for k, v in over.items() if k not in MACHINE_KEYS and FROZEN.get(k, object()) != v}
+    same = {k: v for k, v in over.items() if k not in MACHINE_KEYS and (k, v) not in FROZEN.items()}
     return json.dumps([label, n, seed, same], sort_keys=True, default=str)
 
 

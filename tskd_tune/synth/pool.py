@@ -227,11 +227,10 @@ def build_pool(
         images.flush()
         info["sample_s"] = time.perf_counter() - t0
         size = min(unet_size(unet), cfg.data.image_size)
-        (tmp / "gate.json").write_text(
-            json.dumps(_pixel_gate(np.asarray(images), prepared, splits, size), indent=1)
-        )
+        real, groups = _gate_sample(prepared, splits)
+        gate = quality_gate(np.asarray(images), real, size=size, groups=groups)
+        (tmp / "gate.json").write_text(json.dumps(gate, indent=1))
         # what the report shows of the pool: 16 of its images beside 16 training images
-        real = take_rows(prepared.images, spread(training_indices(splits), GATE_MAX_IMAGES))
         sample_grid(np.asarray(images), real, tmp / "grid.png")
         (tmp / "meta.json").write_text(json.dumps(info | {"generator": str(folder)}, indent=1))
         del images
@@ -242,7 +241,8 @@ def build_pool(
     images = np.load(hit.path / "images.npy", mmap_mode="r")
     if gate.get("version") != GATE_VERSION:
         # a pool cached under an older gate is judged again (in memory: the entry's files are checksummed)
-        gate = _pixel_gate(np.asarray(images), prepared, splits, gate["size"])
+        real, groups = _gate_sample(prepared, splits)
+        gate = quality_gate(np.asarray(images), real, size=gate["size"], groups=groups)
     pool = Pool(images, hit.path, digest(key_obj), hit.cached, gate, meta)
     if not gate["passed"]:
         log.warning(
@@ -254,11 +254,11 @@ def build_pool(
     return pool
 
 
-def _pixel_gate(images: np.ndarray, prepared: Prepared, splits: Splits, size: int) -> dict:
-    """The quality gate of a pool against the training images (their groups set the nearest-real scale)."""
+def _gate_sample(prepared: Prepared, splits: Splits) -> tuple[np.ndarray, np.ndarray]:
+    """The training images a pool is gated against (at most GATE_MAX_IMAGES, spread) and their groups (which
+    set the nearest-real scale)."""
     rows = spread(training_indices(splits), GATE_MAX_IMAGES)
-    real = take_rows(prepared.images, rows)
-    return quality_gate(images, real, size=size, groups=np.asarray(prepared.groups)[rows])
+    return take_rows(prepared.images, rows), np.asarray(prepared.groups)[rows]
 
 
 def pool_semantics(
