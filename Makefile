@@ -51,6 +51,7 @@ bench-timing: $(STAMP)  ## every timing benchmark (hours on 2 cores; run on a qu
 	$(BIN)/python benchmarks/staged_search.py
 	$(BIN)/python benchmarks/scaling.py --two-node
 	$(BIN)/python benchmarks/students.py --dice
+	$(BIN)/python benchmarks/cpu_bf16.py
 
 bench-gpu: $(STAMP)  ## GPU throughput (1, 2, 4 trials per GPU, mixed precision off/on); says so and exits without a GPU
 	$(BIN)/python benchmarks/gpu.py
@@ -63,6 +64,8 @@ bench-quick: $(STAMP)  ## smoke run of every benchmark (--quick; results go to *
 	$(BIN)/python benchmarks/scaling.py --quick --two-node
 	$(BIN)/python benchmarks/students.py --quick
 	$(BIN)/python benchmarks/gpu.py --quick
+	$(BIN)/python benchmarks/cpu_bf16.py --quick
+	$(BIN)/python benchmarks/synth_ratio.py --quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check tskd_tune tests benchmarks

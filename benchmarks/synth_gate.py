@@ -16,12 +16,14 @@ variance, precision and recall on k-NN manifolds). Pools:
     ddpm32 S steps    the `ddpm` generator of kd_methods.py (CPU-sized: 32 px, 16-32-64 channels) trained
                       S steps, 128 images sampled (25 DDIM steps)
     ddpm64 S steps    the `ddpm` generator with the shipped defaults at 64 px (32-64-64 channels)
+    ... bf16          the same generator trained and sampled under bf16 autocast (--precision bf16)
 
 Generator pools and every pool's encoder features are entries of the trial cache (--cache), so a rerun
 only measures again; finished cells are kept in WORK/cells.jsonl.
 
     .venv/bin/python benchmarks/synth_gate.py                    # seeds 0-2, generator steps 20..3000
     .venv/bin/python benchmarks/synth_gate.py --seeds 0 --steps 20 1000
+    .venv/bin/python benchmarks/synth_gate.py --seeds 0 --sizes 64 --steps 2000 8000 --precision bf16
     .venv/bin/python benchmarks/synth_gate.py --pixel-only       # the pixel stage of the constructed pools (seconds)
 """
 
@@ -118,6 +120,13 @@ def main() -> None:
     ap.add_argument(
         "--sizes", type=int, nargs="+", default=[32], choices=sorted(GENERATORS), help="generator resolutions"
     )
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="the generators' arithmetic (synthetic.mixed_precision; bf16 needs a CPU with AMX or "
+        "AVX512-BF16, see cpu_bf16.py); bf16 pools are named '... bf16'",
+    )
     ap.add_argument("--work", default="runs/bench-synth-gate", help="finished cells")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (generator training, encoder)")
     ap.add_argument(
@@ -164,7 +173,8 @@ def main() -> None:
                 )
             continue
         plan = [(name, None, None) for name in CONSTRUCTED]
-        plan += [(f"ddpm{r} {s} steps", s, r) for r in args.sizes for s in args.steps]
+        tag = " bf16" if args.precision == "bf16" else ""
+        plan += [(f"ddpm{r} {s} steps{tag}", s, r) for r in args.sizes for s in args.steps]
         for name, steps, size in plan:
             cid = json.dumps([name, seed])
             if cid in done:
@@ -175,7 +185,10 @@ def main() -> None:
                 gate = quality_gate(images, train, groups=groups)
                 pool = Pool(images, work, digest([name, seed, "v1"]), False, gate)
             else:
-                gen = GENERATORS[size] | {"synthetic.train_steps": steps}
+                gen = GENERATORS[size] | {
+                    "synthetic.train_steps": steps,
+                    "synthetic.mixed_precision": args.precision == "bf16",
+                }
                 pool = build_pool(load_config(args.space, over | gen), prepared, splits, store, device)
             cell = {"id": cid, "pool": name, "seed": seed, "images": len(pool)}
             cell |= measure(cfg, prepared, splits, store, device, pool, train)

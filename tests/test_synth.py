@@ -377,3 +377,20 @@ def test_cli_synth_writes_the_grid_and_the_gate(tmp_path, capsys):
     assert err == [
         f"error: synthetic.pretrained_path: {tmp_path}: not a diffusers pipeline folder (no model_index.json)"
     ]
+
+
+def test_the_generator_runs_and_keys_its_effective_precision(tiny):
+    from tskd_tune.runtime import native_bf16
+    from tskd_tune.synth.generator import train_generator
+    from tskd_tune.synth.pool import precision
+
+    cpu = torch.device("cpu")
+    prepared, splits = load(tiny())
+    asked, off = tiny(synthetic=TINY_SYNTH), tiny(synthetic=TINY_SYNTH | {"mixed_precision": False})
+    native = native_bf16(cpu)
+    assert precision(off, cpu) == "fp32" and precision(asked, cpu) == ("bf16" if native else "fp32")
+    same = digest(generator_key(asked, prepared, splits)) == digest(generator_key(off, prepared, splits))
+    assert same is not native  # a CPU that cannot run bf16 trains one generator for both settings
+    images = torch.rand(4, 1, 16, 16)
+    _, _, stats = train_generator(images, asked.synthetic, seed=0, device=cpu)
+    assert stats["precision"] == precision(asked, cpu) and np.isfinite(stats["loss_last"])

@@ -34,3 +34,19 @@ def set_threads(cfg: Config) -> int:
     threads = trial_threads(cfg)
     torch.set_num_threads(threads)
     return threads
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matmuls natively: CUDA, or a CPU with AMX or AVX512-BF16 (oneDNN
+    then uses bf16 kernels; elsewhere a CPU emulates bf16 and autocast would only slow it down)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def autocast_bf16(device: torch.device, enabled: bool):
+    """bf16 autocast on ``device`` (a no-op context when not ``enabled``)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)

@@ -2,7 +2,8 @@
 
 - generator ``ddpm``: a small diffusers ``UNet2DModel`` trained with ``DDPMScheduler`` on every training
   image of the dataset (labelled and unlabelled; never val/test) at ``synthetic.image_size``, with an
-  EMA of its weights, bf16 autocast on CUDA; it is saved as a ``DDPMPipeline`` folder in the cache, so a
+  EMA of its weights, bf16 autocast where the device runs bf16 natively (CUDA; CPUs with AMX or
+  AVX512-BF16); it is saved as a ``DDPMPipeline`` folder in the cache, so a
   trained generator can also be reused as ``pretrained``.
 - generator ``pretrained``: a local diffusers pipeline folder holding an unconditional ``UNet2DModel``
   and its scheduler (e.g. ``DDPMPipeline.save_pretrained``); loaded with ``local_files_only``.
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from tskd_tune.config import SyntheticConfig
 from tskd_tune.errors import TskdError
+from tskd_tune.runtime import autocast_bf16, native_bf16
 from tskd_tune.train import seeded
 
 # a safety belt: nothing here may reach the Hugging Face Hub (pipelines load with local_files_only too)
@@ -43,6 +45,11 @@ SAMPLE_BATCH = 64
 
 
 # ------------------------------------------------------------------------------------ training
+def uses_bf16(gc: SyntheticConfig, device: torch.device) -> bool:
+    """Whether the generator trains and samples under bf16 autocast: asked for and native on ``device``."""
+    return gc.mixed_precision and native_bf16(device)
+
+
 def make_unet(gc: SyntheticConfig, channels: int, size: int):
     """The ``ddpm`` generator's UNet2DModel: ``gc.channels`` per level, attention at the lowest if asked."""
     from diffusers import UNet2DModel
@@ -101,7 +108,7 @@ def train_generator(
         ),
     )
     ema = [p.detach().clone().float() for p in params] if gc.ema_decay > 0 else None
-    amp = gc.mixed_precision and device.type == "cuda"
+    amp = uses_bf16(gc, device)
     g = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -112,7 +119,7 @@ def train_generator(
         x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
         noise = torch.randn(x.shape, generator=g).to(device)
         t = torch.randint(TRAIN_TIMESTEPS, (gc.batch_size,), generator=g).to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with autocast_bf16(device, amp):
             pred = unet(scheduler.add_noise(x, noise, t), t).sample
         target = noise if PREDICTION == "epsilon" else scheduler.get_velocity(x, noise, t)
         loss = F.mse_loss(pred.float(), target)
@@ -150,6 +157,7 @@ def train_generator(
         "train_s": time.perf_counter() - t0,
         "device": device.type,
         "mixed_precision": amp,
+        "precision": "bf16" if pred.dtype == torch.bfloat16 else "fp32",  # what the UNet ran in
     }
     return unet, scheduler, stats
 
@@ -198,7 +206,7 @@ def sample_images(
     size = unet_size(unet)
     cin = unet.config.in_channels
     n, c, s = out.shape[0], out.shape[1], out.shape[-1]
-    amp = gc.mixed_precision and device.type == "cuda"
+    amp = uses_bf16(gc, device)
     g = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
         for start in range(0, n, SAMPLE_BATCH):
@@ -206,7 +214,7 @@ def sample_images(
             x = torch.randn((b, cin, size, size), generator=g).to(device) * scheduler.init_noise_sigma
             scheduler.set_timesteps(gc.sample_steps, device=device)
             for t in scheduler.timesteps:
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                with autocast_bf16(device, amp):
                     pred = unet(scheduler.scale_model_input(x, t), t).sample
                 x = scheduler.step(pred.float(), t, x).prev_sample
             img = ((x.float().clamp(-1, 1) + 1) / 2).cpu()

@@ -36,6 +36,7 @@ from tskd_tune.synth.generator import (
     sample_images,
     train_generator,
     unet_size,
+    uses_bf16,
 )
 from tskd_tune.synth.grid import sample_grid
 from tskd_tune.synth.semantic import (
@@ -100,8 +101,18 @@ def generator_size(cfg: Config) -> int:
     return cfg.synthetic.image_size or cfg.data.image_size
 
 
-def generator_key(cfg: Config, prepared: Prepared, splits: Splits) -> dict:
-    """Exactly what determines the generator: data, training images, generator config, seed."""
+def precision(cfg: Config, device: torch.device | None = None) -> str:
+    """The generator's effective arithmetic on ``device`` (default: the config's): ``bf16`` or ``fp32``.
+
+    Keyed instead of ``synthetic.mixed_precision`` itself, which only asks: a CPU without native bf16
+    runs float32 whatever the config says."""
+    return "bf16" if uses_bf16(cfg.synthetic, device or resolve_device(cfg)) else "fp32"
+
+
+def generator_key(
+    cfg: Config, prepared: Prepared, splits: Splits, device: torch.device | None = None
+) -> dict:
+    """Exactly what determines the generator: data, training images, generator config, seed, precision."""
     gc = cfg.synthetic
     key = {
         "kind": "generator",
@@ -120,10 +131,10 @@ def generator_key(cfg: Config, prepared: Prepared, splits: Splits) -> dict:
         "lr",
         "ema_decay",
         "train_steps",
-        "mixed_precision",
     }
     return key | {
         "ddpm": gc.model_dump(mode="json", include=train_fields),
+        "precision": precision(cfg, device),
         "image_size": generator_size(cfg),
         "timesteps": TRAIN_TIMESTEPS,
         "beta_schedule": BETA_SCHEDULE,
@@ -131,14 +142,15 @@ def generator_key(cfg: Config, prepared: Prepared, splits: Splits) -> dict:
     }
 
 
-def pool_key(cfg: Config, prepared: Prepared, splits: Splits) -> dict:
+def pool_key(cfg: Config, prepared: Prepared, splits: Splits, device: torch.device | None = None) -> dict:
     """The generator's key plus what sampling adds; ``synthetic.ratio`` is deliberately not in it."""
     gc = cfg.synthetic
-    return generator_key(cfg, prepared, splits) | {
+    return generator_key(cfg, prepared, splits, device) | {
         "kind": "synth_pool",
         "pool_size": gc.pool_size,
         "sampler": gc.sampler,
         "sample_steps": gc.sample_steps,
+        "precision": precision(cfg, device),
         "out": [cfg.data.channels, cfg.data.image_size],
     }
 
@@ -210,7 +222,7 @@ def build_pool(
     if device is None:
         device = resolve_device(cfg)
     progress = progress or _log_progress
-    key_obj = pool_key(cfg, prepared, splits)
+    key_obj = pool_key(cfg, prepared, splits, device)
     info: dict = {}
 
     def build(tmp: Path) -> None:
@@ -359,7 +371,7 @@ def _generator(
         DDPMPipeline(unet=unet.cpu(), scheduler=scheduler).save_pretrained(str(tmp))
         (tmp / "training.json").write_text(json.dumps(stats, indent=1))
 
-    hit = store.get_or_build("generator", generator_key(cfg, prepared, splits), build)
+    hit = store.get_or_build("generator", generator_key(cfg, prepared, splits, device), build)
     return hit.path, hit.cached
 
 
