@@ -394,3 +394,10 @@ def test_the_generator_runs_and_keys_its_effective_precision(tiny):
     images = torch.rand(4, 1, 16, 16)
     _, _, stats = train_generator(images, asked.synthetic, seed=0, device=cpu)
     assert stats["precision"] == precision(asked, cpu) and np.isfinite(stats["loss_last"])
+
+
+def test_a_pool_built_in_the_other_precision_is_used_not_built_again(tiny):
+    # a search's driver (a CPU head node) may build the pool its GPU trials then look for under bf16
+    fp32, _, _ = _pool(tiny(synthetic=TINY_SYNTH | {"mixed_precision": False}))
+    asked, _, _ = _pool(tiny(synthetic=TINY_SYNTH))
+    assert asked.cached and asked.path == fp32.path and asked.key == fp32.key

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tskd_tune.cache import Store, digest
+from tskd_tune.cache import Store, digest, verify
 from tskd_tune.config import Config, SyntheticConfig
 from tskd_tune.data.prepare import Prepared, Splits, take_rows
 from tskd_tune.errors import TskdError
@@ -223,6 +223,11 @@ def build_pool(
         device = resolve_device(cfg)
     progress = progress or _log_progress
     key_obj = pool_key(cfg, prepared, splits, device)
+    other = key_obj | {"precision": "fp32" if key_obj["precision"] == "bf16" else "bf16"}
+    if store.enabled and verify(store.path("synth_pool", digest(other))):
+        # a search's driver may have built the pool on another device (a CPU head node for GPU workers):
+        # its images serve as well, and a second generator would cost the whole training again
+        key_obj = other
     info: dict = {}
 
     def build(tmp: Path) -> None:
