@@ -83,6 +83,19 @@ def write_result(name: str, payload: dict, quick: bool = False) -> Path:
     return path
 
 
+def read_cells(path: Path) -> dict[str, dict]:
+    """The finished cells of a grid (one JSON object per line of ``path``, each with an ``id``), by id."""
+    if not path.is_file():
+        return {}
+    return {c["id"]: c for c in map(json.loads, path.read_text().splitlines())}
+
+
+def append_cell(path: Path, cell: dict) -> None:
+    """Append one finished cell to ``path``, so an interrupted grid resumes after it."""
+    with path.open("a") as f:
+        f.write(json.dumps(cell, default=float) + "\n")
+
+
 def plot_path(name: str, quick: bool = False) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     return RESULTS / f"{name}{'.quick' if quick else ''}.png"

@@ -39,7 +39,18 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, launch, plot_path, provenance, save_figure, spread, table, write_result
+from _common import (
+    REPO,
+    append_cell,
+    launch,
+    plot_path,
+    provenance,
+    read_cells,
+    save_figure,
+    spread,
+    table,
+    write_result,
+)
 
 from tskd_tune.config import load_config, parse_overrides, read_yaml
 
@@ -363,11 +374,7 @@ def main() -> None:
     all_variants = variants(args.synthetic_ratio, want_search)
     labels = [v for v in ORDER if v in all_variants and v in args.variants]
 
-    done = {}
-    if cells_file.is_file():
-        for line in cells_file.read_text().splitlines():
-            c = json.loads(line)
-            done[c["id"]] = c
+    done = read_cells(cells_file)
     plan = [
         (s, n, label)
         for group in GROUPS
@@ -398,8 +405,7 @@ def main() -> None:
         if args.report_only:
             continue
         cell = {"id": cid, "variant": label, "n": n, "seed": s} | run_cell(args.space, over)
-        with cells_file.open("a") as f:
-            f.write(json.dumps(cell, default=float) + "\n")
+        append_cell(cells_file, cell)
         cells.append(cell)
         walls.append(cell["wall_s"])
         eta = sum(walls) / len(walls) * (len(plan) - i)

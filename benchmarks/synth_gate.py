@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import REPO, provenance, table, write_result
+from _common import REPO, append_cell, provenance, read_cells, table, write_result
 
 from tskd_tune.cache import Store, digest
 from tskd_tune.config import load_config
@@ -144,9 +144,7 @@ def main() -> None:
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     cells_file = work / "cells.jsonl"
-    done = {}
-    if cells_file.is_file():
-        done = {c["id"]: c for c in map(json.loads, cells_file.read_text().splitlines())}
+    done = read_cells(cells_file)
     pixel_cells: list[dict] = []
     for seed in args.seeds:
         over = {
@@ -194,8 +192,7 @@ def main() -> None:
             cell |= measure(cfg, prepared, splits, store, device, pool, train)
             cell["wall_s"] = time.perf_counter() - t0
             done[cid] = cell
-            with cells_file.open("a") as f:
-                f.write(json.dumps(cell, default=float) + "\n")
+            append_cell(cells_file, cell)
             print(
                 f"seed {seed}  {name:<18} fd {cell['fd']:.3f}  precision {cell['precision']:.2f}  recall "
                 f"{cell['recall']:.2f}  semantic {'pass' if cell['semantic_passed'] else 'FAIL'}  pixel "

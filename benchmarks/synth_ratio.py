@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, provenance, spread, table, write_result
+from _common import REPO, append_cell, provenance, read_cells, spread, table, write_result
 
 from tskd_tune.config import load_config
 
@@ -114,9 +114,7 @@ def main() -> None:
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     cells_file = work / "cells.jsonl"
-    done = {}
-    if cells_file.is_file():
-        done = {c["id"]: c for c in map(json.loads, cells_file.read_text().splitlines())}
+    done = read_cells(cells_file)
     base = GENERATOR | {
         "synthetic.train_steps": args.steps,
         "distill.method": "ts_kd",
@@ -138,8 +136,7 @@ def main() -> None:
                     cell = {"id": cid, "variant": label, "n": n, "seed": seed, "steps": args.steps}
                     cell |= run_cell(args.space, sets)
                     done[cid] = cell
-                    with cells_file.open("a") as f:
-                        f.write(json.dumps(cell, default=float) + "\n")
+                    append_cell(cells_file, cell)
                     print(
                         f"N={n} seed {seed} {label:<20} test Dice {cell['test_dice']:.3f}  synthetic "
                         f"{cell.get('transfer_synthetic')} kept {cell.get('synth_kept')}  "

@@ -30,7 +30,17 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 
-from _common import REPO, plot_path, provenance, save_figure, spread, table, write_result
+from _common import (
+    REPO,
+    append_cell,
+    plot_path,
+    provenance,
+    read_cells,
+    save_figure,
+    spread,
+    table,
+    write_result,
+)
 
 SAM = {"teacher.head": "sam_decoder", "teacher.warmup_epochs": 5}
 CPU_SIZED = {"teacher.epochs": 20, "teacher.warmup_epochs": 2, "teacher.augment_views": 2}
@@ -155,8 +165,7 @@ def run_phase(
                     )
                     continue
                 done[cell["id"]] = cell
-                with cells_file.open("a") as fh:
-                    fh.write(json.dumps(cell, default=float) + "\n")
+                append_cell(cells_file, cell)
                 print(
                     f"{label:<18} N={n:<3} seed={s}  val {cell['val_dice']:.3f}  test {cell['test_dice']:.3f}  "
                     f"({cell['wall_s']:.0f} s)",
@@ -366,11 +375,7 @@ def main() -> None:
         work / "cells.jsonl" if args.quick else REPO / "benchmarks/results/teacher_heads.cells.jsonl"
     )
     cells_file = args.cells or default_cells
-    done = {}
-    if cells_file.is_file():
-        for line in cells_file.read_text().splitlines():
-            c = json.loads(line)
-            done[c["id"]] = c
+    done = read_cells(cells_file)
     deadline = time.time() + args.budget_s
     cache = work / "cache"
     grid = [(n, s) for n in args.n for s in args.seeds]  # the smallest N first: the targets are there
