@@ -121,6 +121,7 @@ def generator_key(
         "train": digest(training_indices(splits).tolist()),
         "generator": gc.generator,
         "seed": cfg.seed,
+        "precision": precision(cfg, device),  # of training (ddpm) and of sampling (every generator)
     }
     if generator_kind(gc.generator).folder:
         return key | {"pretrained": pipeline_fingerprint(pretrained_folder(gc))}
@@ -134,7 +135,6 @@ def generator_key(
     }
     return key | {
         "ddpm": gc.model_dump(mode="json", include=train_fields),
-        "precision": precision(cfg, device),
         "image_size": generator_size(cfg),
         "timesteps": TRAIN_TIMESTEPS,
         "beta_schedule": BETA_SCHEDULE,
@@ -150,7 +150,6 @@ def pool_key(cfg: Config, prepared: Prepared, splits: Splits, device: torch.devi
         "pool_size": gc.pool_size,
         "sampler": gc.sampler,
         "sample_steps": gc.sample_steps,
-        "precision": precision(cfg, device),
         "out": [cfg.data.channels, cfg.data.image_size],
     }
 
