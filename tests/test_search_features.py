@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from tskd_tune.cache import Store, digest
+from tskd_tune.data.prepare import load
 from tskd_tune.features import data_source, encoder_features, feature_key, load_states
 from tskd_tune.models.teacher import build_teacher
 from tskd_tune.reporter import Reporter
-from tskd_tune.search.features import needed_variants
+from tskd_tune.search.features import needed_variants, teacher_notice
+from tskd_tune.trial import run_trial
 
 TINY = {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
 
@@ -36,6 +38,21 @@ def test_needed_variants_follow_the_space_methods_and_references(tiny):
     assert needed_variants(both) == [("head", None)]  # ta_kd distils the whole frozen encoder
     only_scratch = tiny(distill={"method": "scratch"}, search={"baselines": ["scratch"]})
     assert needed_variants(only_scratch) == []
+
+
+def test_a_search_says_when_its_first_trial_will_fine_tune_the_teacher(tiny):
+    cfg = tiny(teacher={"adapt": "lora", "epochs": 1})
+    line = teacher_notice(cfg, *load(cfg))
+    assert line.startswith("teacher: vit_small_patch16_224 is not fine-tuned for this split yet (LoRA rank 4")
+    assert "1 epochs on 8 labelled images" in line and "\n" not in line
+    run_trial(tiny(teacher={"adapt": "lora", "epochs": 1}, distill={"method": "teacher"}))
+    assert teacher_notice(cfg, *load(cfg)) is None  # now in the trial cache: nothing to wait for
+    other = tiny(teacher={"adapt": "lora", "epochs": 1}, seed=1)  # another teacher: not cached
+    assert "not fine-tuned" in teacher_notice(other, *load(other))
+    searched = tiny(search={"space": {"teacher.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}})
+    assert "in the first trial of each teacher.* configuration" in teacher_notice(searched, *load(searched))
+    scratch = tiny(distill={"method": "scratch"}, search={"baselines": ["scratch"]})
+    assert teacher_notice(scratch, *load(scratch)) is None
 
 
 @pytest.fixture

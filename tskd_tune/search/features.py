@@ -55,6 +55,35 @@ def needed_variants(cfg: Config) -> list[tuple[str, int | None]]:
     return sorted(set(out), key=str)
 
 
+def teacher_notice(cfg: Config, prepared: Prepared, splits) -> str | None:
+    """One line when the search's trials will fine-tune their teacher first (it is not in the trial cache):
+    on a CPU, ``adapt: lora`` takes hours, and a first trial silent that long looks hung."""
+    from tskd_tune.transfer import teacher_key
+
+    if "fine_tuned" not in _teachers(cfg):
+        return None
+    t = cfg.teacher
+    what = (
+        f"LoRA rank {t.lora.rank} in the last {t.lora.last_blocks} blocks"
+        if t.adapt == "lora"
+        else "its head"
+    )
+    if any(k.startswith("teacher.") for k in cfg.search.space):
+        return (
+            f"teacher: {t.model} is fine-tuned ({t.epochs} epochs) in the first trial of each teacher.* "
+            "configuration the search proposes, then read from the trial cache; trials that need it wait"
+        )
+    if cfg.cache.enabled and verify(
+        Store(cfg.cache.dir).path("teacher", digest(teacher_key(cfg, prepared, splits)))
+    ):
+        return None
+    return (
+        f"teacher: {t.model} is not fine-tuned for this split yet ({what}, {t.epochs} epochs on "
+        f"{len(splits.labeled)} labelled images): the first trial does it, the others wait for it and then read "
+        "it from the trial cache (on a CPU, adapt: lora takes hours; adapt: head minutes)"
+    )
+
+
 def _teachers(cfg: Config) -> set[str]:
     """The kinds of teacher the search's trials and reference trials use (fine_tuned, frozen)."""
     return {METHODS[m].teacher for m in search_methods(cfg) | set(cfg.search.baselines)} - {None}

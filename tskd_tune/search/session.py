@@ -133,6 +133,10 @@ class SearchSession:
         if dashboard:
             self.say.line(dashboard)
         ref = ray.put(data)
+        from tskd_tune.search.features import teacher_notice
+
+        if line := teacher_notice(cfg, *data):
+            self.say.line(line)
         fill: dict = {}
         if cfg.cache.enabled:
             from tskd_tune.search.features import fill_features
