@@ -17,6 +17,9 @@ variance, precision and recall on k-NN manifolds). Pools:
                       S steps, 128 images sampled (25 DDIM steps)
     ddpm64 S steps    the `ddpm` generator with the shipped defaults at 64 px (32-64-64 channels)
     ... bf16          the same generator trained and sampled under bf16 autocast (--precision bf16)
+    ... unsnapped     the samples as the sampler gave them (--no-snap-background); by default a pool's
+                      background haze is set to the training images' exact background
+                      (synthetic.snap_background)
 
 Generator pools and every pool's encoder features are entries of the trial cache (--cache), so a rerun
 only measures again; finished cells are kept in WORK/cells.jsonl.
@@ -24,6 +27,7 @@ only measures again; finished cells are kept in WORK/cells.jsonl.
     .venv/bin/python benchmarks/synth_gate.py                    # seeds 0-2, generator steps 20..3000
     .venv/bin/python benchmarks/synth_gate.py --seeds 0 --steps 20 1000
     .venv/bin/python benchmarks/synth_gate.py --seeds 0 --sizes 64 --steps 2000 8000 --precision bf16
+    .venv/bin/python benchmarks/synth_gate.py --seeds 0 --sizes 64 --steps 8000 --precision bf16 --no-snap-background
     .venv/bin/python benchmarks/synth_gate.py --pixel-only       # the pixel stage of the constructed pools (seconds)
 """
 
@@ -127,6 +131,13 @@ def main() -> None:
         help="the generators' arithmetic (synthetic.mixed_precision; bf16 needs a CPU with AMX or "
         "AVX512-BF16, see cpu_bf16.py); bf16 pools are named '... bf16'",
     )
+    ap.add_argument(
+        "--snap-background",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="synthetic.snap_background (the pool's darkest pixels set to the training images' exact "
+        "background); pools sampled without it are named '... unsnapped'",
+    )
     ap.add_argument("--work", default="runs/bench-synth-gate", help="finished cells")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (generator training, encoder)")
     ap.add_argument(
@@ -171,7 +182,7 @@ def main() -> None:
                 )
             continue
         plan = [(name, None, None) for name in CONSTRUCTED]
-        tag = " bf16" if args.precision == "bf16" else ""
+        tag = (" bf16" if args.precision == "bf16" else "") + ("" if args.snap_background else " unsnapped")
         plan += [(f"ddpm{r} {s} steps{tag}", s, r) for r in args.sizes for s in args.steps]
         for name, steps, size in plan:
             cid = json.dumps([name, seed])
@@ -186,6 +197,7 @@ def main() -> None:
                 gen = GENERATORS[size] | {
                     "synthetic.train_steps": steps,
                     "synthetic.mixed_precision": args.precision == "bf16",
+                    "synthetic.snap_background": args.snap_background,
                 }
                 pool = build_pool(load_config(args.space, over | gen), prepared, splits, store, device)
             cell = {"id": cid, "pool": name, "seed": seed, "images": len(pool)}

@@ -20,8 +20,10 @@ from tskd_tune.synth import (
     generator_key,
     make_unet,
     pool_for_search,
+    pool_key,
     pool_semantics,
     quality_gate,
+    snap_background,
     training_indices,
 )
 from tskd_tune.transfer import build_transfer_set, draw_synthetic, synthetic_count
@@ -71,9 +73,15 @@ def test_pool_has_the_data_shape_and_range_and_gate_figures(tiny):
     assert isinstance(pool.images, np.memmap) and (pool.path / "images.npy").is_file()
     assert not pool.cached and pool.info["generator_cached"] is False
     assert pool.gate["n_synthetic"] == 8 and pool.gate["size"] == 16  # compared at the generator's 16 px
-    # two training steps make noise, not phantoms: too bright, and far from every real image
+    # two training steps make noise, not phantoms: too bright, too rough (its darkest pixels snapped to the
+    # phantom's exact background), and far from every real image
     assert pool.gate["passed"] is False
-    assert _failed(pool.gate) == ["mean_distance", "hist_distance", "nn_ratio"], pool.gate["reasons"]
+    assert _failed(pool.gate) == ["mean_distance", "hist_distance", "roughness_ratio", "nn_ratio"], pool.gate[
+        "reasons"
+    ]
+    background = float((np.asarray(prepared.images) == 0).mean())
+    assert pool.info["background_snapped"] == pytest.approx(background, abs=0.02) and background > 0.05
+    assert (np.asarray(pool.images) == 0).mean() == pytest.approx(background, abs=0.02)
     assert pool.gate == json.loads((pool.path / "gate.json").read_text())
     # the entry holds its picture (what a search's report shows): 4x4 synthetic | gap | 4x4 real, 4x larger
     assert Image.open(pool.path / "grid.png").size == ((128 + 4 + 128) * 4, 128 * 4 + 14)
@@ -89,6 +97,43 @@ def test_pool_has_the_data_shape_and_range_and_gate_figures(tiny):
     training = json.loads(training_json.read_text())
     assert training["steps"] == 2 and training["image_size"] == 16
     assert training["images"] == len(training_indices(load(cfg)[1]))  # labelled + unlabelled, no val/test
+
+
+def test_snapping_turns_a_samplers_haze_back_into_the_real_background():
+    """Real slices: a background of exact zeros (about 70% of the pixels) around tissue of varying extent.
+    The sampled ones: the same with the haze a sampler leaves (+0.011 +- 0.005)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32]
+    radius = rng.uniform(6, 12, 40)[:, None, None]
+    tissue = ((yy - 16) ** 2 + (xx - 16) ** 2 < radius**2) * rng.uniform(0.4, 1.0, (40, 32, 32))
+    real = tissue[:, None].astype(np.float32)
+    synth = np.clip(real + rng.normal(0.011, 0.005, real.shape), 0, 1).astype(np.float16)
+    before = synth.copy()
+    assert (synth == 0).mean() < 0.05
+    share = snap_background(synth, real)
+    assert share == pytest.approx((real == 0).mean())
+    assert synth.dtype == np.float16 and abs((synth == 0).mean() - share) < 0.01  # exact zeros again
+    # the tissue is untouched, and each image keeps its own amount of background
+    inside = real > 0
+    assert np.array_equal(synth[inside], before[inside])
+    assert np.corrcoef((synth == 0).mean((1, 2, 3)), (real == 0).mean((1, 2, 3)))[0, 1] > 0.99
+    # real images without a background of one value (noise everywhere): nothing is snapped
+    noisy = rng.uniform(0, 1, real.shape).astype(np.float32)
+    kept = before.copy()
+    assert snap_background(kept, noisy) is None and np.array_equal(kept, before)
+
+
+def test_the_snap_is_part_of_the_pools_key(tiny):
+    cfg = tiny(synthetic=TINY_SYNTH)
+    prepared, splits = load(cfg)
+    keys = {
+        digest(pool_key(tiny(synthetic=TINY_SYNTH | {"snap_background": on}), prepared, splits))
+        for on in (True, False)
+    }
+    assert len(keys) == 2
+    assert digest(generator_key(cfg, prepared, splits)) == digest(
+        generator_key(tiny(synthetic=TINY_SYNTH | {"snap_background": False}), prepared, splits)
+    )  # one generator serves both
 
 
 def test_same_seed_same_pool_other_seed_other_pool(tiny):

@@ -40,6 +40,7 @@ from tskd_tune.synth.pool import (
     pool_for_search,
     pool_key,
     pool_semantics,
+    snap_background,
     training_indices,
 )
 
@@ -66,6 +67,7 @@ __all__ = [
     "generator_size",
     "load_pipeline",
     "make_unet",
+    "snap_background",
     "pipeline_fingerprint",
     "pool_for_search",
     "pool_key",
