@@ -404,6 +404,15 @@ def test_cli_synth_writes_the_grid_and_the_gate(tmp_path, capsys):
     assert lines[0] == f"pool: 8 synthetic images (1x32x32), reused from the cache: {summary['pool']}"
     assert f"warning: quality gate FAILED: {'; '.join(summary['gate']['reasons'])}" in lines
     assert lines[-1] == f"grid (synthetic | real): {grid}"
+    share = summary["background_snapped"]  # the phantom's background is exact zeros
+    assert (
+        0.05 < share < 1
+        and (
+            f"background: the pool's darkest {share:.1%} of pixels set to the training images' exact background "
+            "(synthetic.snap_background)"
+        )
+        in lines
+    )
 
     assert (
         main(

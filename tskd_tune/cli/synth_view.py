@@ -136,6 +136,11 @@ def print_summary(summary: dict, console: Console) -> None:
             f"{t['image_size']}x{t['image_size']} on {t['images']} training images in {t['train_s']:.0f}s "
             f"(loss {t['loss_first']:.3f} -> {t['loss_last']:.3f})"
         )
+    if summary.get("background_snapped"):
+        console.print(
+            f"background: the pool's darkest {summary['background_snapped']:.1%} of pixels set to the training "
+            "images' exact background (synthetic.snap_background)"
+        )
     table = Table(
         "figure", "value", title="quality gate (synthetic vs real training images)", title_justify="left"
     )
