@@ -44,7 +44,7 @@ def test_a_search_says_when_its_first_trial_will_fine_tune_the_teacher(tiny):
     cfg = tiny(teacher={"adapt": "lora", "epochs": 1})
     line = teacher_notice(cfg, *load(cfg))
     assert line.startswith("teacher: vit_small_patch16_224 is not fine-tuned for this split yet (LoRA rank 4")
-    assert "1 epochs on 8 labelled images" in line and "\n" not in line
+    assert "1 epoch on 8 labelled images" in line and "\n" not in line
     run_trial(tiny(teacher={"adapt": "lora", "epochs": 1}, distill={"method": "teacher"}))
     assert teacher_notice(cfg, *load(cfg)) is None  # now in the trial cache: nothing to wait for
     other = tiny(teacher={"adapt": "lora", "epochs": 1}, seed=1)  # another teacher: not cached

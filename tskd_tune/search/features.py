@@ -63,14 +63,11 @@ def teacher_notice(cfg: Config, prepared: Prepared, splits) -> str | None:
     if "fine_tuned" not in _teachers(cfg):
         return None
     t = cfg.teacher
-    what = (
-        f"LoRA rank {t.lora.rank} in the last {t.lora.last_blocks} blocks"
-        if t.adapt == "lora"
-        else "its head"
-    )
+    where = f"the last {t.lora.last_blocks} blocks" if t.lora.last_blocks else "every block"
+    what = f"LoRA rank {t.lora.rank} in {where}" if t.adapt == "lora" else "its head"
     if any(k.startswith("teacher.") for k in cfg.search.space):
         return (
-            f"teacher: {t.model} is fine-tuned ({t.epochs} epochs) in the first trial of each teacher.* "
+            f"teacher: {t.model} is fine-tuned in the first trial of each teacher.* "
             "configuration the search proposes, then read from the trial cache; trials that need it wait"
         )
     if cfg.cache.enabled and verify(
@@ -78,7 +75,8 @@ def teacher_notice(cfg: Config, prepared: Prepared, splits) -> str | None:
     ):
         return None
     return (
-        f"teacher: {t.model} is not fine-tuned for this split yet ({what}, {t.epochs} epochs on "
+        f"teacher: {t.model} is not fine-tuned for this split yet ({what}, {t.epochs} "
+        f"epoch{'s' * (t.epochs != 1)} on "
         f"{len(splits.labeled)} labelled images): the first trial does it, the others wait for it and then read "
         "it from the trial cache (on a CPU, adapt: lora takes hours; adapt: head minutes)"
     )
