@@ -9,6 +9,7 @@ generator `synth_gate.py` judged). Variants, paired by seed:
     ratio R             R synthetic images per real transfer image, every drawn image used
     ratio R filtered    the same draw through ``synthetic.filter: both`` (teacher confidence and the
                         real manifold in the teacher encoder's feature space); the kept count is recorded
+    ... unsnapped       the pool as sampled, its background haze kept (--no-snap-background)
 
 The pool's gate figures (pixel stage, Fréchet distance, precision, recall) are in every cell. Teachers,
 generators and pools are entries of the trial cache (--cache: teacher_heads.py's, which holds the LoRA
@@ -16,6 +17,7 @@ teachers of seeds 0-2 at N = 10); each finished cell is appended to WORK/cells.j
 continues where it stopped.
 
     .venv/bin/python benchmarks/synth_ratio.py --n 10 --seeds 0          # -> benchmarks/results/synth_ratio.json
+    .venv/bin/python benchmarks/synth_ratio.py --n 10 --seeds 0 --ratios 1 --no-snap-background
     .venv/bin/python benchmarks/synth_ratio.py --report-only
     .venv/bin/python benchmarks/synth_ratio.py --quick       # smoke run: tiny models (not a figure)
 """
@@ -41,11 +43,18 @@ GENERATOR = {  # synth_gate.py's 64 px generator (shipped defaults), so its trai
 KEEP = ("test_dice", "test_hd95", "val_dice", "teacher_val_dice", "transfer_real", "transfer_synthetic")
 
 
-def variants(ratios: list[float]) -> dict[str, dict]:
-    out = {"ratio 0": {"synthetic.ratio": 0.0, "synthetic.filter": "none"}}
+def variants(ratios: list[float], snap: bool = True) -> dict[str, dict]:
+    """Ratio 0 and each ratio with the filter off and on; ``snap`` False: the pool as sampled (labels end in
+    ``unsnapped``; ratio 0, which draws no pool, is the snapped grid's)."""
+    out = {"ratio 0": {"synthetic.ratio": 0.0, "synthetic.filter": "none"}} if snap else {}
+    tag = "" if snap else " unsnapped"
     for r in ratios:
-        out[f"ratio {r:g}"] = {"synthetic.ratio": r, "synthetic.filter": "none"}
-        out[f"ratio {r:g} filtered"] = {"synthetic.ratio": r, "synthetic.filter": "both"}
+        for label, kind in ((f"ratio {r:g}", "none"), (f"ratio {r:g} filtered", "both")):
+            out[label + tag] = {
+                "synthetic.ratio": r,
+                "synthetic.filter": kind,
+                "synthetic.snap_background": snap,
+            }
     return out
 
 
@@ -101,6 +110,12 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     ap.add_argument("--steps", type=int, default=8000, help="generator training steps")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--snap-background",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="synthetic.snap_background; without it the pool as sampled (variants named '... unsnapped')",
+    )
     ap.add_argument("--work", default="runs/bench-synth-ratio", help="finished cells")
     ap.add_argument("--cache", default="runs/bench-teachers/cache", help="the trial cache")
     ap.add_argument("--report-only", action="store_true", help="the table and JSON of the finished cells")
@@ -128,7 +143,7 @@ def main() -> None:
     if not args.report_only:
         for n in args.n:
             for seed in args.seeds:
-                for label, over in variants(args.ratios).items():
+                for label, over in variants(args.ratios, args.snap_background).items():
                     sets = base | over | {"data.labeled": n, "seed": seed, "data.seed": seed}
                     cid = json.dumps([label, n, seed, args.steps], sort_keys=True)
                     if cid in done:
@@ -148,13 +163,20 @@ def main() -> None:
     print(table(rows))
     pools = sorted(
         {
-            (c["n"], c["seed"], c.get("synth_fd"), c.get("synth_precision"), c.get("synth_recall"))
+            (
+                c["n"],
+                c["seed"],
+                " (unsnapped)" if c["variant"].endswith("unsnapped") else "",
+                c.get("synth_fd"),
+                c.get("synth_precision"),
+                c.get("synth_recall"),
+            )
             for c in cells
             if c.get("synth_fd") is not None
         }
     )
-    for n, seed, fd, prec, rec in pools:
-        print(f"pool N={n} seed {seed}: fd {fd:.2f} precision {prec:.2f} recall {rec:.2f}")
+    for n, seed, tag, fd, prec, rec in pools:
+        print(f"pool N={n} seed {seed}{tag}: fd {fd:.2f} precision {prec:.2f} recall {rec:.2f}")
     out = write_result(
         "synth_ratio",
         provenance() | {"space": args.space, "generator": base, "cells": cells, "paired": rows},
