@@ -1,5 +1,5 @@
-"""Search efficiency: TPE + ASHA vs random search + FIFO vs random + FIFO with twice the budget, over
-several sampler seeds: compute to reach random + FIFO's final best, and the best val Dice at equal compute.
+"""Search efficiency: TPE + ASHA (or Hyperband) vs random search + FIFO vs random + FIFO with twice the budget,
+over several sampler seeds: compute to reach random + FIFO's final best, and the best val Dice at equal compute.
 
 The space is ``search_spaces/mni152.yaml`` (pretrained LiteMedSAM teacher, frozen, its head trained once:
 every trial of every search finds it, its features and its outputs on the transfer set in one shared cache
@@ -11,13 +11,16 @@ weights and the student's lr. Per sampler seed:
 2. ASHA's grace period from the data (issue 15, item 2): over every random + FIFO trial of every seed,
    the Spearman rank correlation between each epoch's val Dice and the final one; the grace period is
    the first epoch from which it stays at or above ``--trust`` (0.6, the level ``launch`` warns below).
-3. TPE + ASHA with ``--trials`` trials, that grace period, ``--startup-trials`` random start-up trials.
+3. TPE + ASHA (``--scheduler hyperband``: TPE + Hyperband) with ``--trials`` trials, that grace period,
+   ``--startup-trials`` random start-up trials.
 
 A trial's compute is the ``cpu_s`` it reported last (its process's CPU time, all threads; an ASHA-stopped
 trial counts what it spent until it stopped), and its score the last val Dice it reported (what the
 searcher saw). Compute and scores do not depend on the load; the wall times do.
 
     .venv/bin/python benchmarks/search_efficiency.py [--trials 10] [--seeds 0 1 2 3 4] [--set k=v ...]
+    .venv/bin/python benchmarks/search_efficiency.py --space search_spaces/mni152_hard.yaml \
+        --scheduler hyperband --out search_efficiency_hard --work runs/bench-search-hard   # issue 22's hard space
     .venv/bin/python benchmarks/search_efficiency.py --quick
 """
 
@@ -42,7 +45,7 @@ from _common import (
     write_result,
 )
 
-ARMS = ("tpe+asha", "random+fifo", "random+fifo 2x")
+RANDOM_ARMS = ("random+fifo", "random+fifo 2x")
 # the shipped mni152 space with 20-epoch students (it trains 120), so a trial takes about half a minute
 # (search.grace_period: a placeholder for the FIFO searches; TPE + ASHA gets the one from the data)
 DEFAULT_SET = {
@@ -97,14 +100,14 @@ def best_within(trials: list[dict], cpu_limit: float) -> float | None:
     return bests[-1] if bests else None
 
 
-def plot(searches: dict, path) -> None:
+def plot(searches: dict, path, tpe: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    colours = {"tpe+asha": "tab:blue", "random+fifo 2x": "tab:orange"}
+    colours = {tpe: "tab:blue", "random+fifo 2x": "tab:orange"}
     labelled = set()
     for (arm, _seed), s in sorted(searches.items()):
         if arm not in colours:  # random + FIFO is the first half of the 2x curve
@@ -131,8 +134,14 @@ def main() -> None:
     ap.add_argument("--trust", type=float, default=0.6, help="rank correlation the grace period needs")
     ap.add_argument("--work", default="runs/bench-search-efficiency")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override k=v")
+    ap.add_argument(
+        "--scheduler", choices=["asha", "hyperband"], default="asha", help="the TPE arm's scheduler"
+    )
+    ap.add_argument("--out", default="search_efficiency", help="name of the results' .json and .png")
     ap.add_argument("--quick", action="store_true", help="smoke run: 32 px, tiny models, 3 trials, 1 seed")
     args = ap.parse_args()
+    tpe = f"tpe+{args.scheduler}"
+    arms = (tpe, *RANDOM_ARMS)
     from tskd_tune.config import apply_values, load_config, parse_overrides
     from tskd_tune.fidelity import grace_from_data, histories
 
@@ -176,15 +185,18 @@ def main() -> None:
         f"grace period from the data: epoch {grace} (pooled rank correlation >= {args.trust} from there on)"
     )
     for seed in args.seeds:
-        print(f"TPE + ASHA, sampler seed {seed}: {args.trials} trials, grace {grace} ...", flush=True)
-        searches["tpe+asha", seed] = run_search(
+        print(
+            f"TPE + {args.scheduler}, sampler seed {seed}: {args.trials} trials, grace {grace} ...",
+            flush=True,
+        )
+        searches[tpe, seed] = run_search(
             args.space,
-            f"tpe-asha-s{seed}",
+            f"tpe-{args.scheduler}-s{seed}",
             args.trials,
             sets
             | {
                 "search.algorithm": "tpe",
-                "search.scheduler": "asha",
+                "search.scheduler": args.scheduler,
                 "search.seed": seed,
                 "search.grace_period": grace,
                 "search.startup_trials": args.startup_trials,
@@ -194,10 +206,8 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         target = max(t["metric"] for t in searches["random+fifo", seed]["trials"] if t["metric"] is not None)
-        equal = sum(
-            t["cpu_s"] or 0 for t in searches["tpe+asha", seed]["trials"]
-        )  # TPE + ASHA's whole compute
-        for arm in ARMS:
+        equal = sum(t["cpu_s"] or 0 for t in searches[tpe, seed]["trials"])  # the TPE arm's whole compute
+        for arm in arms:
             s = searches[arm, seed]
             cpu_total, best = running_best(s["trials"])[-1]
             rows.append(
@@ -217,16 +227,18 @@ def main() -> None:
     summary = summarise(
         rows,
         "arm",
-        ARMS,
+        arms,
         ["cpu_to_target_s", "best_at_equal_cpu", "best_val_dice", "cpu_total_s", "epochs_total", "wall_s"],
     )
     ratios = []
     for seed in args.seeds:
-        tpe, rnd = (
-            next(r for r in rows if r["seed"] == seed and r["arm"] == a) for a in ("tpe+asha", "random+fifo")
+        tpe_row, rnd = (
+            next(r for r in rows if r["seed"] == seed and r["arm"] == a) for a in (tpe, "random+fifo")
         )
         ratios.append(
-            None if tpe["cpu_to_target_s"] is None else tpe["cpu_to_target_s"] / rnd["cpu_to_target_s"]
+            None
+            if tpe_row["cpu_to_target_s"] is None
+            else tpe_row["cpu_to_target_s"] / rnd["cpu_to_target_s"]
         )
     print("\npooled rank correlation of each epoch's val Dice with the final one (random + FIFO trials):")
     print(" ".join(f"{c['epoch']}:{c['spearman']:.2f}" for c in corr))
@@ -251,7 +263,7 @@ def main() -> None:
         )
     )
     print(
-        "\nTPE + ASHA / random + FIFO compute to random + FIFO's final best, per seed:",
+        f"\nTPE + {args.scheduler} / random + FIFO compute to random + FIFO's final best, per seed:",
         ", ".join("not reached" if r is None else f"{r:.2f}" for r in ratios),
     )
     result = provenance() | {
@@ -261,6 +273,7 @@ def main() -> None:
         "seeds": args.seeds,
         "concurrency": 1,
         "startup_trials": args.startup_trials,
+        "tpe_scheduler": args.scheduler,
         "trust": args.trust,
         "grace_period": grace,
         "rank_correlation": corr,
@@ -273,9 +286,9 @@ def main() -> None:
         },
         "note": "cpu_*: CPU-seconds of the trials and scores: load-insensitive; wall_s: load-sensitive",
     }
-    out = write_result("search_efficiency", result, args.quick)
-    png = plot_path("search_efficiency", args.quick)
-    plot(searches, png)
+    out = write_result(args.out, result, args.quick)
+    png = plot_path(args.out, args.quick)
+    plot(searches, png, tpe)
     print(f"\nwritten to {out.relative_to(REPO)} and {png.relative_to(REPO)}")
 
 
