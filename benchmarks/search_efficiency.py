@@ -47,7 +47,7 @@ from _common import (
 
 RANDOM_ARMS = ("random+fifo", "random+fifo 2x")
 # the shipped mni152 space with 20-epoch students (it trains 120), so a trial takes about half a minute
-# (search.grace_period: a placeholder for the FIFO searches; TPE + ASHA gets the one from the data)
+# (search.grace_period: a placeholder for the FIFO searches; the TPE arm gets the one from the data)
 DEFAULT_SET = {
     "teacher.adapt": "head",  # the frozen teacher the figures were measured with (mni152.yaml ships LoRA since)
     "student.epochs": 20,
