@@ -17,6 +17,12 @@ Compute is a quality-of-search figure as long as the trials' CPU time does not d
 
     .venv/bin/python benchmarks/staged_search.py [--seeds 0 1 2] [--joint-trials 6] [--set k=v ...]
     .venv/bin/python benchmarks/staged_search.py --quick
+
+Seeds can run side by side (one process each, its own ``--work`` and ``--out``), then be merged:
+
+    .venv/bin/python benchmarks/staged_search.py --seeds 0 --work runs/bench-staged-s0 --out staged_s0 &
+    ...
+    .venv/bin/python benchmarks/staged_search.py --merge staged_s0 staged_s1 staged_s2 --out staged_search
 """
 
 from __future__ import annotations
@@ -210,6 +216,15 @@ def main() -> None:
         help="targets: these fractions of the joint search's best val Dice",
     )
     ap.add_argument(
+        "--out", default="staged_search", help="result name in benchmarks/results (NAME.json, NAME.png)"
+    )
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="NAME",
+        help="no searches: merge these results (each a run of other --seeds, e.g. run side by side) into --out",
+    )
+    ap.add_argument(
         "--reanalyse",
         action="store_true",
         help="no searches: add the --fractions table to benchmarks/results/staged_search.json",
@@ -218,12 +233,12 @@ def main() -> None:
     from tskd_tune.config import parse_overrides
 
     if args.reanalyse:
-        result = json.loads((RESULTS / f"staged_search{'.quick' if args.quick else ''}.json").read_text())
+        result = json.loads((RESULTS / f"{args.out}{'.quick' if args.quick else ''}.json").read_text())
         near = near_targets(result["trials_detail"], result["seeds"], args.fractions)
         print(table(near))
         result["near_targets"] = near
         result["near_targets_command"] = provenance()["command"]
-        path = write_result("staged_search", result, args.quick)
+        path = write_result(args.out, result, args.quick)
         print(f"\nadded to {path.relative_to(REPO)}")
         return
 
@@ -232,16 +247,38 @@ def main() -> None:
         args.top_teachers = min(args.top_teachers, 2)
         args.work = args.work if args.work != "runs/bench-staged" else "runs/bench-staged-quick"
     sets = (QUICK_SET if args.quick else DEFAULT_SET) | parse_overrides(args.overrides)
-    work = (REPO / args.work).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    print("encoder features of every frozen depth, once ...", flush=True)
-    prefill_s = prefill(args.space, sets, work)
-    searches = []
-    for seed in args.seeds:
-        for strategy in ("joint", "staged"):
-            print(f"{strategy}, sampler seed {seed} ...", flush=True)
-            searches.append(run_search(args.space, strategy, seed, args, sets, work))
+    if args.merge:
+        suffix = ".quick" if args.quick else ""
+        parts = [json.loads((RESULTS / f"{name}{suffix}.json").read_text()) for name in args.merge]
+        missing = [name for name, part in zip(args.merge, parts, strict=True) if "raw_searches" not in part]
+        if missing:
+            raise SystemExit(
+                f"--merge: {', '.join(missing)} has no raw_searches (written before --merge existed)"
+            )
+        searches = [s for part in parts for s in part["raw_searches"]]
+        args.seeds = sorted({s["seed"] for s in searches})
+        prefill_s = max(part["prefill_s"] for part in parts)
+        sets = parts[0]["overrides"]
+        for key in ("space", "joint_trials", "teacher_trials", "top_teachers", "student_trials"):
+            setattr(args, key, parts[0][key])
+        t_wall = max(part["wall_s"] for part in parts)
+    else:
+        work = (REPO / args.work).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        t_start = time.perf_counter()
+        print("encoder features of every frozen depth, once ...", flush=True)
+        prefill_s = prefill(args.space, sets, work)
+        searches = []
+        for seed in args.seeds:
+            for strategy in ("joint", "staged"):
+                print(f"{strategy}, sampler seed {seed} ...", flush=True)
+                searches.append(run_search(args.space, strategy, seed, args, sets, work))
+        t_wall = time.perf_counter() - t_start
+    analyse(searches, args, sets, prefill_s, t_wall)
+
+
+def analyse(searches: list[dict], args, sets: dict, prefill_s: float, t_wall: float) -> None:
+    """The tables, the result file ``--out`` and its plot, from the searches of every seed."""
     rows = []
     for seed in args.seeds:
         joint, staged = (
@@ -317,16 +354,17 @@ def main() -> None:
         "top_teachers": args.top_teachers,
         "student_trials": args.student_trials,
         "prefill_s": round(prefill_s, 1),
-        "wall_s": round(time.perf_counter() - t_start, 1),
+        "wall_s": round(t_wall, 1),
         "summary": summary,
         "searches": rows,
         "staged_over_joint_cpu_to_target": ratios,
         "near_targets": near,
         "trials_detail": detail,
+        "raw_searches": searches,
         "note": "cpu_*: CPU-seconds of the trials (load-insensitive); time_*/wall_s: wall times (load-sensitive)",
     }
-    out = write_result("staged_search", result, args.quick)
-    png = plot_path("staged_search", args.quick)
+    out = write_result(args.out, result, args.quick)
+    png = plot_path(args.out, args.quick)
     plot(searches, png)
     print(f"\nwritten to {out.relative_to(REPO)} and {png.relative_to(REPO)}")
 
