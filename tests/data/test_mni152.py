@@ -74,3 +74,33 @@ def test_config_checks():
     with pytest.raises(ConfigError) as info:
         validate({"data": {"dataset": "mni152", "classes": ["bg", "brain"]}})
     assert info.value.problems[0].startswith("data.classes:")
+
+
+def test_volumes_are_nilearns_templates_without_importing_nilearn_datasets():
+    """The adapter reads the templates with nibabel (nilearn.datasets imports scikit-learn, 1.5 s of a search's
+    start); the volumes must be exactly what nilearn's loaders return, and scanning must not import it."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, tskd_tune.data.mni152 as m; m._scan(None, m.Mni152Options()); "
+        "print('nilearn.datasets' in sys.modules, 'sklearn' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+    from nilearn import datasets
+
+    from tskd_tune.data.mni152 import _volumes
+
+    ours = _volumes()
+    theirs = (
+        datasets.load_mni152_template(),
+        datasets.load_mni152_gm_template(),
+        datasets.load_mni152_wm_template(),
+    )
+    for mine, img in zip(ours, theirs, strict=True):
+        ref = img.get_fdata(dtype=np.float32)
+        assert mine.dtype == ref.dtype and mine.shape == ref.shape
+        assert np.array_equal(mine, ref)
+        assert mine.max() == 1.0

@@ -94,10 +94,7 @@ def launch(
             tuple(set_ or ()),
         )
         raise typer.Exit(cluster.submit(cfg, space, job, address, out, detach=detach))
-    from tskd_tune.methods.checks import check_teacher
-
-    # on the driver (a job checks it on the cluster): otherwise every trial would fail on it, each after a retry
-    check_teacher(cfg)
+    # the teacher is checked with MLflow and the data, while a local Ray starts (search.launch.reach)
     opts = SearchOptions(
         name or cfg.name or space.stem,
         storage,

@@ -41,21 +41,38 @@ class Mni152Options(Options):
     """Minimum grey/white matter probability for a voxel to be labelled."""
 
 
+FILES = (
+    "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+)
+"""The T1, grey and white matter templates, in ``nilearn/datasets/data``."""
+
+
+def _nilearn_data() -> Path:
+    """nilearn's data folder, found without importing ``nilearn.datasets`` (it imports scikit-learn: 1.5 s)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("data.dataset mni152: the nilearn package is not installed (pip install nilearn)")
+    return Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
+
+
 @lru_cache(maxsize=1)
 def _volumes() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The T1, grey and white matter volumes, loaded once per process (every record reads from them)."""
-    from nilearn import datasets  # imported here: it takes seconds and only this adapter needs it
+    """The T1, grey and white matter volumes, loaded once per process (every record reads from them), each
+    scaled to a maximum of 1: what ``nilearn.datasets.load_mni152_*template()`` return at 1 mm, read with
+    nibabel, the reader nilearn uses (tests compare the two)."""
+    import nibabel
 
-    t1, gm, wm = (
-        load().get_fdata(dtype=np.float32)
-        for load in (
-            datasets.load_mni152_template,
-            datasets.load_mni152_gm_template,
-            datasets.load_mni152_wm_template,
-        )
-    )
-    for vol in (t1, gm, wm):
+    vols = []
+    for path in _template_files():
+        vol = np.asanyarray(nibabel.load(path).dataobj).astype(np.float32)
+        vol /= vol.max()
         vol.setflags(write=False)  # shared by every record through the cache
+        vols.append(vol)
+    t1, gm, wm = vols
     return t1, gm, wm
 
 
@@ -70,10 +87,13 @@ def _labels(threshold: float) -> np.ndarray:
 
 def _template_files() -> tuple[Path, ...]:
     """The template files inside nilearn, so that a nilearn upgrade that changes them rebuilds the cache."""
-    from nilearn.datasets import struct
-
-    names = ("MNI152_FILE_PATH", "GM_MNI152_FILE_PATH", "WM_MNI152_FILE_PATH")
-    return tuple(Path(getattr(struct, n)) for n in names if hasattr(struct, n))
+    files = tuple(_nilearn_data() / name for name in FILES)
+    if missing := [f.name for f in files if not f.is_file()]:
+        raise DataError(
+            f"data.dataset mni152: this nilearn ({_nilearn_data()}) has no {', '.join(missing)}; "
+            "tskd-tune reads the MNI152 2009 templates nilearn ships"
+        )
+    return files
 
 
 def _read(axis: int, index: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:

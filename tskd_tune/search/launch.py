@@ -15,12 +15,11 @@ from tskd_tune import cluster, config, faults, tracking
 from tskd_tune.cache import writable_dir, write_json
 from tskd_tune.cluster import mask_uri
 from tskd_tune.config import Config, to_yaml
-from tskd_tune.data.prepare import scan
 from tskd_tune.errors import TskdError
-from tskd_tune.methods.checks import premise_warning, search_uses_transfer
-from tskd_tune.models.teacher import is_pretrained
 from tskd_tune.search.folder import SEARCH_FILE, SearchOptions, SearchRun, git_commit, state_path, trial_id_of
-from tskd_tune.search.summary import TEACHER_BELOW_SCRATCH_TAG, teacher_below_scratch
+
+# The methods (torch), the data adapters and the summary (pandas) are imported where they are used: a local
+# search's main thread starts Ray while another imports them (:func:`reach`), instead of before it
 
 if TYPE_CHECKING:
     from tskd_tune.reporter import Reporter
@@ -35,13 +34,17 @@ def absolutize(cfg: Config) -> Config:
     )
 
 
+def quiet_env() -> None:
+    """Before MLflow's first import: it sets its loggers to MLFLOW_LOGGING_LEVEL (INFO by default) when
+    imported, after which a level set later would be undone; the trials' processes inherit it too."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
 def quiet_libraries() -> None:
     """No library INFO lines in a search's output (MLflow creating its tables, Optuna creating a study)."""
     import logging
 
-    # MLflow sets its loggers to MLFLOW_LOGGING_LEVEL (INFO by default) when it is first imported, after
-    # which a level set here would be undone; the trials' processes inherit it too
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    quiet_env()
     import mlflow  # noqa: F401
     import optuna
 
@@ -77,8 +80,15 @@ def check_input(cfg: Config, opts: SearchOptions, resume: bool) -> tuple[Config,
 
 
 def reach(cfg: Config, opts: SearchOptions) -> None:
-    """The checks that read: MLflow answers (on a fresh SQLite store this creates its tables, about 2.5 s) and
-    the dataset's root and layout are what the adapter expects."""
+    """The checks that read: the teacher builds (its model, checkpoint and LoRA targets), MLflow answers (on a
+    fresh SQLite store this creates its tables, about 2 s) and the dataset's root and layout are what the
+    adapter expects. The first to need MLflow, Optuna and torch: they are imported here."""
+    from tskd_tune.data.prepare import scan
+    from tskd_tune.methods.checks import check_teacher
+
+    quiet_libraries()
+    # on the driver (a job checks it on the cluster): otherwise every trial would fail on it, each after a retry
+    check_teacher(cfg)
     tracking.preflight(opts.tracking_uri)
     scan(cfg.data)
 
@@ -91,6 +101,8 @@ def reach_and_load(cfg: Config, opts: SearchOptions):
 
 def ready(cfg: Config, opts: SearchOptions, resume: bool, say: Reporter) -> None:
     """Once the input is known to be good: the search folder, the premise warning, a resume's fresh start."""
+    from tskd_tune.methods.checks import premise_warning
+
     writable_dir(opts.path, "--storage")
     warning = premise_warning(cfg)  # after the checks: bad input gets its one error line, not a warning first
     if warning:
@@ -103,6 +115,7 @@ def parent_run(cfg: Config, opts: SearchOptions, resume: bool, say: Reporter) ->
     """The search's MLflow parent run (reused on resume), with search.json written beside it."""
     from mlflow.entities import Param
 
+    from tskd_tune.models.teacher import is_pretrained
     from tskd_tune.space import space_params
 
     parent = tracking.parent_run(
@@ -145,6 +158,7 @@ def parent_run(cfg: Config, opts: SearchOptions, resume: bool, say: Reporter) ->
 def load_data(cfg: Config):
     """(the synthetic pool or None, (prepared data, splits)): preprocessed once, for the object store."""
     from tskd_tune.data.prepare import load
+    from tskd_tune.methods.checks import search_uses_transfer
     from tskd_tune.synth import pool_for_search
 
     prepared, splits = load(cfg)
@@ -223,6 +237,8 @@ def warn_when_teacher_below_scratch(refs: dict, say: Reporter, run: SearchRun) -
     import threading
 
     import ray
+
+    from tskd_tune.search.summary import TEACHER_BELOW_SCRATCH_TAG, teacher_below_scratch
 
     def watch() -> None:
         try:

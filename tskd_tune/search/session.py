@@ -30,9 +30,9 @@ from tskd_tune.search import launch as parts
 from tskd_tune.search import staged
 from tskd_tune.search.folder import SearchOptions, SearchRun, state_path
 from tskd_tune.search.restore import reconcile
-from tskd_tune.search.summary import summarize, write_search_report
-from tskd_tune.search.tuner import build_tuner, keep_cache
-from tskd_tune.search.warm import warm_trials
+
+# summary, tuner and warm are imported where they are used: they pull in torch, pandas and Optuna (about 3 s on
+# 2 cores), which a local search imports in the thread that checks its input while Ray starts
 
 if TYPE_CHECKING:
     from ray import ObjectRef
@@ -92,10 +92,12 @@ class SearchSession:
     def check(self) -> SearchSession:
         """The checks that start nothing: the tracking URI's form, storage, the search folder, the warm-start
         searches. Returns the session with its paths and URIs made absolute (trials run elsewhere)."""
-        parts.quiet_libraries()
+        parts.quiet_env()
         cfg, opts = parts.check_input(self.cfg, self.opts, self.resume)
         warm: tuple = ()
         if opts.warm_start and not self.resume:  # a resumed study already holds them
+            from tskd_tune.search.warm import warm_trials
+
             trials, lines, found = warm_trials(cfg, list(opts.warm_start))
             found = tuple(str(Path(f).resolve()) for f in found)  # search.json is read from anywhere
             opts, warm = dataclasses.replace(opts, warm_start=found), tuple(trials)
@@ -111,8 +113,9 @@ class SearchSession:
         cfg, opts = self.cfg, self.opts
         self.say.line(f"preparing data ({cfg.data.dataset}) ...")
         if opts.address is None:
-            # a local Ray starts (about 5 s, in its own processes) while MLflow and the dataset are checked and the
-            # data is prepared; bad input stops it again before its one error line
+            # a local Ray starts (about 5 s, in its own processes) while, on another thread, the driver's heavy
+            # modules are imported, the teacher, MLflow and the dataset are checked and the data is prepared; bad
+            # input stops Ray again before its one error line
             with ThreadPoolExecutor(1) as pool_of_one:
                 prepared = pool_of_one.submit(parts.reach_and_load, cfg, opts)
                 dashboard = parts.init_ray(opts.address)
@@ -128,6 +131,8 @@ class SearchSession:
             cfg = cluster.prepare(cfg, opts, self.say)
             pool, data = parts.load_data(cfg)
         parts.ready(cfg, opts, self.resume, self.say)
+        from tskd_tune.search.tuner import keep_cache
+
         if cfg.cache.enabled and cfg.cache.max_gb and (line := keep_cache(cfg, self.started)):
             self.say.line(line)
         if dashboard:
@@ -179,6 +184,8 @@ class SearchSession:
     def summarise(self, data: SearchData, run: SearchRun, fitted: Fitted) -> dict:
         """Leaderboard, best config, the best trial once on the test split, gains over the references:
         logged to the parent run and written to summary.json."""
+        from tskd_tune.search.summary import summarize
+
         summary = summarize(self.cfg, self.opts, fitted.results, run.parent_run_id, data.data, self.say)
         summary |= data.fill | ({"teachers": list(fitted.teachers)} if fitted.teachers is not None else {})
         summary["wall_s"] = time.perf_counter() - self.clock
@@ -196,6 +203,8 @@ class SearchSession:
         MLflow writes queued during an outage that has ended are delivered."""
         opts = self.opts
         if "best_trial" in summary:
+            from tskd_tune.search.summary import write_search_report
+
             write_search_report(self.cfg, opts, run.parent_run_id, self.say, summary)
         parent_client = tracking.BufferedClient(
             opts.tracking_uri, tracking.journal_path(run.state_path, "parent")
@@ -228,6 +237,8 @@ class SearchSession:
 
         # Ray's own lines and retried trials' tracebacks: a file, not the console
         log = ray_log.route(state_path(opts))
+        from tskd_tune.search.tuner import build_tuner
+
         return build_tuner(
             cfg,
             opts,
