@@ -100,6 +100,8 @@ def test_bad_input_is_refused_in_one_line(case, tmp_path, monkeypatch, capfd):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     for fragment in case["expect"]:
+        for k, v in subst.items():
+            fragment = fragment.replace(k, v)
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
     if case.get("secret"):
         assert case["secret"] not in out + err

@@ -79,24 +79,24 @@ def check_input(cfg: Config, opts: SearchOptions, resume: bool) -> tuple[Config,
     return cfg, opts
 
 
-def reach(cfg: Config, opts: SearchOptions) -> None:
-    """The checks that read: the teacher builds (its model, checkpoint and LoRA targets), MLflow answers (on a
-    fresh SQLite store this creates its tables, about 2 s) and the dataset's root and layout are what the
-    adapter expects. The first to need MLflow, Optuna and torch: they are imported here."""
-    from tskd_tune.data.prepare import scan
-    from tskd_tune.methods.checks import check_teacher
+def check_teacher(cfg: Config) -> None:
+    """The teacher builds (its model, checkpoint and LoRA targets); on the driver, since otherwise every trial
+    would fail on it, each after a retry (a Ray Job checks it on the cluster). The first step to import the
+    driver's heavy modules (torch through the methods, MLflow and Optuna): a local search runs it on the thread
+    that works while Ray starts."""
+    from tskd_tune.methods.checks import check_teacher as build_and_drop
 
     quiet_libraries()
-    # on the driver (a job checks it on the cluster): otherwise every trial would fail on it, each after a retry
-    check_teacher(cfg)
+    build_and_drop(cfg)
+
+
+def reach(cfg: Config, opts: SearchOptions) -> None:
+    """The checks that read: MLflow answers (on a fresh SQLite store this creates its tables, about 2 s) and
+    the dataset's root and layout are what the adapter expects."""
+    from tskd_tune.data.prepare import scan
+
     tracking.preflight(opts.tracking_uri)
     scan(cfg.data)
-
-
-def reach_and_load(cfg: Config, opts: SearchOptions):
-    """:func:`_reach`, then :func:`_data`: what a local search does while its Ray starts."""
-    reach(cfg, opts)
-    return load_data(cfg)
 
 
 def ready(cfg: Config, opts: SearchOptions, resume: bool, say: Reporter) -> None:

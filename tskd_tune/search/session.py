@@ -111,13 +111,24 @@ class SearchSession:
         import ray
 
         cfg, opts = self.cfg, self.opts
-        self.say.line(f"preparing data ({cfg.data.dataset}) ...")
+
+        def teacher_then_reach() -> None:
+            parts.check_teacher(cfg)  # the first to import torch, MLflow and Optuna (about 3 s on 2 cores)
+            self.say.line(
+                f"preparing data ({cfg.data.dataset}) ..."
+            )  # not before: a bad teacher's error is one line
+            parts.reach(cfg, opts)
+
         if opts.address is None:
             # a local Ray starts (about 5 s, in its own processes) while, on another thread, the driver's heavy
             # modules are imported, the teacher, MLflow and the dataset are checked and the data is prepared; bad
             # input stops Ray again before its one error line
+            def checks_then_data():
+                teacher_then_reach()
+                return parts.load_data(cfg)
+
             with ThreadPoolExecutor(1) as pool_of_one:
-                prepared = pool_of_one.submit(parts.reach_and_load, cfg, opts)
+                prepared = pool_of_one.submit(checks_then_data)
                 dashboard = parts.init_ray(opts.address)
                 try:
                     pool, data = prepared.result()
@@ -125,7 +136,7 @@ class SearchSession:
                     ray.shutdown()
                     raise
         else:
-            parts.reach(cfg, opts)
+            teacher_then_reach()
             dashboard = parts.init_ray(opts.address)
             # before the data: on a cluster the trial cache (and the synthetic pool built next) moves to shared storage
             cfg = cluster.prepare(cfg, opts, self.say)
