@@ -114,9 +114,8 @@ class SearchSession:
 
         def teacher_then_reach() -> None:
             parts.check_teacher(cfg)  # the first to import torch, MLflow and Optuna (about 3 s on 2 cores)
-            self.say.line(
-                f"preparing data ({cfg.data.dataset}) ..."
-            )  # not before: a bad teacher's error is one line
+            # not before: a bad teacher's error is the only line
+            self.say.line(f"preparing data ({cfg.data.dataset}) ...")
             parts.reach(cfg, opts)
 
         if opts.address is None:
