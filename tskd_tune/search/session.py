@@ -3,7 +3,9 @@
 Its lifecycle, one method per step, in the order :meth:`SearchSession.run` calls them:
 
 1. :meth:`~SearchSession.check`            the cheap checks, before anything starts (bad input ends here)
-2. :meth:`~SearchSession.prepare_data`     Ray, the data in its object store, the synthetic pool, the teacher features
+2. :meth:`~SearchSession.prepare_data`     the checks that read (teacher, MLflow, dataset: bad input ends here too)
+                                           beside Ray's start, the data in its object store, the synthetic pool,
+                                           the teacher features
 3. :meth:`~SearchSession.open_parent_run`  the MLflow parent run and search.json
 4. :meth:`~SearchSession.fit`              the reference trials and the Tuner (both stages of a staged search)
 5. :meth:`~SearchSession.summarise`        leaderboard, the best trial on the test split, summary.json
