@@ -94,7 +94,7 @@ def launch(
             tuple(set_ or ()),
         )
         raise typer.Exit(cluster.submit(cfg, space, job, address, out, detach=detach))
-    # the teacher is checked with MLflow and the data, while a local Ray starts (search.launch.reach)
+    # the teacher is checked with MLflow and the data, while a local Ray starts (search.launch.check_teacher)
     opts = SearchOptions(
         name or cfg.name or space.stem,
         storage,

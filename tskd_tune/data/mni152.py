@@ -87,10 +87,11 @@ def _labels(threshold: float) -> np.ndarray:
 
 def _template_files() -> tuple[Path, ...]:
     """The template files inside nilearn, so that a nilearn upgrade that changes them rebuilds the cache."""
-    files = tuple(_nilearn_data() / name for name in FILES)
+    folder = _nilearn_data()
+    files = tuple(folder / name for name in FILES)
     if missing := [f.name for f in files if not f.is_file()]:
         raise DataError(
-            f"data.dataset mni152: this nilearn ({_nilearn_data()}) has no {', '.join(missing)}; "
+            f"data.dataset mni152: this nilearn ({folder}) has no {', '.join(missing)}; "
             "tskd-tune reads the MNI152 2009 templates nilearn ships"
         )
     return files

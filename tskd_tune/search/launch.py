@@ -19,7 +19,7 @@ from tskd_tune.errors import TskdError
 from tskd_tune.search.folder import SEARCH_FILE, SearchOptions, SearchRun, git_commit, state_path, trial_id_of
 
 # The methods (torch), the data adapters and the summary (pandas) are imported where they are used: a local
-# search's main thread starts Ray while another imports them (:func:`reach`), instead of before it
+# search's main thread starts Ray while another imports them (:func:`check_teacher`), instead of before it
 
 if TYPE_CHECKING:
     from tskd_tune.reporter import Reporter
