@@ -28,7 +28,7 @@ from tskd_tune.methods import Record, TeacherSource, TrialContext, get_method
 from tskd_tune.methods.checks import uses_pool
 from tskd_tune.metrics import count_params, evaluate, latency_ms
 from tskd_tune.models.teacher import is_pretrained
-from tskd_tune.runtime import resolve_device, set_threads
+from tskd_tune.runtime import keep_freed_memory, resolve_device, set_threads
 from tskd_tune.synth import build_pool, pool_semantics
 from tskd_tune.synth.semantic import K as SEMANTIC_MIN_POOL
 from tskd_tune.train import Hooks, Report, load_checkpoint, seed_all
@@ -82,6 +82,7 @@ def run_trial(
     """
     t_start = time.perf_counter()
     threads = set_threads(cfg)
+    keep_freed_memory(cfg)
     fill = fill_threads or threads
     seed_all(cfg.seed)
     device = resolve_device(cfg)
