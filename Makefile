@@ -42,7 +42,7 @@ ui: $(STAMP)  ## the MLflow UI on the local store (127.0.0.1:5000)
 bench: $(STAMP)  ## search-speed benchmark (minutes; prints ratios, writes benchmarks/results/)
 	$(BIN)/python benchmarks/search_speed.py --set synthetic.generator=none
 
-bench-quality: $(STAMP)  ## TS-KD vs TA-KD vs scratch vs teacher on mni152, N in {10,20,40}, 3 seeds (about an hour on 2 cores)
+bench-quality: $(STAMP)  ## issue 20's grid on mni152: both students, teacher/scratch/TA-KD/MAE/TS-KD(+synth), N in {10,40}, 3 seeds (a GPU's worth; resumable)
 	$(BIN)/python benchmarks/kd_methods.py
 
 bench-timing: $(STAMP)  ## every timing benchmark (hours on 2 cores; run on a quiet machine)
@@ -52,6 +52,7 @@ bench-timing: $(STAMP)  ## every timing benchmark (hours on 2 cores; run on a qu
 	$(BIN)/python benchmarks/scaling.py --two-node
 	$(BIN)/python benchmarks/students.py --dice
 	$(BIN)/python benchmarks/cpu_bf16.py
+	$(BIN)/python benchmarks/cpu_malloc.py
 
 bench-gpu: $(STAMP)  ## GPU throughput (1, 2, 4 trials per GPU, mixed precision off/on); says so and exits without a GPU
 	$(BIN)/python benchmarks/gpu.py
@@ -65,6 +66,7 @@ bench-quick: $(STAMP)  ## smoke run of every benchmark (--quick; results go to *
 	$(BIN)/python benchmarks/students.py --quick
 	$(BIN)/python benchmarks/gpu.py --quick
 	$(BIN)/python benchmarks/cpu_bf16.py --quick
+	$(BIN)/python benchmarks/cpu_malloc.py --quick
 	$(BIN)/python benchmarks/synth_ratio.py --quick
 
 lint: $(STAMP)

@@ -1,39 +1,47 @@
-"""The paper's claim on real images: TS-KD vs TA-KD vs scratch vs the teacher, N labelled in {10, 20, 40}.
+"""The paper's claim on real images: TS-KD vs TA-KD vs MAE vs scratch vs the teacher, both students, N in {10, 40}.
 
-Every cell is one ``run_trial(cfg, test=True)`` on the `mni152` dataset (axial slices of the MNI152 T1
-template that ships with nilearn; grey / white matter labels) with the shipped `mni152.yaml` (64 px, the
-pretrained LiteMedSAM teacher, frozen, its head trained on cached encoder features), ``data.labeled=N``
-and, for seed s, ``seed=s`` and ``data.seed=s`` (the split, the labelled subset, model initialisation,
-augmentation and the synthetic generator all change with the seed; ``--fixed-split`` keeps ``data.seed=0``
-so that only training randomness varies). Variants:
+Issue 20's grid. Every cell is one ``run_trial(cfg, test=True)`` on the `mni152` dataset (axial slices of the
+MNI152 T1 template that ships with nilearn; grey / white matter) with the shipped `mni152.yaml` (64 px, the
+LiteMedSAM teacher with LoRA in its last 2 blocks), ``data.labeled=N`` and, for seed s, ``seed=s`` and
+``data.seed=s`` (split, labelled subset, initialisation, augmentation and generator all change with the
+seed; ``--fixed-split`` keeps ``data.seed=0``). Variants:
 
-    teacher          the fine-tuned teacher itself (the upper reference)
-    scratch          the student on the N labels only
-    ta_kd            task-agnostic KD (the frozen teacher's features, then the labels)
-    ts_kd            task-specific KD, the default config
-    scratch 52k      scratch with the 52k-parameter U-Net (8-64 channels)
-    ts_kd 52k        ts_kd likewise
-    ta_kd+synth      ta_kd with synthetic.ratio synthetic images per real transfer image (ddpm generator)
-    ts_kd+synth      ts_kd likewise
-    ts_kd searched   ts_kd with the values a search found (--searched best.yaml, or --search-trials K runs
-                     one: `tskd-tune launch` at the smallest N, seed 0, selecting on val_dice)
-    teacher lora1    the teacher with LoRA in LiteMedSAM's last block (its other 11 blocks cached; slow on CPU)
-    ts_kd lora1      ts_kd from that teacher
+    teacher            the fine-tuned teacher itself (the upper reference)
+    scratch            the U-Net 16-128 student on the N labels only
+    ta_kd              task-agnostic KD: the frozen encoder's features, then the labels
+    ts_kd              task-specific KD from the teacher (the shipped config)
+    ts_kd+synth        ts_kd with one synthetic image per real transfer image (the shipped ddpm generator)
+    scratch vit, ta_kd vit, mae vit, ts_kd vit, ts_kd+synth vit
+                       the same with the ViT-Tiny student (patch 8, lr 1e-3); mae: its encoder pretrained by
+                       masked-image modelling on the transfer set, then the labels
+  opt-in (--variants):
+    teacher frozen     the teacher mni152.yaml shipped before: the encoder frozen, the conv head alone trains
+    ts_kd frozen       ts_kd from that teacher
+    scratch 52k, ts_kd 52k   the 52k-parameter U-Net (8-64 channels)
+    ts_kd searched     ts_kd with the values a search found (--searched best.yaml, or --search-trials K runs
+                       one: `tskd-tune launch` at the smallest N, seed 0, selecting on val_dice)
 
-Every method runs the same number of optimisation steps per epoch (see README), so cells compare at
-equal student compute. Results go to benchmarks/results/kd_methods.json (and .png); each finished cell
-is appended to WORK/cells.jsonl, so an interrupted run continues where it stopped. Teacher features
-(one entry for every seed and N), teachers, teacher outputs and synthetic pools are shared across cells
-through the trial cache.
+Every method runs the same optimisation steps per epoch (see README), so cells compare at equal compute.
 
-    .venv/bin/python benchmarks/kd_methods.py                      # the grid of docs/BENCHMARKS.md
+A cell is identified by the resolved config it runs, reduced to what its method reads (the method registry
+says which teacher a method uses: none, the frozen encoder or the fine-tuned one; the synthetic section only
+counts for a method that draws from the pool), without where or how fast it runs (cache, threads, search,
+tracking). Finished cells go to benchmarks/results/kd_methods.cells.jsonl (committed, so a fresh clone
+resumes the grid; the caches are not). ``--adopt FILE`` takes the finished cells of another benchmark's cells
+file (teacher_heads.py's format) whose config is the same as a cell of this grid, recording where they came
+from, instead of running them again. Results: benchmarks/results/kd_methods.json and .png, with every
+planned cell that has not run listed under ``missing``.
+
+    .venv/bin/python benchmarks/kd_methods.py                      # the grid (a GPU's worth; resumable)
+    .venv/bin/python benchmarks/kd_methods.py --n 10 --variants scratch ts_kd --seeds 0
+    .venv/bin/python benchmarks/kd_methods.py --adopt benchmarks/results/teacher_heads.cells.jsonl --report-only
     .venv/bin/python benchmarks/kd_methods.py --quick              # smoke run: 32 px, tiny random ViT teacher
-    .venv/bin/python benchmarks/kd_methods.py --variants teacher scratch ts_kd --n 10 --seeds 0
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -41,6 +49,7 @@ from pathlib import Path
 
 from _common import (
     REPO,
+    RESULTS,
     append_cell,
     launch,
     plot_path,
@@ -54,17 +63,9 @@ from _common import (
 
 from tskd_tune.config import load_config, parse_overrides, read_yaml
 
-# The grid's sizing: the shipped mni152.yaml as it is (pretrained LiteMedSAM teacher, 64 px), with a small
-# synthetic generator for the +synth variants (trained per split and seed, so it is sized for CPUs).
-BASE = {
-    "synthetic.image_size": 32,
-    "synthetic.channels": [16, 32, 64],
-    "synthetic.train_steps": 1000,
-    "synthetic.pool_size": 128,
-    "synthetic.sample_steps": 25,
-}
-# The smoke run cannot afford LiteMedSAM (75 GFLOP per image): a tiny, randomly initialised ViT stands in
-# (its numbers say nothing about the method; they only show that every variant runs).
+BASE: dict = {}  # the shipped mni152.yaml as it is
+# The smoke run cannot afford LiteMedSAM: a tiny, randomly initialised ViT stands in (its numbers say nothing
+# about the method; they only show that every variant runs).
 QUICK = {
     "data.image_size": 32,
     "teacher.model": "vit_small_patch16_224",
@@ -82,69 +83,78 @@ QUICK = {
     "synthetic.pool_size": 16,
     "synthetic.sample_steps": 4,
 }
+QUICK_VIT = {"student.model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}}
+VIT = {"student.model": "vit_tiny", "student.lr": 1e-3}
+SYNTH = {"synthetic.generator": "ddpm", "synthetic.ratio": 1.0}
+FROZEN = {"teacher.adapt": "head"}
 SMALL_STUDENT = {"student.channels": [8, 16, 32, 64]}
-LORA1 = {
-    "teacher.adapt": "lora",
-    "teacher.lora.last_blocks": 1,
-    "teacher.augment_views": 0,
-    "teacher.epochs": 100,
+VARIANTS: dict[str, dict | None] = {
+    "teacher": {"distill.method": "teacher"},
+    "scratch": {"distill.method": "scratch"},
+    "ta_kd": {"distill.method": "ta_kd"},
+    "ts_kd": {"distill.method": "ts_kd"},
+    "ts_kd+synth": {"distill.method": "ts_kd"} | SYNTH,
+    "scratch vit": {"distill.method": "scratch"} | VIT,
+    "ta_kd vit": {"distill.method": "ta_kd"} | VIT,
+    "mae vit": {"distill.method": "mae"} | VIT,
+    "ts_kd vit": {"distill.method": "ts_kd"} | VIT,
+    "ts_kd+synth vit": {"distill.method": "ts_kd"} | VIT | SYNTH,
+    "teacher frozen": {"distill.method": "teacher"} | FROZEN,
+    "ts_kd frozen": {"distill.method": "ts_kd"} | FROZEN,
+    "scratch 52k": {"distill.method": "scratch"} | SMALL_STUDENT,
+    "ts_kd 52k": {"distill.method": "ts_kd"} | SMALL_STUDENT,
+    "ts_kd searched": None,  # known once a search ran
 }
-ORDER = [
-    "teacher",
-    "scratch",
-    "ta_kd",
-    "ts_kd",
-    "scratch 52k",
-    "ts_kd 52k",
-    "ta_kd+synth",
-    "ts_kd+synth",
-    "ts_kd searched",
-    "teacher lora1",
-    "ts_kd lora1",
-]
-# cells run group by group, so that an interrupted grid has its core comparison complete first
-# ta_kd+synth and the LoRA variants are opt-in (--variants): they cost a third of the grid's time again
-DEFAULT_VARIANTS = [
-    "teacher",
-    "scratch",
-    "ta_kd",
-    "ts_kd",
-    "scratch 52k",
-    "ts_kd 52k",
-    "ts_kd+synth",
-    "ts_kd searched",
-]
+DEFAULT_VARIANTS = list(VARIANTS)[:10]
+# run in this order within a seed, so that an interrupted grid has its core comparison complete first
 GROUPS = [
     ["teacher", "scratch", "ta_kd", "ts_kd"],
-    ["scratch 52k", "ts_kd 52k"],
-    ["ts_kd+synth"],
-    ["ts_kd searched"],
-    ["ta_kd+synth"],
-    ["teacher lora1", "ts_kd lora1"],
+    ["scratch vit", "ta_kd vit", "mae vit", "ts_kd vit"],
+    ["ts_kd+synth", "ts_kd+synth vit"],
+    ["teacher frozen", "ts_kd frozen", "scratch 52k", "ts_kd 52k", "ts_kd searched"],
 ]
+# paired comparisons (ours, other) and issue 20's targets for them: the least difference in test Dice, per N
+PAIRS = {
+    ("teacher", "scratch"): {10: 0.08, 40: 0.05},
+    ("ts_kd", "scratch"): {10: 0.05, 40: 0.03},
+    ("ts_kd", "ta_kd"): {10: 0.03},
+    ("ts_kd", "teacher"): {},
+    ("ts_kd vit", "scratch vit"): {10: 0.15},
+    ("ts_kd vit", "mae vit"): {10: 0.05},
+    ("ts_kd vit", "ta_kd vit"): {10: 0.05},
+    ("ts_kd vit", "teacher"): {},
+    ("ts_kd+synth", "ts_kd"): {},
+    ("ts_kd+synth vit", "ts_kd vit"): {},
+    ("ta_kd", "scratch"): {},
+    ("teacher", "teacher frozen"): {},
+    ("ts_kd", "ts_kd frozen"): {},
+    ("ts_kd 52k", "scratch 52k"): {},
+    ("ts_kd searched", "ts_kd"): {},
+}
+STUDENT_OF = {"ts_kd": "teacher", "ts_kd vit": "teacher"}  # every student within 5% of its teacher
+# what changes where or how fast a cell runs, not its result
+MACHINE_SECTIONS = ("cache", "resources", "search", "tracking", "name")
+ENCODER_KEYS = ("model", "checkpoint", "model_kwargs", "random_init")
 
 
-def variants(ratio: float, searched: bool) -> dict[str, dict | None]:
-    """Variant label -> config overrides; the searched variant's (None here) are known once a search ran."""
-    synth = {"synthetic.generator": "ddpm", "synthetic.ratio": ratio}
-    out = {
-        "teacher": {"distill.method": "teacher"},
-        "scratch": {"distill.method": "scratch"},
-        "ta_kd": {"distill.method": "ta_kd"},
-        "ts_kd": {"distill.method": "ts_kd"},
-        "scratch 52k": {"distill.method": "scratch"} | SMALL_STUDENT,
-        "ts_kd 52k": {"distill.method": "ts_kd"} | SMALL_STUDENT,
-        "teacher lora1": {"distill.method": "teacher"} | LORA1,
-        "ts_kd lora1": {"distill.method": "ts_kd"} | LORA1,
-    }
-    if ratio > 0:
-        out |= {
-            "ta_kd+synth": {"distill.method": "ta_kd"} | synth,
-            "ts_kd+synth": {"distill.method": "ts_kd"} | synth,
-        }
-    if searched:
-        out["ts_kd searched"] = None
-    return out
+def identity(cfg) -> str:
+    """A cell's identity: a hash of its resolved config, reduced to what its method reads."""
+    import tskd_tune.methods  # noqa: F401 - registers the methods
+    from tskd_tune.methods.registry import get_method
+
+    spec = get_method(cfg.distill.method)
+    d = cfg.model_dump(mode="json")
+    for key in MACHINE_SECTIONS:
+        d.pop(key, None)
+    if spec.teacher is None:
+        d.pop("teacher")
+    elif spec.teacher == "frozen":
+        d["teacher"] = {k: d["teacher"][k] for k in ENCODER_KEYS}
+    if not spec.transfer or cfg.synthetic.generator == "none":
+        d.pop("synthetic")
+    if spec.student is False:
+        d.pop("student")
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def get_path(tree: dict, dotted: str):
@@ -165,7 +175,6 @@ def run_search(args, base: dict, n: int, work: Path) -> tuple[Path, float]:
     """A small search (ASHA + TPE, concurrency 1) at N labels, seed 0; returns best.yaml and its wall time."""
     storage, name = work / "search", "kd-search"
     (work / "search-mlflow.db").unlink(missing_ok=True)  # a rerun must not find the old parent run
-    # the grid has the reference cells already: the search runs without its own scratch/teacher references
     sets = base | {
         "data.labeled": n,
         "seed": 0,
@@ -216,8 +225,22 @@ def run_cell(space: str, overrides: dict) -> dict:
     return out
 
 
+def adoptable(space: str, files: list[Path]) -> dict[str, dict]:
+    """Finished cells of other benchmarks (teacher_heads.py's format: id = [label, n, seed, overrides]),
+    by the identity their config has under ``space`` today (teacher_heads' cells ran the frozen encoder
+    unless their overrides say otherwise)."""
+    out = {}
+    for path in files:
+        for cell in read_cells(path).values():
+            label, n, seed, over = json.loads(cell["id"])
+            cfg = load_config(space, FROZEN | over | {"data.labeled": n, "seed": seed, "data.seed": seed})
+            rel = path.resolve().relative_to(REPO) if path.resolve().is_relative_to(REPO) else path
+            out.setdefault(identity(cfg), cell | {"adopted_from": str(rel), "source_variant": label})
+    return out
+
+
 def aggregate(cells: list[dict], labels: list[str], ns: list[int]) -> tuple[list[dict], list[dict]]:
-    """Per (variant, N): spread of test Dice / HD95 over seeds; and paired ts_kd-vs-others differences."""
+    """Per (variant, N): spread of test Dice / HD95 over seeds; and the paired differences of PAIRS."""
     summary = []
     for label in labels:
         for n in ns:
@@ -241,111 +264,126 @@ def aggregate(cells: list[dict], labels: list[str], ns: list[int]) -> tuple[list
             )
             for key in sorted(k for k in rows[0] if k.startswith("test_dice_")):  # per class
                 summary[-1][key.removeprefix("test_")] = spread([r.get(key) for r in rows])["mean"]
-    paired = []
     by_key = {(c["variant"], c["n"], c["seed"]): c for c in cells}
-    pairs = {
-        "ts_kd": ("scratch", "ta_kd", "teacher"),
-        "ts_kd+synth": ("ts_kd", "scratch", "teacher"),
-        "ts_kd searched": ("ts_kd", "scratch", "teacher"),
-        "ts_kd 52k": ("scratch 52k", "ts_kd", "teacher"),
-        "ts_kd lora1": ("teacher lora1", "ts_kd", "scratch"),
-        "teacher lora1": ("teacher",),
-    }
-    for ours, others in pairs.items():
-        for other in others:
-            if other == ours:
+    paired = []
+    for (ours, other), targets in PAIRS.items():
+        for n in ns:
+            both = [
+                (by_key[(ours, n, s)]["test_dice"], by_key[(other, n, s)]["test_dice"])
+                for (v, nn, s) in by_key
+                if v == ours and nn == n and (other, n, s) in by_key
+            ]
+            if not both:
                 continue
-            for n in ns:
-                diffs = [
-                    by_key[(ours, n, s)]["test_dice"] - by_key[(other, n, s)]["test_dice"]
-                    for (v, nn, s) in by_key
-                    if v == ours and nn == n and (other, n, s) in by_key
-                ]
-                if diffs:
-                    sp = spread(diffs)
-                    paired.append(
-                        {
-                            "ours": ours,
-                            "vs": other,
-                            "n": n,
-                            "seeds": sp["n"],
-                            "dice_diff": sp["mean"],
-                            "diff_std": sp["std"],
-                            "wins": sum(x > 0 for x in diffs),
-                        }
-                    )
+            sp = spread([a - b for a, b in both])
+            row = {
+                "ours": ours,
+                "vs": other,
+                "n": n,
+                "seeds": sp["n"],
+                "dice_diff": sp["mean"],
+                "diff_std": sp["std"],
+                "wins": sum(a > b for a, b in both),
+                "ratio": sum(a for a, _ in both) / sum(b for _, b in both),
+            }
+            if n in targets:
+                row["target"] = targets[n]
+                row["met"] = sp["mean"] >= targets[n]
+            elif STUDENT_OF.get(ours) == other:
+                row["target"] = "within 5%"
+                row["met"] = row["ratio"] >= 0.95
+            paired.append(row)
     return summary, paired
 
 
 def plot(summary: list[dict], labels: list[str], path: Path, title: str) -> None:
-    """Test Dice and HD95 against N per variant (mean, std over seeds as bars), and each class's Dice."""
+    """Test Dice per variant, one panel per N: the mean over seeds as a bar, each seed as a dot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    classes = sorted(
-        {k for r in summary for k in r if k.startswith("dice_")} - {"dice_std", "dice_min", "dice_max"}
+    ns = sorted({r["n"] for r in summary})
+    shown_by_n = {
+        n: [v for v in labels if any(r["variant"] == v and r["n"] == n for r in summary)] for n in ns
+    }
+    widths = [max(3, len(shown_by_n[n])) for n in ns]
+    fig, axes = plt.subplots(
+        1,
+        len(ns),
+        figsize=(0.62 * sum(widths) + 1.6 * len(ns), 5.0),
+        squeeze=False,
+        gridspec_kw={"width_ratios": widths},
+        sharey=True,
     )
-    panels = [
-        ("test_dice", "dice_std", "test Dice (mean over classes)"),
-        ("test_hd95", "hd95_std", "test HD95 (px, lower is better)"),
-    ]
-    panels += [(c, None, f"test Dice, {c.removeprefix('dice_').replace('_', ' ')} (mean)") for c in classes]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2))
-    for i, label in enumerate(labels):
-        rows = [r for r in summary if r["variant"] == label]
-        # a small horizontal offset per variant, so that error bars do not overlap
-        x = [r["n"] * (1 + 0.015 * (i - len(labels) / 2)) for r in rows]
-        style = {"marker": "o", "capsize": 3, "label": label, "linestyle": "--" if "synth" in label else "-"}
-        for ax, (key, err, _) in zip(axes, panels, strict=True):
-            ax.errorbar(x, [r.get(key) for r in rows], yerr=[r[err] for r in rows] if err else None, **style)
-    for ax, (_, _, ylabel) in zip(axes, panels, strict=True):
-        ax.set_xscale("log")
-        ns = sorted({r["n"] for r in summary})
-        ax.set_xticks(ns, [str(n) for n in ns])
-        ax.minorticks_off()
-        ax.set_xlabel("labelled images N")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    for ax, n in zip(axes[0], ns, strict=True):
+        rows = {r["variant"]: r for r in summary if r["n"] == n}
+        shown = shown_by_n[n]
+        colours = [
+            "tab:purple" if v.startswith("teacher") else "tab:orange" if "vit" in v else "tab:blue"
+            for v in shown
+        ]
+        ax.bar(
+            range(len(shown)),
+            [rows[v]["test_dice"] for v in shown],
+            color=colours,
+            alpha=0.55,
+            yerr=[rows[v]["dice_std"] for v in shown],
+            capsize=3,
+        )
+        for i, v in enumerate(shown):
+            ax.plot([i, i], [rows[v]["dice_min"], rows[v]["dice_max"]], "k.", markersize=4)
+            ax.text(i, 0.41, f"{rows[v]['test_dice']:.3f}\n({rows[v]['seeds']})", ha="center", fontsize=6.5)
+        ax.set_xticks(range(len(shown)), shown, rotation=45, ha="right", fontsize=8)
+        ax.set_ylim(0.4, 0.95)
+        ax.set_title(f"N = {n} labelled slices", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("test Dice (mean over classes)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
     save_figure(fig, path)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--space", default="search_spaces/mni152.yaml")
-    ap.add_argument("--n", type=int, nargs="+", default=[10, 20, 40], help="labelled images per cell")
+    ap.add_argument("--n", type=int, nargs="+", default=[10, 40], help="labelled images per cell")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help=f"subset of {ORDER}")
-    ap.add_argument("--synthetic-ratio", type=float, default=1.0, help="for the +synth variants (0: none)")
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     ap.add_argument("--fixed-split", action="store_true", help="data.seed=0 for every seed")
     ap.add_argument("--searched", type=Path, help="best.yaml of a search: its searched values form a variant")
     ap.add_argument(
         "--search-trials", type=int, default=6, help="trials of the search behind `ts_kd searched`"
     )
-    ap.add_argument("--work", default="runs/bench-kd", help="cache and finished cells (kept between runs)")
-    ap.add_argument("--fresh", action="store_true", help="forget finished cells (the cache is kept)")
+    ap.add_argument("--adopt", type=Path, nargs="+", default=[], help="cells files of other benchmarks")
+    ap.add_argument(
+        "--cells", type=Path, help="finished cells (default: benchmarks/results/kd_methods.cells.jsonl)"
+    )
+    ap.add_argument("--work", default="runs/bench-kd", help="the trial cache (kept between runs)")
+    ap.add_argument(
+        "--threads", type=int, help="CPU threads per cell (resources.threads; not in a cell's identity)"
+    )
     ap.add_argument(
         "--report-only",
         action="store_true",
-        help="tables, JSON and plot from the finished cells of the grid; run none",
+        help="tables, JSON and plot from the finished (and adopted) cells; run none",
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: 32 px, tiny models, N=10, seed 0")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override k=v")
     args = ap.parse_args()
     if args.quick:
-        args.n = args.n if args.n != [10, 20, 40] else [10]
+        args.n = args.n if args.n != [10, 40] else [10]
         args.seeds = args.seeds if args.seeds != [0, 1, 2] else [0]
         args.work = args.work if args.work != "runs/bench-kd" else "runs/bench-kd-quick"
         args.search_trials = min(args.search_trials, 2)
     base = (QUICK if args.quick else BASE) | parse_overrides(args.overrides)
     work = (REPO / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    cells_file = work / "cells.jsonl"
-    if args.fresh:
-        cells_file.unlink(missing_ok=True)
+    default_cells = work / "cells.jsonl" if args.quick else RESULTS / "kd_methods.cells.jsonl"
+    cells_file = args.cells or default_cells
+    machine = {"cache.dir": str(work / "cache")} | (
+        {"resources.threads": args.threads} if args.threads else {}
+    )
     t_start = time.perf_counter()
 
     search_info: dict = {}
@@ -370,63 +408,55 @@ def main() -> None:
             print(f"searched values: {values}", flush=True)
         return search_info["values"]
 
-    want_search = "ts_kd searched" in args.variants and bool(args.searched or args.search_trials)
-    all_variants = variants(args.synthetic_ratio, want_search)
-    labels = [v for v in ORDER if v in all_variants and v in args.variants]
-
-    done = read_cells(cells_file)
+    labels = [v for g in GROUPS for v in g if v in args.variants]
+    done = {c["config_id"]: c for c in read_cells(cells_file).values()}
+    adopt = adoptable(args.space, args.adopt) if args.adopt else {}
     plan = [
         (s, n, label)
-        for group in GROUPS
         for s in args.seeds
         for n in args.n
+        for group in GROUPS
         for label in group
         if label in labels
     ]
-    cells, walls = [], []
+    cells, missing, walls = [], [], []
     for i, (s, n, label) in enumerate(plan, 1):
-        variant = all_variants[label]
+        variant = VARIANTS[label]
         if variant is None:  # the searched variant
+            if args.report_only and not (args.searched or search_file.is_file()):
+                missing.append({"variant": label, "n": n, "seed": s})
+                continue
             variant = {"distill.method": "ts_kd"} | searched_config()
-        over = (
-            base
-            | variant
-            | {
-                "data.labeled": n,
-                "seed": s,
-                "data.seed": 0 if args.fixed_split else s,
-                "cache.dir": str(work / "cache"),
-            }
-        )
-        cid = json.dumps([args.space, over], sort_keys=True)
+        over = base | variant | {"data.labeled": n, "seed": s, "data.seed": 0 if args.fixed_split else s}
+        if args.quick and over.get("student.model") == "vit_tiny":
+            over |= QUICK_VIT
+        cid = identity(load_config(args.space, over))
+        if cid not in done and cid in adopt:
+            cell = {k: v for k, v in adopt[cid].items() if k != "id"}
+            done[cid] = cell = {"id": cid, "config_id": cid} | cell | {"variant": label, "n": n, "seed": s}
+            append_cell(cells_file, cell)
+            print(f"[{i}/{len(plan)}] {label:<15} N={n:<3} seed={s}  adopted from {cell['adopted_from']}")
         if cid in done:
-            cells.append(done[cid])
+            cells.append(done[cid] | {"variant": label, "n": n, "seed": s})
             continue
         if args.report_only:
+            missing.append({"variant": label, "n": n, "seed": s})
             continue
-        cell = {"id": cid, "variant": label, "n": n, "seed": s} | run_cell(args.space, over)
+        cell = {"id": cid, "config_id": cid, "variant": label, "n": n, "seed": s, "overrides": over}
+        cell |= run_cell(args.space, over | machine)
         append_cell(cells_file, cell)
+        done[cid] = cell
         cells.append(cell)
         walls.append(cell["wall_s"])
         eta = sum(walls) / len(walls) * (len(plan) - i)
         print(
             f"[{i}/{len(plan)}] {label:<15} N={n:<3} seed={s}  test Dice {cell['test_dice']:.3f}  HD95 "
-            f"{cell['test_hd95']:.2f}  ({cell['wall_s']:.0f} s; about {eta / 60:.0f} min left)",
+            f"{cell['test_hd95']:.2f}  ({cell['wall_s']:.0f} s; at most {eta / 60:.0f} min left)",
             flush=True,
         )
 
-    if want_search:
-        searched_config()
     summary, paired = aggregate(cells, labels, args.n)
-    print("\ntest Dice and HD95 (px), mean and std over seeds; per-class Dice: mean\n")
-    per_class = sorted(
-        {
-            k
-            for r in summary
-            for k in r
-            if k.startswith("dice_") and k not in ("dice_std", "dice_min", "dice_max")
-        }
-    )
+    print("\ntest Dice and HD95 (px), mean and std over seeds\n")
     print(
         table(
             summary,
@@ -438,38 +468,50 @@ def main() -> None:
                 "dice_std",
                 "dice_min",
                 "dice_max",
-                *per_class,
                 "test_hd95",
-                "hd95_std",
+                "val_dice",
             ],
         )
     )
     print("\npaired differences in test Dice (ours - other, per seed; wins = seeds where ours is higher)\n")
-    print(table(paired))
+    print(
+        table(paired, ["ours", "vs", "n", "seeds", "dice_diff", "diff_std", "wins", "ratio", "target", "met"])
+    )
+    if missing:
+        print(f"\nnot run: {len(missing)} cells of the grid (listed under `missing` in the JSON)")
     teacher_name = base.get("teacher.model") or load_config(args.space).teacher.model
     result = provenance() | {
         "space": args.space,
         "base_overrides": base,
         "ns": args.n,
         "seeds": args.seeds,
+        "variants": labels,
         "fixed_split": args.fixed_split,
-        "synthetic_ratio": args.synthetic_ratio,
         "teacher_model": teacher_name,
+        "adopted_from": sorted({c["adopted_from"] for c in cells if c.get("adopted_from")}),
         "search": search_info or None,
         "wall_s": round(time.perf_counter() - t_start, 1),
-        "cell_wall_s_total": round(sum(c["wall_s"] for c in cells), 1),
         "summary": summary,
         "paired": paired,
-        "cells": [{k: v for k, v in c.items() if k != "id"} for c in cells],
+        "missing": missing,
+        "cells": [{k: v for k, v in c.items() if k not in ("id", "overrides")} for c in cells],
     }
     out = write_result("kd_methods", result, args.quick)
     png = plot_path("kd_methods", args.quick)
-    size = base.get("data.image_size") or load_config(args.space).data.image_size
+    t = load_config(args.space, base).teacher
+    size = load_config(args.space, base).data.image_size
+    lora = (
+        "LoRA in every block"
+        if t.lora.last_blocks is None
+        else f"LoRA in its last {t.lora.last_blocks} blocks"
+    )
+    teacher_desc = f"{t.model}, " + (lora if t.adapt == "lora" else "frozen")
     plot(
         summary,
         labels,
         png,
-        f"mni152 ({size} px), teacher {teacher_name}, {len(args.seeds)} seed(s); error bars: std over seeds",
+        f"mni152 ({size} px), teacher {teacher_desc} (`frozen`: the encoder frozen)\n"
+        "bars: mean and std over seeds; dots: lowest and highest seed; (k): seeds run",
     )
     print(f"\nwritten to {out.relative_to(REPO)} and {png.relative_to(REPO)}")
 
