@@ -133,6 +133,28 @@ def spread(values: list[float]) -> dict:
     }
 
 
+def paired_row(by_key: dict, ours: str, other: str, n: int) -> dict | None:
+    """Test Dice of variant ``ours`` minus ``other`` at N = ``n``, paired by seed over the cells of ``by_key``
+    ((variant, n, seed) -> cell): mean and std of the differences, the seeds ``ours`` wins, and the mean and
+    lowest per-seed ratio; None where no seed has both."""
+    seeds = [s for (v, nn, s) in by_key if v == ours and nn == n and (other, n, s) in by_key]
+    if not seeds:
+        return None
+    pairs = [(by_key[(ours, n, s)]["test_dice"], by_key[(other, n, s)]["test_dice"]) for s in seeds]
+    sp = spread([a - b for a, b in pairs])
+    return {
+        "ours": ours,
+        "vs": other,
+        "n": n,
+        "seeds": sp["n"],
+        "dice_diff": sp["mean"],
+        "diff_std": sp["std"],
+        "wins": sum(a > b for a, b in pairs),
+        "ratio": spread([a / b for a, b in pairs])["mean"],
+        "ratio_min": min(a / b for a, b in pairs),
+    }
+
+
 def summarise(rows: list[dict], by: str, groups, keys: list[str]) -> list[dict]:
     """One row per group of ``rows`` (``row[by]`` in ``groups``): its searches, how many reached their target
     (``cpu_to_target_s`` set), and the mean and ``_std`` of each of ``keys``."""

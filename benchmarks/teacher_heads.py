@@ -33,6 +33,7 @@ from pathlib import Path
 from _common import (
     REPO,
     append_cell,
+    paired_row,
     plot_path,
     provenance,
     read_cells,
@@ -252,24 +253,9 @@ def aggregate(cells: list[dict], chosen: str | None) -> tuple[list[dict], list[d
     for ours, others in PAIRS.items():
         for other in others:
             for n in sorted({r["n"] for r in rows}):
-                keys = [(ours, n, s) for (v, nn, s) in by if v == ours and nn == n and (other, n, s) in by]
-                if not keys:
-                    continue
-                diffs = [by[k]["test_dice"] - by[(other, n, k[2])]["test_dice"] for k in keys]
-                sp = spread(diffs)
-                ratio = spread([by[k]["test_dice"] / by[(other, n, k[2])]["test_dice"] for k in keys])["mean"]
-                paired.append(
-                    {
-                        "ours": ours,
-                        "vs": other,
-                        "n": n,
-                        "seeds": sp["n"],
-                        "dice_diff": sp["mean"],
-                        "diff_std": sp["std"],
-                        "wins": sum(x > 0 for x in diffs),
-                        "ratio": ratio,
-                    }
-                )
+                row = paired_row(by, ours, other, n)
+                if row is not None:
+                    paired.append(row)
     return summary, paired
 
 
