@@ -127,6 +127,8 @@ PAIRS = {
     ("ts_kd+synth", "ts_kd"): {},
     ("ts_kd+synth vit", "ts_kd vit"): {},
     ("ta_kd", "scratch"): {},
+    ("ta_kd vit", "scratch vit"): {},
+    ("mae vit", "scratch vit"): {},
     ("teacher", "teacher frozen"): {},
     ("ts_kd", "ts_kd frozen"): {},
     ("ts_kd 52k", "scratch 52k"): {},
