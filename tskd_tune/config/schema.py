@@ -349,7 +349,7 @@ class ResourcesConfig(Section):
     """bf16 autocast for teacher fine-tuning, teacher outputs and student training on CUDA (CPU: float32)."""
     keep_freed_memory: bool = True
     """On Linux (glibc), keep large freed CPU tensors' memory for reuse instead of unmapping it each step: a
-    LoRA teacher's step on CPU is about 1.8x faster, its peak memory about 1.7x higher (docs/BENCHMARKS.md)."""
+    LoRA teacher's step on CPU is about 1.9x faster, its peak memory about 1.8x higher (docs/BENCHMARKS.md)."""
 
 
 class CacheConfig(Section):
