@@ -133,6 +133,21 @@ def spread(values: list[float]) -> dict:
     }
 
 
+def trial_cell(
+    space: str, overrides: dict, keep: tuple[str, ...], prefixes: tuple[str, ...] = ("test_dice_",)
+) -> dict:
+    """One ``run_trial(test=True)`` of ``space`` with ``overrides``: the metrics named in ``keep``, the scalar
+    ones whose names start with one of ``prefixes``, and the cell's wall time (``wall_s``)."""
+    from tskd_tune.config import load_config
+    from tskd_tune.trial import run_trial
+
+    t0 = time.perf_counter()
+    result = run_trial(load_config(space, overrides), test=True)
+    out = {k: result.get(k) for k in keep}
+    out |= {k: v for k, v in result.items() if k.startswith(prefixes) and not isinstance(v, (list, dict))}
+    return out | {"wall_s": time.perf_counter() - t0}
+
+
 def paired_row(by_key: dict, ours: str, other: str, n: int) -> dict | None:
     """Test Dice of variant ``ours`` minus ``other`` at N = ``n``, paired by seed over the cells of ``by_key``
     ((variant, n, seed) -> cell): mean and std of the differences, the seeds ``ours`` wins, and the mean and

@@ -59,8 +59,10 @@ from _common import (
     save_figure,
     spread,
     table,
+    trial_cell,
     write_result,
 )
+from teacher_heads import FROZEN as HEADS_FROZEN
 
 from tskd_tune.config import load_config, parse_overrides, read_yaml
 
@@ -217,15 +219,8 @@ KEEP = (
 
 
 def run_cell(space: str, overrides: dict) -> dict:
-    from tskd_tune.trial import run_trial
-
-    cfg = load_config(space, overrides)
-    t0 = time.perf_counter()
-    result = run_trial(cfg, test=True)
-    out = {k: result.get(k) for k in KEEP}
-    out.update({k: v for k, v in result.items() if k.startswith("test_dice_")})
-    out["wall_s"] = time.perf_counter() - t0
-    return out
+    """One cell: ``run_trial(test=True)``, the metrics of KEEP and per class, and its wall time."""
+    return trial_cell(space, overrides, KEEP)
 
 
 def adoptable(space: str, files: list[Path]) -> dict[str, dict]:
@@ -236,7 +231,8 @@ def adoptable(space: str, files: list[Path]) -> dict[str, dict]:
     for path in files:
         for cell in read_cells(path).values():
             label, n, seed, over = json.loads(cell["id"])
-            cfg = load_config(space, FROZEN | over | {"data.labeled": n, "seed": seed, "data.seed": seed})
+            sets = HEADS_FROZEN | over | {"data.labeled": n, "seed": seed, "data.seed": seed}
+            cfg = load_config(space, sets)
             rel = path.resolve().relative_to(REPO) if path.resolve().is_relative_to(REPO) else path
             out.setdefault(identity(cfg), cell | {"adopted_from": str(rel), "source_variant": label})
     return out
@@ -482,7 +478,8 @@ def main() -> None:
     )
     if missing:
         print(f"\nnot run: {len(missing)} cells of the grid (listed under `missing` in the JSON)")
-    teacher_name = base.get("teacher.model") or load_config(args.space).teacher.model
+    shown = load_config(args.space, base)  # the grid's config before each cell's variant, N and seed
+    teacher_name = shown.teacher.model
     result = provenance() | {
         "space": args.space,
         "base_overrides": base,
@@ -501,8 +498,7 @@ def main() -> None:
     }
     out = write_result("kd_methods", result, args.quick)
     png = plot_path("kd_methods", args.quick)
-    t = load_config(args.space, base).teacher
-    size = load_config(args.space, base).data.image_size
+    t, size = shown.teacher, shown.data.image_size
     lora = (
         "LoRA in every block"
         if t.lora.last_blocks is None

@@ -27,12 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from _common import REPO, append_cell, provenance, read_cells, spread, table, write_result
-
-from tskd_tune.config import load_config
+from _common import REPO, append_cell, provenance, read_cells, spread, table, trial_cell, write_result
 
 GENERATOR = {  # synth_gate.py's 64 px generator (shipped defaults), so its trained entry is shared
     "synthetic.generator": "ddpm",
@@ -59,14 +56,7 @@ def variants(ratios: list[float], snap: bool = True) -> dict[str, dict]:
 
 
 def run_cell(space: str, overrides: dict) -> dict:
-    from tskd_tune.trial import run_trial
-
-    t0 = time.perf_counter()
-    result = run_trial(load_config(space, overrides), test=True)
-    out = {k: result.get(k) for k in KEEP}
-    out |= {k: v for k, v in result.items() if k.startswith("synth_") and not isinstance(v, (list, dict))}
-    out["wall_s"] = time.perf_counter() - t0
-    return out
+    return trial_cell(space, overrides, KEEP, prefixes=("synth_",))
 
 
 def paired(cells: list[dict]) -> list[dict]:

@@ -40,6 +40,7 @@ from _common import (
     save_figure,
     spread,
     table,
+    trial_cell,
     write_result,
 )
 
@@ -127,13 +128,7 @@ def students(best: dict, has_mae: bool) -> dict[str, dict]:
 
 def run_cell(space: str, overrides: dict) -> dict:
     """One ``run_trial(test=True)``; the metrics kept, and its wall time."""
-    from tskd_tune.config import load_config
-    from tskd_tune.trial import run_trial
-
-    t0 = time.perf_counter()
-    result = run_trial(load_config(space, overrides), test=True)
-    out = {k: result.get(k) for k in KEEP} | {k: v for k, v in result.items() if k.startswith("test_dice_")}
-    return out | {"wall_s": time.perf_counter() - t0}
+    return trial_cell(space, overrides, KEEP)
 
 
 def run_phase(
