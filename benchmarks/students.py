@@ -30,7 +30,7 @@ from _common import REPO, RESULTS, provenance, table, write_result
 from tskd_tune.config import StudentConfig, TeacherConfig
 
 STUDENTS = {
-    "unet 8-64 (benchmarks)": {"model": "unet", "channels": [8, 16, 32, 64]},
+    "unet 8-64": {"model": "unet", "channels": [8, 16, 32, 64]},
     "unet 16-128 (default)": {"model": "unet", "channels": [16, 32, 64, 128]},
     "timm_unet mobilenetv3_small": {
         "model": "timm_unet",
@@ -118,23 +118,40 @@ def dice_from_kd_methods(n: int | None = None, seed: int | None = None) -> dict[
     """Test Dice of the models the kd_methods run trained (its U-Net student, its teacher), with its source.
 
     With ``n`` and ``seed``: that cell of the run (to sit beside students trained at the same N and seed);
-    otherwise the mean over seeds at the run's largest N.
+    otherwise each one's mean over seeds at the largest N it has run at.
     """
     path = RESULTS / "kd_methods.json"
     if not path.is_file():
         return {}
     res = json.loads(path.read_text())
-    names = {"ts_kd": "unet 8-64 (benchmarks)"}
-    if res.get("teacher_model") == "vit_small_patch16_224":
-        names["teacher"] = "ViT-S/8 depth 4 (demo, mni152)"
+    names = {}
+    # the run's U-Net student is its space's (with the run's overrides), matched to a row here by its spec
+    from tskd_tune.config import load_config
+
+    student = load_config(REPO / res["space"], res.get("base_overrides") or {}).student
+    for name, spec in STUDENTS.items():
+        if spec["model"] == student.model == "unet" and spec["channels"] == list(student.channels):
+            names["ts_kd"] = name
+    teacher_rows = {
+        "vit_small_patch16_224": "ViT-S/8 depth 4 (demo, mni152)",
+        "litemedsam": "LiteMedSAM (256 px encoder)",
+    }
+    if res.get("teacher_model") in teacher_rows:
+        names["teacher"] = teacher_rows[res["teacher_model"]]
     if n is not None and seed is not None:
         cells = {c["variant"]: c for c in res.get("cells", []) if c["n"] == n and c["seed"] == seed}
-        src = f"kd_methods.json, N={n}, seed {seed}"
-    else:
-        n = max(res["ns"])
-        cells = {r["variant"]: r for r in res["summary"] if r["n"] == n}
-        src = f"kd_methods.json, N={n}, mean over {len(res['seeds'])} seed(s)"
-    return {name: (cells[v]["test_dice"], src) for v, name in names.items() if v in cells}
+        return {
+            name: (cells[v]["test_dice"], f"kd_methods.json, N={n}, seed {seed}")
+            for v, name in names.items()
+            if v in cells
+        }
+    out = {}
+    for v, name in names.items():  # the largest N this variant has run at
+        rows = sorted((r for r in res["summary"] if r["variant"] == v), key=lambda r: r["n"])
+        if rows:
+            r = rows[-1]
+            out[name] = (r["test_dice"], f"kd_methods.json, N={r['n']}, mean over {r['seeds']} seed(s)")
+    return out
 
 
 def train_dice(names: list[str], n: int, seed: int, quick: bool) -> dict[str, tuple[float, str]]:
