@@ -382,29 +382,6 @@ def test_export_best_trial_registers_it_in_mlflow(searched):
     )
 
 
-def test_a_search_with_augmented_teacher_views_fills_them_on_the_driver(tmp_path):
-    """The driver computes augmented views (MONAI transforms) for the feature fill while it also preloads
-    MONAI for the summary: the two imports must not overlap (they failed with a partially initialised
-    monai.transforms)."""
-    from tests.conftest import tiny_raw
-
-    raw = tiny_raw(tmp_path, student={"epochs": 1}, teacher={"epochs": 1, "augment_views": 2})
-    raw["search"] = {
-        "num_samples": 1,
-        "max_concurrent": 1,
-        "grace_period": 1,
-        "scheduler": "fifo",
-        "baselines": [],
-        "space": {"distill.temperature": {"type": "uniform", "low": 1.0, "high": 8.0}},
-    }
-    raw["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "views"}
-    space = tmp_path / "views.yaml"
-    space.write_text(yaml.safe_dump(raw))
-    proc = run("launch", space, "--storage", tmp_path / "runs", "--name", "views", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "augmented views" in proc.stdout and "partially initialized" not in proc.stderr
-
-
 def test_a_staged_search_distils_top_teachers_finished_teachers(tmp_path):
     """The teacher stage's first top_teachers trials run to the end whatever the scheduler, so the student
     stage always has that many finished teachers (with ASHA at a grace period of one teacher epoch, which
@@ -443,16 +420,19 @@ def test_a_staged_search_distils_top_teachers_finished_teachers(tmp_path):
     assert len(list(folder.glob("t00*_*/result.json"))) == 2
 
 
-def test_a_search_keeps_the_cache_under_max_gb_sparing_what_it_uses(tmp_path):
+def test_a_search_with_augmented_views_keeps_the_cache_under_max_gb_sparing_what_it_uses(tmp_path):
     """cache.max_gb: entries no trial of the search has used go, least recently used first; the search's own
-    (data, teacher features, teacher) stay."""
+    (data, teacher features, teacher) stay. The same search has augmented teacher views, which the driver
+    computes (MONAI transforms) for the feature fill while it also preloads MONAI for the summary: the two
+    imports must not overlap (they failed with a partially initialised monai.transforms). One search for
+    both, as each launch costs a Ray start."""
     import os
     import time
 
     from tests.conftest import tiny_raw
     from tskd_tune.cache import Store, entries
 
-    raw = tiny_raw(tmp_path, student={"epochs": 1}, teacher={"epochs": 1})
+    raw = tiny_raw(tmp_path, student={"epochs": 1}, teacher={"epochs": 1, "augment_views": 2})
     raw["cache"]["max_gb"] = 1e-9  # below anything: every entry the search has not used is over the limit
     raw["search"] = {
         "num_samples": 1,
@@ -472,5 +452,6 @@ def test_a_search_keeps_the_cache_under_max_gb_sparing_what_it_uses(tmp_path):
     proc = run("launch", space, "--storage", tmp_path / "runs", "--name", "cache", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not stale.path.exists() and "cache: removed 1 least recently used entry" in proc.stdout
+    assert "augmented views" in proc.stdout and "partially initialized" not in proc.stderr
     kinds = {e.kind for e in entries(raw["cache"]["dir"]) if e.complete}
     assert {"data", "features", "teacher"} <= kinds  # what the search used is kept, although over the limit
