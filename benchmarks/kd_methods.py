@@ -157,6 +157,8 @@ def identity(cfg) -> str:
         d["teacher"] = {k: d["teacher"][k] for k in ENCODER_KEYS}
     if not spec.transfer or cfg.synthetic.generator == "none":
         d.pop("synthetic")
+    elif d["synthetic"]["image_size"] is None:  # None means the data's size: one config, one identity
+        d["synthetic"]["image_size"] = d["data"]["image_size"]
     if spec.student is False:
         d.pop("student")
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -224,18 +226,35 @@ def run_cell(space: str, overrides: dict) -> dict:
 
 
 def adoptable(space: str, files: list[Path]) -> dict[str, dict]:
-    """Finished cells of other benchmarks (teacher_heads.py's format: id = [label, n, seed, overrides]),
-    by the identity their config has under ``space`` today (teacher_heads' cells ran the frozen encoder
-    unless their overrides say otherwise)."""
+    """Finished cells of other benchmarks, by the identity their config has under ``space`` today: a cells
+    file of teacher_heads.py (id = [label, n, seed, overrides]; its cells ran the frozen encoder unless
+    their overrides say otherwise), or synth_ratio.py's results JSON (its cells ran the space's own teacher
+    with the generator settings it records and the variant's)."""
     out = {}
     for path in files:
-        for cell in read_cells(path).values():
-            label, n, seed, over = json.loads(cell["id"])
-            sets = HEADS_FROZEN | over | {"data.labeled": n, "seed": seed, "data.seed": seed}
-            cfg = load_config(space, sets)
-            rel = path.resolve().relative_to(REPO) if path.resolve().is_relative_to(REPO) else path
+        cells = _synth_ratio_cells(path) if path.suffix == ".json" else _teacher_heads_cells(path)
+        rel = path.resolve().relative_to(REPO) if path.resolve().is_relative_to(REPO) else path
+        for label, n, seed, over, cell in cells:
+            cfg = load_config(space, over | {"data.labeled": n, "seed": seed, "data.seed": seed})
             out.setdefault(identity(cfg), cell | {"adopted_from": str(rel), "source_variant": label})
     return out
+
+
+def _teacher_heads_cells(path: Path):
+    for cell in read_cells(path).values():
+        label, n, seed, over = json.loads(cell["id"])
+        yield label, n, seed, HEADS_FROZEN | over, cell
+
+
+def _synth_ratio_cells(path: Path):
+    from synth_ratio import variants
+
+    res = json.loads(path.read_text())
+    base = {k: v for k, v in res["generator"].items() if k.split(".")[0] not in MACHINE_SECTIONS}
+    for cell in res["cells"]:
+        label = cell["variant"]  # "ratio R[ filtered][ unsnapped]"
+        over = variants([float(label.split()[1])], snap=not label.endswith("unsnapped"))[label]
+        yield label, cell["n"], cell["seed"], base | over, cell
 
 
 def aggregate(cells: list[dict], labels: list[str], ns: list[int]) -> tuple[list[dict], list[dict]]:
@@ -339,7 +358,13 @@ def main() -> None:
     ap.add_argument(
         "--search-trials", type=int, default=6, help="trials of the search behind `ts_kd searched`"
     )
-    ap.add_argument("--adopt", type=Path, nargs="+", default=[], help="cells files of other benchmarks")
+    ap.add_argument(
+        "--adopt",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="finished cells of other benchmarks: teacher_heads.cells.jsonl, synth_ratio.json",
+    )
     ap.add_argument(
         "--cells", type=Path, help="finished cells (default: benchmarks/results/kd_methods.cells.jsonl)"
     )
