@@ -29,6 +29,8 @@ from tskd_tune.errors import StorageError, TskdError
 from tskd_tune.heartbeat import beat
 
 MANIFEST = "MANIFEST.json"
+PARTIAL = ".partial-"
+"""Name prefix of a build's resumable state (:meth:`Store.partial`), beside the entry it builds."""
 # what a full disk or an unwritable folder raises; other OSErrors are not storage problems
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -64,6 +66,16 @@ class Store:
 
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / key
+
+    def partial(self, kind: str, key_obj: Any) -> Path | None:
+        """A folder where a long build of ``key_obj`` keeps what lets an interrupted build resume (its
+        checkpoints), the same for every run of the same build; None when the cache is off. Listed by
+        :func:`entries` as incomplete, so a prune may remove one left behind, never while its build runs.
+        The build removes it once the entry is written."""
+        if not self.enabled:
+            return None
+        final = self.path(kind, digest(key_obj))
+        return final.parent / f"{PARTIAL}{final.name}"
 
     def get_or_build(self, kind: str, key_obj: Any, build: Callable[[Path], None]) -> Hit:
         """Return the entry for ``key_obj``, calling ``build(tmp_dir)`` to fill it when absent or corrupt."""
@@ -235,7 +247,8 @@ def used(folder: Path) -> None:
 
 def entries(root: Path | str) -> list[Entry]:
     """Every entry under ``root`` (``<kind>/<key>/``), least recently used first. An entry without a manifest
-    (an interrupted build's leftover, or a ``.tmp-`` folder) counts as incomplete, last used when written."""
+    (an interrupted build's leftover, a ``.tmp-`` folder, a build's ``.partial-`` state) counts as
+    incomplete, last used when a file in it was last written."""
     out = []
     root = Path(root)
     for kind in (
@@ -250,8 +263,13 @@ def entries(root: Path | str) -> list[Entry]:
                 files = [f for f in folder.rglob("*") if f.is_file()]
                 manifest = folder / MANIFEST
                 complete = manifest.is_file() and not folder.name.startswith(".tmp-")
-                stamp = (manifest if complete else folder).stat().st_mtime
-                size = sum(f.stat().st_size for f in files)
+                stats = [f.stat() for f in files]
+                stamp = (
+                    manifest.stat().st_mtime
+                    if complete
+                    else max([folder.stat().st_mtime] + [st.st_mtime for st in stats])
+                )
+                size = sum(st.st_size for st in stats)
             except OSError:  # removed while we looked
                 continue
             out.append(Entry(kind.name, folder.name, folder, size, stamp, complete))
@@ -295,7 +313,8 @@ def prune(
 
 
 def _evict(e: Entry) -> bool:
-    lock = FileLock(str(e.path) + ".lock")
+    # a build's partial state is guarded by its entry's build lock: never removed while that build runs
+    lock = FileLock(str(e.path.parent / e.key.removeprefix(PARTIAL)) + ".lock")
     try:
         lock.acquire(timeout=0)
     except Timeout:

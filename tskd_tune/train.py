@@ -124,6 +124,9 @@ class Loop:
     seed: int
     evaluate: Callable[[], dict] | None = None
     checkpoint_every: int = 1
+    checkpoint_every_s: float | None = None
+    """Instead of every ``checkpoint_every`` epochs: after the first epoch that ends this many seconds after
+    the last checkpoint (or the start), and after the last epoch."""
     autocast: bool = False
     """Run each step's forward pass under CUDA bf16 autocast (backward and the optimiser stay outside)."""
     warmup_steps: int = 0
@@ -159,6 +162,7 @@ def run_loop(loop: Loop, out_dir: Path | None, report: Report | None, resume: di
         sched.load_state_dict(resume["scheduler"])
         start = resume["epoch"]
     metrics: dict = {}
+    last_ckpt = time.perf_counter()
     for epoch in range(start + 1, loop.epochs + 1):
         t0 = time.perf_counter()
         s = epoch_seed(loop.seed, loop.phase, epoch)
@@ -190,8 +194,14 @@ def run_loop(loop: Loop, out_dir: Path | None, report: Report | None, resume: di
             metrics |= loop.evaluate()
         metrics["epoch_s"] = time.perf_counter() - t0
         ckpt = None
-        if out_dir is not None and (epoch % loop.checkpoint_every == 0 or epoch == loop.epochs):
+        due = (
+            time.perf_counter() - last_ckpt >= loop.checkpoint_every_s
+            if loop.checkpoint_every_s is not None
+            else epoch % loop.checkpoint_every == 0
+        )
+        if out_dir is not None and (due or epoch == loop.epochs):
             ckpt = save_checkpoint(out_dir / "checkpoint", loop, opt, sched, epoch)
+            last_ckpt = time.perf_counter()
         if report is not None:
             report(epoch, metrics, ckpt)
     return metrics

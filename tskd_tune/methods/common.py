@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +20,14 @@ from tskd_tune.methods.record import TeacherSource
 from tskd_tune.metrics import latency_ms
 from tskd_tune.models.students import build_student
 from tskd_tune.models.teacher import adapted, load_adapted, save_adapted
-from tskd_tune.train import LabeledBatches, Loop, Report, run_loop, seeded
+from tskd_tune.train import LabeledBatches, Loop, Report, load_checkpoint, run_loop, seeded
 from tskd_tune.transfer import TransferSet, teacher_key
+
+log = logging.getLogger(__name__)
+
+TEACHER_CHECKPOINT_S = 60.0
+"""A fine-tuning teacher saves its state (in the cache, beside its entry) at most this often, and an
+interrupted one resumes from it: a CPU's LoRA teacher takes tens of minutes, a checkpoint under a second."""
 
 
 def fine_tuned_teacher(st: TrialContext, report: Report | None = None) -> tuple[nn.Module, dict]:
@@ -33,6 +41,8 @@ def fine_tuned_teacher(st: TrialContext, report: Report | None = None) -> tuple[
     """
     cfg, t = st.cfg, st.cfg.teacher
     feats = st.teacher_features(st.teacher_base())
+    key = teacher_key(cfg, st.prepared, st.splits)
+    partial = st.store.partial("teacher", key)  # checkpoints: an interrupted fine-tuning resumes
 
     def build(tmp: Path) -> None:
         model = adapted(st.teacher_base(), t).to(st.device)
@@ -75,10 +85,22 @@ def fine_tuned_teacher(st: TrialContext, report: Report | None = None) -> tuple[
             warmup_steps=t.warmup_epochs * steps,
             hooks=st.hooks,
             evaluate=validate,
+            checkpoint_every_s=TEACHER_CHECKPOINT_S,
         )
-        trained = run_loop(loop, out_dir=None, report=report)
+        resume = load_checkpoint(partial / "checkpoint") if partial is not None else None
+        if resume is not None and resume.get("phase") == "teacher" and resume["epoch"] < t.epochs:
+            log.warning(
+                "teacher: resuming its fine-tuning after epoch %d of %d (%s)",
+                resume["epoch"],
+                t.epochs,
+                partial,
+            )
+        else:
+            resume = None
+        trained = run_loop(loop, out_dir=partial, report=report, resume=resume)
         metrics = {f"teacher_{k}": v for k, v in st.teacher_validator(model, feats)().items()}
         metrics["teacher_train_loss"] = trained["train_loss"]
+        metrics["teacher_resumed_after_epoch"] = resume["epoch"] if resume is not None else 0
         # the whole teacher on one image, as it would be deployed (measured once, with the teacher)
         metrics["teacher_latency_ms"] = latency_ms(
             model, cfg.data.channels, cfg.data.image_size, device=st.device, repeats=3, warmup=1
@@ -87,7 +109,9 @@ def fine_tuned_teacher(st: TrialContext, report: Report | None = None) -> tuple[
         (tmp / "metrics.json").write_text(json_text(metrics))
 
     with st.timed("teacher"):
-        hit = st.store.get_or_build("teacher", teacher_key(cfg, st.prepared, st.splits), build)
+        hit = st.store.get_or_build("teacher", key, build)
+        if partial is not None:  # the entry is written: its checkpoints are of no more use
+            shutil.rmtree(partial, ignore_errors=True)
         model = load_adapted(st.teacher_base(), hit.path).to(st.device).eval()
     st.record.teacher = TeacherSource(cached=hit.cached, adapter=str(hit.path))
     return model, json.loads((hit.path / "metrics.json").read_text())
