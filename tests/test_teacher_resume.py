@@ -48,6 +48,12 @@ def test_an_interrupted_lora_teacher_resumes_where_it_stopped_and_ends_as_an_uni
     (partial,) = teachers.glob(".partial-*")
     state = load_checkpoint(partial / "checkpoint")
     assert (state["phase"], state["epoch"]) == ("teacher", 2)
+    saved = state["modules"]["teacher"]  # the adapters and the head: the frozen encoder is rebuilt on resume
+    assert saved and all(
+        "lora_" in k or "head" in k
+        for k in saved
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    )
     # the cache lists it (so `cache prune` and cache.max_gb see it) as an incomplete entry
     (e,) = [e for e in entries(tmp_path / "cache") if e.path == partial]
     assert not e.complete and e.size > 0

@@ -124,6 +124,9 @@ class Loop:
     seed: int
     evaluate: Callable[[], dict] | None = None
     checkpoint_every: int = 1
+    checkpoint_trainable: bool = False
+    """Checkpoint only the trainable parameters and the buffers (a LoRA teacher: adapters and head, not the
+    frozen encoder, which is rebuilt from its weights on resume)."""
     checkpoint_every_s: float | None = None
     """Instead of every ``checkpoint_every`` epochs: after the first epoch that ends this many seconds after
     the last checkpoint (or the start), and after the last epoch."""
@@ -157,7 +160,7 @@ def run_loop(loop: Loop, out_dir: Path | None, report: Report | None, resume: di
     start = 0
     if resume is not None and resume.get("phase") == loop.phase:
         for name, module in loop.modules.items():
-            module.load_state_dict(resume["modules"][name])
+            module.load_state_dict(resume["modules"][name], strict=not loop.checkpoint_trainable)
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         start = resume["epoch"]
@@ -219,7 +222,7 @@ def save_checkpoint(folder: Path, loop: Loop, opt, sched, epoch: int) -> Path:
     state = {
         "phase": loop.phase,
         "epoch": epoch,
-        "modules": {k: m.state_dict() for k, m in loop.modules.items()},
+        "modules": {k: _module_state(m, loop.checkpoint_trainable) for k, m in loop.modules.items()},
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
     }
@@ -230,6 +233,14 @@ def save_checkpoint(folder: Path, loop: Loop, opt, sched, epoch: int) -> Path:
     data = save(tensors, metadata={"tskd.state": skeleton})
     atomic_write(folder / CHECKPOINT, data, loop.hooks.checkpoint_writer(loop.phase, epoch))
     return folder
+
+
+def _module_state(m: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    state = m.state_dict()
+    if not trainable_only:
+        return state
+    keep = {n for n, p in m.named_parameters() if p.requires_grad} | {n for n, _ in m.named_buffers()}
+    return {k: v for k, v in state.items() if k in keep}
 
 
 def load_checkpoint(folder: Path) -> dict | None:

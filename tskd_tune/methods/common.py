@@ -86,6 +86,7 @@ def fine_tuned_teacher(st: TrialContext, report: Report | None = None) -> tuple[
             hooks=st.hooks,
             evaluate=validate,
             checkpoint_every_s=TEACHER_CHECKPOINT_S,
+            checkpoint_trainable=True,
         )
         resume = load_checkpoint(partial / "checkpoint") if partial is not None else None
         if resume is not None and resume.get("phase") == "teacher" and resume["epoch"] < t.epochs:
