@@ -98,7 +98,9 @@ def fine_tuned_teacher(st: TrialContext, report: Report | None = None) -> tuple[
             )
         else:
             resume = None
-        trained = run_loop(loop, out_dir=partial, report=report, resume=resume)
+        # the checkpoints are the cache's (any trial that needs this teacher resumes it), not the trial's
+        epochs = (lambda epoch, metrics, _ckpt: report(epoch, metrics, None)) if report is not None else None
+        trained = run_loop(loop, out_dir=partial, report=epochs, resume=resume)
         metrics = {f"teacher_{k}": v for k, v in st.teacher_validator(model, feats)().items()}
         metrics["teacher_train_loss"] = trained["train_loss"]
         metrics["teacher_resumed_after_epoch"] = resume["epoch"] if resume is not None else 0
