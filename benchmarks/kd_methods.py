@@ -30,7 +30,8 @@ tracking). Finished cells go to benchmarks/results/kd_methods.cells.jsonl (commi
 resumes the grid; the caches are not). ``--adopt FILE`` takes the finished cells of another benchmark's cells
 file (teacher_heads.py's format) whose config is the same as a cell of this grid, recording where they came
 from, instead of running them again. Results: benchmarks/results/kd_methods.json and .png, with every
-planned cell that has not run listed under ``missing``.
+planned cell that has not run listed under ``missing`` (with ``--cells NAME.cells.jsonl``, a probe's own grid:
+NAME.json and NAME.png beside it).
 
     .venv/bin/python benchmarks/kd_methods.py                      # the grid (a GPU's worth; resumable)
     .venv/bin/python benchmarks/kd_methods.py --n 10 --variants scratch ts_kd --seeds 0
@@ -314,7 +315,7 @@ def plot(summary: list[dict], labels: list[str], path: Path, title: str) -> None
     fig, axes = plt.subplots(
         1,
         len(ns),
-        figsize=(0.62 * sum(widths) + 1.6 * len(ns), 5.0),
+        figsize=(max(8.0, 0.62 * sum(widths) + 1.6 * len(ns)), 5.0),  # wide enough for the title
         squeeze=False,
         gridspec_kw={"width_ratios": widths},
         sharey=True,
@@ -366,7 +367,10 @@ def main() -> None:
         help="finished cells of other benchmarks: teacher_heads.cells.jsonl, synth_ratio.json",
     )
     ap.add_argument(
-        "--cells", type=Path, help="finished cells (default: benchmarks/results/kd_methods.cells.jsonl)"
+        "--cells",
+        type=Path,
+        help="finished cells (default: benchmarks/results/kd_methods.cells.jsonl); given, the results go "
+        "beside them (NAME.cells.jsonl: NAME.json, NAME.png), not over the grid's",
     )
     ap.add_argument("--work", default="runs/bench-kd", help="the trial cache (kept between runs)")
     ap.add_argument(
@@ -521,8 +525,13 @@ def main() -> None:
         "missing": missing,
         "cells": [{k: v for k, v in c.items() if k not in ("id", "overrides")} for c in cells],
     }
-    out = write_result("kd_methods", result, args.quick)
-    png = plot_path("kd_methods", args.quick)
+    if args.cells:  # a grid of its own (a probe): its results go beside its cells, not over the main grid's
+        stem = Path(args.cells).name.removesuffix(".jsonl").removesuffix(".cells")
+        out, png = (Path(args.cells).resolve().with_name(stem + ext) for ext in (".json", ".png"))
+        out.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    else:
+        out = write_result("kd_methods", result, args.quick)
+        png = plot_path("kd_methods", args.quick)
     t, size = shown.teacher, shown.data.image_size
     lora = (
         "LoRA in every block"
@@ -530,14 +539,20 @@ def main() -> None:
         else f"LoRA in its last {t.lora.last_blocks} blocks"
     )
     teacher_desc = f"{t.model}, " + (lora if t.adapt == "lora" else "frozen")
+    # nothing finished yet: the JSON lists every cell as missing, and there is nothing to draw
+    if not summary:
+        print(f"\nno finished cells: no plot; {out} lists the grid's cells under `missing`")
+        return
     plot(
         summary,
         labels,
         png,
         f"mni152 ({size} px), teacher {teacher_desc} (`frozen`: the encoder frozen)\n"
-        "bars: mean and std over seeds; dots: lowest and highest seed; (k): seeds run",
+        + (f"with {' '.join(args.overrides)}\n" if args.overrides else "")
+        + "bars: mean and std over seeds; dots: lowest and highest seed; (k): seeds run",
     )
-    print(f"\nwritten to {out.relative_to(REPO)} and {png.relative_to(REPO)}")
+    shown_at = [f.relative_to(REPO) if f.is_relative_to(REPO) else f for f in (out, png)]
+    print(f"\nwritten to {shown_at[0]} and {shown_at[1]}")
 
 
 if __name__ == "__main__":
