@@ -75,10 +75,11 @@ def provenance() -> dict:
     }
 
 
-def write_result(name: str, payload: dict, quick: bool = False) -> Path:
-    """Write ``benchmarks/results/NAME.json`` (``NAME.quick.json`` for smoke runs, which are not figures)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}{'.quick' if quick else ''}.json"
+def write_result(name: str, payload: dict, quick: bool = False, folder: Path = RESULTS) -> Path:
+    """Write ``benchmarks/results/NAME.json`` (``NAME.quick.json`` for smoke runs, which are not figures), or
+    the same name in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}{'.quick' if quick else ''}.json"
     path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
     return path
 
@@ -96,9 +97,9 @@ def append_cell(path: Path, cell: dict) -> None:
         f.write(json.dumps(cell, default=float) + "\n")
 
 
-def plot_path(name: str, quick: bool = False) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    return RESULTS / f"{name}{'.quick' if quick else ''}.png"
+def plot_path(name: str, quick: bool = False, folder: Path = RESULTS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{name}{'.quick' if quick else ''}.png"
 
 
 def table(rows: list[dict], columns: list[str] | None = None) -> str:

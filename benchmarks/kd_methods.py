@@ -525,13 +525,18 @@ def main() -> None:
         "missing": missing,
         "cells": [{k: v for k, v in c.items() if k not in ("id", "overrides")} for c in cells],
     }
-    if args.cells:  # a grid of its own (a probe): its results go beside its cells, not over the main grid's
-        stem = Path(args.cells).name.removesuffix(".jsonl").removesuffix(".cells")
-        out, png = (Path(args.cells).resolve().with_name(stem + ext) for ext in (".json", ".png"))
-        out.write_text(json.dumps(result, indent=2, default=float) + "\n")
-    else:
-        out = write_result("kd_methods", result, args.quick)
-        png = plot_path("kd_methods", args.quick)
+    # a grid of its own (a probe): its results go beside its cells, not over the main grid's
+    name, folder = (
+        (args.cells.name.removesuffix(".jsonl").removesuffix(".cells"), args.cells.resolve().parent)
+        if args.cells
+        else ("kd_methods", RESULTS)
+    )
+    out = write_result(name, result, args.quick, folder)
+    png = plot_path(name, args.quick, folder)
+    # nothing finished yet: the JSON lists every cell as missing, and there is nothing to draw
+    if not summary:
+        print(f"\nno finished cells: no plot; {out} lists the grid's cells under `missing`")
+        return
     t, size = shown.teacher, shown.data.image_size
     lora = (
         "LoRA in every block"
@@ -539,10 +544,6 @@ def main() -> None:
         else f"LoRA in its last {t.lora.last_blocks} blocks"
     )
     teacher_desc = f"{t.model}, " + (lora if t.adapt == "lora" else "frozen")
-    # nothing finished yet: the JSON lists every cell as missing, and there is nothing to draw
-    if not summary:
-        print(f"\nno finished cells: no plot; {out} lists the grid's cells under `missing`")
-        return
     plot(
         summary,
         labels,
