@@ -57,7 +57,7 @@ def needed_variants(cfg: Config) -> list[tuple[str, int | None]]:
 
 def teacher_notice(cfg: Config, prepared: Prepared, splits) -> str | None:
     """One line when the search's trials will fine-tune their teacher first (it is not in the trial cache):
-    on a CPU, ``adapt: lora`` takes hours, and a first trial silent that long looks hung."""
+    on 2 CPU cores, ``adapt: lora`` takes 40 min to hours, and a first trial silent that long looks hung."""
     from tskd_tune.transfer import teacher_key
 
     if "fine_tuned" not in _teachers(cfg):
@@ -78,7 +78,7 @@ def teacher_notice(cfg: Config, prepared: Prepared, splits) -> str | None:
         f"teacher: {t.model} is not fine-tuned for this split yet ({what}, {t.epochs} "
         f"epoch{'s' * (t.epochs != 1)} on "
         f"{len(splits.labeled)} labelled images): the first trial does it, the others wait for it and then read "
-        "it from the trial cache (on a CPU, adapt: lora takes hours; adapt: head minutes)"
+        "it from the trial cache (on 2 CPU cores, adapt: lora takes 40 min to hours; adapt: head minutes)"
     )
 
 
