@@ -42,8 +42,49 @@ def _git(*args: str) -> str:
         return ""
 
 
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(all, stolen) CPU time since boot from /proc/stat's ``cpu`` line; None where there is none."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0
+
+
+def reference_speed(seconds: float = 0.5, size: int = 256) -> dict:
+    """A fixed workload's speed on one thread, and the share of the CPU the host stole meanwhile.
+
+    Walls from two sessions compare only on the same machine; the machine a session gets varies (1.5x and
+    more between two of the same CPU model), so each result records how fast this one was: fp32 matmuls of
+    ``size`` x ``size`` on one thread for about ``seconds``, in GFLOP/s. A wall divided by the ratio of two
+    sessions' figures is comparable; the figure is only a guide where other work ran at the time (load_avg).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
+    before = _cpu_jiffies()
+    torch.set_num_threads(1)
+    try:
+        a @ b  # warm-up
+        n, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            for _ in range(8):
+                a @ b
+            n += 8
+    finally:
+        torch.set_num_threads(threads)
+    after = _cpu_jiffies()
+    out = {"matmul_gflops_1thread": round(2 * size**3 * n / elapsed / 1e9, 2), "seconds": round(elapsed, 2)}
+    if before and after and after[0] > before[0]:
+        out["steal_pct"] = round(100 * (after[1] - before[1]) / (after[0] - before[0]), 1)
+    return out
+
+
 def machine() -> dict:
-    """The facts a reader needs to judge a figure: CPU, cores, load, memory, GPU, library versions."""
+    """The facts a reader needs to judge a figure: CPU, cores, load, memory, GPU, library versions, and a
+    reference speed (``reference_speed``)."""
     import torch
 
     info = {
@@ -54,6 +95,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "reference": reference_speed(),
     }
     try:
         import psutil

@@ -33,4 +33,7 @@ def test_a_probe_writes_beside_its_cells_not_over_the_grid(tmp_path):
         (v, s) for v in ("scratch", "ts_kd") for s in (0, 1)
     }
     assert result["base_overrides"]["distill.temperature"] == 1
+    # every result records how fast this machine was, so walls from two sessions can be compared
+    reference = result["machine"]["reference"]
+    assert reference["matmul_gflops_1thread"] > 0 and reference["seconds"] >= 0.5
     assert (GRID.read_bytes() if GRID.is_file() else None) == before
