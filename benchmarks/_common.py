@@ -56,7 +56,7 @@ def reference_speed(seconds: float = 0.5, size: int = 256) -> dict:
 
     Walls from two sessions compare only on the same machine; the machine a session gets varies (1.5x and
     more between two of the same CPU model), so each result records how fast this one was: fp32 matmuls of
-    ``size`` x ``size`` on one thread for about ``seconds``, in GFLOP/s. A wall divided by the ratio of two
+    ``size`` x ``size`` on one thread for about ``seconds``, in GFLOP/s. A wall scaled by the ratio of two
     sessions' figures is comparable; the figure is only a guide where other work ran at the time (load_avg).
     """
     import torch
