@@ -19,6 +19,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 PYTHON = sys.executable
@@ -42,13 +44,11 @@ def _git(*args: str) -> str:
         return ""
 
 
-def _cpu_jiffies() -> tuple[int, int] | None:
-    """(all, stolen) CPU time since boot from /proc/stat's ``cpu`` line; None where there is none."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0
+def _cpu_seconds() -> tuple[float, float | None]:
+    """(all, stolen by the host) CPU time since boot; stolen is None where the OS does not count it."""
+    t = psutil.cpu_times()
+    guest = getattr(t, "guest", 0.0) + getattr(t, "guest_nice", 0.0)  # already counted in user and nice
+    return sum(t) - guest, getattr(t, "steal", None)
 
 
 def reference_speed(seconds: float = 0.5, size: int = 256) -> dict:
@@ -64,7 +64,7 @@ def reference_speed(seconds: float = 0.5, size: int = 256) -> dict:
     threads = torch.get_num_threads()
     a = torch.randn(size, size)
     b = torch.randn(size, size)
-    before = _cpu_jiffies()
+    before = _cpu_seconds()
     torch.set_num_threads(1)
     try:
         a @ b  # warm-up
@@ -75,9 +75,9 @@ def reference_speed(seconds: float = 0.5, size: int = 256) -> dict:
             n += 8
     finally:
         torch.set_num_threads(threads)
-    after = _cpu_jiffies()
+    after = _cpu_seconds()
     out = {"matmul_gflops_1thread": round(2 * size**3 * n / elapsed / 1e9, 2), "seconds": round(elapsed, 2)}
-    if before and after and after[0] > before[0]:
+    if before[1] is not None and after[0] > before[0]:
         out["steal_pct"] = round(100 * (after[1] - before[1]) / (after[0] - before[0]), 1)
     return out
 
@@ -87,7 +87,7 @@ def machine() -> dict:
     reference speed (``reference_speed``)."""
     import torch
 
-    info = {
+    return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
@@ -96,14 +96,13 @@ def machine() -> dict:
         "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "reference": reference_speed(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
     }
-    try:
-        import psutil
 
-        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:
-        pass
-    return info
+
+def command_line() -> str:
+    """This run's command, as a shell would take it."""
+    return " ".join(shlex.quote(a) for a in [Path(PYTHON).name, *sys.argv])
 
 
 def provenance() -> dict:
@@ -111,7 +110,7 @@ def provenance() -> dict:
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(shlex.quote(a) for a in [Path(PYTHON).name, *sys.argv]),
+        "command": command_line(),
         "git_commit": _git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else ""),
         "machine": machine(),
     }

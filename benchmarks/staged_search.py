@@ -35,6 +35,7 @@ import time
 from _common import (
     REPO,
     RESULTS,
+    command_line,
     launch,
     plot_path,
     provenance,
@@ -237,7 +238,7 @@ def main() -> None:
         near = near_targets(result["trials_detail"], result["seeds"], args.fractions)
         print(table(near))
         result["near_targets"] = near
-        result["near_targets_command"] = provenance()["command"]
+        result["near_targets_command"] = command_line()
         path = write_result(args.out, result, args.quick)
         print(f"\nadded to {path.relative_to(REPO)}")
         return
