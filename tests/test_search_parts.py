@@ -345,8 +345,9 @@ def test_the_live_table_names_trials_and_knobs_short_and_fits_80_columns(tmp_pat
 
 
 def test_rays_own_lines_and_trial_tracebacks_go_to_the_search_log(tmp_path, capsys):
-    """What Ray's processes print (a raylet's state dump, the GCS) and its restore line in a retried worker go
-    to driver.log; a trial's own output stays on the console; Tune's traceback of a trial that raised becomes
+    """What Ray's processes print (a raylet's state dump, the GCS), its restore line in a retried worker and the
+    report of a SystemExit its SIGTERM raised in a worker it stopped go to driver.log; a trial's own output (and
+    any other ignored exception) stays on the console; Tune's traceback of a trial that raised becomes
     one stderr line, said once however often Ray retries it."""
     import logging
 
@@ -361,10 +362,30 @@ def test_rays_own_lines_and_trial_tracebacks_go_to_the_search_log(tmp_path, caps
     mixed = {"pid": 4361, "lines": ["Restored on 10.0.0.7 from checkpoint: Checkpoint(...)", "epoch 2 done"]}
     assert ray_log._split(mixed, sink)["lines"] == ["epoch 2 done"]
     assert ray_log._split({"pid": "autoscaler", "lines": ["Adding 1 node(s)"]}, sink) is not None
+    stopped = [  # as a CI run printed it: a worker stopped by Ray with SIGTERM inside a weakref callback
+        "Exception ignored in: <function WeakSet.__init__.<locals>._remove at 0x7f952e426700>",
+        "Traceback (most recent call last):",
+        '  File "/usr/lib/python3.11/_weakrefset.py", line 39, in _remove',
+        "    def _remove(item, selfref=ref(self)):",
+        "",
+        '  File "ray/_private/worker.py", line 1063, in sigterm_handler',
+        "    raise_sys_exit_with_custom_error_message(",
+        "SystemExit: 1",
+        "",
+    ]
+    other = [
+        "Exception ignored in: <function Foo.__del__>",
+        "Traceback (most recent call last):",
+        "ValueError: x",
+    ]
+    shown = ray_log._split({"pid": 25227, "lines": ["epoch 12 done", *stopped, *other]}, sink)
+    assert shown["lines"] == ["epoch 12 done", *other]
+    assert ray_log._split({"pid": 25227, "lines": stopped}, sink) is None
     logged = (tmp_path / ray_log.LOG_FILE).read_text()
     assert (
         "(raylet) [state-dump]" in logged and "(gcs_server)" in logged and "(pid=4361) Restored on" in logged
     )
+    assert logged.count("(pid=25227) SystemExit: 1") == 2 and "ValueError" not in logged
     assert "epoch 2 done" not in logged and "Adding" not in logged
 
     keep = ray_log._TrialErrorFilter(sink)

@@ -7,7 +7,9 @@ traceback of the trial it is about to retry. The search goes on by itself; the u
 
 - log lines of Ray's system processes (a ``pid`` that is not a number: ``raylet``, ``gcs_server``, ...)
   and the error messages Ray publishes to drivers, to ``driver.log``; lines of trials' workers (numbered
-  ``pid``) and of the autoscaler still reach the console as Ray prints them;
+  ``pid``) and of the autoscaler still reach the console as Ray prints them, but for Ray's own lines in a
+  worker (its restore line in a retried trial, the report of a SystemExit its SIGTERM handler raised in a
+  worker it stopped);
 - Tune's "Trial task failed" record with its traceback, to ``driver.log``: when the trial's worker process
   died (a ``RayActorError``: node lost, process killed, out of memory) the retry notice says it; when the
   trial raised, one line on stderr says which trial and the error's last line.
@@ -33,6 +35,10 @@ _FAILED = "Trial task failed for trial "  # Tune's message before a failed trial
 _QUALIFIED = re.compile(r"^[\w.]+\.(\w+: )")
 _KEEP_ON_CONSOLE = {"autoscaler"}  # node launches and resource demands on a real cluster: worth seeing
 _WORKER_NOISE = re.compile(r"^Restored on \S+ from checkpoint: ")  # Ray Train's line in a retried trial
+_IGNORED = (
+    "Exception ignored in"  # Python's report of an exception it could not raise (a finaliser, a callback)
+)
+_SIGTERM = "sigterm_handler"  # Ray's handler in a worker it stops: raises SystemExit wherever the worker is
 _lock = threading.Lock()
 _routed: dict = {}
 
@@ -44,15 +50,47 @@ def _system(data: dict) -> bool:
 
 def _split(data: dict, sink: _ToFile) -> dict | None:
     """``data`` for the console: None when all of it goes to the file (a Ray process's lines, or only Ray's own
-    lines of a trial's worker, such as "Restored on ... from checkpoint", which the retry notice says)."""
+    lines of a trial's worker: "Restored on ... from checkpoint", which the retry notice says, and the report
+    of the SystemExit that Ray's SIGTERM raised in a worker it stopped)."""
     if _system(data):
         sink.lines(str(data.get("pid")), data.get("lines", []))
         return None
     lines = data.get("lines", [])
-    keep = [line for line in lines if not _WORKER_NOISE.match(line)]
-    if len(keep) < len(lines):
-        sink.lines(f"pid={data.get('pid')}", [line for line in lines if _WORKER_NOISE.match(line)])
+    keep, moved = _stopped_worker_reports(lines)
+    moved += [line for line in keep if _WORKER_NOISE.match(line)]
+    keep = [line for line in keep if not _WORKER_NOISE.match(line)]
+    if moved:
+        sink.lines(f"pid={data.get('pid')}", moved)
     return (data | {"lines": keep}) if keep else None
+
+
+def _stopped_worker_reports(lines: list) -> tuple[list, list]:
+    """``lines`` split into (kept, Ray's noise): a worker that Ray stops with SIGTERM once its trial is over
+    raises SystemExit from Ray's handler wherever it is; inside a finaliser or a weakref callback Python can only
+    report it, as an "Exception ignored in ..." block with a traceback through ``sigterm_handler``. That block
+    says nothing about the trial; any other "Exception ignored" block stays on the console."""
+    keep, moved, i = [], [], 0
+    while i < len(lines):
+        end = i
+        if lines[i].startswith(
+            _IGNORED
+        ):  # the report ends at its first unindented line after the traceback's
+            end = next((j for j in range(i + 1, len(lines)) if _unindented(lines[j])), i)
+        block = lines[i : end + 1]
+        if end > i and block[-1].startswith("SystemExit") and any(_SIGTERM in line for line in block):
+            moved += block
+            i = end + 1
+            while i < len(lines) and not lines[i].strip():  # the blank line Python ends the report with
+                moved.append(lines[i])
+                i += 1
+        else:
+            keep.append(lines[i])
+            i += 1
+    return keep, moved
+
+
+def _unindented(line: str) -> bool:
+    return bool(line) and not line[0].isspace() and not line.startswith("Traceback")
 
 
 class _ToFile:
