@@ -35,9 +35,8 @@ _FAILED = "Trial task failed for trial "  # Tune's message before a failed trial
 _QUALIFIED = re.compile(r"^[\w.]+\.(\w+: )")
 _KEEP_ON_CONSOLE = {"autoscaler"}  # node launches and resource demands on a real cluster: worth seeing
 _WORKER_NOISE = re.compile(r"^Restored on \S+ from checkpoint: ")  # Ray Train's line in a retried trial
-_IGNORED = (
-    "Exception ignored in"  # Python's report of an exception it could not raise (a finaliser, a callback)
-)
+# Python's report of an exception it could not raise (in a finaliser, a weakref callback)
+_IGNORED = "Exception ignored in"
 _SIGTERM = "sigterm_handler"  # Ray's handler in a worker it stops: raises SystemExit wherever the worker is
 _lock = threading.Lock()
 _routed: dict = {}
@@ -72,9 +71,7 @@ def _stopped_worker_reports(lines: list) -> tuple[list, list]:
     keep, moved, i = [], [], 0
     while i < len(lines):
         end = i
-        if lines[i].startswith(
-            _IGNORED
-        ):  # the report ends at its first unindented line after the traceback's
+        if lines[i].startswith(_IGNORED):  # the report ends at the first unindented line after its traceback
             end = next((j for j in range(i + 1, len(lines)) if _unindented(lines[j])), i)
         block = lines[i : end + 1]
         if end > i and block[-1].startswith("SystemExit") and any(_SIGTERM in line for line in block):
