@@ -54,20 +54,18 @@ def _split(data: dict, sink: _ToFile) -> dict | None:
     if _system(data):
         sink.lines(str(data.get("pid")), data.get("lines", []))
         return None
-    lines = data.get("lines", [])
-    keep, moved = _stopped_worker_reports(lines)
-    moved += [line for line in keep if _WORKER_NOISE.match(line)]
-    keep = [line for line in keep if not _WORKER_NOISE.match(line)]
+    keep, moved = _rays_own_lines(data.get("lines", []))
     if moved:
         sink.lines(f"pid={data.get('pid')}", moved)
     return (data | {"lines": keep}) if keep else None
 
 
-def _stopped_worker_reports(lines: list) -> tuple[list, list]:
-    """``lines`` split into (kept, Ray's noise): a worker that Ray stops with SIGTERM once its trial is over
-    raises SystemExit from Ray's handler wherever it is; inside a finaliser or a weakref callback Python can only
-    report it, as an "Exception ignored in ..." block with a traceback through ``sigterm_handler``. That block
-    says nothing about the trial; any other "Exception ignored" block stays on the console."""
+def _rays_own_lines(lines: list) -> tuple[list, list]:
+    """A trial worker's ``lines`` split into (kept, Ray's own): Ray Train's restore line, and the report of a
+    worker that Ray stops with SIGTERM once its trial is over: Ray's handler raises SystemExit wherever the worker
+    is, and inside a finaliser or a weakref callback Python can only report it, as an "Exception ignored in ..."
+    block with a traceback through ``sigterm_handler``. Neither says anything about the trial; any other
+    "Exception ignored" block stays on the console."""
     keep, moved, i = [], [], 0
     while i < len(lines):
         end = i
@@ -81,7 +79,7 @@ def _stopped_worker_reports(lines: list) -> tuple[list, list]:
                 moved.append(lines[i])
                 i += 1
         else:
-            keep.append(lines[i])
+            (moved if _WORKER_NOISE.match(lines[i]) else keep).append(lines[i])
             i += 1
     return keep, moved
 
